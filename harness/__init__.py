@@ -1,0 +1,1 @@
+"""The benchmarking harness: Hydra configs in, result.json (and a W&B run) out."""

@@ -1,0 +1,72 @@
+"""Greedy generation over a task's samples, batched with left padding, multi-turn aware.
+
+A sample's answer depends on that sample alone: every sample in a batch is cut to its own
+token budget, so accuracy does not change with batch size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+
+def conversation(questions: Sequence[str], answers: Sequence[str]) -> list[dict]:
+    """Chat messages for turns so far: the image goes with the first question only."""
+    messages = []
+    for turn, question in enumerate(questions):
+        content = ([{"type": "image"}] if turn == 0 else []) + [{"type": "text", "text": question}]
+        messages.append({"role": "user", "content": content})
+        if turn < len(answers):
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answers[turn]}]})
+    return messages
+
+
+def prompt_inputs(processor, histories: Sequence[list[dict]], images: Sequence, device) -> dict:
+    texts = [processor.apply_chat_template(h, add_generation_prompt=True, tokenize=False) for h in histories]
+    inputs = processor(text=texts, images=list(images), padding=True, return_tensors="pt")
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+@torch.inference_mode()
+def generate_batch(model, processor, histories, images, budgets: Sequence[int], device) -> list[str]:
+    inputs = prompt_inputs(processor, histories, images, device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    out = model.generate(**inputs, max_new_tokens=max(budgets), do_sample=False)
+    new = out[:, inputs["input_ids"].shape[1] :]
+    tokenizer = getattr(processor, "tokenizer", processor)
+    return [tokenizer.decode(row[:budget], skip_special_tokens=True).strip() for row, budget in zip(new, budgets)]
+
+
+def answer(model, processor, task, samples: Sequence, batch_size: int, device) -> Iterator[tuple[object, str, list[str]]]:
+    """Yield (sample, last-turn prediction, all turn predictions), batch by batch, in order."""
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start : start + batch_size]
+        replies: list[list[str]] = [[] for _ in batch]
+        for turn in range(max(len(s.questions) for s in batch)):
+            active = [i for i, s in enumerate(batch) if len(s.questions) > turn]
+            texts = generate_batch(
+                model,
+                processor,
+                [conversation(batch[i].questions[: turn + 1], replies[i]) for i in active],
+                [task.image(batch[i]) for i in active],
+                [task.turn_budget(batch[i].turn_types[turn]) for i in active],
+                device,
+            )
+            for i, text in zip(active, texts):
+                replies[i].append(text)
+        for sample, turns in zip(batch, replies):
+            yield sample, turns[-1], turns
+
+
+def evaluate(model, processor, task, samples, batch_size, device, on_sample: Callable | None = None, done=None):
+    """Predictions for every sample; ``done`` maps sample ids to predictions finished earlier."""
+    done = done or {}
+    todo = [s for s in samples if s.id not in done]
+    predictions = dict(done)
+    for sample, prediction, turns in answer(model, processor, task, todo, batch_size, device):
+        predictions[sample.id] = prediction
+        if on_sample is not None:
+            on_sample(sample, prediction, turns)
+    return [predictions[s.id] for s in samples]

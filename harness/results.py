@@ -1,0 +1,96 @@
+"""Result files: one result.json per run with versions and git state, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def git_state(root: Path = REPO_ROOT) -> dict[str, Any]:
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_sha": sha, "dirty": None if status is None else bool(status)}
+
+
+def env_info() -> dict[str, Any]:
+    import torch
+    import transformers
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return info | git_state()
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write to a temporary file beside ``path`` and rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for sharing
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class SampleLog:
+    """Per-sample predictions, appended and flushed as each finishes so that an interrupted run
+    keeps them; a re-run with the same settings picks them up instead of generating again.
+    ``finish`` renames the partial log to samples.jsonl once the run is complete."""
+
+    def __init__(self, out_dir: Path, run_key: str) -> None:
+        self.partial = out_dir / "samples.partial.jsonl"
+        self.final = out_dir / "samples.jsonl"
+        self.run_key = run_key
+
+    def finished(self) -> dict[tuple[str, str], dict]:
+        rows = {}
+        if self.partial.exists():
+            for line in self.partial.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by the interruption
+                if row.get("run_key") == self.run_key:
+                    rows[(row["variant"], row["id"])] = row
+        return rows
+
+    def append(self, row: dict) -> None:
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        with self.partial.open("a") as f:
+            f.write(json.dumps({"run_key": self.run_key, **row}) + "\n")
+            f.flush()
+
+    def finish(self, rows: list[dict]) -> None:
+        tmp = self.final.with_suffix(".jsonl.tmp")
+        with tmp.open("w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        os.replace(tmp, self.final)
+        self.partial.unlink(missing_ok=True)

@@ -1,0 +1,192 @@
+"""One experiment, end to end: load, apply the method, score, measure, write, log."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from harness import measure, models, tracking
+from harness.evaluate import conversation, evaluate, prompt_inputs
+from harness.methods import build_method, lazy_layers_of
+from harness.results import SCHEMA_VERSION, SampleLog, env_info, write_json_atomic
+from harness.tasks import build_task
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class RunError(Exception):
+    """A problem with the run's settings, reported as one clear line."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RunError("device=cuda but no CUDA device is visible; use device=cpu or device=auto.")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise RunError(f"device must be auto, cpu or cuda, got {name!r}.")
+    return torch.device(name)
+
+
+def load_model(cfg: DictConfig) -> models.Loaded:
+    if cfg.kind == "tiny_random":
+        return models.build_tiny_llava(
+            seed=cfg.seed,
+            n_layers=cfg.n_layers,
+            attn_implementation=cfg.attn_implementation,
+            dtype=DTYPES[cfg.dtype],
+        )
+    if cfg.kind == "hf":
+        dtype = cfg.get("dtype", "auto")
+        return models.load_local(
+            cfg.path,
+            attn_implementation=cfg.attn_implementation,
+            dtype=DTYPES.get(dtype, dtype),
+            name=cfg.name if cfg.name != "hf" else None,
+        )
+    raise RunError(f"model.kind must be tiny_random or hf, got {cfg.kind!r}.")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_key(cfg: DictConfig) -> str:
+    """What a finished sample depends on; out_dir, W&B and efficiency settings don't count."""
+    keep = {k: cfg[k] for k in ("model", "method", "task", "seed", "limit")}
+    text = json.dumps(OmegaConf.to_container(OmegaConf.create(keep), resolve=True), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def efficiency_inputs(loaded: models.Loaded, task, sample, batch_size: int, device) -> dict:
+    """The first sample's first-turn prompt, repeated: equal lengths, so no padding in the timing."""
+    history = conversation(sample.questions[:1], [])
+    inputs = prompt_inputs(loaded.processor, [history] * batch_size, [task.image(sample)] * batch_size, device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(loaded.model.dtype)
+    return inputs
+
+
+def run(cfg: DictConfig) -> Path:
+    out_dir = Path(cfg.out_dir)
+    result_path = out_dir / "result.json"
+    if result_path.exists() and not cfg.overwrite:
+        raise RunError(f"{out_dir} already holds a finished run; pass overwrite=true or choose another out_dir=DIR.")
+    if int(cfg.batch_size) < 1:
+        raise RunError(f"batch_size must be >= 1, got {cfg.batch_size}.")
+    seed_everything(int(cfg.seed))
+    device = resolve_device(str(cfg.device))
+    task = build_task(cfg.task)
+    method = build_method(cfg.method)
+
+    loaded = load_model(cfg.model)
+    model = loaded.model.to(device)
+    lazy_layers = lazy_layers_of(method, loaded.n_layers)  # validates the layer list for this model
+
+    samples = task.samples(cfg.limit)
+    log = SampleLog(out_dir, run_key(cfg))
+    earlier = log.finished()
+    rows: list[dict] = []
+    variants = [("method", method)]
+    if cfg.compare_dense and method.name != "dense":
+        variants.insert(0, ("dense", None))
+    scores = {}
+    turns_of = {key: row.get("turns") for key, row in earlier.items()}
+    for variant, m in variants:
+        done = {sid: row["prediction"] for (v, sid), row in earlier.items() if v == variant}
+
+        def record(sample, prediction, turns, variant=variant):
+            turns_of[(variant, sample.id)] = turns
+            log.append(_sample_row(variant, task, sample, prediction, turns))
+
+        ctx = m.apply(model) if m is not None else _nothing()
+        with ctx:
+            predictions = evaluate(
+                model, loaded.processor, task, samples, int(cfg.batch_size), device, on_sample=record, done=done
+            )
+        scores[variant] = task.score(samples, predictions)
+        for sample, prediction in zip(samples, predictions):
+            rows.append(_sample_row(variant, task, sample, prediction, turns_of.get((variant, sample.id))))
+
+    efficiency = None
+    if cfg.efficiency.enabled:
+        inputs = efficiency_inputs(loaded, task, samples[0], int(cfg.efficiency.batch_size), device)
+        efficiency = measure.compare(
+            model,
+            inputs,
+            lambda: method.apply(model),
+            new_tokens=int(cfg.efficiency.new_tokens),
+            repeats=int(cfg.efficiency.repeats),
+            warmup=int(cfg.efficiency.warmup),
+        )
+
+    result = {
+        "schema_version": SCHEMA_VERSION,
+        "exp": cfg.name,
+        "model": {"name": loaded.name, "n_layers": loaded.n_layers, "n_params": loaded.n_params},
+        "method": {"name": method.name, "params": method.params(), "lazy_layers": lazy_layers},
+        "tasks": {task.name: scores["method"]},
+        "efficiency": efficiency,
+        "env": env_info(),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    if "dense" in scores:
+        result["tasks_dense"] = {task.name: scores["dense"]}
+    write_json_atomic(result_path, result)
+    log.finish(rows)
+    _print_summary(result)
+    try:
+        tracking.log_run(result, rows, OmegaConf.to_container(cfg.wandb, resolve=True), out_dir, cfg.name)
+    except Exception as err:  # the result is on disk already; W&B is a copy
+        print(f"W&B logging failed ({type(err).__name__}: {err}); {result_path} is complete.", file=sys.stderr)
+    return result_path
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _sample_row(variant, task, sample, prediction, turns) -> dict:
+    return {
+        "variant": variant,
+        "id": sample.id,
+        "qtype": sample.qtype,
+        "questions": sample.questions,
+        "answers": sample.answers,
+        "turns": turns,
+        "prediction": prediction,
+        **task.score_sample(sample, prediction),
+    }
+
+
+def _print_summary(result: dict) -> None:
+    for name, scores in result["tasks"].items():
+        dense = result.get("tasks_dense", {}).get(name, {})
+        print(f"task {name}: n={scores['n']}")
+        for key, value in scores.items():
+            if isinstance(value, dict):
+                metric = "f1" if "f1" in value else "acc"
+                d = dense.get(key, {}).get(metric)
+                print(f"  {key:<10} {metric}: method {value[metric]:.3f}" + (f"  dense {d:.3f}" if d is not None else ""))
+        d = dense.get("acc")
+        print(f"  {'all':<10} acc: method {scores['acc']:.3f}" + (f"  dense {d:.3f}" if d is not None else ""))
+    eff = result["efficiency"]
+    if eff:
+        for variant in ("dense", "method"):
+            e = eff[variant]
+            print(
+                f"{variant:<6} kv_cache_bytes={e['kv_cache_bytes']} prefill_ms={e['prefill_ms']:.1f} "
+                f"decode_tokens_per_s={e['decode_tokens_per_s']:.1f}"
+            )
+        print(f"kv_reduction={eff['kv_reduction']:.4f} decode_speedup={eff['decode_speedup']:.3f} ({eff['device']})")

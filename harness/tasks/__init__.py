@@ -1,0 +1,64 @@
+"""Benchmarks. A task adapter turns task config into samples, prompts and scores."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from omegaconf import DictConfig
+
+from harness.registry import Registry
+from harness.tasks import shapes
+
+TASKS = Registry("task")
+
+
+@dataclasses.dataclass
+class ShapesTask:
+    """The built-in shapes benchmark: data and scoring live in ``harness.tasks.shapes``."""
+
+    name: str
+    split: str
+    n: int
+    qtypes: Sequence[str]
+    image_size: int
+    max_new_tokens: dict[str, int]
+
+    def samples(self, limit: int | None) -> list[shapes.Sample]:
+        return shapes.load_split(self.split, self.n if limit is None else int(limit), self.qtypes)
+
+    def image(self, sample: shapes.Sample):
+        return sample.image(self.image_size)
+
+    def turn_budget(self, turn_type: str) -> int:
+        return self.max_new_tokens["describe" if turn_type == "describe" else "short"]
+
+    def score(self, samples: Sequence[shapes.Sample], predictions: Sequence[str]) -> dict[str, Any]:
+        by_type = shapes.aggregate(samples, predictions)
+        overall = by_type.pop("all")
+        return {"n": int(overall["n"]), "acc": overall["acc"], **by_type}
+
+    def score_sample(self, sample: shapes.Sample, prediction: str) -> dict[str, float]:
+        return shapes.score_sample(sample, prediction)
+
+
+@TASKS.register("shapes")
+def _shapes(cfg: DictConfig) -> ShapesTask:
+    unknown = [q for q in cfg.qtypes if q not in shapes.QTYPES]
+    if unknown:
+        raise ValueError(f"task.qtypes {unknown} unknown; choose from {list(shapes.QTYPES)}.")
+    return ShapesTask(
+        name=cfg.name,
+        split=cfg.split,
+        n=int(cfg.n),
+        qtypes=list(cfg.qtypes),
+        image_size=int(cfg.image_size),
+        max_new_tokens=dict(cfg.max_new_tokens),
+    )
+
+
+def build_task(cfg: DictConfig):
+    if cfg.get("backend", "builtin") != "builtin":
+        raise ValueError(f"task.backend={cfg.backend!r} is not available yet; use task.backend=builtin.")
+    return TASKS.get(cfg.name)(cfg)

@@ -1,0 +1,61 @@
+"""W&B logging of a finished result: the same dict as result.json, plus a samples table.
+
+Nothing depends on W&B to be read back: result.json is written first, and a W&B failure is
+reported without touching it. The mode is offline by default (no account needed).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+MODES = ("offline", "disabled", "online")
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}/"))
+        else:
+            flat[name] = value
+    return flat
+
+
+def log_run(result: dict, samples: list[dict], wandb_cfg: dict, out_dir: Path, name: str) -> str | None:
+    """Log to W&B; return the run's local directory (None when disabled)."""
+    mode = wandb_cfg.get("mode", "offline")
+    if mode not in MODES:
+        raise ValueError(f"wandb.mode must be one of {MODES}, got {mode!r}.")
+    if mode == "disabled":
+        return None
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import wandb
+
+    tags = list(wandb_cfg.get("tags") or []) + [
+        f"model:{result['model']['name']}",
+        f"method:{result['method']['name']}",
+        *(f"task:{t}" for t in result["tasks"]),
+    ]
+    run = wandb.init(
+        project=wandb_cfg.get("project"),
+        entity=wandb_cfg.get("entity"),
+        group=wandb_cfg.get("group"),
+        mode=mode,
+        dir=str(out_dir),
+        name=name,
+        tags=tags,
+        config=result["config"],
+        reinit="finish_previous",
+    )
+    try:
+        run.summary.update(flatten({k: v for k, v in result.items() if k != "config"}))
+        if samples:
+            columns = list(samples[0])
+            table = wandb.Table(columns=columns, data=[[str(row.get(c)) for c in columns] for row in samples])
+            run.log({"samples": table})
+        return run.dir
+    finally:
+        run.finish()

@@ -1,0 +1,20 @@
+"""Inference-efficiency methods for multimodal LLMs, applied to Hugging Face models in place.
+
+A method is a small dataclass whose fields are its hyper-parameters; ``with method.apply(model):``
+installs it and restores the model exactly on exit, so one loaded model serves every method.
+This package imports neither Hydra nor W&B: the harness depends on it, never the reverse.
+"""
+
+from lazyattn.base import Dense, Method
+from lazyattn.cache import ValueOnlyLayer, kv_cache_bytes
+from lazyattn.lazy import LazyAttention, QCache, uniform_lazy_layers
+
+__all__ = [
+    "Dense",
+    "LazyAttention",
+    "Method",
+    "QCache",
+    "ValueOnlyLayer",
+    "kv_cache_bytes",
+    "uniform_lazy_layers",
+]
