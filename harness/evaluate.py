@@ -33,7 +33,10 @@ def generate_batch(model, processor, histories, images, budgets: Sequence[int], 
     inputs = prompt_inputs(processor, histories, images, device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    out = model.generate(**inputs, max_new_tokens=max(budgets), do_sample=False)
+    # An image placeholder in an answer would break the next turn's prompt: never generate one.
+    image_token = getattr(model.config, "image_token_id", None)
+    suppress = {"suppress_tokens": [image_token]} if image_token is not None else {}
+    out = model.generate(**inputs, max_new_tokens=max(budgets), do_sample=False, **suppress)
     new = out[:, inputs["input_ids"].shape[1] :]
     tokenizer = getattr(processor, "tokenizer", processor)
     return [tokenizer.decode(row[:budget], skip_special_tokens=True).strip() for row, budget in zip(new, budgets)]

@@ -1,0 +1,22 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(2)
+
+from harness.models import build_tiny_llava  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The tiny random LLaVA with a wider init, so attention is far from uniform and a wrong
+    layer shows up in the logits."""
+    return build_tiny_llava(seed=0, initializer_range=0.2)
+
+
+@pytest.fixture(scope="session")
+def tiny_eager():
+    return build_tiny_llava(seed=0, initializer_range=0.2, attn_implementation="eager")
