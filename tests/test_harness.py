@@ -1,0 +1,163 @@
+"""The harness end to end: configs compose, runs write results, errors are clear."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from harness import measure
+from harness.evaluate import evaluate
+from harness.run import RunError, efficiency_inputs, run
+from harness.tasks import build_task
+from lazyattn import LazyAttention
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+EXPS = sorted(p.stem for p in (CONF / "exp").glob("*.yaml"))
+
+
+def cfg_for(*overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=False)
+
+
+@pytest.mark.parametrize("exp", EXPS)
+def test_every_exp_composes(exp):
+    cfg = cfg_for(f"+exp={exp}")
+    assert cfg.model.name and cfg.method.name and cfg.task.name
+
+
+def test_overrides_compose():
+    cfg = cfg_for("+exp=llava_lazy", "method.layers=[2,4]", "limit=3", "batch_size=2", "seed=5",
+                  "device=cpu", "out_dir=/tmp/x", "wandb.mode=disabled", "method.ratio=0.25")
+    assert list(cfg.method.layers) == [2, 4] and cfg.limit == 3 and cfg.wandb.mode == "disabled"
+
+
+def small(tmp_path, *extra):
+    cfg = cfg_for("+exp=llava_lazy", "limit=6", "batch_size=3", f"out_dir={tmp_path}",
+                  "efficiency.new_tokens=4", "efficiency.repeats=1", "wandb.mode=disabled", *extra)
+    return cfg
+
+
+def test_run_writes_result(tmp_path):
+    path = run(small(tmp_path))
+    result = json.loads(path.read_text())
+    for key in ("schema_version", "exp", "model", "method", "tasks", "efficiency", "env", "config"):
+        assert key in result
+    n = result["model"]["n_layers"]
+    lazy = result["method"]["lazy_layers"]
+    assert lazy == [1, 3, 5, 7, 9, 11]
+    assert result["efficiency"]["kv_reduction"] == pytest.approx(len(lazy) / (2 * n), abs=1e-12)
+    assert result["tasks"]["shapes"]["n"] == 6 and "colour" in result["tasks"]["shapes"]
+    assert result["tasks_dense"]["shapes"]["n"] == 6
+    assert set(result["env"]) >= {"python", "torch", "transformers", "git_sha", "dirty"}
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and {r["variant"] for r in rows} == {"dense", "method"}
+    assert not (tmp_path / "samples.partial.jsonl").exists()
+    multi = [r for r in rows if r["qtype"] == "multiturn"]
+    assert multi and all(len(r["turns"]) == 2 for r in multi)
+    with pytest.raises(RunError, match="overwrite=true"):
+        run(small(tmp_path))
+
+
+def test_predictions_do_not_depend_on_batch_size(tiny):
+    task = build_task(cfg_for().task)
+    samples = task.samples(6)
+    with LazyAttention(ratio=0.5).apply(tiny.model):
+        one = evaluate(tiny.model, tiny.processor, task, samples, 1, "cpu")
+        four = evaluate(tiny.model, tiny.processor, task, samples, 4, "cpu")
+    assert one == four
+    assert len(set(one)) > 1
+
+
+def test_interrupted_run_resumes_finished_samples(tmp_path, monkeypatch):
+    import harness.run as run_mod
+
+    calls = []
+    real = run_mod.evaluate
+
+    def flaky(model, processor, task, samples, batch_size, device, on_sample=None, done=None):
+        calls.append(len(done or {}))
+        if len(calls) == 1:  # dense pass: finish 3 samples, then "crash"
+            def stop_after_three(sample, prediction, turns, seen=[]):
+                on_sample(sample, prediction, turns)
+                seen.append(1)
+                if len(seen) == 3:
+                    raise KeyboardInterrupt
+            return real(model, processor, task, samples, batch_size, device, stop_after_three, done)
+        return real(model, processor, task, samples, batch_size, device, on_sample, done)
+
+    monkeypatch.setattr(run_mod, "evaluate", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run(small(tmp_path))
+    assert not (tmp_path / "result.json").exists()
+    assert len((tmp_path / "samples.partial.jsonl").read_text().splitlines()) == 3
+    run(small(tmp_path))
+    assert calls[1] == 3  # the resumed dense pass reused the three finished samples
+    assert json.loads((tmp_path / "result.json").read_text())["tasks_dense"]["shapes"]["n"] == 6
+
+
+def test_bad_settings_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run(small(tmp_path, "model=hf", "model.path=/nonexistent/llava"))
+    with pytest.raises(ValueError, match="model.path is not set"):
+        run(small(tmp_path, "model=hf"))
+    with pytest.raises(ValueError, match="out of range"):
+        run(small(tmp_path, "method.layers=[3,40]"))
+    with pytest.raises(ValueError, match="layer 0"):
+        run(small(tmp_path, "method.layers=[0,3]"))
+    with pytest.raises(ValueError, match="qtypes"):
+        run(small(tmp_path, "task.qtypes=[colour,smell]"))
+    with pytest.raises(Exception, match="task/nosuch"):
+        cfg_for("task=nosuch")
+
+
+def test_hf_path_loads_a_saved_checkpoint(tmp_path, tiny):
+    ckpt = tmp_path / "ckpt"
+    tiny.model.save_pretrained(ckpt)
+    tiny.processor.save_pretrained(ckpt)
+    path = run(small(tmp_path / "out", "model=hf", f"model.path={ckpt}", "model.dtype=float32"))
+    result = json.loads(path.read_text())
+    assert result["model"]["name"] == "ckpt" and result["model"]["n_layers"] == 12
+
+
+def test_measure_compare_reports_formula(tiny):
+    task = build_task(cfg_for().task)
+    sample = task.samples(1)[0]
+    inputs = efficiency_inputs(tiny, task, sample, 2, "cpu")
+    method = LazyAttention(layers=[1, 2, 3])
+    eff = measure.compare(tiny.model, inputs, lambda: method.apply(tiny.model), new_tokens=3, repeats=2, warmup=1)
+    assert eff["kv_reduction"] == pytest.approx(3 / 24, abs=1e-12)
+    per_token = 2 * 12 * 2 * 2 * 16 * 4  # K and V, layers, batch, kv heads, head dim, fp32
+    assert eff["dense"]["kv_cache_bytes"] == per_token * (eff["prompt_tokens"] + 3)
+    assert eff["dense"]["decode_tokens_per_s"] > 0 and eff["method"]["prefill_ms"] > 0
+
+
+def test_cli_run_with_wandb_offline(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness", "+exp=llava_lazy", "limit=6", f"out_dir={out}",
+         "efficiency.new_tokens=4", "efficiency.repeats=1"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == str(out / "result.json")
+    result = json.loads((out / "result.json").read_text())
+    assert result["efficiency"]["kv_reduction"] == pytest.approx(6 / 24)
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())
+
+
+def test_cli_error_is_one_clear_line(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness", "model=hf", "model.path=/nope", f"out_dir={tmp_path}/r"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2 and "error: model.path '/nope' does not exist" in proc.stderr
