@@ -168,9 +168,13 @@ def _attend(module, family: AttentionFamily, query, key, value, attention_mask, 
 
 
 def _anchor_forward(module: nn.Module, family: AttentionFamily, qcache: QCache):
-    """The family's attention forward, which also leaves its query and keys in the Q Cache."""
+    """The family's attention forward, which also leaves its query and keys in the Q Cache.
 
-    def forward(hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+    transformers up to 5.23 passes the cache as ``past_key_values``, 5.24 as ``cache``: take either.
+    """
+
+    def forward(hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, cache=None, **kwargs):
+        past_key_values = cache if cache is not None else past_key_values
         query = _split_heads(module, module.q_proj(hidden_states))
         key = _split_heads(module, module.k_proj(hidden_states))
         value = _split_heads(module, module.v_proj(hidden_states))
@@ -187,7 +191,8 @@ def _anchor_forward(module: nn.Module, family: AttentionFamily, qcache: QCache):
 def _lazy_forward(module: nn.Module, family: AttentionFamily, qcache: QCache, anchor_idx: int):
     """Value projection only; attention with the anchor's query and keys from the Q Cache."""
 
-    def forward(hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, cache=None, **kwargs):
+        past_key_values = cache if cache is not None else past_key_values
         value = _split_heads(module, module.v_proj(hidden_states))
         if past_key_values is not None:
             _make_value_only(past_key_values, module.layer_idx)
