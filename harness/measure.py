@@ -10,6 +10,7 @@ KV bytes are counted from the cache tensors themselves, after every forward, and
 from __future__ import annotations
 
 import contextlib
+import inspect
 import statistics
 import time
 from collections.abc import Callable
@@ -25,15 +26,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _cache_kwarg(model) -> str:
+    """transformers 5.24 renamed forward's ``past_key_values`` to ``cache``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.inference_mode()
 def generate_once(model, inputs: dict, new_tokens: int) -> dict[str, float]:
     """One timed prefill + decode. Returns seconds and the peak KV bytes seen."""
     device = inputs["input_ids"].device
     cache = DynamicCache(config=model.config)
     mask = inputs["attention_mask"]
+    cache_arg = _cache_kwarg(model)
     _sync(device)
     t0 = time.perf_counter()
-    out = model(**inputs, past_key_values=cache, use_cache=True)
+    out = model(**inputs, **{cache_arg: cache}, use_cache=True)
     token = out.logits[:, -1:].argmax(-1)
     _sync(device)
     t1 = time.perf_counter()
@@ -43,7 +50,7 @@ def generate_once(model, inputs: dict, new_tokens: int) -> dict[str, float]:
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         _sync(device)
         t = time.perf_counter()
-        out = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token, attention_mask=mask, **{cache_arg: cache}, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
         _sync(device)
         decode_s += time.perf_counter() - t
