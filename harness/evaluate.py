@@ -22,17 +22,19 @@ def conversation(questions: Sequence[str], answers: Sequence[str]) -> list[dict]
     return messages
 
 
-def prompt_inputs(processor, histories: Sequence[list[dict]], images: Sequence, device) -> dict:
+def prompt_inputs(processor, histories: Sequence[list[dict]], images: Sequence, device, dtype=None) -> dict:
+    """Left-padded model inputs; pixel values in the model's dtype when ``dtype`` is given."""
     texts = [processor.apply_chat_template(h, add_generation_prompt=True, tokenize=False) for h in histories]
     inputs = processor(text=texts, images=list(images), padding=True, return_tensors="pt")
-    return {k: v.to(device) for k, v in inputs.items()}
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    if dtype is not None and "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return inputs
 
 
 @torch.inference_mode()
 def generate_batch(model, processor, histories, images, budgets: Sequence[int], device) -> list[str]:
-    inputs = prompt_inputs(processor, histories, images, device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    inputs = prompt_inputs(processor, histories, images, device, model.dtype)
     # An image placeholder in an answer would break the next turn's prompt: never generate one.
     image_token = getattr(model.config, "image_token_id", None)
     suppress = {"suppress_tokens": [image_token]} if image_token is not None else {}

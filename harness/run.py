@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
@@ -68,10 +69,8 @@ def run_key(cfg: DictConfig) -> str:
 def efficiency_inputs(loaded: models.Loaded, task, sample, batch_size: int, device) -> dict:
     """The first sample's first-turn prompt, repeated: equal lengths, so no padding in the timing."""
     history = conversation(sample.questions[:1], [])
-    inputs = prompt_inputs(loaded.processor, [history] * batch_size, [task.image(sample)] * batch_size, device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(loaded.model.dtype)
-    return inputs
+    images = [task.image(sample)] * batch_size
+    return prompt_inputs(loaded.processor, [history] * batch_size, images, device, loaded.model.dtype)
 
 
 def run(cfg: DictConfig) -> Path:
@@ -106,7 +105,7 @@ def run(cfg: DictConfig) -> Path:
             turns_of[(variant, sample.id)] = turns
             log.append(_sample_row(variant, task, sample, prediction, turns))
 
-        ctx = m.apply(model) if m is not None else _nothing()
+        ctx = m.apply(model) if m is not None else contextlib.nullcontext()
         with ctx:
             predictions = evaluate(
                 model, loaded.processor, task, samples, int(cfg.batch_size), device, on_sample=record, done=done
@@ -147,14 +146,6 @@ def run(cfg: DictConfig) -> Path:
     except Exception as err:  # the result is on disk already; W&B is a copy
         print(f"W&B logging failed ({type(err).__name__}: {err}); {result_path} is complete.", file=sys.stderr)
     return result_path
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _sample_row(variant, task, sample, prediction, turns) -> dict:
