@@ -6,15 +6,20 @@ This package imports neither Hydra nor W&B: the harness depends on it, never the
 """
 
 from lazyattn.base import Dense, Method
+from lazyattn.calibrate import Calibration, calibrate, layer_divergence, select_lazy_layers
 from lazyattn.cache import ValueOnlyLayer, kv_cache_bytes
 from lazyattn.lazy import LazyAttention, QCache, uniform_lazy_layers
 
 __all__ = [
+    "Calibration",
     "Dense",
     "LazyAttention",
     "Method",
     "QCache",
     "ValueOnlyLayer",
+    "calibrate",
     "kv_cache_bytes",
+    "layer_divergence",
+    "select_lazy_layers",
     "uniform_lazy_layers",
 ]

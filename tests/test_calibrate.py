@@ -1,0 +1,66 @@
+"""Calibration: divergence profile and greedy selection of lazy layers."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lazyattn import calibrate, layer_divergence, select_lazy_layers
+
+
+def small_llama(n_layers=6):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
+                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3)
+    return LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
+
+
+def batches():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 64, (2, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    return [{"input_ids": ids, "attention_mask": mask}]
+
+
+def make_identical(model, source, copies):
+    """Layers source..copies attend identically: the same q/k weights and norms, and layers
+    source..copies-1 write nothing to the residual stream, so all of them see the same input."""
+    layers = model.model.layers
+    with torch.no_grad():
+        for l in copies:
+            layers[l].self_attn.q_proj.weight.copy_(layers[source].self_attn.q_proj.weight)
+            layers[l].self_attn.k_proj.weight.copy_(layers[source].self_attn.k_proj.weight)
+            layers[l].input_layernorm.weight.copy_(layers[source].input_layernorm.weight)
+        for l in [source, *copies][:-1]:
+            layers[l].self_attn.o_proj.weight.zero_()
+            layers[l].mlp.down_proj.weight.zero_()
+
+
+def test_identical_layers_have_zero_divergence_and_are_selected():
+    model = small_llama()
+    make_identical(model, 2, [3, 4])
+    div = layer_divergence(model, batches())
+    assert div[2, 3] < 1e-10 and div[3, 4] < 1e-10 and div[2, 4] < 1e-10
+    assert div[0, 1] > 1e-3 and div[4, 5] > 1e-3  # the others really differ
+    cal = calibrate(model, batches(), ratio=2 / 6)
+    assert cal.lazy_layers == [3, 4]
+    assert len(cal.adjacent) == 5 and cal.adjacent[2] < 1e-10
+    assert calibrate(model, batches(), threshold=1e-8).lazy_layers == [3, 4]
+    assert model.config._attn_implementation == "sdpa"  # eager only for the calibration pass
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 0.5, 0.9])
+def test_random_model_respects_budget(ratio):
+    model = small_llama(8)
+    cal = calibrate(model, batches(), ratio=ratio)
+    assert len(cal.lazy_layers) == min(round(ratio * 8), 7)
+    assert 0 not in cal.lazy_layers
+    assert cal == calibrate(model, batches(), ratio=ratio)  # deterministic
+
+
+def test_select_errors():
+    d = torch.zeros(4, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="exactly one"):
+        select_lazy_layers(d)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        select_lazy_layers(d, ratio=1.0)
