@@ -18,6 +18,8 @@ def _dense(cfg: DictConfig) -> Method:
 @METHODS.register("lazy")
 def _lazy(cfg: DictConfig) -> Method:
     layers = cfg.get("layers")
+    if layers == "auto":
+        raise ValueError("method.layers=auto must be resolved by calibration first (harness.calibration).")
     if layers is not None:
         layers = OmegaConf.to_object(layers) if OmegaConf.is_config(layers) else layers
         if not isinstance(layers, list):

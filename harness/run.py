@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from harness import measure, models, tracking
+from harness import calibration, measure, models, tracking
 from harness.evaluate import conversation, evaluate, prompt_inputs
 from harness.methods import build_method, lazy_layers_of
 from harness.results import SCHEMA_VERSION, SampleLog, env_info, write_json_atomic
@@ -83,10 +83,15 @@ def run(cfg: DictConfig) -> Path:
     seed_everything(int(cfg.seed))
     device = resolve_device(str(cfg.device))
     task = build_task(cfg.task)
-    method = build_method(cfg.method)
+    if not calibration.wants_calibration(cfg.method):
+        build_method(cfg.method)  # bad method settings fail before the model loads
 
     loaded = load_model(cfg.model)
     model = loaded.model.to(device)
+    method_cfg, calibrated = cfg.method, None
+    if calibration.wants_calibration(cfg.method):
+        method_cfg, calibrated = calibration.resolve(cfg, loaded, task, device)
+    method = build_method(method_cfg)
     lazy_layers = lazy_layers_of(method, loaded.n_layers)  # validates the layer list for this model
 
     samples = task.samples(cfg.limit)
@@ -130,7 +135,8 @@ def run(cfg: DictConfig) -> Path:
         "schema_version": SCHEMA_VERSION,
         "exp": cfg.name,
         "model": {"name": loaded.name, "n_layers": loaded.n_layers, "n_params": loaded.n_params},
-        "method": {"name": method.name, "params": method.params(), "lazy_layers": lazy_layers},
+        "method": {"name": method.name, "params": method.params(), "lazy_layers": lazy_layers,
+                   "calibration": calibrated},
         "tasks": {task.name: scores["method"]},
         "efficiency": efficiency,
         "env": env_info(),

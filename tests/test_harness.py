@@ -161,3 +161,24 @@ def test_cli_error_is_one_clear_line(tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 2 and "error: model.path '/nope' does not exist" in proc.stderr
+
+
+def test_auto_layers_calibrate_once_and_are_recorded(tmp_path, monkeypatch):
+    import harness.calibration as calib
+
+    extra = ("method.layers=auto", "method.ratio=0.5", "method.calibration_samples=2",
+             f"calibration_dir={tmp_path / 'calib'}", "efficiency.enabled=false", "compare_dense=false")
+    result = json.loads(run(small(tmp_path / "a", *extra)).read_text())
+    lazy = result["method"]["lazy_layers"]
+    assert len(lazy) == 6 and 0 not in lazy
+    record = result["method"]["calibration"]
+    assert record["lazy_layers"] == lazy and len(record["adjacent_js"]) == 11
+    assert all(x >= 0 for x in record["adjacent_js"])
+    assert Path(record["cache_file"]).exists()
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("calibration should come from the cache file")
+
+    monkeypatch.setattr(calib, "calibrate", must_not_run)
+    again = json.loads(run(small(tmp_path / "b", *extra)).read_text())
+    assert again["method"]["lazy_layers"] == lazy

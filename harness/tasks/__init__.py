@@ -28,6 +28,10 @@ class ShapesTask:
     def samples(self, limit: int | None) -> list[shapes.Sample]:
         return shapes.load_split(self.split, self.n if limit is None else int(limit), self.qtypes)
 
+    def calibration_samples(self, n: int) -> list[shapes.Sample]:
+        """Calibration never sees the split being scored."""
+        return shapes.load_split("val", n, self.qtypes)
+
     def image(self, sample: shapes.Sample):
         return sample.image(self.image_size)
 
