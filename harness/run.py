@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from harness import calibration, measure, models, tracking
+from harness import calibration, figures, measure, models, tracking
 from harness.evaluate import conversation, evaluate, prompt_inputs
 from harness.methods import build_method, lazy_layers_of
 from harness.results import SCHEMA_VERSION, SampleLog, env_info, write_json_atomic
@@ -144,11 +144,16 @@ def run(cfg: DictConfig) -> Path:
     }
     if "dense" in scores:
         result["tasks_dense"] = {task.name: scores["dense"]}
+    images = {}
+    if calibrated:
+        images["layer_divergence"] = figures.layer_divergence_png(
+            calibrated["adjacent_js"], lazy_layers, out_dir / "layer_divergence.png", f"{loaded.name}: {task.name} val"
+        )
     write_json_atomic(result_path, result)
     log.finish(rows)
     _print_summary(result)
     try:
-        tracking.log_run(result, rows, OmegaConf.to_container(cfg.wandb, resolve=True), out_dir, cfg.name)
+        tracking.log_run(result, rows, OmegaConf.to_container(cfg.wandb, resolve=True), out_dir, cfg.name, images)
     except Exception as err:  # the result is on disk already; W&B is a copy
         print(f"W&B logging failed ({type(err).__name__}: {err}); {result_path} is complete.", file=sys.stderr)
     return result_path

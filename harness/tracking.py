@@ -24,7 +24,9 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def log_run(result: dict, samples: list[dict], wandb_cfg: dict, out_dir: Path, name: str) -> str | None:
+def log_run(
+    result: dict, samples: list[dict], wandb_cfg: dict, out_dir: Path, name: str, images: dict | None = None
+) -> str | None:
     """Log to W&B; return the run's local directory (None when disabled)."""
     mode = wandb_cfg.get("mode", "offline")
     if mode not in MODES:
@@ -56,6 +58,8 @@ def log_run(result: dict, samples: list[dict], wandb_cfg: dict, out_dir: Path, n
             columns = list(samples[0])
             table = wandb.Table(columns=columns, data=[[str(row.get(c)) for c in columns] for row in samples])
             run.log({"samples": table})
+        for key, path in (images or {}).items():
+            run.log({key: wandb.Image(str(path))})
         return run.dir
     finally:
         run.finish()

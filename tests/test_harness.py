@@ -175,6 +175,8 @@ def test_auto_layers_calibrate_once_and_are_recorded(tmp_path, monkeypatch):
     assert record["lazy_layers"] == lazy and len(record["adjacent_js"]) == 11
     assert all(x >= 0 for x in record["adjacent_js"])
     assert Path(record["cache_file"]).exists()
+    png = tmp_path / "a" / "layer_divergence.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("calibration should come from the cache file")

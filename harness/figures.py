@@ -1,0 +1,29 @@
+"""Figures rendered from result data (never from a live model), so they rebuild anywhere."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on these machines
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def layer_divergence_png(adjacent_js: Sequence[float], lazy_layers: Sequence[int], path: Path, title: str) -> Path:
+    """JS divergence of each layer's attention to the previous layer's (cf. the paper's Fig. 2);
+    the layers made lazy are marked."""
+    layers = list(range(1, len(adjacent_js) + 1))
+    colours = ["tab:orange" if l in set(lazy_layers) else "tab:blue" for l in layers]
+    fig, ax = plt.subplots(figsize=(6, 3), dpi=120)
+    ax.bar(layers, adjacent_js, color=colours)
+    ax.set_xlabel("layer l (orange: lazy)")
+    ax.set_ylabel("JS(attn[l-1], attn[l]) / nats")
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks(layers)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
