@@ -130,9 +130,11 @@ class LazyAttention:
         qcache = QCache()
         installed = []
         try:
+            last_dependant = {anchor_idx: lazy_idx for lazy_idx, anchor_idx in sorted(anchor_of.items())}
             for lazy_idx, anchor_idx in anchor_of.items():
                 attn = modules[lazy_idx]
-                attn.forward = _lazy_forward(attn, attention_family(attn), qcache, anchor_idx)
+                last = last_dependant[anchor_idx] == lazy_idx
+                attn.forward = _lazy_forward(attn, attention_family(attn), qcache, anchor_idx, last)
                 installed.append(attn)
             for anchor_idx in sorted(set(anchor_of.values())):
                 attn = modules[anchor_idx]
@@ -188,8 +190,12 @@ def _anchor_forward(module: nn.Module, family: AttentionFamily, qcache: QCache):
     return forward
 
 
-def _lazy_forward(module: nn.Module, family: AttentionFamily, qcache: QCache, anchor_idx: int):
-    """Value projection only; attention with the anchor's query and keys from the Q Cache."""
+def _lazy_forward(module: nn.Module, family: AttentionFamily, qcache: QCache, anchor_idx: int, last: bool):
+    """Value projection only; attention with the anchor's query and keys from the Q Cache.
+
+    The anchor's last dependant empties the slot, so the Q Cache holds nothing between forwards
+    (its key reference would otherwise keep a replaced cache tensor alive).
+    """
 
     def forward(hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, cache=None, **kwargs):
         past_key_values = cache if cache is not None else past_key_values
@@ -203,6 +209,8 @@ def _lazy_forward(module: nn.Module, family: AttentionFamily, qcache: QCache, an
                 f"lazy layer {module.layer_idx} has {value.shape[-2]} cached values but its anchor "
                 f"{anchor_idx} has {key.shape[-2]} keys: the cache was not built under this method."
             )
+        if last:
+            qcache.clear()
         return _attend(module, family, query, key, value, attention_mask, kwargs)
 
     return forward

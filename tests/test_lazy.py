@@ -252,3 +252,25 @@ def test_uniform_rule():
         for r in (0.1, 0.25, 0.5, 0.75, 0.99):
             lazy = uniform_lazy_layers(n, r)
             assert 0 not in lazy and len(lazy) == min(round(r * n), n - 1) and len(set(lazy)) == len(lazy)
+
+
+@torch.no_grad()
+def test_q_cache_is_empty_between_forwards(tiny):
+    """The Q Cache is a per-forward buffer: after a forward it holds no query or key."""
+    from lazyattn import lazy as lazy_mod
+
+    seen = []
+    real = lazy_mod.QCache
+
+    class Spy(real):
+        def __init__(self):
+            super().__init__()
+            seen.append(self)
+
+    lazy_mod.QCache = Spy
+    try:
+        with LazyAttention(layers=[2, 3, 6]).apply(tiny.model):
+            tiny.model(**inputs_for(tiny, n=1))
+            assert seen and seen[0].query is None and seen[0].key is None
+    finally:
+        lazy_mod.QCache = real
