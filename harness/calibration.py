@@ -21,12 +21,12 @@ def wants_calibration(method_cfg: DictConfig) -> bool:
     return method_cfg.get("layers") == "auto"
 
 
-def calibration_key(model_cfg: DictConfig, method_cfg: DictConfig, task_cfg: DictConfig) -> str:
+def calibration_key(model_cfg: DictConfig, method_cfg: DictConfig, task_cfg: DictConfig, n_samples: int) -> str:
     settings = {
         "model": OmegaConf.to_container(model_cfg, resolve=True),
         "ratio": method_cfg.get("ratio"),
         "threshold": method_cfg.get("threshold"),
-        "samples": method_cfg.get("calibration_samples", 8),
+        "samples": n_samples,
         "task": task_cfg.name,
         "image_size": task_cfg.get("image_size"),
     }
@@ -36,12 +36,12 @@ def calibration_key(model_cfg: DictConfig, method_cfg: DictConfig, task_cfg: Dic
 def resolve(cfg: DictConfig, loaded, task, device) -> tuple[DictConfig, dict]:
     """A copy of ``cfg.method`` with explicit layers, and the calibration record for result.json."""
     method_cfg = cfg.method.copy()
-    key = calibration_key(cfg.model, method_cfg, cfg.task)
+    n = int(method_cfg.get("calibration_samples", 8))
+    key = calibration_key(cfg.model, method_cfg, cfg.task, n)
     path = Path(cfg.get("calibration_dir", ".cache/calibration")) / f"{key}.json"
     if path.exists():
         record = json.loads(path.read_text())
     else:
-        n = int(method_cfg.get("calibration_samples", 8))
         samples = task.calibration_samples(n)
         batches = [
             prompt_inputs(loaded.processor, [conversation(s.questions[:1], [])], [task.image(s)], device,

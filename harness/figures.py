@@ -15,7 +15,8 @@ def layer_divergence_png(adjacent_js: Sequence[float], lazy_layers: Sequence[int
     """JS divergence of each layer's attention to the previous layer's (cf. the paper's Fig. 2);
     the layers made lazy are marked."""
     layers = list(range(1, len(adjacent_js) + 1))
-    colours = ["tab:orange" if l in set(lazy_layers) else "tab:blue" for l in layers]
+    lazy = set(lazy_layers)
+    colours = ["tab:orange" if l in lazy else "tab:blue" for l in layers]
     fig, ax = plt.subplots(figsize=(6, 3), dpi=120)
     ax.bar(layers, adjacent_js, color=colours)
     ax.set_xlabel("layer l (orange: lazy)")

@@ -83,14 +83,13 @@ def run(cfg: DictConfig) -> Path:
     seed_everything(int(cfg.seed))
     device = resolve_device(str(cfg.device))
     task = build_task(cfg.task)
-    if not calibration.wants_calibration(cfg.method):
+    auto_layers = calibration.wants_calibration(cfg.method)
+    if not auto_layers:
         build_method(cfg.method)  # bad method settings fail before the model loads
 
     loaded = load_model(cfg.model)
     model = loaded.model.to(device)
-    method_cfg, calibrated = cfg.method, None
-    if calibration.wants_calibration(cfg.method):
-        method_cfg, calibrated = calibration.resolve(cfg, loaded, task, device)
+    method_cfg, calibrated = calibration.resolve(cfg, loaded, task, device) if auto_layers else (cfg.method, None)
     method = build_method(method_cfg)
     lazy_layers = lazy_layers_of(method, loaded.n_layers)  # validates the layer list for this model
 

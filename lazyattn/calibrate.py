@@ -73,10 +73,10 @@ def layer_divergence(model: nn.Module, batches: Iterable[dict]) -> torch.Tensor:
 def select_lazy_layers(divergence: torch.Tensor, ratio: float | None = None, threshold: float | None = None) -> list[int]:
     if (ratio is None) == (threshold is None):
         raise ValueError("select_lazy_layers takes exactly one of ratio (a budget) or threshold.")
-    n = divergence.shape[0]
-    budget = n - 1 if ratio is None else min(int(round(ratio * n)), n - 1)
     if ratio is not None and not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio must be in [0, 1), got {ratio}.")
+    n = divergence.shape[0]
+    budget = n - 1 if ratio is None else min(int(round(ratio * n)), n - 1)
     lazy: set[int] = set()
 
     def anchor_of(layer: int, lazy_set: set[int]) -> int:
@@ -91,7 +91,7 @@ def select_lazy_layers(divergence: torch.Tensor, ratio: float | None = None, thr
     while len(lazy) < budget:
         base = cost(lazy)
         candidates = [(cost(lazy | {l}) - base, l) for l in range(1, n) if l not in lazy]
-        added, layer = min(candidates)
+        _, layer = min(candidates)
         if threshold is not None and float(divergence[anchor_of(layer, lazy), layer]) > threshold:
             break
         lazy.add(layer)
