@@ -106,13 +106,14 @@ def tiny_llava_config(
     patch_size: int = 8,
     vision_hidden_size: int = 32,
     vision_layers: int = 2,
+    vision_heads: int = 2,
     initializer_range: float = 0.02,
 ) -> LlavaConfig:
     vision = CLIPVisionConfig(
         hidden_size=vision_hidden_size,
         intermediate_size=2 * vision_hidden_size,
         num_hidden_layers=vision_layers,
-        num_attention_heads=2,
+        num_attention_heads=vision_heads,
         image_size=image_size,
         patch_size=patch_size,
         projection_dim=vision_hidden_size,

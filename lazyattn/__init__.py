@@ -8,16 +8,21 @@ This package imports neither Hydra nor W&B: the harness depends on it, never the
 from lazyattn.base import Dense, Method
 from lazyattn.calibrate import Calibration, calibrate, layer_divergence, select_lazy_layers
 from lazyattn.cache import ValueOnlyLayer, kv_cache_bytes
+from lazyattn.compose import compose
 from lazyattn.lazy import LazyAttention, QCache, uniform_lazy_layers
+from lazyattn.prune import FastV, SparseVLM
 
 __all__ = [
     "Calibration",
     "Dense",
+    "FastV",
     "LazyAttention",
     "Method",
     "QCache",
+    "SparseVLM",
     "ValueOnlyLayer",
     "calibrate",
+    "compose",
     "kv_cache_bytes",
     "layer_divergence",
     "select_lazy_layers",

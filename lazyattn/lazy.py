@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -123,28 +123,50 @@ class LazyAttention:
                 current = layer
         return anchor_of
 
+    def plan(self, model: nn.Module) -> dict[int, int]:
+        """The anchor of every lazy layer of ``model``, validated against its depth."""
+        return self.anchors(len(attention_modules(model)))
+
     @contextlib.contextmanager
     def apply(self, model: nn.Module):
-        modules = attention_modules(model)
-        anchor_of = self.anchors(len(modules))
-        qcache = QCache()
-        installed = []
-        try:
-            last_dependant = {anchor_idx: lazy_idx for lazy_idx, anchor_idx in sorted(anchor_of.items())}
-            for lazy_idx, anchor_idx in anchor_of.items():
-                attn = modules[lazy_idx]
-                last = last_dependant[anchor_idx] == lazy_idx
-                attn.forward = _lazy_forward(attn, attention_family(attn), qcache, anchor_idx, last)
-                installed.append(attn)
-            for anchor_idx in sorted(set(anchor_of.values())):
-                attn = modules[anchor_idx]
-                attn.forward = _anchor_forward(attn, attention_family(attn), qcache)
-                installed.append(attn)
+        with patch_attention(model, self.plan(model), {}):
             yield model
-        finally:
-            for attn in installed:
-                del attn.forward  # the instance attribute; the class's forward shows through again
-            qcache.clear()
+
+
+Observer = Callable[[nn.Module, torch.Tensor, torch.Tensor], None]
+
+
+@contextlib.contextmanager
+def patch_attention(model: nn.Module, anchor_of: dict[int, int], observers: dict[int, list[Observer]]):
+    """Install lazy layers (``anchor_of``: lazy layer -> anchor) and attention observers.
+
+    An observer of layer ``l`` is called as ``fn(module, query, key)`` with the post-RoPE query
+    of the current tokens and all keys that layer attends with (for a lazy layer: its anchor's),
+    which is how token-pruning methods score tokens without materialising an attention matrix.
+    Every patched module gets a per-instance ``forward`` that is removed on exit.
+    """
+    modules = attention_modules(model)
+    qcache = QCache()
+    installed = []
+    try:
+        last_dependant = {anchor_idx: lazy_idx for lazy_idx, anchor_idx in sorted(anchor_of.items())}
+        for idx, attn in enumerate(modules):
+            family = attention_family(attn)
+            watch = tuple(observers.get(idx, ()))
+            if idx in anchor_of:
+                anchor_idx = anchor_of[idx]
+                last = last_dependant[anchor_idx] == idx
+                attn.forward = _lazy_forward(attn, family, qcache, anchor_idx, last, watch)
+            elif idx in last_dependant or watch:
+                attn.forward = _anchor_forward(attn, family, qcache if idx in last_dependant else None, watch)
+            else:
+                continue
+            installed.append(attn)
+        yield model
+    finally:
+        for attn in installed:
+            del attn.forward  # the instance attribute; the class's forward shows through again
+        qcache.clear()
 
 
 def _split_heads(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -169,8 +191,9 @@ def _attend(module, family: AttentionFamily, query, key, value, attention_mask, 
     return module.o_proj(out), weights
 
 
-def _anchor_forward(module: nn.Module, family: AttentionFamily, qcache: QCache):
-    """The family's attention forward, which also leaves its query and keys in the Q Cache.
+def _anchor_forward(module: nn.Module, family: AttentionFamily, qcache: QCache | None, observers=()):
+    """The family's attention forward, which also leaves its query and keys in the Q Cache
+    (when it has lazy dependants) and shows them to the observers.
 
     transformers up to 5.23 passes the cache as ``past_key_values``, 5.24 as ``cache``: take either.
     """
@@ -184,13 +207,18 @@ def _anchor_forward(module: nn.Module, family: AttentionFamily, qcache: QCache):
         query, key = family.rotary(query, key, cos, sin)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, module.layer_idx)
-        qcache.put(module.layer_idx, query, key)
+        if qcache is not None:
+            qcache.put(module.layer_idx, query, key)
+        for observe in observers:
+            observe(module, query, key)
         return _attend(module, family, query, key, value, attention_mask, kwargs)
 
     return forward
 
 
-def _lazy_forward(module: nn.Module, family: AttentionFamily, qcache: QCache, anchor_idx: int, last: bool):
+def _lazy_forward(
+    module: nn.Module, family: AttentionFamily, qcache: QCache, anchor_idx: int, last: bool, observers=()
+):
     """Value projection only; attention with the anchor's query and keys from the Q Cache.
 
     The anchor's last dependant empties the slot, so the Q Cache holds nothing between forwards
@@ -211,6 +239,8 @@ def _lazy_forward(module: nn.Module, family: AttentionFamily, qcache: QCache, an
             )
         if last:
             qcache.clear()
+        for observe in observers:
+            observe(module, query, key)
         return _attend(module, family, query, key, value, attention_mask, kwargs)
 
     return forward

@@ -1,0 +1,205 @@
+"""Train ``llava_tiny``: a LLaVA-architecture model that really answers the shapes benchmark.
+
+    python -m harness.train_tiny --out harness/assets/llava_tiny      # what `make tiny-model` runs
+
+Everything is seeded: the architecture, the initial weights, the training samples (drawn from
+the shapes *train* split only; its scenes can't occur in val or test) and their order. The
+loss is next-token cross-entropy on the assistant's answer tokens, every turn of a multi-turn
+sample included (teacher forcing with the gold earlier answers). The output directory is a
+normal Hugging Face checkpoint (config, safetensors, tokenizer, processor) that
+``models.load_local`` and ``from_pretrained`` read offline, plus ``training.json`` with the
+settings, the loss curve and the dense accuracy on a held-out val slice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import LlavaForConditionalGeneration
+
+from harness import models
+from harness.evaluate import conversation
+from harness.results import env_info
+from harness.tasks import shapes
+
+# The shipped architecture. Text: 12 Llama layers, hidden 128, 4 query heads sharing 2 KV
+# heads (GQA). Vision: a 3-layer CLIP tower over 8x8 patches of a 64x64 image (64 image tokens).
+ARCH = dict(
+    n_layers=12,
+    hidden_size=128,
+    n_heads=4,
+    n_kv_heads=2,
+    intermediate_size=384,
+    image_size=64,
+    patch_size=8,
+    vision_hidden_size=64,
+    vision_layers=3,
+    vision_heads=4,
+    initializer_range=0.02,
+)
+# Question types mixed into training; describe and multiturn are longer, so they get more weight.
+TRAIN_MIX = {"colour": 1.0, "count": 1.0, "exist": 1.0, "position": 1.0, "describe": 1.5, "multiturn": 1.5}
+IGNORE = -100
+
+
+def build_untrained(seed: int) -> models.Loaded:
+    loaded = models.build_tiny_llava(seed=seed, **ARCH)
+    loaded.name = "llava_tiny"
+    return loaded
+
+
+def encode_sample(processor, sample: shapes.Sample, image_size: int):
+    """Token ids of the whole conversation with gold answers, and labels on the answer tokens only.
+
+    The prompt of turn t (up to ``assistant :``) is a token prefix of the conversation through
+    answer t, because the tokenizer splits on whitespace and punctuation only; the labels are
+    the tokens in between, ``</s>`` included, so the model learns where to stop.
+    """
+    tok = processor.tokenizer
+    full = processor.apply_chat_template(
+        conversation(sample.questions, sample.answers), add_generation_prompt=False, tokenize=False
+    )
+    image = sample.image(image_size)
+    enc = processor(text=[full], images=[image], return_tensors="pt")
+    ids = enc["input_ids"][0]
+    labels = torch.full_like(ids, IGNORE)
+    for turn in range(len(sample.questions)):
+        prompt = processor.apply_chat_template(
+            conversation(sample.questions[: turn + 1], sample.answers[:turn]), add_generation_prompt=True, tokenize=False
+        )
+        with_answer = processor.apply_chat_template(
+            conversation(sample.questions[: turn + 1], sample.answers[: turn + 1]), add_generation_prompt=False,
+            tokenize=False,
+        )
+        start = len(processor(text=[prompt], images=[image], return_tensors="pt")["input_ids"][0])
+        end = len(processor(text=[with_answer], images=[image], return_tensors="pt")["input_ids"][0])
+        assert ids[:end].tolist() == processor(text=[with_answer], images=[image], return_tensors="pt")["input_ids"][0].tolist()
+        labels[start:end] = ids[start:end]
+    assert (labels[labels != IGNORE] != tok.pad_token_id).all()
+    return ids, labels, enc["pixel_values"][0]
+
+
+def make_pool(processor, n: int, seed: int, image_size: int):
+    """``n`` training samples from the train split, question types drawn by ``TRAIN_MIX``."""
+    rng = random.Random(seed)
+    qtypes = list(TRAIN_MIX)
+    weights = [TRAIN_MIX[q] for q in qtypes]
+    offset = 0
+    pool = []
+    # Sample i of the split with a qtype drawn per sample: each index is used once, so every
+    # training example shows a fresh train-split scene draw (scenes may repeat by chance).
+    for i in range(n):
+        qtype = rng.choices(qtypes, weights)[0]
+        sample = shapes._make_sample("train", offset + i, qtype, len(qtypes))
+        pool.append(encode_sample(processor, sample, image_size))
+    return pool
+
+
+def collate(items, pad_id: int):
+    length = max(len(ids) for ids, _, _ in items)
+    ids = torch.full((len(items), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), length), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(items), length), dtype=torch.long)
+    for row, (i, l, _) in enumerate(items):
+        ids[row, -len(i):] = i  # left padding, as in evaluation
+        labels[row, -len(l):] = l
+        mask[row, -len(i):] = 1
+    pixels = torch.stack([p for _, _, p in items])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels}
+
+
+def answer_loss(model, batch) -> torch.Tensor:
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"]
+    ).logits
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE
+    )
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def quick_eval(loaded: models.Loaded, n: int = 120, batch_size: int = 24) -> dict:
+    """Dense accuracy on the first ``n`` samples of the *val* split (test stays untouched)."""
+    from harness.tasks import ShapesTask
+    from harness.evaluate import evaluate
+
+    task = ShapesTask("shapes", "val", n, list(shapes.QTYPES), ARCH["image_size"], {"short": 8, "describe": 48})
+    samples = task.samples(None)
+    loaded.model.eval()
+    preds = evaluate(loaded.model, loaded.processor, task, samples, batch_size, torch.device("cpu"))
+    return task.score(samples, preds)
+
+
+def train(out: Path, seed: int, steps: int, batch_size: int, lr: float, pool_size: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    loaded = build_untrained(seed)
+    model, processor = loaded.model, loaded.processor
+    t0 = time.time()
+    pool = make_pool(processor, pool_size, seed, ARCH["image_size"])
+    print(f"pool of {len(pool)} train samples in {time.time() - t0:.0f}s", flush=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    order_rng = np.random.default_rng(seed)
+    order = order_rng.permutation(len(pool))
+    pos = 0
+    log = []
+    model.train()
+    t0 = time.time()
+    for step in range(steps):
+        if pos + batch_size > len(order):
+            order, pos = order_rng.permutation(len(pool)), 0
+        batch = collate([pool[j] for j in order[pos : pos + batch_size]], processor.tokenizer.pad_token_id)
+        pos += batch_size
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup=max(1, steps // 20))
+        loss = answer_loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            log.append({"step": step, "loss": round(loss.item(), 5), "seconds": round(time.time() - t0, 1)})
+            print(f"step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
+    model.eval()
+    scores = quick_eval(loaded)
+    print("val:", json.dumps(scores), flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    info = {
+        "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "pool_size": pool_size,
+        "threads": threads, "arch": ARCH, "train_mix": TRAIN_MIX, "train_seconds": round(time.time() - t0, 1),
+        "n_params": loaded.n_params, "val": scores, "loss": log, "env": env_info(),
+    }
+    (out / "training.json").write_text(json.dumps(info, indent=1) + "\n")
+    return info
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "assets" / "llava_tiny")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--pool-size", type=int, default=40000)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+    train(a.out, a.seed, a.steps, a.batch_size, a.lr, a.pool_size, a.threads)
+
+
+if __name__ == "__main__":
+    main()
