@@ -127,7 +127,7 @@ class PruneEngine:
         mask2d = kwargs.get("attention_mask")
         if isinstance(mask2d, torch.Tensor) and mask2d.dim() != 2:
             raise ValueError("token pruning needs a 2D padding mask (batch, length), not a prepared 4D mask.")
-        self.step = {"positions": positions, "mask2d": mask2d, "q_len": q_len, "embeds": embeds}
+        self.step = {"positions": positions, "mask2d": mask2d, "past": past}
         self.prefill = past == 0
         if self.prefill:
             self._start_prefill(embeds, positions, mask2d)
@@ -220,10 +220,11 @@ class PruneEngine:
             real, positions = stage.real, stage.positions
         else:
             mask2d = self.step["mask2d"]
+            n_new = self.step["past"] + q_len - self.prefill_len  # tokens after the prompt, these included
             new = (
-                torch.ones(hidden.shape[0], q_len + 0, dtype=torch.bool, device=hidden.device)
+                torch.ones(hidden.shape[0], n_new, dtype=torch.bool, device=hidden.device)
                 if mask2d is None
-                else mask2d[:, self.prefill_len :].bool()
+                else mask2d[:, -n_new:].bool()
             )
             real = torch.cat([stage.real, new], dim=1)
             step_pos = self.step["positions"]

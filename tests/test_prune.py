@@ -307,3 +307,17 @@ def test_dpc_knn_merges_clusters():
     means = sorted(merged[:, 0].tolist())
     assert means[0] == pytest.approx(b[:, 0].mean().item(), abs=1e-5)
     assert means[1] == pytest.approx(a[:, 0].mean().item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 3])  # one prompt: no padding mask reaches the decoder; three: left-padded
+@torch.no_grad()
+def test_generate_matches_the_manual_cached_loop(tiny, n):
+    inputs = inputs_for(tiny, n=n)
+    image_id = tiny.model.config.image_token_id
+    for method in (FastV(k=2, ratio=0.5), SparseVLM(budget=128), compose(LazyAttention(ratio=0.5), FastV())):
+        with method.apply(tiny.model):
+            tokens, _, _ = _greedy_with_cache(tiny.model, inputs, steps=6)
+            out = tiny.model.generate(
+                **inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False, suppress_tokens=[image_id]
+            )
+        assert torch.equal(out[:, inputs["input_ids"].shape[1] :], tokens)
