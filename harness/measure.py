@@ -33,10 +33,17 @@ def _cache_kwarg(model) -> str:
 
 @torch.inference_mode()
 def generate_once(model, inputs: dict, new_tokens: int) -> dict[str, float]:
-    """One timed prefill + decode. Returns seconds and the peak KV bytes seen."""
+    """One timed prefill + decode. Returns seconds and the peak KV bytes seen.
+
+    Decode steps pass the attention mask only when the prompt is padded: without one, every
+    model places the new token itself (positions continue from the cache length; Qwen2-VL adds
+    its M-RoPE offset), whereas a full-length mask would make Qwen2-VL compute positions for the
+    whole sequence. The efficiency prompts are one prompt repeated, so they are never padded.
+    """
     device = inputs["input_ids"].device
     cache = DynamicCache(config=model.config)
     mask = inputs["attention_mask"]
+    padded = not bool(mask.all())
     cache_arg = _cache_kwarg(model)
     _sync(device)
     t0 = time.perf_counter()
@@ -50,7 +57,7 @@ def generate_once(model, inputs: dict, new_tokens: int) -> dict[str, float]:
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         _sync(device)
         t = time.perf_counter()
-        out = model(input_ids=token, attention_mask=mask, **{cache_arg: cache}, use_cache=True)
+        out = model(input_ids=token, attention_mask=mask if padded else None, **{cache_arg: cache}, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
         _sync(device)
         decode_s += time.perf_counter() - t

@@ -26,21 +26,39 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from harness.processors import IMAGE_ONLY_PROCESSORS
 from harness.tasks import shapes
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
 CHAT_WORDS = ("user", "assistant", ":")
 
-# LLaVA-1.5's conversation layout ("USER: <image>\n... ASSISTANT:"), in the tiny vocabulary.
-TINY_CHAT_TEMPLATE = (
-    "{% for m in messages %}"
-    "{% if m['role'] == 'user' %}user : "
-    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% endif %}{% endfor %}"
-    "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }} {% endif %}{% endfor %}"
-    "{% else %}assistant : "
-    "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }} {% endif %}{% endfor %}</s> "
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}assistant :{% endif %}"
+# Qwen2-VL's vision markers; the processor expands <|image_pad|> to one token per merged patch.
+QWEN_VL_TOKENS = {
+    "image_token": "<|image_pad|>",
+    "video_token": "<|video_pad|>",
+    "vision_start_token": "<|vision_start|>",
+    "vision_end_token": "<|vision_end|>",
+}
+
+
+def tiny_chat_template(image_placeholder: str = "<image>") -> str:
+    """LLaVA-1.5's conversation layout ("USER: <image> ... ASSISTANT:") in the tiny vocabulary."""
+    return (
+        "{% for m in messages %}"
+        "{% if m['role'] == 'user' %}user : "
+        "{% for c in m['content'] %}{% if c['type'] == 'image' %}" + image_placeholder + " {% endif %}{% endfor %}"
+        "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }} {% endif %}{% endfor %}"
+        "{% else %}assistant : "
+        "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }} {% endif %}{% endfor %}</s> "
+        "{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}assistant :{% endif %}"
+    )
+
+
+TINY_CHAT_TEMPLATE = tiny_chat_template()
+# Qwen2-VL's image block, <|vision_start|><|image_pad|><|vision_end|>, in the same layout.
+TINY_QWEN_VL_CHAT_TEMPLATE = tiny_chat_template(
+    QWEN_VL_TOKENS["vision_start_token"] + QWEN_VL_TOKENS["image_token"] + QWEN_VL_TOKENS["vision_end_token"]
 )
 
 
@@ -59,10 +77,15 @@ class Loaded:
         return sum(p.numel() for p in self.model.parameters())
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over the shapes vocabulary; pads on the left for batched generation."""
+def tiny_tokenizer(special_tokens: dict[str, str] | None = None) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the shapes vocabulary; pads on the left for batched generation.
+
+    ``special_tokens`` (name -> token, e.g. ``QWEN_VL_TOKENS``) replaces the LLaVA ``<image>``
+    token; new tokens go after the shared vocabulary, so the shared ids do not move.
+    """
+    special_tokens = special_tokens or {"image_token": "<image>"}
     vocab = list(SPECIAL_TOKENS) + [w for w in CHAT_WORDS + tuple(shapes.VOCAB) if w not in SPECIAL_TOKENS]
-    vocab = list(dict.fromkeys(vocab))
+    vocab = list(dict.fromkeys(vocab + list(special_tokens.values())))
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="isolated")]
@@ -74,7 +97,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
         bos_token="<s>",
         eos_token="</s>",
         padding_side="left",
-        extra_special_tokens={"image_token": "<image>"},
+        extra_special_tokens=dict(special_tokens),
     )
     return tok
 
@@ -159,9 +182,18 @@ def build_tiny_llava(
 
 
 def load_local(
-    path: str | Path, attn_implementation: str = "sdpa", dtype: torch.dtype | str = "auto", name: str | None = None
+    path: str | Path,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype | str = "auto",
+    name: str | None = None,
+    model_type: str | None = None,
 ) -> Loaded:
-    """Load an image-text-to-text checkpoint (HF format) from a local directory, never from a hub."""
+    """Load an image-text-to-text checkpoint (HF format) from a local directory, never from a hub.
+
+    ``model_type``, when given (the presets give it), must match the checkpoint's config.json.
+    Qwen2-VL / Qwen2.5-VL get an image-and-text processor (``harness.processors``): their own
+    processor also loads a video processor, which needs torchvision.
+    """
     if path is None or str(path) in ("", "None", "???"):
         raise ValueError("model.path is not set: pass model.path=/local/dir holding config.json and the weights.")
     path = Path(path).expanduser()
@@ -172,7 +204,13 @@ def load_local(
             f"{path} has no config.json: model.path must be a local Hugging Face checkpoint directory "
             "(config.json, *.safetensors, tokenizer and processor files)."
         )
-    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    found_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type is not None and found_type != model_type:
+        raise ValueError(
+            f"{path} holds a {found_type!r} checkpoint but this preset expects model_type {model_type!r}: "
+            "point model.path at the right checkpoint, or use model=hf for any LLaVA-family checkpoint."
+        )
+    model_type = found_type
     try:
         AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as err:  # unknown model_type, corrupt config
@@ -180,7 +218,8 @@ def load_local(
     model = AutoModelForImageTextToText.from_pretrained(
         path, local_files_only=True, attn_implementation=attn_implementation, dtype=dtype
     )
-    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    processor_cls = IMAGE_ONLY_PROCESSORS.get(model_type, AutoProcessor)
+    processor = processor_cls.from_pretrained(path, local_files_only=True)
     tokenizer = getattr(processor, "tokenizer", processor)
     tokenizer.padding_side = "left"
     _set_generation_ids(model, tokenizer)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from harness import calibration, figures, measure, models, tracking
+from harness import calibration, families, figures, measure, models, tracking
 from harness.evaluate import conversation, evaluate, prompt_inputs
 from harness.methods import build_method, lazy_layers_of
 from harness.results import SCHEMA_VERSION, SampleLog, env_info, write_json_atomic
@@ -35,13 +35,27 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_model(cfg: DictConfig) -> models.Loaded:
+def load_model(cfg: DictConfig, device: torch.device | str | None = None) -> models.Loaded:
+    """The model a ``model=`` preset names; ``random_shape`` models are built directly on ``device``."""
     if cfg.kind == "tiny_random":
         return models.build_tiny_llava(
             seed=cfg.seed,
             n_layers=cfg.n_layers,
             attn_implementation=cfg.attn_implementation,
             dtype=DTYPES[cfg.dtype],
+        )
+    if cfg.kind == "random_shape":
+        if cfg.dtype not in DTYPES:
+            raise RunError(f"model.dtype must be one of {', '.join(DTYPES)} for random weights, got {cfg.dtype!r}.")
+        return families.build_random(
+            cfg.family,
+            OmegaConf.to_container(cfg.text, resolve=True),
+            OmegaConf.to_container(cfg.vision, resolve=True),
+            seed=cfg.seed,
+            attn_implementation=cfg.attn_implementation,
+            dtype=DTYPES[cfg.dtype],
+            device=device,
+            name=cfg.name,
         )
     if cfg.kind == "hf":
         dtype = cfg.get("dtype", "auto")
@@ -50,8 +64,9 @@ def load_model(cfg: DictConfig) -> models.Loaded:
             attn_implementation=cfg.attn_implementation,
             dtype=DTYPES.get(dtype, dtype),
             name=cfg.name if cfg.name != "hf" else None,
+            model_type=cfg.get("model_type"),
         )
-    raise RunError(f"model.kind must be tiny_random or hf, got {cfg.kind!r}.")
+    raise RunError(f"model.kind must be tiny_random, random_shape or hf, got {cfg.kind!r}.")
 
 
 def seed_everything(seed: int) -> None:
@@ -87,7 +102,7 @@ def run(cfg: DictConfig) -> Path:
     if not auto_layers:
         build_method(cfg.method)  # bad method settings fail before the model loads
 
-    loaded = load_model(cfg.model)
+    loaded = load_model(cfg.model, device)
     model = loaded.model.to(device)
     method_cfg, calibrated = calibration.resolve(cfg, loaded, task, device) if auto_layers else (cfg.method, None)
     method = build_method(method_cfg)

@@ -15,9 +15,19 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 # Attention classes whose forward is: q/k/v projections, rotary embedding on q and k,
-# cache update, attention interface, o_proj. Qwen2 adds q/k/v biases, which the
-# projections carry themselves.
-SUPPORTED_ATTENTION = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
+# cache update, attention interface, o_proj. Qwen2 and the Qwen2-VL / Qwen2.5-VL text
+# attentions add q/k/v biases, which the projections carry themselves. The two VL classes
+# use M-RoPE, but their rotary embedding module already merges the temporal/height/width
+# frequencies (mrope_section) into one (batch, seq, head_dim) cos/sin pair, so the attention
+# applies the plain rotary formula (checked per call in `_plain_rotary`); they also pass
+# position_ids on to the attention backend, which the lazy forwards forward in **kwargs.
+SUPPORTED_ATTENTION = (
+    "LlamaAttention",
+    "MistralAttention",
+    "Qwen2Attention",
+    "Qwen2VLAttention",
+    "Qwen2_5_VLAttention",
+)
 
 
 class UnsupportedModelError(ValueError):
@@ -50,10 +60,39 @@ def attention_family(attn: nn.Module) -> AttentionFamily:
     if name not in SUPPORTED_ATTENTION:
         raise UnsupportedModelError(
             f"Attention class {name} is not supported. Supported: {', '.join(SUPPORTED_ATTENTION)} "
-            "(the Llama-family backbones used by LLaVA-1.5, LLaVA-NeXT and Qwen2 text models)."
+            "(the text backbones of LLaVA-1.5, LLaVA-NeXT, LLaVA with Qwen2/Mistral, Qwen2-VL and Qwen2.5-VL)."
+        )
+    window = getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))
+    if window is not None:
+        raise UnsupportedModelError(
+            f"layer {attn.layer_idx} ({name}) uses sliding-window attention (window {window}); Lazy Attention "
+            "supports full attention only (a lazy layer's anchor must cache every key). Use a config with "
+            "sliding_window=None (Mistral) or use_sliding_window=False (Qwen2 family)."
         )
     modeling = sys.modules[type(attn).__module__]
-    return AttentionFamily(rotary=modeling.apply_rotary_pos_emb, eager=modeling.eager_attention_forward)
+    return AttentionFamily(
+        rotary=_plain_rotary(name, modeling.apply_rotary_pos_emb), eager=modeling.eager_attention_forward
+    )
+
+
+def _plain_rotary(name: str, apply_rotary: Callable) -> Callable:
+    """The family's own ``apply_rotary_pos_emb``, refusing cos/sin it would broadcast wrongly.
+
+    Every supported class receives one (batch, seq, head_dim) cos/sin pair; for M-RoPE models the
+    rotary module has already taken each frequency band from its temporal/height/width position.
+    Per-axis (3, batch, seq, head_dim) tables would need the mrope_section split here instead.
+    """
+
+    def rotary(query, key, cos, sin):
+        if cos.dim() != query.dim() - 1 or cos.shape[-1] != query.shape[-1]:
+            raise UnsupportedModelError(
+                f"{name} passed rotary tables of shape {tuple(cos.shape)} for queries of shape "
+                f"{tuple(query.shape)}; Lazy Attention expects (batch, seq, head_dim) tables with any M-RoPE "
+                "sections already merged (transformers 5.23-5.24)."
+            )
+        return apply_rotary(query, key, cos, sin)
+
+    return rotary
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
