@@ -103,7 +103,10 @@ class PruneEngine:
         self.n_layers = len(self.layers)
         self.image_token_id = _image_token_id(model)
         self.stage_layers = pruner.stage_layers(self.n_layers)  # [(score_layer, first_layer), ...]
-        self.impl = model.config.get_text_config(decoder=True)._attn_implementation or "eager"
+        text_config = model.config.get_text_config(decoder=True)
+        self.impl = text_config._attn_implementation or "eager"
+        rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
+        self.mrope = "mrope_section" in rope
         self.stages: list[Stage] = []
         self.scores: dict[int, torch.Tensor] = {}
         self.input_ids: torch.Tensor | None = None
@@ -124,9 +127,14 @@ class PruneEngine:
         positions = kwargs.get("position_ids")
         if positions is None:
             positions = (torch.arange(q_len, device=embeds.device) + past)[None].expand(batch, -1)
+        if positions.dim() == 2 and self.mrope:
+            positions = positions[None].expand(3, -1, -1)  # what the M-RoPE text model does with 2D ids
         mask2d = kwargs.get("attention_mask")
-        if isinstance(mask2d, torch.Tensor) and mask2d.dim() != 2:
-            raise ValueError("token pruning needs a 2D padding mask (batch, length), not a prepared 4D mask.")
+        if mask2d is not None and not (isinstance(mask2d, torch.Tensor) and mask2d.dim() == 2):
+            raise ValueError(
+                "token pruning needs a 2D padding mask (batch, length) or none, not a prepared mask "
+                f"({type(mask2d).__name__}); call the model with the processor's attention_mask."
+            )
         self.step = {"positions": positions, "mask2d": mask2d, "past": past}
         self.prefill = past == 0
         if self.prefill:
@@ -230,8 +238,13 @@ class PruneEngine:
             step_pos = self.step["positions"]
             positions = step_pos - (stage.shift[:, None] if step_pos.dim() == 2 else stage.shift[None, :, None])
         stage.mask = _stage_mask(self.impl, real, q_len, hidden.dtype)
-        stage.position_ids = positions
-        stage.position_embeddings = self.decoder.rotary_emb(hidden, positions)
+        if positions.dim() == 3 and positions.shape[0] == 4:  # M-RoPE with text positions prepended
+            stage.position_ids, rope_positions = positions[0], positions[1:]
+        elif positions.dim() == 3:  # M-RoPE (temporal, height, width)
+            stage.position_ids, rope_positions = None, positions
+        else:
+            stage.position_ids, rope_positions = positions, positions
+        stage.position_embeddings = self.decoder.rotary_emb(hidden, rope_positions)
 
     # -- installation ------------------------------------------------------------------------
     def observers(self) -> dict[int, list]:

@@ -72,6 +72,8 @@ def masked_reference(model, inputs, first_layer_keep: dict[int, torch.Tensor], e
         layer.forward = forward
         patched.append(layer)
     try:
+        if extra_ids is None:  # the prompt alone: the model derives its own positions
+            return model(**inputs).logits
         full = dict(inputs, input_ids=ids, attention_mask=pad.long())
         positions = (pad.long().cumsum(-1) - 1).masked_fill(~pad, 1)
         return model(**full, position_ids=positions).logits
@@ -321,3 +323,32 @@ def test_generate_matches_the_manual_cached_loop(tiny, n):
                 **inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False, suppress_tokens=[image_id]
             )
         assert torch.equal(out[:, inputs["input_ids"].shape[1] :], tokens)
+
+
+FAMILIES = ["llava_mistral", "llava_next_mistral", "llava_qwen2", "qwen2_vl", "qwen2_5_vl"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_pruning_on_every_family(family):
+    """Keep-all equals dense, and drop equals mask, on LLaVA-NeXT and the M-RoPE Qwen families too."""
+    from harness import families
+    from test_families import CASES
+
+    kind, text, vision = CASES[family]
+    loaded = families.build_random(kind, text, vision, initializer_range=0.2)
+    samples = shapes.load_split("test", 3, ["colour", "count", "exist"])
+    histories = [conversation(s.questions[:1], []) for s in samples]
+    inputs = prompt_inputs(loaded.processor, histories, [s.image(64) for s in samples], "cpu")
+    length = inputs["input_ids"].shape[1]
+    n_image = int((inputs["input_ids"][0] == loaded.model.config.image_token_id).sum())
+    dense = loaded.model(**inputs).logits
+    with FastV(k=1, ratio=0.0).apply(loaded.model):
+        assert torch.allclose(loaded.model(**inputs).logits, dense, atol=1e-5, rtol=0)
+    with FastV(k=2, ratio=0.5).apply(loaded.model) as engine:
+        pruned = loaded.model(**inputs).logits
+    (stage,) = engine.history[-1]
+    assert stage.length == length - (n_image - round(n_image * 0.5))
+    reference = masked_reference(loaded.model, inputs, {2: kept_columns(stage, length)})
+    b_idx = torch.arange(3)[:, None]
+    assert torch.allclose(pruned[stage.real], reference[b_idx, stage.source][stage.real], atol=1e-4, rtol=0)
