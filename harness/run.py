@@ -91,10 +91,15 @@ def efficiency_inputs(loaded: models.Loaded, task, sample, batch_size: int, devi
 def run(cfg: DictConfig) -> Path:
     out_dir = Path(cfg.out_dir)
     result_path = out_dir / "result.json"
+    if result_path.exists() and cfg.get("skip_finished") and not cfg.overwrite:
+        print(f"skipping finished point {out_dir} (skip_finished=true; overwrite=true redoes it)")
+        return result_path
     if result_path.exists() and not cfg.overwrite:
         raise RunError(f"{out_dir} already holds a finished run; pass overwrite=true or choose another out_dir=DIR.")
     if int(cfg.batch_size) < 1:
         raise RunError(f"batch_size must be >= 1, got {cfg.batch_size}.")
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
     seed_everything(int(cfg.seed))
     device = resolve_device(str(cfg.device))
     task = build_task(cfg.task)

@@ -38,7 +38,7 @@ ARCH = dict(
     n_kv_heads=2,
     intermediate_size=384,
     image_size=64,
-    patch_size=8,
+    patch_size=16,
     vision_hidden_size=64,
     vision_layers=3,
     vision_heads=4,
@@ -143,11 +143,14 @@ def quick_eval(loaded: models.Loaded, n: int = 120, batch_size: int = 24) -> dic
     return task.score(samples, preds)
 
 
-def train(out: Path, seed: int, steps: int, batch_size: int, lr: float, pool_size: int, threads: int) -> dict:
+def train(
+    out: Path, seed: int, steps: int, batch_size: int, lr: float, pool_size: int, threads: int, checkpoint_every: int = 0
+) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     loaded = build_untrained(seed)
     model, processor = loaded.model, loaded.processor
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     pool = make_pool(processor, pool_size, seed, ARCH["image_size"])
     print(f"pool of {len(pool)} train samples in {time.time() - t0:.0f}s", flush=True)
@@ -173,10 +176,15 @@ def train(out: Path, seed: int, steps: int, batch_size: int, lr: float, pool_siz
         if step % 50 == 0 or step == steps - 1:
             log.append({"step": step, "loss": round(loss.item(), 5), "seconds": round(time.time() - t0, 1)})
             print(f"step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
+        if checkpoint_every and step and step % checkpoint_every == 0:
+            model.eval()
+            print(f"step {step} val:", json.dumps(quick_eval(loaded, n=60)), flush=True)
+            model.save_pretrained(out / "checkpoint")  # progress survives an interrupted run
+            processor.save_pretrained(out / "checkpoint")
+            model.train()
     model.eval()
     scores = quick_eval(loaded)
     print("val:", json.dumps(scores), flush=True)
-    out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     info = {
@@ -197,8 +205,9 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--pool-size", type=int, default=40000)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--checkpoint-every", type=int, default=0, help="evaluate on val and save every N steps")
     a = p.parse_args(argv)
-    train(a.out, a.seed, a.steps, a.batch_size, a.lr, a.pool_size, a.threads)
+    train(a.out, a.seed, a.steps, a.batch_size, a.lr, a.pool_size, a.threads, a.checkpoint_every)
 
 
 if __name__ == "__main__":
