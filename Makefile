@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test clean
+.PHONY: install run test clean tiny-model sweeps tables table-main table-efficiency fig-layers fig-pareto
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,3 +22,34 @@ test: $(STAMP)
 
 clean:
 	rm -rf runs outputs .pytest_cache
+
+# The shipped tiny LLaVA, retrained from its seed (about 40 min on 2 cores); writes harness/assets/llava_tiny.
+tiny-model: $(STAMP)
+	$(BIN)/python -m harness.train_tiny --out harness/assets/llava_tiny $(TRAIN_ARGS)
+
+# Paper sweeps on the tiny model; each point lands in $(RESULTS)/<sweep>/<overrides>/ and finished
+# points are skipped, so an interrupted `make sweeps` resumes. SWEEP_ARGS passes more overrides
+# (e.g. SWEEP_ARGS="hydra/launcher=local threads=1" for two parallel points).
+RESULTS ?= results/tiny
+SWEEP = WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python -m harness -m
+sweeps: $(STAMP)
+	$(SWEEP) +exp=sweep_dense sweep_root=$(RESULTS)/dense $(SWEEP_ARGS)
+	$(SWEEP) +exp=sweep_lazy sweep_root=$(RESULTS)/lazy $(SWEEP_ARGS)
+	$(SWEEP) +exp=sweep_pruning method=fastv method.ratio=0.5,0.75 sweep_root=$(RESULTS)/fastv $(SWEEP_ARGS)
+	$(SWEEP) +exp=sweep_pruning method=sparsevlm method.budget=192,128,64 sweep_root=$(RESULTS)/sparsevlm $(SWEEP_ARGS)
+	$(SWEEP) +exp=sweep_pruning method=lazy_fastv sweep_root=$(RESULTS)/lazy_fastv $(SWEEP_ARGS)
+
+# Tables and figures render from $(RESULTS) only. RUN=1 first runs whatever sweep points are missing.
+ifeq ($(RUN),1)
+REPORT_DEPS := sweeps
+endif
+REPORT = $(BIN)/python -m harness.report
+table-main: $(STAMP) $(REPORT_DEPS)
+	$(REPORT) main --results $(RESULTS) --out results
+table-efficiency: $(STAMP) $(REPORT_DEPS)
+	$(REPORT) efficiency --results $(RESULTS) --out results
+fig-layers: $(STAMP) $(REPORT_DEPS)
+	$(REPORT) layers --results $(RESULTS) --out results
+fig-pareto: $(STAMP) $(REPORT_DEPS)
+	$(REPORT) pareto --results $(RESULTS) --out results
+tables: table-main table-efficiency fig-layers fig-pareto

@@ -28,3 +28,23 @@ def layer_divergence_png(adjacent_js: Sequence[float], lazy_layers: Sequence[int
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def pareto_png(points: dict[str, list[tuple[float, float, str]]], path: Path, title: str) -> Path:
+    """Accuracy against KV cache reduction, one marker series per method (each point a setting)."""
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    markers = "os^Dvx*P"
+    for i, (name, pts) in enumerate(sorted(points.items())):
+        pts = sorted(pts)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)], label=name,
+                linestyle="-" if len(pts) > 1 else "none")
+    ax.set_xlabel("KV cache reduction (%)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
