@@ -25,7 +25,7 @@ def conversation(questions: Sequence[str], answers: Sequence[str]) -> list[dict]
 def prompt_inputs(processor, histories: Sequence[list[dict]], images: Sequence, device, dtype=None) -> dict:
     """Left-padded model inputs; pixel values in the model's dtype when ``dtype`` is given."""
     texts = [processor.apply_chat_template(h, add_generation_prompt=True, tokenize=False) for h in histories]
-    inputs = processor(text=texts, images=list(images), padding=True, return_tensors="pt")
+    inputs = processor(text=texts, images=list(images) or None, padding=True, return_tensors="pt")
     inputs = {k: v.to(device) for k, v in inputs.items()}
     if dtype is not None and "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)

@@ -17,6 +17,7 @@ from harness.evaluate import conversation, evaluate, prompt_inputs
 from harness.methods import build_method, lazy_layers_of
 from harness.results import SCHEMA_VERSION, SampleLog, env_info, write_json_atomic
 from harness.tasks import build_task
+from lazyattn import Dense
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -121,6 +122,7 @@ def run(cfg: DictConfig) -> Path:
     if cfg.compare_dense and method.name != "dense":
         variants.insert(0, ("dense", None))
     scores = {}
+    lmms_results = {}  # lmms-eval's own summary per variant, when task.backend=lmms_eval
     turns_of = {key: row.get("turns") for key, row in earlier.items()}
     for variant, m in variants:
         done = {sid: row["prediction"] for (v, sid), row in earlier.items() if v == variant}
@@ -129,12 +131,21 @@ def run(cfg: DictConfig) -> Path:
             turns_of[(variant, sample.id)] = turns
             log.append(_sample_row(variant, task, sample, prediction, turns))
 
-        ctx = m.apply(model) if m is not None else contextlib.nullcontext()
-        with ctx:
-            predictions = evaluate(
-                model, loaded.processor, task, samples, int(cfg.batch_size), device, on_sample=record, done=done
+        if task.backend == "lmms_eval":
+            from harness.lmms.backend import evaluate_shapes
+
+            predictions, scores[variant], lmms_results[variant] = evaluate_shapes(
+                task, loaded, m or Dense(), samples, int(cfg.batch_size), device, out_dir / "lmms_eval" / variant
             )
-        scores[variant] = task.score(samples, predictions)
+            for sample, prediction in zip(samples, predictions):
+                record(sample, prediction, [prediction])
+        else:
+            ctx = m.apply(model) if m is not None else contextlib.nullcontext()
+            with ctx:
+                predictions = evaluate(
+                    model, loaded.processor, task, samples, int(cfg.batch_size), device, on_sample=record, done=done
+                )
+            scores[variant] = task.score(samples, predictions)
         for sample, prediction in zip(samples, predictions):
             rows.append(_sample_row(variant, task, sample, prediction, turns_of.get((variant, sample.id))))
 
@@ -163,6 +174,10 @@ def run(cfg: DictConfig) -> Path:
     }
     if "dense" in scores:
         result["tasks_dense"] = {task.name: scores["dense"]}
+    if lmms_results:
+        from importlib.metadata import version
+
+        result["lmms_eval"] = {"version": version("lmms_eval"), **lmms_results}
     images = {}
     if calibrated:
         images["layer_divergence"] = figures.layer_divergence_png(

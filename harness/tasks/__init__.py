@@ -24,6 +24,7 @@ class ShapesTask:
     qtypes: Sequence[str]
     image_size: int
     max_new_tokens: dict[str, int]
+    backend: str = "builtin"  # or "lmms_eval": the same samples, asked and scored through lmms-eval
 
     def samples(self, limit: int | None) -> list[shapes.Sample]:
         return shapes.load_split(self.split, self.n if limit is None else int(limit), self.qtypes)
@@ -59,10 +60,30 @@ def _shapes(cfg: DictConfig) -> ShapesTask:
         qtypes=list(cfg.qtypes),
         image_size=int(cfg.image_size),
         max_new_tokens=dict(cfg.max_new_tokens),
+        backend=str(cfg.get("backend", "builtin")),
     )
 
 
+BACKENDS = ("builtin", "lmms_eval")
+
+
 def build_task(cfg: DictConfig):
-    if cfg.get("backend", "builtin") != "builtin":
-        raise ValueError(f"task.backend={cfg.backend!r} is not available yet; use task.backend=builtin.")
-    return TASKS.get(cfg.name)(cfg)
+    backend = cfg.get("backend", "builtin")
+    if backend not in BACKENDS:
+        raise ValueError(f"task.backend must be one of {list(BACKENDS)}, got {backend!r}.")
+    task = TASKS.get(cfg.name)(cfg)
+    if backend == "lmms_eval":
+        _check_lmms_eval(task)
+    return task
+
+
+def _check_lmms_eval(task) -> None:
+    try:
+        import lmms_eval  # noqa: F401
+    except ImportError as err:
+        raise ValueError(
+            f"task.backend=lmms_eval needs lmms-eval, which is not installed ({err}); run `make lmms-install`."
+        ) from err
+    from harness.lmms.export_shapes import check_qtypes
+
+    check_qtypes(task.qtypes)

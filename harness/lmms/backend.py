@@ -1,0 +1,85 @@
+"""``task.backend=lmms_eval``: score a task through lmms-eval's ``simple_evaluate``, in process.
+
+The model the harness already loaded is wrapped as the ``lazyattn`` lmms-eval model with the
+variant's method (dense or the method under test); lmms-eval builds the requests, the model
+answers them greedily with the built-in path's generation function, and lmms-eval aggregates
+the scores. They are returned in the built-in result shape::
+
+    {"n": N, "acc": ..., "<subtask>": {"n": n, "<metric>": ...}, ...}
+
+where a subtask's key is its lmms-eval name less the group's prefix (``lazyattn_shapes_colour``
+-> ``colour``). Efficiency is not measured here: lmms-eval's wall clock is no benchmark, the
+harness's own loop (harness/measure.py) is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from harness.lmms import export_shapes
+
+_DROP = ("alias", "samples", "sample_len", "name")
+
+
+def _metrics(entry: dict) -> dict[str, Any]:
+    """lmms-eval's ``{"acc,none": x, "acc_stderr,none": s, "alias": ...}`` -> ``{"acc": x}``."""
+    out = {}
+    for key, value in entry.items():
+        metric, _, _filter = key.partition(",")
+        if metric in _DROP or "_stderr" in metric:
+            continue
+        out[metric] = value
+    return out
+
+
+def to_scores(results: dict, group: str, subtasks: list[str]) -> dict[str, Any]:
+    """The built-in result shape from lmms-eval's results for ``group`` and its ``subtasks``."""
+    n_of = {name: int(results["n-samples"][name]["effective"]) for name in subtasks}
+    scores: dict[str, Any] = {"n": sum(n_of.values())}
+    scores |= _metrics(results["results"][group]) if group in results["results"] else {}
+    for name in subtasks:
+        key = name.removeprefix(f"{group}_")
+        scores[key] = {"n": n_of[name], **_metrics(results["results"][name])}
+    return scores
+
+
+def predictions_by_id(results: dict, subtasks: list[str]) -> dict[str, str]:
+    out = {}
+    for name in subtasks:
+        for row in results["samples"][name]:
+            prediction = row["filtered_resps"][0]
+            out[row["doc"]["id"]] = prediction if isinstance(prediction, str) else str(prediction)
+    return out
+
+
+def evaluate_shapes(task, loaded, method, samples, batch_size: int, device, work_dir: Path):
+    """Predictions (in ``samples`` order), scores and lmms-eval's own result summary for one variant."""
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    from harness.lmms.model import LazyAttnLMM
+
+    work_dir = Path(work_dir)
+    names = export_shapes.write_task_dir(
+        samples, task.qtypes, task.image_size, work_dir, task.max_new_tokens, cache_dir=work_dir / "hf_datasets"
+    )
+    subtasks, group = names[:-1], names[-1]
+    lmm = LazyAttnLMM.from_loaded(loaded, method, device, batch_size=batch_size)
+    results = simple_evaluate(
+        model=lmm,
+        tasks=[group],
+        task_manager=TaskManager("WARNING", include_path=str(work_dir), include_defaults=False),
+        batch_size=batch_size,
+        device=str(device),
+        log_samples=True,
+        bootstrap_iters=0,
+        verbosity="WARNING",
+        process_docs_parallel=1,
+    )
+    by_id = predictions_by_id(results, subtasks)
+    missing = [s.id for s in samples if s.id not in by_id]
+    if missing:
+        raise RuntimeError(f"lmms-eval returned no prediction for samples {missing[:5]}")
+    summary = {k: results[k] for k in ("results", "n-samples", "versions") if k in results}
+    return [by_id[s.id] for s in samples], to_scores(results, group, subtasks), summary

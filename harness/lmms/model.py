@@ -1,0 +1,204 @@
+"""The ``lazyattn`` model for lmms-eval 0.7 (chat-style API): harness model loading plus a method.
+
+From the command line (registered through the ``lmms_eval.models`` entry point)::
+
+    python -m lmms_eval --model lazyattn \\
+        --model_args model=llava_tiny_random,method=lazy,method.ratio=0.5 \\
+        --tasks lazyattn_shapes --include_path harness/lmms/tasks --batch_size 4
+
+``model_args``: ``model=<conf/model preset>`` and ``method=<conf/method preset>`` plus any Hydra
+override of either group (``model.path=/data/llava-1.5-7b-hf``, ``method.layers=[2,4,6]``,
+``method.ratio=0.7``), and ``device``, ``batch_size``, ``max_new_tokens`` (used when a task gives
+none). The harness builds the model and the method exactly as ``python -m harness`` does; the
+harness itself hands in the objects it already holds (``LazyAttnLMM.from_loaded``).
+
+Generation is greedy and batched (left padding), through ``harness.evaluate.generate_batch``,
+the function the built-in path uses. Sampling settings in a task's ``generation_kwargs``
+(temperature, top_p, num_beams) are ignored with a warning; ``until`` stop strings are applied
+to the decoded text. ``loglikelihood`` and multi-round generation are not implemented.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+from lmms_eval.api.model import lmms
+from omegaconf import DictConfig
+from PIL import Image
+
+from harness import models
+from harness.evaluate import generate_batch
+from harness.methods import build_method
+from harness.results import REPO_ROOT
+from lazyattn import Method
+
+CONF_DIR = REPO_ROOT / "conf"
+DEFAULT_MAX_NEW_TOKENS = 128
+_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "num_beams", "do_sample")
+
+
+def compose(model: str, method: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """The harness's own config for ``model`` and ``method`` presets plus Hydra overrides."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    if not CONF_DIR.is_dir():
+        raise FileNotFoundError(f"{CONF_DIR} not found: the lazyattn lmms-eval model reads the harness's conf/ tree.")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=[f"model={model}", f"method={method}", *overrides])
+
+
+def _override(key: str, value) -> str:
+    if isinstance(value, bool):
+        value = str(value).lower()
+    return f"{key}={value}"
+
+
+def _cut(text: str, until: Sequence[str]) -> str:
+    for stop in until:
+        if stop:
+            text = text.split(stop, 1)[0]
+    return text
+
+
+def _as_image(url) -> Image.Image:
+    if isinstance(url, Image.Image):
+        return url.convert("RGB")
+    if isinstance(url, str):
+        return Image.open(url).convert("RGB")
+    raise TypeError(f"the lazyattn model takes PIL images or image paths, got {type(url).__name__}.")
+
+
+def to_history(messages: list[dict]) -> tuple[list[dict], list[Image.Image]]:
+    """lmms-eval chat messages -> the harness's chat history (image placeholders) and its images."""
+    history, images = [], []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        parts = []
+        for part in content:
+            kind = part["type"]
+            if kind == "text":
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind == "image":
+                parts.append({"type": "image"})
+                images.append(_as_image(part["url"]))
+            else:
+                raise NotImplementedError(f"the lazyattn model takes text and images only, not {kind!r}.")
+        history.append({"role": message["role"], "content": parts})
+    return history, images
+
+
+class LazyAttnLMM(lmms):
+    """An lmms-eval chat model: a harness-loaded model with a ``lazyattn`` method applied."""
+
+    is_simple = False
+
+    def __init__(
+        self,
+        model: str = "llava_tiny_random",
+        method: str = "dense",
+        device: str | None = None,
+        batch_size: int | str = 1,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        max_batch_size: int | None = None,  # passed by lmms-eval's CLI; unused
+        **overrides,
+    ) -> None:
+        from harness.run import load_model, resolve_device
+
+        bad = [k for k in overrides if not k.startswith(("model.", "method."))]
+        if bad:
+            raise ValueError(
+                f"unknown lazyattn model_args {bad}; use model=, method=, model.<key>=, method.<key>=, "
+                "device=, batch_size=, max_new_tokens=."
+            )
+        cfg = compose(str(model), str(method), [_override(k, v) for k, v in overrides.items()])
+        if cfg.method.get("layers") == "auto":
+            raise ValueError(
+                "method.layers=auto needs the harness's calibration (python -m harness ...); "
+                "pass the chosen layers here as method.layers=[...]."
+            )
+        loaded = load_model(cfg.model)
+        self._init(loaded, build_method(cfg.method), resolve_device(str(device or "auto")), batch_size, max_new_tokens)
+
+    @classmethod
+    def from_loaded(
+        cls,
+        loaded: models.Loaded,
+        method: Method,
+        device,
+        batch_size: int = 1,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    ) -> LazyAttnLMM:
+        """Wrap a model the caller already loaded (the harness's ``task.backend=lmms_eval``)."""
+        self = cls.__new__(cls)
+        self._init(loaded, method, torch.device(device), batch_size, max_new_tokens)
+        return self
+
+    def _init(self, loaded: models.Loaded, method: Method, device, batch_size, max_new_tokens) -> None:
+        lmms.__init__(self)
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        self.loaded = loaded
+        self.method = method
+        self._device = torch.device(device)
+        self._model = loaded.model.to(self._device)
+        self.processor = loaded.processor
+        self.batch_size = int(batch_size)
+        self.max_new_tokens = int(max_new_tokens)
+        self._warned: set[str] = set()
+
+    @property
+    def model(self):
+        return self._model
+
+    @property
+    def device(self):
+        return self._device
+
+    def _budget(self, gen_kwargs: dict) -> int:
+        for key in _SAMPLING_KEYS:
+            value = gen_kwargs.get(key)
+            if value not in (None, 0, 0.0, 1, False) and key not in self._warned:
+                self._warned.add(key)
+                warnings.warn(
+                    f"lazyattn generates greedily; generation_kwargs {key}={value!r} is ignored.", stacklevel=3
+                )
+        return int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens)
+
+    def _prepare(self, request):
+        _ctx, doc_to_messages, gen_kwargs, doc_id, task, split = request.args
+        history, images = to_history(doc_to_messages(self.task_dict[task][split][doc_id]))
+        gen_kwargs = gen_kwargs or {}
+        until = gen_kwargs.get("until") or []
+        return history, images, self._budget(gen_kwargs), [until] if isinstance(until, str) else until
+
+    def generate_until(self, requests) -> list[str]:
+        """Greedy answers, ``batch_size`` requests at a time, in request order (images loaded per batch)."""
+        answers: list[str] = []
+        with self.method.apply(self._model):
+            for start in range(0, len(requests), self.batch_size):
+                batch = [self._prepare(r) for r in requests[start : start + self.batch_size]]
+                texts = generate_batch(
+                    self._model,
+                    self.processor,
+                    [history for history, _, _, _ in batch],
+                    [image for _, images, _, _ in batch for image in images],
+                    [budget for _, _, budget, _ in batch],
+                    self._device,
+                )
+                answers.extend(_cut(text, until) for text, (_, _, _, until) in zip(texts, batch))
+        return answers
+
+    def loglikelihood(self, requests):
+        raise NotImplementedError(
+            "the lazyattn model implements generate_until only; multiple-choice tasks scored by "
+            "loglikelihood need their generation variant."
+        )
+
+    def generate_until_multi_round(self, requests):
+        raise NotImplementedError("the lazyattn model does not implement multi-round generation.")
+

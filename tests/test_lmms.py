@@ -1,0 +1,173 @@
+"""The lmms-eval backend: the ``lazyattn`` lmms-eval model and the shapes tasks agree with the built-in path.
+
+lmms-eval is an optional install (``make lmms-install``; ``make test`` does it). Without it these
+tests skip, except in CI, where a missing lmms-eval is a failure.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+if os.environ.get("CI"):
+    import lmms_eval  # noqa: F401  (CI installs it: a missing lmms-eval must fail, not skip)
+else:
+    pytest.importorskip("lmms_eval", reason="lmms-eval is not installed: run `make lmms-install`")
+
+from harness.evaluate import evaluate  # noqa: E402
+from harness.lmms.backend import evaluate_shapes  # noqa: E402
+from harness.lmms.export_shapes import write_task_dir  # noqa: E402
+from harness.lmms.model import LazyAttnLMM, to_history  # noqa: E402
+from harness.run import load_model, run  # noqa: E402
+from harness.tasks import build_task  # noqa: E402
+from harness.tracking import flatten  # noqa: E402
+from lazyattn import LazyAttention  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path):
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+
+
+def cfg_for(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def same_scores(got: dict, want: dict) -> None:
+    """Equal keys everywhere, equal numbers to 1e-12 (lmms-eval's group mean is a weighted mean)."""
+    got, want = flatten(got), flatten(want)
+    assert set(got) == set(want)
+    assert got == pytest.approx(want, abs=1e-12)
+
+
+def shapes_lmms(*extra):
+    return build_task(cfg_for("task=shapes_lmms", *extra).task)
+
+
+def test_entry_point_registers_lazyattn():
+    from lmms_eval.models import get_model
+
+    assert get_model("lazyattn") is LazyAttnLMM
+
+
+def test_same_predictions_and_scores_as_builtin(tiny, tmp_path):
+    """8 samples, every single-turn question type, lazy method: identical strings, equal scores."""
+    task = shapes_lmms()
+    samples = task.samples(8)
+    assert {s.qtype for s in samples} == {"colour", "count", "exist", "position", "describe"}
+    method = LazyAttention(ratio=0.5)
+    with method.apply(tiny.model):
+        builtin = evaluate(tiny.model, tiny.processor, task, samples, 3, "cpu")
+    predictions, scores, summary = evaluate_shapes(task, tiny, method, samples, 4, "cpu", tmp_path / "lmms")
+    assert predictions == builtin
+    assert len(set(builtin)) > 1  # the wide-init tiny model says different things to different prompts
+    expected = task.score(samples, builtin)
+    same_scores(scores, expected)
+    assert summary["results"]["lazyattn_shapes_describe"]["f1,none"] == pytest.approx(expected["describe"]["f1"])
+
+
+def test_harness_backend_lmms_eval_matches_builtin(tmp_path):
+    """python -m harness task=shapes_lmms: the same result.json shape and rows as task.backend=builtin."""
+    common = ("method=lazy", "limit=8", "batch_size=4", "device=cpu", "efficiency.enabled=false", "wandb.mode=disabled")
+    results, rows = {}, {}
+    for backend in ("lmms_eval", "builtin"):
+        out = tmp_path / backend
+        path = run(cfg_for("task=shapes_lmms", f"task.backend={backend}", f"out_dir={out}", *common))
+        results[backend] = json.loads(path.read_text())
+        rows[backend] = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    lmms, builtin = results["lmms_eval"], results["builtin"]
+    for key in ("tasks", "tasks_dense"):
+        same_scores(lmms[key], builtin[key])
+    assert lmms["tasks"]["shapes"]["n"] == 8
+    assert set(lmms["lmms_eval"]) == {"version", "dense", "method"} and "lmms_eval" not in builtin
+
+    def view(r):
+        return [(row["variant"], row["id"], row["prediction"], row["acc"]) for row in r]
+
+    assert view(rows["lmms_eval"]) == view(rows["builtin"])
+
+
+def test_cli_matches_builtin(tmp_path):
+    """python -m lmms_eval --model lazyattn ... on an exported task dir: the built-in path's answers."""
+    task = shapes_lmms()
+    samples = task.samples(6)
+    tasks_dir = tmp_path / "tasks"
+    write_task_dir(samples, task.qtypes, task.image_size, tasks_dir, task.max_new_tokens)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", "lazyattn",
+           "--model_args", "model=llava_tiny_random,method=lazy,method.layers=[1,3,5]",
+           "--tasks", "lazyattn_shapes", "--include_path", str(tasks_dir), "--batch_size", "4",
+           "--device", "cpu", "--output_path", str(out), "--log_samples"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+                          env={**os.environ, **OFFLINE})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "lazyattn_shapes" in proc.stdout
+
+    cli = {}
+    for path in out.rglob("*_samples_lazyattn_shapes_*.jsonl"):
+        qtype = path.stem.rsplit("lazyattn_shapes_", 1)[1]
+        ids = [s.id for s in samples if s.qtype == qtype]  # a subtask's docs, in parquet order
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            cli[ids[row["doc_id"]]] = row["filtered_resps"]
+    loaded = load_model(cfg_for().model)
+    with LazyAttention(layers=[1, 3, 5]).apply(loaded.model):
+        builtin = evaluate(loaded.model, loaded.processor, task, samples, 2, "cpu")
+    assert cli == {s.id: p for s, p in zip(samples, builtin)}
+
+
+def test_model_args_compose_the_harness_presets():
+    lmm = LazyAttnLMM(model="llava_tiny_random", method="lazy", device="cpu", batch_size=2,
+                      **{"method.layers": "[2,4]", "model.n_layers": 6})
+    assert lmm.method.lazy_layers(6) == [2, 4] and lmm.loaded.n_layers == 6 and lmm.batch_size == 2
+    with pytest.raises(ValueError, match="unknown lazyattn model_args"):
+        LazyAttnLMM(model="llava_tiny_random", ratio=0.5)
+    with pytest.raises(ValueError, match="calibration"):
+        LazyAttnLMM(model="llava_tiny_random", method="lazy", **{"method.layers": "auto"})
+
+
+def test_chat_messages_become_harness_history():
+    from PIL import Image
+
+    image = Image.new("RGB", (8, 8))
+    history, images = to_history([{"role": "user", "content": [{"type": "image", "url": image},
+                                                                {"type": "text", "text": "what colour ?"}]}])
+    assert history == [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour ?"}]}]
+    assert len(images) == 1
+    with pytest.raises(NotImplementedError, match="video"):
+        to_history([{"role": "user", "content": [{"type": "video", "url": "x.mp4"}]}])
+
+
+def test_multiturn_is_refused_clearly():
+    with pytest.raises(ValueError, match="single-turn"):
+        build_task(cfg_for("task.backend=lmms_eval").task)  # task=shapes asks multiturn questions too
+    with pytest.raises(ValueError, match="task.backend must be one of"):
+        build_task(cfg_for("task.backend=vlmeval").task)
+
+
+def test_pip_check_accepts_only_documented_skips():
+    from harness.lmms.pip_check import skipped, unexpected
+
+    allowed = skipped()
+    assert {"wandb", "torchvision"} <= allowed
+    report = (
+        "lmms-eval 0.7.3 requires torchvision>=0.16.0, which is not installed.\n"
+        "lmms-eval 0.7.3 has requirement wandb==0.25.0, but you have wandb 0.31.0.\n"
+        "lmms-eval 0.7.3 requires accelerate, which is not installed.\n"
+        "evaluate 0.4.6 requires datasets, which is not installed.\n"
+    )
+    assert unexpected(report, allowed) == [
+        "lmms-eval 0.7.3 requires accelerate, which is not installed.",
+        "evaluate 0.4.6 requires datasets, which is not installed.",
+    ]
