@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -216,12 +217,23 @@ def main(argv=None) -> None:
     p.add_argument("what", choices=["main", "efficiency", "layers", "pareto", "all"])
     p.add_argument("--results", type=Path, default=Path("results/tiny"))
     p.add_argument("--out", type=Path, default=Path("results"))
+    p.add_argument("--wandb", default=os.environ.get("WANDB_MODE", "disabled"),
+                   help="log the figures and tables to W&B: offline | online | disabled (default: $WANDB_MODE or disabled)")
+    p.add_argument("--wandb-project", default="lazyattn-harness")
     a = p.parse_args(argv)
     try:
-        for path in render(a.what, a.results, a.out):
-            print(path)
+        written = render(a.what, a.results, a.out)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
+    for path in written:
+        print(path)
+    if a.wandb != "disabled":
+        from harness import tracking
+
+        results = collect(a.results)
+        tables = {"main": main_table(results), "efficiency": efficiency_table(results)}
+        tracking.log_report(written, tables, {"mode": a.wandb, "project": a.wandb_project, "group": "report",
+                                              "dir": str(a.out)})
 
 
 if __name__ == "__main__":

@@ -24,6 +24,46 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def headline(result: dict) -> dict[str, Any]:
+    """The same few keys in every run, whatever the method or task, for cross-run charts:
+    ``headline/acc`` (first task), ``headline/kv_reduction``, ``headline/decode_speedup``, ..."""
+    first = next(iter(result["tasks"].values()), {})
+    eff = result.get("efficiency") or {}
+    method = eff.get("method") or {}
+    return {
+        "headline/acc": first.get("acc"),
+        "headline/kv_reduction": eff.get("kv_reduction"),
+        "headline/decode_speedup": eff.get("decode_speedup"),
+        "headline/prefill_speedup": eff.get("prefill_speedup"),
+        "headline/kv_cache_bytes": method.get("kv_cache_bytes"),
+        "headline/decode_tokens_per_s": method.get("decode_tokens_per_s"),
+        "headline/method": result["method"]["name"],
+        "headline/model": result["model"]["name"],
+    }
+
+
+def log_report(files: list[Path], tables: dict[str, tuple[list[str], list[list[str]]]], wandb_cfg: dict) -> None:
+    """Log rendered paper figures (PNG) and tables to one W&B run of job type ``report``."""
+    mode = wandb_cfg.get("mode", "offline")
+    if mode not in MODES:
+        raise ValueError(f"wandb.mode must be one of {MODES}, got {mode!r}.")
+    if mode == "disabled":
+        return
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import wandb
+
+    run = wandb.init(project=wandb_cfg.get("project"), group=wandb_cfg.get("group"), job_type="report", mode=mode,
+                     dir=wandb_cfg.get("dir"), name="paper-report", reinit="finish_previous")
+    try:
+        for path in files:
+            if path.suffix == ".png":
+                run.log({f"figures/{path.stem}": wandb.Image(str(path))})
+        for name, (header, rows) in tables.items():
+            run.log({f"tables/{name}": wandb.Table(columns=header, data=rows)})
+    finally:
+        run.finish()
+
+
 def log_run(
     result: dict, samples: list[dict], wandb_cfg: dict, out_dir: Path, name: str, images: dict | None = None
 ) -> str | None:
@@ -54,6 +94,7 @@ def log_run(
     )
     try:
         run.summary.update(flatten({k: v for k, v in result.items() if k != "config"}))
+        run.summary.update(headline(result))
         if samples:
             columns = list(samples[0])
             table = wandb.Table(columns=columns, data=[[str(row.get(c)) for c in columns] for row in samples])
