@@ -233,7 +233,8 @@ def check_settings(cfg: DictConfig) -> dict:
     b = cfg.budget
     if b.enabled:
         if b.bytes is not None:
-            _int(b.bytes, "budget.bytes (or null)", 1)
+            whole = isinstance(b.bytes, float) and b.bytes.is_integer()  # 8e9 on the command line is a float
+            settings["budget_bytes"] = _int(int(b.bytes) if whole else b.bytes, "budget.bytes (or null)", 1)
         else:
             _int(b.reference_batch, "budget.reference_batch", 1)
         _int(b.max_batch, "budget.max_batch", 1)
@@ -314,7 +315,7 @@ def budget_plan(model, prompts: Prompts, context: dict, variants: list[Variant],
         budget = _peak_kv(model, variants[0], prompts.inputs(words, ref), new_tokens)
         source = f"dense peak KV at batch {ref}"
     else:
-        budget, ref, source = int(cfg.bytes), None, "budget.bytes"
+        budget, ref, source = int(float(cfg.bytes)), None, "budget.bytes"
     for v in variants:
         if per_sample[v.label] > budget:
             raise BenchError(
