@@ -1,4 +1,5 @@
-# Set-up and entry points. `make run` and `make test` are the README's two commands.
+# Set-up and entry points. `make run` and `make test` are the README's two commands; `make bench` the
+# efficiency benchmark (ARGS="model=llava15_7b_random device=cuda" for LLaVA-1.5-7B shapes on a GPU).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -6,7 +7,7 @@ STAMP := $(VENV)/.installed
 LMMS_EVAL ?= lmms-eval==0.7.3
 LMMS_STAMP := $(VENV)/.lmms-installed
 
-.PHONY: install lmms-install run test clean tiny-model sweeps tables table-main table-efficiency fig-layers fig-pareto
+.PHONY: install lmms-install run test bench clean tiny-model sweeps tables table-main table-efficiency fig-layers fig-pareto
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +30,9 @@ lmms-install: $(LMMS_STAMP)
 
 run: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python -m harness +exp=llava_lazy $(ARGS)
+
+bench: $(STAMP)
+	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python -m harness.bench $(ARGS)
 
 test: $(STAMP) $(LMMS_STAMP)
 	WANDB_MODE=offline $(BIN)/python -m pytest tests $(PYTEST_ARGS)

@@ -74,6 +74,29 @@ def summarise(runs: list[dict], batch_size: int, new_tokens: int) -> dict[str, f
     }
 
 
+def interleaved(
+    model,
+    variants: dict[str, tuple[dict, Callable[[], contextlib.AbstractContextManager]]],
+    new_tokens: int = 32,
+    repeats: int = 3,
+    warmup: int = 1,
+) -> dict[str, dict[str, float]]:
+    """Several variants, each ``name -> (inputs, context factory)``, timed round-robin repeat by
+    repeat in this process; each variant's summary over its own inputs' batch size."""
+    for _ in range(warmup):
+        for inputs, ctx in variants.values():
+            with ctx():
+                generate_once(model, inputs, min(new_tokens, 4))
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, (inputs, ctx) in variants.items():
+            with ctx():
+                runs[name].append(generate_once(model, inputs, new_tokens))
+    return {
+        name: summarise(runs[name], inputs["input_ids"].shape[0], new_tokens) for name, (inputs, _) in variants.items()
+    }
+
+
 def compare(
     model,
     inputs: dict,
@@ -83,22 +106,17 @@ def compare(
     warmup: int = 1,
 ) -> dict:
     """Dense vs method on identical inputs: both figures and their ratios."""
-    contexts = {"dense": contextlib.nullcontext, "method": method_ctx}
-    for _ in range(warmup):
-        for ctx in contexts.values():
-            with ctx():
-                generate_once(model, inputs, min(new_tokens, 4))
-    runs: dict[str, list[dict]] = {"dense": [], "method": []}
-    for _ in range(repeats):
-        for name, ctx in contexts.items():
-            with ctx():
-                runs[name].append(generate_once(model, inputs, new_tokens))
-    batch_size = inputs["input_ids"].shape[0]
-    dense = summarise(runs["dense"], batch_size, new_tokens)
-    method = summarise(runs["method"], batch_size, new_tokens)
+    summaries = interleaved(
+        model,
+        {"dense": (inputs, contextlib.nullcontext), "method": (inputs, method_ctx)},
+        new_tokens=new_tokens,
+        repeats=repeats,
+        warmup=warmup,
+    )
+    dense, method = summaries["dense"], summaries["method"]
     return {
         "device": str(inputs["input_ids"].device),
-        "batch_size": batch_size,
+        "batch_size": inputs["input_ids"].shape[0],
         "prompt_tokens": int(inputs["input_ids"].shape[1]),
         "new_tokens": new_tokens,
         "dense": dense,

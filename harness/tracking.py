@@ -104,3 +104,42 @@ def log_run(
         return run.dir
     finally:
         run.finish()
+
+
+def log_bench(result: dict, wandb_cfg: dict, out_dir: Path, name: str) -> str | None:
+    """Log an efficiency benchmark (harness.bench) to W&B: config, the budget section and
+    per-point ratios as summary keys, and every row as a table."""
+    mode = wandb_cfg.get("mode", "offline")
+    if mode not in MODES:
+        raise ValueError(f"wandb.mode must be one of {MODES}, got {mode!r}.")
+    if mode == "disabled":
+        return None
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import wandb
+
+    device = result["device"]
+    tags = list(wandb_cfg.get("tags") or []) + ["bench", f"model:{result['model']['name']}", f"device:{device['name']}"]
+    run = wandb.init(
+        project=wandb_cfg.get("project"),
+        entity=wandb_cfg.get("entity"),
+        group=wandb_cfg.get("group"),
+        mode=mode,
+        dir=str(out_dir),
+        name=name,
+        tags=tags,
+        config=result["config"],
+        reinit="finish_previous",
+    )
+    try:
+        summary = {"device": device, "model": result["model"], "env": result["env"]}
+        budget = result.get("budget") or {}
+        if budget.get("complete"):
+            summary["budget"] = {"bytes": budget["bytes"], **{e["label"]: e for e in budget["entries"]}}
+        run.summary.update(flatten(summary))
+        rows = [flatten(r) for r in result["rows"]]
+        if rows:
+            columns = list(rows[0])
+            run.log({"bench": wandb.Table(columns=columns, data=[[str(r.get(c)) for c in columns] for r in rows])})
+        return run.dir
+    finally:
+        run.finish()

@@ -1,0 +1,128 @@
+"""The efficiency benchmark (harness.bench) on the tiny random model, with tiny settings."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from harness import bench
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    """The bench runs with threads=1 (fast on a busy 2-core machine); the suite keeps its own."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def bench_cfg(tmp_path, *overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(
+            config_name="bench",
+            overrides=[
+                "model=llava_tiny_random", "device=cpu", "batch_sizes=[1,2]", "context_lengths=[96]",
+                "new_tokens=2", "repeats=1", "warmup=0", "budget.reference_batch=3", f"out_dir={tmp_path}",
+                "wandb.mode=disabled", "threads=1", *overrides,
+            ],
+        )
+
+
+def test_bench_rows_and_budget(tmp_path, capsys):
+    path = bench.run_bench(bench_cfg(tmp_path, "methods=['lazy ratio=0.5',{config:fastv,overrides:{ratio:0.5}}]"))
+    result = json.loads(path.read_text())
+    assert result["status"] == "complete" and result["env"]["git_sha"] and result["device"]["name"]
+    assert [(r["label"], r["batch_size"]) for r in result["rows"]] == [
+        ("lazy ratio=0.5", 1), ("lazy ratio=0.5", 2), ("fastv ratio=0.5", 1), ("fastv ratio=0.5", 2)
+    ]
+    n = result["model"]["n_layers"]
+    for row in result["rows"]:
+        assert row["prompt_tokens"] == 96 and row["context_length"] == 96 and row["new_tokens"] == 2
+        assert row["device"] == "cpu" and row["device_name"] == result["device"]["name"]
+        assert row["prefill_ms"] > 0 and row["decode_tokens_per_s"] > 0 and row["dense"]["decode_tokens_per_s"] > 0
+        assert row["ratios"]["kv_cache_bytes"] == row["kv_cache_bytes"] / row["dense"]["kv_cache_bytes"]
+        if row["method"] == "lazy":
+            n_lazy = len(row["lazy_layers"])
+            assert n_lazy == 6
+            # exactly: method * 2n == dense * (2n - n_lazy), in integer bytes
+            assert row["kv_cache_bytes"] * 2 * n == row["dense"]["kv_cache_bytes"] * (2 * n - n_lazy)
+            assert row["ratios"]["kv_cache_bytes"] == pytest.approx(1 - n_lazy / (2 * n), rel=0, abs=1e-15)
+        else:
+            assert row["kv_cache_bytes"] < row["dense"]["kv_cache_bytes"]
+    one, two = result["rows"][0], result["rows"][1]
+    assert two["dense"]["kv_cache_bytes"] == 2 * one["dense"]["kv_cache_bytes"]
+
+    budget = result["budget"]
+    entries = {e["label"]: e for e in budget["entries"]}
+    assert budget["complete"] and budget["device"] == "cpu" and budget["prompt_tokens"] == 96
+    assert budget["bytes"] == 3 * entries["dense"]["per_sample_kv_bytes"] and entries["dense"]["max_batch"] == 3
+    assert entries["lazy ratio=0.5"]["max_batch"] >= entries["dense"]["max_batch"]
+    assert entries["lazy ratio=0.5"]["max_batch"] == 4  # 3 / 0.75
+    for e in entries.values():
+        assert e["verified_kv_cache_bytes"] <= budget["bytes"] and e["kv_cache_bytes"] <= budget["bytes"]
+        assert e["decode_tokens_per_s"] > 0 and e["throughput_ratio"] > 0
+    out = capsys.readouterr().out
+    assert "KV budget" in out and "lazy ratio=0.5" in out
+
+
+def test_bench_resumes_after_interruption(tmp_path, monkeypatch):
+    calls = []
+    real = bench.measure.compare
+
+    def flaky(*args, **kwargs):
+        calls.append(args[1]["input_ids"].shape[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench.measure, "compare", flaky)
+    cfg = bench_cfg(tmp_path, "methods=['lazy ratio=0.5']", "budget.enabled=false")
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_bench(cfg)
+    partial = json.loads((tmp_path / "bench.json").read_text())
+    assert partial["status"] == "running" and [r["batch_size"] for r in partial["rows"]] == [1]
+    bench.run_bench(cfg)
+    assert calls == [1, 2, 2]  # batch 1 was not redone
+    final = json.loads((tmp_path / "bench.json").read_text())
+    assert final["status"] == "complete" and [r["batch_size"] for r in final["rows"]] == [1, 2]
+    with pytest.raises(bench.BenchError, match="already holds a finished bench"):
+        bench.run_bench(cfg)
+
+
+def test_bench_errors_are_clear(tmp_path):
+    with pytest.raises(bench.BenchError, match="unknown method config 'nope'.*known: dense, fastv, lazy"):
+        bench.run_bench(bench_cfg(tmp_path, "methods=[nope]"))
+    with pytest.raises(bench.BenchError, match="unknown key 'ratoi'"):
+        bench.run_bench(bench_cfg(tmp_path, "methods=['lazy ratoi=0.5']"))
+    with pytest.raises(bench.BenchError, match="KV budget of 1000 bytes cannot hold one sequence of 'dense'"):
+        bench.run_bench(bench_cfg(tmp_path, "methods=['lazy ratio=0.5']", "budget.bytes=1000"))
+    assert not (tmp_path / "bench.json").exists()  # refused before any point was timed
+    with pytest.raises(bench.BenchError, match="shorter than the unpadded prompt"):
+        bench.run_bench(bench_cfg(tmp_path, "context_lengths=[8]"))
+
+
+def test_budget_steps_down_when_the_prediction_overshoots(monkeypatch):
+    """Should KV not be linear in the batch, the verified batch is the largest that fits."""
+
+    class FakePrompts:
+        def inputs(self, words, batch):
+            return {"batch": batch}
+
+    monkeypatch.setattr(bench, "_peak_kv", lambda model, v, inputs, n: 100 * inputs["batch"] + 50 * (inputs["batch"] > 3))
+    monkeypatch.setattr(
+        bench.measure, "interleaved",
+        lambda model, variants, **kw: {k: {"kv_cache_bytes": 100 * inp["batch"], "prefill_ms": 1.0,
+                                           "decode_tokens_per_s": float(inp["batch"])} for k, (inp, _) in variants.items()},
+    )
+    variants = [bench.Variant("dense", "dense", None, bench.Dense())]
+    plan = {"bytes": 420, "max_batch_cap": 256, "device": "cpu",
+            "entries": [{"label": "dense", "method": "dense", "per_sample_kv_bytes": 100}]}
+    out = bench.run_budget(None, FakePrompts(), {"extra_words": 0}, variants, plan,
+                           {"new_tokens": 2, "repeats": 1, "warmup": 0}, "cpu")
+    entry = out["entries"][0]
+    assert entry["predicted_max_batch"] == 4 and entry["max_batch"] == 3 and entry["steps_down"] == 1
+    assert entry["verified_kv_cache_bytes"] == 300 <= 420
