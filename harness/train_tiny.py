@@ -46,6 +46,17 @@ ARCH = dict(
 )
 # Question types mixed into training; describe and multiturn are longer, so they get more weight.
 TRAIN_MIX = {"colour": 1.0, "count": 1.0, "exist": 1.0, "position": 1.0, "describe": 1.5, "multiturn": 1.5}
+# The recipe, in two stages. Stage 1 learns the answer formats, where objects are and how many
+# (count and position reach their ceiling; colour and shape identity stay at chance: the model
+# answers "blue triangle" whatever the image). Stage 2 continues from stage 1's weights on fresh
+# train-split samples, weighted towards the identity questions, with the vision tower and
+# projector at 3x the learning rate. Each stage has its own warm-up and cosine schedule and a
+# fresh optimizer; its data order and pool depend only on (seed, stage).
+STAGES = (
+    dict(steps=4000, lr=2e-3, vision_lr_mult=1.0, pool_size=50000, pool_offset=0, mix=TRAIN_MIX),
+    dict(steps=4000, lr=2e-3, vision_lr_mult=3.0, pool_size=50000, pool_offset=50000,
+         mix={"colour": 2.0, "count": 0.5, "exist": 2.0, "position": 0.5, "describe": 2.0, "multiturn": 1.5}),
+)
 IGNORE = -100
 
 
@@ -86,12 +97,12 @@ def encode_sample(processor, sample: shapes.Sample, image_size: int):
     return ids, labels, enc["pixel_values"][0]
 
 
-def make_pool(processor, n: int, seed: int, image_size: int):
-    """``n`` training samples from the train split, question types drawn by ``TRAIN_MIX``."""
+def make_pool(processor, n: int, seed: int, image_size: int, offset: int = 0, mix: dict | None = None):
+    """Train-split samples ``offset .. offset + n - 1``, question types drawn by ``mix``."""
+    mix = TRAIN_MIX if mix is None else mix
     rng = random.Random(seed)
-    qtypes = list(TRAIN_MIX)
-    weights = [TRAIN_MIX[q] for q in qtypes]
-    offset = 0
+    qtypes = list(mix)
+    weights = [mix[q] for q in qtypes]
     pool = []
     # Sample i of the split with a qtype drawn per sample: each index is used once, so every
     # training example shows a fresh train-split scene draw (scenes may repeat by chance).
@@ -144,53 +155,76 @@ def quick_eval(loaded: models.Loaded, n: int = 120, batch_size: int = 24) -> dic
 
 
 def train(
-    out: Path, seed: int, steps: int, batch_size: int, lr: float, pool_size: int, threads: int, checkpoint_every: int = 0
+    out: Path, seed: int, batch_size: int, threads: int, checkpoint_every: int = 0, stages=STAGES,
+    init_from: Path | None = None, first_stage: int = 1,
 ) -> dict:
+    """Run the stages from ``first_stage`` on (1-based); ``init_from`` gives the weights the
+    first of them starts from (the output of the stage before), else the seeded random init."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     loaded = build_untrained(seed)
+    if init_from is not None:
+        loaded.model = LlavaForConditionalGeneration.from_pretrained(init_from, local_files_only=True)
+        loaded.name = "llava_tiny"
     model, processor = loaded.model, loaded.processor
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    pool = make_pool(processor, pool_size, seed, ARCH["image_size"])
-    print(f"pool of {len(pool)} train samples in {time.time() - t0:.0f}s", flush=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    order_rng = np.random.default_rng(seed)
-    order = order_rng.permutation(len(pool))
-    pos = 0
-    log = []
-    model.train()
-    t0 = time.time()
-    for step in range(steps):
-        if pos + batch_size > len(order):
-            order, pos = order_rng.permutation(len(pool)), 0
-        batch = collate([pool[j] for j in order[pos : pos + batch_size]], processor.tokenizer.pad_token_id)
-        pos += batch_size
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup=max(1, steps // 20))
-        loss = answer_loss(model, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 50 == 0 or step == steps - 1:
-            log.append({"step": step, "loss": round(loss.item(), 5), "seconds": round(time.time() - t0, 1)})
-            print(f"step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
-        if checkpoint_every and step and step % checkpoint_every == 0:
-            model.eval()
-            print(f"step {step} val:", json.dumps(quick_eval(loaded, n=60)), flush=True)
-            model.save_pretrained(out / "checkpoint")  # progress survives an interrupted run
-            processor.save_pretrained(out / "checkpoint")
-            model.train()
-    model.eval()
-    scores = quick_eval(loaded)
-    print("val:", json.dumps(scores), flush=True)
+    log, info_stages = [], []
+    t_all = time.time()
+    for number, stage in enumerate(stages, start=1):
+        if number < first_stage:
+            continue
+        stage_seed = seed + 1000 * (number - 1)
+        t0 = time.time()
+        pool = make_pool(processor, stage["pool_size"], stage_seed, ARCH["image_size"], stage["pool_offset"], stage["mix"])
+        print(f"stage {number}: pool of {len(pool)} train samples in {time.time() - t0:.0f}s", flush=True)
+        vision = [p for n, p in model.named_parameters() if "vision_tower" in n or "multi_modal_projector" in n]
+        vision_ids = {id(p) for p in vision}
+        rest = [p for p in model.parameters() if id(p) not in vision_ids]
+        opt = torch.optim.AdamW(
+            [{"params": rest, "mult": 1.0}, {"params": vision, "mult": stage["vision_lr_mult"]}],
+            lr=stage["lr"], weight_decay=0.01, betas=(0.9, 0.98),
+        )
+        order_rng = np.random.default_rng(stage_seed)
+        order, pos = order_rng.permutation(len(pool)), 0
+        steps = stage["steps"]
+        model.train()
+        t0 = time.time()
+        for step in range(steps):
+            if pos + batch_size > len(order):
+                order, pos = order_rng.permutation(len(pool)), 0
+            batch = collate([pool[j] for j in order[pos : pos + batch_size]], processor.tokenizer.pad_token_id)
+            pos += batch_size
+            for group in opt.param_groups:
+                group["lr"] = group["mult"] * lr_at(step, steps, stage["lr"], warmup=max(1, steps // 20))
+            loss = answer_loss(model, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            if step % 50 == 0 or step == steps - 1:
+                log.append({"stage": number, "step": step, "loss": round(loss.item(), 5),
+                            "seconds": round(time.time() - t0, 1)})
+                print(f"stage {number} step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
+            if checkpoint_every and step and step % checkpoint_every == 0:
+                model.eval()
+                print(f"stage {number} step {step} val:", json.dumps(quick_eval(loaded, n=60)), flush=True)
+                model.save_pretrained(out / "checkpoint")  # progress survives an interrupted run
+                processor.save_pretrained(out / "checkpoint")
+                model.train()
+        model.eval()
+        scores = quick_eval(loaded)
+        print(f"stage {number} val:", json.dumps(scores), flush=True)
+        info_stages.append({**stage, "number": number, "seconds": round(time.time() - t0, 1), "val": scores})
+        model.save_pretrained(out / f"stage{number}")  # what the next stage starts from
+        processor.save_pretrained(out / f"stage{number}")
     model.save_pretrained(out)
     processor.save_pretrained(out)
     info = {
-        "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "pool_size": pool_size,
-        "threads": threads, "arch": ARCH, "train_mix": TRAIN_MIX, "train_seconds": round(time.time() - t0, 1),
-        "n_params": loaded.n_params, "val": scores, "loss": log, "env": env_info(),
+        "seed": seed, "batch_size": batch_size, "threads": threads, "arch": ARCH, "stages": info_stages,
+        "first_stage": first_stage, "init_from": None if init_from is None else str(init_from),
+        "steps": sum(s["steps"] for s in info_stages), "pool_size": max(s["pool_offset"] + s["pool_size"] for s in stages),
+        "train_seconds": round(time.time() - t_all, 1), "n_params": loaded.n_params,
+        "val": info_stages[-1]["val"] if info_stages else None, "loss": log, "env": env_info(),
     }
     (out / "training.json").write_text(json.dumps(info, indent=1) + "\n")
     return info
@@ -200,14 +234,15 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "assets" / "llava_tiny")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--pool-size", type=int, default=40000)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--checkpoint-every", type=int, default=0, help="evaluate on val and save every N steps")
+    p.add_argument("--first-stage", type=int, default=1, help="start at this stage (1-based), with --init-from")
+    p.add_argument("--init-from", type=Path, default=None, help="weights the first stage run starts from")
     a = p.parse_args(argv)
-    train(a.out, a.seed, a.steps, a.batch_size, a.lr, a.pool_size, a.threads, a.checkpoint_every)
+    if (a.first_stage > 1) != (a.init_from is not None):
+        p.error("--first-stage N > 1 needs --init-from DIR (the output of stage N-1), and vice versa.")
+    train(a.out, a.seed, a.batch_size, a.threads, a.checkpoint_every, init_from=a.init_from, first_stage=a.first_stage)
 
 
 if __name__ == "__main__":
