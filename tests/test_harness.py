@@ -39,7 +39,9 @@ def test_overrides_compose():
 
 
 def small(tmp_path, *extra):
-    cfg = cfg_for("+exp=llava_lazy", "limit=6", "batch_size=3", f"out_dir={tmp_path}",
+    # the harness mechanics on the in-memory random model, with uniform lazy layers
+    cfg = cfg_for("+exp=llava_lazy", "model=llava_tiny_random", "method.layers=null", "limit=6", "batch_size=3",
+                  f"out_dir={tmp_path}",
                   "efficiency.new_tokens=4", "efficiency.repeats=1", "wandb.mode=disabled", *extra)
     return cfg
 
