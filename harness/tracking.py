@@ -24,6 +24,22 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _start(wandb_cfg: dict, **init):
+    """A W&B run for ``wandb_cfg`` (project, entity, group, mode), or None when disabled."""
+    mode = wandb_cfg.get("mode", "offline")
+    if mode not in MODES:
+        raise ValueError(f"wandb.mode must be one of {MODES}, got {mode!r}.")
+    if mode == "disabled":
+        return None
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import wandb
+
+    return wandb.init(
+        project=wandb_cfg.get("project"), entity=wandb_cfg.get("entity"), group=wandb_cfg.get("group"),
+        mode=mode, reinit="finish_previous", **init,
+    )
+
+
 def headline(result: dict) -> dict[str, Any]:
     """The same few keys in every run, whatever the method or task, for cross-run charts:
     ``headline/acc`` (first task), ``headline/kv_reduction``, ``headline/decode_speedup``, ..."""
@@ -44,16 +60,11 @@ def headline(result: dict) -> dict[str, Any]:
 
 def log_report(files: list[Path], tables: dict[str, tuple[list[str], list[list[str]]]], wandb_cfg: dict) -> None:
     """Log rendered paper figures (PNG) and tables to one W&B run of job type ``report``."""
-    mode = wandb_cfg.get("mode", "offline")
-    if mode not in MODES:
-        raise ValueError(f"wandb.mode must be one of {MODES}, got {mode!r}.")
-    if mode == "disabled":
+    run = _start(wandb_cfg, job_type="report", dir=wandb_cfg.get("dir"), name="paper-report")
+    if run is None:
         return
-    os.environ.setdefault("WANDB_SILENT", "true")
     import wandb
 
-    run = wandb.init(project=wandb_cfg.get("project"), group=wandb_cfg.get("group"), job_type="report", mode=mode,
-                     dir=wandb_cfg.get("dir"), name="paper-report", reinit="finish_previous")
     try:
         for path in files:
             if path.suffix == ".png":
@@ -68,30 +79,16 @@ def log_run(
     result: dict, samples: list[dict], wandb_cfg: dict, out_dir: Path, name: str, images: dict | None = None
 ) -> str | None:
     """Log to W&B; return the run's local directory (None when disabled)."""
-    mode = wandb_cfg.get("mode", "offline")
-    if mode not in MODES:
-        raise ValueError(f"wandb.mode must be one of {MODES}, got {mode!r}.")
-    if mode == "disabled":
-        return None
-    os.environ.setdefault("WANDB_SILENT", "true")
-    import wandb
-
     tags = list(wandb_cfg.get("tags") or []) + [
         f"model:{result['model']['name']}",
         f"method:{result['method']['name']}",
         *(f"task:{t}" for t in result["tasks"]),
     ]
-    run = wandb.init(
-        project=wandb_cfg.get("project"),
-        entity=wandb_cfg.get("entity"),
-        group=wandb_cfg.get("group"),
-        mode=mode,
-        dir=str(out_dir),
-        name=name,
-        tags=tags,
-        config=result["config"],
-        reinit="finish_previous",
-    )
+    run = _start(wandb_cfg, dir=str(out_dir), name=name, tags=tags, config=result["config"])
+    if run is None:
+        return None
+    import wandb
+
     try:
         run.summary.update(flatten({k: v for k, v in result.items() if k != "config"}))
         run.summary.update(headline(result))
@@ -109,27 +106,13 @@ def log_run(
 def log_bench(result: dict, wandb_cfg: dict, out_dir: Path, name: str) -> str | None:
     """Log an efficiency benchmark (harness.bench) to W&B: config, the budget section and
     per-point ratios as summary keys, and every row as a table."""
-    mode = wandb_cfg.get("mode", "offline")
-    if mode not in MODES:
-        raise ValueError(f"wandb.mode must be one of {MODES}, got {mode!r}.")
-    if mode == "disabled":
-        return None
-    os.environ.setdefault("WANDB_SILENT", "true")
-    import wandb
-
     device = result["device"]
     tags = list(wandb_cfg.get("tags") or []) + ["bench", f"model:{result['model']['name']}", f"device:{device['name']}"]
-    run = wandb.init(
-        project=wandb_cfg.get("project"),
-        entity=wandb_cfg.get("entity"),
-        group=wandb_cfg.get("group"),
-        mode=mode,
-        dir=str(out_dir),
-        name=name,
-        tags=tags,
-        config=result["config"],
-        reinit="finish_previous",
-    )
+    run = _start(wandb_cfg, dir=str(out_dir), name=name, tags=tags, config=result["config"])
+    if run is None:
+        return None
+    import wandb
+
     try:
         summary = {"device": device, "model": result["model"], "env": result["env"]}
         budget = result.get("budget") or {}

@@ -46,16 +46,20 @@ ARCH = dict(
 )
 # Question types mixed into training; describe and multiturn are longer, so they get more weight.
 TRAIN_MIX = {"colour": 1.0, "count": 1.0, "exist": 1.0, "position": 1.0, "describe": 1.5, "multiturn": 1.5}
-# The recipe, in two stages. Stage 1 learns the answer formats, where objects are and how many
-# (count and position reach their ceiling; colour and shape identity stay at chance: the model
-# answers "blue triangle" whatever the image). Stage 2 continues from stage 1's weights on fresh
-# train-split samples, weighted towards the identity questions, with the vision tower and
-# projector at 3x the learning rate. Each stage has its own warm-up and cosine schedule and a
-# fresh optimizer; its data order and pool depend only on (seed, stage).
+# The recipe, in two stages. Stage 1 learns the answer formats, where objects are and how many:
+# count and position reach their ceiling, but colour and shape stay at chance (the model says
+# "blue triangle" whatever the image). A linear probe shows why: colour and shape are linearly
+# decodable from the vision tower's selected layer (0.93 / 1.00) but not after the projector's
+# GELU (0.16 / 0.24), where 87 % of the units are dead: the LLaVA-1.5 MLP projector collapsed
+# onto "is there an object". Stage 2 therefore replaces the projector with a freshly initialised
+# linear one (two linear layers, no activation: the original LLaVA's linear projection) and
+# continues from stage 1's tower and LM on fresh train-split samples weighted towards the
+# identity questions. Each stage has its own warm-up and cosine schedule and a fresh optimizer;
+# its data and order depend only on (seed, stage).
 STAGES = (
     dict(steps=4000, lr=2e-3, vision_lr_mult=1.0, pool_size=50000, pool_offset=0, mix=TRAIN_MIX),
-    dict(steps=4000, lr=2e-3, vision_lr_mult=3.0, pool_size=50000, pool_offset=50000,
-         mix={"colour": 2.0, "count": 0.5, "exist": 2.0, "position": 0.5, "describe": 2.0, "multiturn": 1.5}),
+    dict(steps=3000, lr=1.5e-3, vision_lr_mult=1.0, pool_size=40000, pool_offset=50000, new_projector="linear",
+         mix={"colour": 1.5, "count": 0.5, "exist": 1.5, "position": 0.5, "describe": 2.0, "multiturn": 1.5}),
 )
 IGNORE = -100
 
@@ -64,6 +68,21 @@ def build_untrained(seed: int) -> models.Loaded:
     loaded = models.build_tiny_llava(seed=seed, **ARCH)
     loaded.name = "llava_tiny"
     return loaded
+
+
+def replace_projector(model, activation: str, seed: int) -> None:
+    """A fresh LLaVA projector with ``activation`` between its two linear layers (std-0.02 init)."""
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    model.config.projector_hidden_act = activation
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        projector = LlavaMultiModalProjector(model.config)
+        for linear in (projector.linear_1, projector.linear_2):
+            torch.nn.init.normal_(linear.weight, std=ARCH["initializer_range"])
+            if linear.bias is not None:
+                torch.nn.init.zeros_(linear.bias)
+    model.model.multi_modal_projector = projector
 
 
 def encode_sample(processor, sample: shapes.Sample, image_size: int):
@@ -156,7 +175,7 @@ def quick_eval(loaded: models.Loaded, n: int = 120, batch_size: int = 24) -> dic
 
 def train(
     out: Path, seed: int, batch_size: int, threads: int, checkpoint_every: int = 0, stages=STAGES,
-    init_from: Path | None = None, first_stage: int = 1,
+    init_from: Path | None = None, first_stage: int = 1, work: Path | None = None,
 ) -> dict:
     """Run the stages from ``first_stage`` on (1-based); ``init_from`` gives the weights the
     first of them starts from (the output of the stage before), else the seeded random init."""
@@ -168,12 +187,15 @@ def train(
         loaded.name = "llava_tiny"
     model, processor = loaded.model, loaded.processor
     out.mkdir(parents=True, exist_ok=True)
+    work = out / ".work" if work is None else work  # stage snapshots and checkpoints, not shipped
     log, info_stages = [], []
     t_all = time.time()
     for number, stage in enumerate(stages, start=1):
         if number < first_stage:
             continue
         stage_seed = seed + 1000 * (number - 1)
+        if stage.get("new_projector"):
+            replace_projector(model, stage["new_projector"], stage_seed)
         t0 = time.time()
         pool = make_pool(processor, stage["pool_size"], stage_seed, ARCH["image_size"], stage["pool_offset"], stage["mix"])
         print(f"stage {number}: pool of {len(pool)} train samples in {time.time() - t0:.0f}s", flush=True)
@@ -208,15 +230,15 @@ def train(
             if checkpoint_every and step and step % checkpoint_every == 0:
                 model.eval()
                 print(f"stage {number} step {step} val:", json.dumps(quick_eval(loaded, n=60)), flush=True)
-                model.save_pretrained(out / "checkpoint")  # progress survives an interrupted run
-                processor.save_pretrained(out / "checkpoint")
+                model.save_pretrained(work / "checkpoint")  # progress survives an interrupted run
+                processor.save_pretrained(work / "checkpoint")
                 model.train()
         model.eval()
         scores = quick_eval(loaded)
         print(f"stage {number} val:", json.dumps(scores), flush=True)
         info_stages.append({**stage, "number": number, "seconds": round(time.time() - t0, 1), "val": scores})
-        model.save_pretrained(out / f"stage{number}")  # what the next stage starts from
-        processor.save_pretrained(out / f"stage{number}")
+        model.save_pretrained(work / f"stage{number}")  # what the next stage starts from (--init-from)
+        processor.save_pretrained(work / f"stage{number}")
     model.save_pretrained(out)
     processor.save_pretrained(out)
     info = {
@@ -239,10 +261,12 @@ def main(argv=None) -> None:
     p.add_argument("--checkpoint-every", type=int, default=0, help="evaluate on val and save every N steps")
     p.add_argument("--first-stage", type=int, default=1, help="start at this stage (1-based), with --init-from")
     p.add_argument("--init-from", type=Path, default=None, help="weights the first stage run starts from")
+    p.add_argument("--work", type=Path, default=Path(".cache/train_tiny"), help="stage snapshots and checkpoints")
     a = p.parse_args(argv)
     if (a.first_stage > 1) != (a.init_from is not None):
         p.error("--first-stage N > 1 needs --init-from DIR (the output of stage N-1), and vice versa.")
-    train(a.out, a.seed, a.batch_size, a.threads, a.checkpoint_every, init_from=a.init_from, first_stage=a.first_stage)
+    train(a.out, a.seed, a.batch_size, a.threads, a.checkpoint_every, init_from=a.init_from, first_stage=a.first_stage,
+          work=a.work)
 
 
 if __name__ == "__main__":

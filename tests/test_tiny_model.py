@@ -65,3 +65,20 @@ def test_main_experiment_uses_the_trained_model():
     assert cfg.model.name == "llava_tiny" and cfg.method.layers == "auto"
     loaded = load_model(cfg.model)
     assert loaded.name == "llava_tiny" and loaded.n_layers >= 12
+
+
+def test_training_recipe_runs_and_writes_a_loadable_checkpoint(tmp_path, monkeypatch):
+    """Both stages of the recipe, shrunk to a few steps: the projector swap, the files, the log."""
+    from harness import train_tiny
+
+    monkeypatch.setattr(train_tiny, "quick_eval", lambda loaded, n=120, batch_size=24: {"n": 0, "acc": 0.0})
+    stages = (
+        dict(steps=2, lr=1e-3, vision_lr_mult=1.0, pool_size=4, pool_offset=0, mix=train_tiny.TRAIN_MIX),
+        dict(steps=2, lr=1e-3, vision_lr_mult=1.0, pool_size=4, pool_offset=4, new_projector="linear",
+             mix={"describe": 1.0, "multiturn": 1.0}),
+    )
+    info = train_tiny.train(tmp_path, seed=0, batch_size=2, threads=1, stages=stages)
+    assert [s["number"] for s in info["stages"]] == [1, 2] and info["steps"] == 4
+    loaded = load_local(tmp_path, name="x")
+    assert loaded.model.config.projector_hidden_act == "linear"
+    assert json.loads((tmp_path / "training.json").read_text())["loss"][-1]["stage"] == 2
