@@ -16,7 +16,7 @@ from harness import calibration, families, figures, measure, models, tracking
 from harness.evaluate import conversation, evaluate, prompt_inputs
 from harness.methods import build_method, lazy_layers_of
 from harness.results import SCHEMA_VERSION, SampleLog, env_info, write_json_atomic
-from harness.tasks import build_task
+from harness.tasks import LmmsBenchmarks, build_task
 from lazyattn import Dense
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -103,8 +103,14 @@ def run(cfg: DictConfig) -> Path:
         torch.set_num_threads(int(cfg.threads))
     seed_everything(int(cfg.seed))
     device = resolve_device(str(cfg.device))
-    task = build_task(cfg.task)
+    task = build_task(cfg.task)  # lmms-eval benchmarks: every local dataset is checked here
+    benchmarks = isinstance(task, LmmsBenchmarks)
     auto_layers = calibration.wants_calibration(cfg.method)
+    if auto_layers and benchmarks:
+        raise RunError(
+            "method.layers=auto calibrates on the shapes val split; run it with task=shapes, then pass the "
+            "chosen layers (result.json method.lazy_layers) as method.layers=[...] here."
+        )
     if not auto_layers:
         build_method(cfg.method)  # bad method settings fail before the model loads
 
@@ -114,7 +120,7 @@ def run(cfg: DictConfig) -> Path:
     method = build_method(method_cfg)
     lazy_layers = lazy_layers_of(method, loaded.n_layers)  # validates the layer list for this model
 
-    samples = task.samples(cfg.limit)
+    samples = [] if benchmarks else task.samples(cfg.limit)
     log = SampleLog(out_dir, run_key(cfg))
     earlier = log.finished()
     rows: list[dict] = []
@@ -124,7 +130,18 @@ def run(cfg: DictConfig) -> Path:
     scores = {}
     lmms_results = {}  # lmms-eval's own summary per variant, when task.backend=lmms_eval
     turns_of = {key: row.get("turns") for key, row in earlier.items()}
+    first_prompt = None  # lmms-eval benchmarks: efficiency is timed on their first request
     for variant, m in variants:
+        if benchmarks:
+            from harness.lmms.backend import evaluate_benchmarks
+
+            bench = evaluate_benchmarks(
+                task, loaded, m or Dense(), cfg.limit, int(cfg.batch_size), device, out_dir / "lmms_eval" / variant
+            )
+            scores[variant], lmms_results[variant] = bench.scores, bench.summary
+            rows.extend({"variant": variant, **row} for row in bench.rows)
+            first_prompt = first_prompt or bench.first_prompt
+            continue
         done = {sid: row["prediction"] for (v, sid), row in earlier.items() if v == variant}
 
         def record(sample, prediction, turns, variant=variant):
@@ -150,8 +167,15 @@ def run(cfg: DictConfig) -> Path:
             rows.append(_sample_row(variant, task, sample, prediction, turns_of.get((variant, sample.id))))
 
     efficiency = None
+    if cfg.efficiency.enabled and benchmarks and first_prompt is None:
+        raise RunError("efficiency needs a prompt, but lmms-eval asked no question (empty benchmarks?).")
     if cfg.efficiency.enabled:
-        inputs = efficiency_inputs(loaded, task, samples[0], int(cfg.efficiency.batch_size), device)
+        n = int(cfg.efficiency.batch_size)
+        if benchmarks:
+            history, images = first_prompt
+            inputs = prompt_inputs(loaded.processor, [history] * n, list(images) * n, device, loaded.model.dtype)
+        else:
+            inputs = efficiency_inputs(loaded, task, samples[0], n, device)
         efficiency = measure.compare(
             model,
             inputs,
@@ -167,13 +191,13 @@ def run(cfg: DictConfig) -> Path:
         "model": {"name": loaded.name, "n_layers": loaded.n_layers, "n_params": loaded.n_params},
         "method": {"name": method.name, "params": method.params(), "lazy_layers": lazy_layers,
                    "calibration": calibrated},
-        "tasks": {task.name: scores["method"]},
+        "tasks": scores["method"] if benchmarks else {task.name: scores["method"]},
         "efficiency": efficiency,
         "env": env_info(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     if "dense" in scores:
-        result["tasks_dense"] = {task.name: scores["dense"]}
+        result["tasks_dense"] = scores["dense"] if benchmarks else {task.name: scores["dense"]}
     if lmms_results:
         from importlib.metadata import version
 
@@ -215,8 +239,12 @@ def _print_summary(result: dict) -> None:
                 metric = "f1" if "f1" in value else "acc"
                 d = dense.get(key, {}).get(metric)
                 print(f"  {key:<10} {metric}: method {value[metric]:.3f}" + (f"  dense {d:.3f}" if d is not None else ""))
-        d = dense.get("acc")
-        print(f"  {'all':<10} acc: method {scores['acc']:.3f}" + (f"  dense {d:.3f}" if d is not None else ""))
+        for key, value in scores.items():  # acc for shapes; lmms-eval's own metric names for benchmarks
+            if key == "n" or isinstance(value, dict) or not isinstance(value, (int, float)):
+                continue
+            d = dense.get(key)
+            label = "all" if key == "acc" else ""
+            print(f"  {label:<10} {key}: method {value:.3f}" + (f"  dense {d:.3f}" if d is not None else ""))
     eff = result["efficiency"]
     if eff:
         for variant in ("dense", "method"):

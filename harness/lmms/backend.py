@@ -14,6 +14,9 @@ harness's own loop (harness/measure.py) is.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +26,12 @@ _DROP = ("alias", "samples", "sample_len", "name")
 
 
 def _metrics(entry: dict) -> dict[str, Any]:
-    """lmms-eval's ``{"acc,none": x, "acc_stderr,none": s, "alias": ...}`` -> ``{"acc": x}``."""
+    """lmms-eval's ``{"acc,none": x, "acc_stderr,none": s, "alias": ...}`` -> ``{"acc": x}``
+    (metrics whose aggregation only writes a file, such as ``submission``, have no value: left out)."""
     out = {}
     for key, value in entry.items():
         metric, _, _filter = key.partition(",")
-        if metric in _DROP or "_stderr" in metric:
+        if metric in _DROP or "_stderr" in metric or value is None:
             continue
         out[metric] = value
     return out
@@ -83,3 +87,64 @@ def evaluate_shapes(task, loaded, method, samples, batch_size: int, device, work
         raise RuntimeError(f"lmms-eval returned no prediction for samples {missing[:5]}")
     summary = {k: results[k] for k in ("results", "n-samples", "versions") if k in results}
     return [by_id[s.id] for s in samples], to_scores(results, group, subtasks), summary
+
+
+@dataclasses.dataclass
+class BenchmarkRun:
+    scores: dict[str, dict[str, Any]]  # per lmms-eval task: {"n": N, "<metric>": value, ...}
+    rows: list[dict]  # one per document: task, id, target, prediction, per-sample metrics
+    summary: dict  # lmms-eval's own results, n-samples, versions
+    first_prompt: tuple | None  # (chat history, images) of the first request: the efficiency prompt
+
+
+def _sample_metrics(row: dict, metrics: set[str]) -> dict[str, Any]:
+    out = {}
+    for metric in metrics:
+        value = row.get(metric)
+        if isinstance(value, dict):
+            value = value.get("score")
+        if isinstance(value, (int, float, bool)):
+            out[metric] = value
+    return out
+
+
+def evaluate_benchmarks(task, loaded, method, limit, batch_size: int, device, work_dir: Path) -> BenchmarkRun:
+    """One variant on every benchmark of ``task`` (``harness.tasks.LmmsBenchmarks``), in one
+    ``simple_evaluate`` over local task YAMLs written to ``work_dir/tasks``."""
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    from harness.lmms import benchmarks
+    from harness.lmms.model import LazyAttnLMM
+
+    work_dir = Path(work_dir).resolve()
+    names = benchmarks.expand(task.lmms_tasks)
+    local = benchmarks.write_task_dir(names, task.data_dir, work_dir / "tasks")
+    lmm = LazyAttnLMM.from_loaded(loaded, method, device, batch_size=batch_size)
+    offline = benchmarks.hub_offline() if task.data_dir is not None else contextlib.nullcontext()
+    with offline:
+        results = simple_evaluate(
+            model=lmm,
+            tasks=local,
+            task_manager=TaskManager("WARNING", include_path=str(work_dir / "tasks"), include_defaults=False),
+            batch_size=batch_size,
+            device=str(device),
+            limit=None if limit is None else int(limit),
+            gen_kwargs=None if task.max_new_tokens is None else f"max_new_tokens={task.max_new_tokens}",
+            log_samples=True,
+            bootstrap_iters=0,
+            verbosity="WARNING",
+            process_docs_parallel=1,
+            # as from the CLI: submission files land in work_dir (not the cwd), results see docs without media
+            cli_args=argparse.Namespace(output_path=str(work_dir), process_with_media=False),
+        )
+    scores, rows = {}, []
+    for name, lname in zip(names, local):
+        metrics = _metrics(results["results"][lname])
+        scores[name] = {"n": int(results["n-samples"][lname]["effective"]), **metrics}
+        for row in results["samples"][lname]:
+            prediction = row["filtered_resps"][0] if isinstance(row["filtered_resps"], list) else row["filtered_resps"]
+            rows.append({"task": name, "id": f"{name}/{row['doc_id']}", "target": row.get("target"),
+                         "prediction": str(prediction), **_sample_metrics(row, set(metrics))})
+    summary = {k: results[k] for k in ("results", "n-samples", "versions") if k in results}
+    return BenchmarkRun(scores, rows, summary, lmm.first_prompt)

@@ -16,10 +16,15 @@ Generation is greedy and batched (left padding), through ``harness.evaluate.gene
 the function the built-in path uses. Sampling settings in a task's ``generation_kwargs``
 (temperature, top_p, num_beams) are ignored with a warning; ``until`` stop strings are applied
 to the decoded text. ``loglikelihood`` and multi-round generation are not implemented.
+
+Data parallel: under ``accelerate launch --num_processes N -m lmms_eval ...`` (or ``torchrun``;
+on CPU ``ACCELERATE_USE_CPU=true torchrun ...``) every process loads one replica on its own
+device and lmms-eval shards the documents by rank and gathers the results (``_data_parallel``).
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 
@@ -92,6 +97,33 @@ def to_history(messages: list[dict]) -> tuple[list[dict], list[Image.Image]]:
     return history, images
 
 
+def _data_parallel(device: str | None):
+    """``(accelerator, device)`` for this process: one replica per rank under ``accelerate launch`` / ``torchrun``.
+
+    lmms-eval shards the requests by ``RANK``/``WORLD_SIZE`` and gathers the results itself; the
+    model only has to sit on its own rank's device and expose ``accelerator``, ``rank`` and
+    ``world_size``. Single process: ``(None, device)``. No DDP wrapper: nothing is trained.
+    """
+    from harness.run import resolve_device
+
+    name = str(device or "auto")
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None, resolve_device(name)
+    from accelerate import Accelerator
+
+    on_cpu = name == "cpu" or not torch.cuda.is_available()
+    if not on_cpu and name not in ("auto", "cuda") and not name.startswith("cuda"):
+        raise ValueError(f"data-parallel lazyattn runs take device=cuda or device=cpu, got {name!r}.")
+    accelerator = Accelerator(cpu=on_cpu)  # cuda:LOCAL_RANK per process; gloo on CPU
+    if accelerator.num_processes != int(os.environ["WORLD_SIZE"]):
+        raise RuntimeError(
+            f"WORLD_SIZE={os.environ['WORLD_SIZE']} but accelerate sees {accelerator.num_processes} processes "
+            f"({accelerator.distributed_type}); launch with `accelerate launch` or `torchrun` (on CPU: "
+            "ACCELERATE_USE_CPU=true torchrun ...)."
+        )
+    return accelerator, accelerator.device
+
+
 class LazyAttnLMM(lmms):
     """An lmms-eval chat model: a harness-loaded model with a ``lazyattn`` method applied."""
 
@@ -107,7 +139,7 @@ class LazyAttnLMM(lmms):
         max_batch_size: int | None = None,  # passed by lmms-eval's CLI; unused
         **overrides,
     ) -> None:
-        from harness.run import load_model, resolve_device
+        from harness.run import load_model
 
         bad = [k for k in overrides if not k.startswith(("model.", "method."))]
         if bad:
@@ -121,8 +153,13 @@ class LazyAttnLMM(lmms):
                 "method.layers=auto needs the harness's calibration (python -m harness ...); "
                 "pass the chosen layers here as method.layers=[...]."
             )
-        loaded = load_model(cfg.model)
-        self._init(loaded, build_method(cfg.method), resolve_device(str(device or "auto")), batch_size, max_new_tokens)
+        accelerator, device = _data_parallel(device)
+        loaded = load_model(cfg.model, device)
+        self._init(loaded, build_method(cfg.method), device, batch_size, max_new_tokens)
+        if accelerator is not None:
+            self.accelerator = accelerator
+            self._rank = accelerator.process_index
+            self._world_size = accelerator.num_processes
 
     @classmethod
     def from_loaded(
@@ -150,6 +187,7 @@ class LazyAttnLMM(lmms):
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
         self._warned: set[str] = set()
+        self.first_prompt: tuple[list[dict], list[Image.Image]] | None = None  # the harness times this prompt
 
     @property
     def model(self):
@@ -182,6 +220,8 @@ class LazyAttnLMM(lmms):
         with self.method.apply(self._model):
             for start in range(0, len(requests), self.batch_size):
                 batch = [self._prepare(r) for r in requests[start : start + self.batch_size]]
+                if self.first_prompt is None:
+                    self.first_prompt = batch[0][:2]
                 texts = generate_batch(
                     self._model,
                     self.processor,

@@ -64,6 +64,28 @@ def _shapes(cfg: DictConfig) -> ShapesTask:
     )
 
 
+@dataclasses.dataclass
+class LmmsBenchmarks:
+    """Benchmarks asked and scored by lmms-eval (``harness.lmms.benchmarks``), each one a key in
+    result.json's ``tasks``; their datasets are read from ``data_dir`` (None: lmms-eval's own loading)."""
+
+    name: str
+    lmms_tasks: list[str]
+    data_dir: str | None
+    max_new_tokens: int | None = None  # replaces every benchmark's own budget (lmms-eval gen_kwargs)
+    backend: str = "lmms_eval"
+
+
+@TASKS.register("lmms_eval")
+def _lmms_benchmarks(cfg: DictConfig) -> LmmsBenchmarks:
+    data_dir, budget = cfg.get("data_dir"), cfg.get("max_new_tokens")
+    if budget is not None and int(budget) < 1:
+        raise ValueError(f"task.max_new_tokens must be >= 1 or null, got {budget}.")
+    return LmmsBenchmarks(name=cfg.name, lmms_tasks=list(cfg.lmms_tasks),
+                          data_dir=None if data_dir in (None, "") else str(data_dir),
+                          max_new_tokens=None if budget is None else int(budget))
+
+
 BACKENDS = ("builtin", "lmms_eval")
 
 
@@ -72,6 +94,8 @@ def build_task(cfg: DictConfig):
     if backend not in BACKENDS:
         raise ValueError(f"task.backend must be one of {list(BACKENDS)}, got {backend!r}.")
     task = TASKS.get(cfg.name)(cfg)
+    if isinstance(task, LmmsBenchmarks) and backend != "lmms_eval":
+        raise ValueError(f"the lmms-eval benchmarks {task.lmms_tasks} run on task.backend=lmms_eval only.")
     if backend == "lmms_eval":
         _check_lmms_eval(task)
     return task
@@ -84,6 +108,11 @@ def _check_lmms_eval(task) -> None:
         raise ValueError(
             f"task.backend=lmms_eval needs lmms-eval, which is not installed ({err}); run `make lmms-install`."
         ) from err
+    if isinstance(task, LmmsBenchmarks):
+        from harness.lmms.benchmarks import check
+
+        check(task.lmms_tasks, task.data_dir)  # every dataset is there, before any model loads
+        return
     from harness.lmms.export_shapes import check_qtypes
 
     check_qtypes(task.qtypes)

@@ -1,0 +1,324 @@
+"""The paper's benchmarks as lmms-eval tasks that read local copies of their datasets.
+
+lmms-eval's own task YAMLs load each benchmark from the Hugging Face hub (``dataset_path:
+lmms-lab-encoder/GQA`` ...). Here every benchmark gets a small task YAML that ``include``s the
+installed one, so prompts, generation settings and scoring stay lmms-eval's, and overrides only
+where the data come from::
+
+    <data_dir>/<dataset_path>/           e.g. /data/lmms/lmms-lab-encoder/POPE
+
+holding either the dataset repository as downloaded (``hf download --repo-type dataset
+lmms-lab-encoder/POPE --local-dir /data/lmms/lmms-lab-encoder/POPE``: parquet files and the
+README that names its configs) or a ``DatasetDict.save_to_disk`` copy (``dataset_dict.json``;
+for a named config, in ``<config>/`` below it). The local task is called ``<lmms-eval task>_local``
+(a name of its own, so that it does not collide with the installed task on lmms-eval's CLI).
+
+    python -m harness.lmms.benchmarks --data-dir /data/lmms --out tasks_local --tasks paper
+
+checks every dataset and writes such a directory for ``python -m lmms_eval --include_path``;
+the harness (``task=paper``, ``task=pope`` ...) does the same per run, before loading a model.
+
+Per benchmark (``BENCHMARKS``), beyond the data source:
+- ``gqa``: lmms-eval's ``process_docs`` loads the images config from the hub by name; the local
+  task attaches them from the local copy instead (a generated ``lazyattn_local.py``).
+- ``mmbench_en_dev_static``: lmms-eval's regex/substring choice extraction (no GPT matching); its
+  xlsx submission file is left out (it needs ``openpyxl``, not installed).
+- ``llava_in_the_wild``: scored by an LLM judge over the OpenAI API (``openai`` package and
+  ``OPENAI_API_KEY``, or ``API_TYPE=azure`` with ``AZURE_API_KEY``/``AZURE_ENDPOINT``); refused
+  up front without them. Not part of ``task=paper``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib.util
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import yaml
+
+LOCAL_SUFFIX = "_local"
+DATA_ENV = "LAZYATTN_DATA"
+PAPER = ("gqa", "mmbench_en_dev_static", "mme", "pope", "scienceqa_img", "vqav2_val", "textvqa_val", "mmmu_val")
+
+
+class MissingDataset(FileNotFoundError):
+    """A benchmark's local dataset is not where the run looks for it (one line, says what to put where)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+    task: str  # the installed lmms-eval task
+    yaml: str  # its YAML, relative to lmms_eval/tasks
+    title: str
+    extra_configs: tuple[str, ...] = ()  # other configs of the same dataset that its utils load
+    judge: bool = False  # scored by an API judge
+
+
+BENCHMARKS = {
+    b.task: b
+    for b in (
+        Benchmark("gqa", "gqa/gqa.yaml", "GQA test-dev balanced", extra_configs=("testdev_balanced_images",)),
+        Benchmark("mmbench_en_dev_static", "mmbench/mmbench_en_dev_static.yaml", "MMBench en dev"),
+        Benchmark("mme", "mme/mme.yaml", "MME"),
+        Benchmark("pope", "pope/pope.yaml", "POPE"),
+        Benchmark("scienceqa_img", "scienceqa/scienceqa_img.yaml", "ScienceQA-IMG"),
+        Benchmark("vqav2_val", "vqav2/vqav2_val.yaml", "VQAv2 val"),
+        Benchmark("textvqa_val", "textvqa/textvqa_val.yaml", "TextVQA val"),
+        Benchmark("mmmu_val", "mmmu/mmmu_val.yaml", "MMMU val"),
+        Benchmark("llava_in_the_wild", "llava-in-the-wild/llava-in-the-wild.yaml", "LLaVA-Bench in-the-wild",
+                  judge=True),
+    )
+}
+GROUPS = {"paper": PAPER}
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where one benchmark's data come from, read from the installed task YAML."""
+
+    dataset_path: str  # the HF dataset id
+    dataset_name: str | None  # its config, if any
+    split: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Local:
+    path: Path  # what lmms-eval's dataset_path becomes
+    from_disk: bool  # a save_to_disk copy (dataset_kwargs.load_from_disk) rather than a repository
+
+
+def tasks_dir() -> Path:
+    spec = importlib.util.find_spec("lmms_eval")
+    if spec is None or spec.origin is None:
+        raise ValueError("the lmms-eval benchmarks need lmms-eval, which is not installed; run `make lmms-install`.")
+    return Path(spec.origin).parent / "tasks"
+
+
+def expand(names: Sequence[str]) -> list[str]:
+    """Task names, groups (``paper``) expanded, unknown names refused, order kept, no repeats."""
+    out: list[str] = []
+    for name in names:
+        for task in GROUPS.get(name, (name,)):
+            if task not in BENCHMARKS:
+                raise ValueError(
+                    f"unknown lmms-eval benchmark {task!r}; supported: {', '.join(BENCHMARKS)} (or a group: "
+                    f"{', '.join(GROUPS)})."
+                )
+            if task not in out:
+                out.append(task)
+    if not out:
+        raise ValueError("no benchmarks given: set task.lmms_tasks=[...] (e.g. [pope, mme]).")
+    return out
+
+
+def task_yaml(bench: Benchmark) -> Path:
+    path = tasks_dir() / bench.yaml
+    if not path.is_file():
+        raise ValueError(f"{path} not found: this lmms-eval install has no task {bench.task!r}.")
+    return path
+
+
+def source(bench: Benchmark) -> Source:
+    from lmms_eval.utils import load_yaml_config
+
+    config = load_yaml_config(str(task_yaml(bench)), mode="simple")  # follows includes, skips !function
+    return Source(str(config["dataset_path"]), config.get("dataset_name"), str(config["test_split"]))
+
+
+def download_hint(dataset_path: str, data_dir: Path) -> str:
+    return (
+        f"on a machine with internet: `hf download --repo-type dataset {dataset_path} --local-dir "
+        f"{data_dir / dataset_path}` (older huggingface_hub: `huggingface-cli download`; some lmms-lab "
+        f"datasets want `hf auth login` first), then copy it there"
+    )
+
+
+def locate(bench: Benchmark, data_dir: Path, config: str | None = None, split: str | None = None) -> Local:
+    """The local copy of one benchmark's dataset (``config``/``split`` default to the task's), or a
+    ``MissingDataset`` error naming the dataset and where it should be. Reads no data."""
+    src = source(bench)
+    config = src.dataset_name if config is None else config
+    split = src.split if split is None else split
+    root = Path(data_dir).expanduser().resolve() / src.dataset_path
+    what = f"{bench.task} ({bench.title}) needs the HF dataset {src.dataset_path}" + (
+        f" (config {config}, split {split})" if config else f" (split {split})"
+    )
+    if not root.is_dir():
+        raise MissingDataset(f"{what}, not found at {root}; {download_hint(src.dataset_path, Path(data_dir))}.")
+    for saved in ([root / config] if config else []) + [root]:
+        if (saved / "dataset_dict.json").is_file():
+            splits = yaml.safe_load((saved / "dataset_dict.json").read_text()).get("splits", [])
+            if split not in splits:
+                raise MissingDataset(f"{what}; the saved copy {saved} has splits {splits}.")
+            return Local(saved, from_disk=True)
+    import datasets
+
+    try:
+        builder = datasets.load_dataset_builder(str(root), config)
+    except Exception as err:  # a config the README does not name, no data files, ...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MissingDataset(
+            f"{what}; {root} is not a usable copy of it ({first}); {download_hint(src.dataset_path, Path(data_dir))}."
+        ) from err
+    files = builder.config.data_files or {}
+    if split not in files:
+        raise MissingDataset(f"{what}; {root} has splits {sorted(files)} for config {builder.config.name!r}.")
+    return Local(root, from_disk=False)
+
+
+def check_judge(bench: Benchmark) -> None:
+    if not bench.judge:
+        return
+    api = os.environ.get("API_TYPE", "openai")
+    needs = {"openai": ["OPENAI_API_KEY"], "azure": ["AZURE_API_KEY", "AZURE_ENDPOINT"]}.get(api)
+    if needs is None:
+        raise ValueError(f"{bench.task} is scored by an LLM judge; API_TYPE must be openai or azure, got {api!r}.")
+    missing = [k for k in needs if not os.environ.get(k)]
+    if importlib.util.find_spec("openai") is None:
+        missing.insert(0, "the `openai` package (pip install openai -c constraints/lmms.txt)")
+    if missing:
+        raise ValueError(
+            f"{bench.task} ({bench.title}) is scored by an LLM judge (lmms-eval's, model $MODEL_VERSION, default "
+            f"gpt-4o-2024-11-20, through API_TYPE={api}); missing: {', '.join(missing)}. OPENAI_API_URL may point "
+            "at a local OpenAI-compatible server."
+        )
+
+
+def check(names: Sequence[str], data_dir: str | Path | None) -> dict[str, Local | None]:
+    """Every benchmark's local dataset (and judge), checked before any model is loaded.
+
+    ``data_dir=None``: lmms-eval's own loading (HF cache or hub, as the environment says); only
+    the judge is checked."""
+    found: dict[str, Local | None] = {}
+    for task in expand(names):
+        bench = BENCHMARKS[task]
+        check_judge(bench)
+        if data_dir is None:
+            found[task] = None
+            continue
+        found[task] = locate(bench, Path(data_dir))
+        for config in bench.extra_configs:
+            locate(bench, Path(data_dir), config=config)
+    return found
+
+
+class _Fn(str):
+    """A ``!function module.name`` reference in a written task YAML."""
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+_Dumper.add_representer(_Fn, lambda dumper, ref: dumper.represent_scalar("!function", str(ref)))
+
+_GQA_MODULE = '''"""Written by harness.lmms.benchmarks: GQA's images from the local copy, not the hub."""
+from harness.lmms.benchmarks import attach_gqa_images
+
+IMAGES = {images!r}
+FROM_DISK = {from_disk!r}
+
+
+def gqa_process_docs(dataset):
+    return attach_gqa_images(dataset, IMAGES, FROM_DISK)
+'''
+
+
+def attach_gqa_images(dataset, images: str, from_disk: bool):
+    """What lmms-eval's ``gqa_process_docs`` does (an ``image`` column from the images config by
+    ``imageId``), reading the images config from a local copy."""
+    import datasets
+
+    if from_disk:
+        table = datasets.load_from_disk(images)["testdev"]
+    else:
+        table = datasets.load_dataset(images, "testdev_balanced_images", split="testdev")
+    row_of = {image_id: i for i, image_id in enumerate(table["id"])}
+    wanted = set(dataset["imageId"])
+    missing = sorted(wanted - row_of.keys())
+    if missing:
+        raise MissingDataset(f"GQA images {missing[:3]} (of {len(missing)}) are not in {images}.")
+    return dataset.map(lambda doc: {"image": table[row_of[doc["imageId"]]]["image"].convert("RGB")})
+
+
+def local_name(task: str) -> str:
+    return task + LOCAL_SUFFIX
+
+
+def write_task_dir(names: Sequence[str], data_dir: str | Path | None, out_dir: str | Path,
+                   found: dict[str, Local | None] | None = None) -> list[str]:
+    """``out_dir``: one ``<task>_local.yaml`` per benchmark (checked first unless ``found`` is given).
+    Returns the local task names, in order."""
+    tasks = expand(names)
+    found = check(tasks, data_dir) if found is None else found
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for task in tasks:
+        bench, local = BENCHMARKS[task], found[task]
+        config: dict = {"include": str(task_yaml(bench)), "task": local_name(task), "tag": []}
+        if local is not None:
+            config["dataset_path"] = str(local.path)
+            config["dataset_kwargs"] = {"load_from_disk": True} if local.from_disk else {}
+        if task == "gqa" and local is not None:
+            images = locate(bench, Path(data_dir), config="testdev_balanced_images")
+            (out / "lazyattn_local.py").write_text(
+                _GQA_MODULE.format(images=str(images.path), from_disk=images.from_disk)
+            )
+            config["process_docs"] = _Fn("lazyattn_local.gqa_process_docs")
+        if task == "mmbench_en_dev_static":
+            config["metric_list"] = [{
+                "metric": "gpt_eval_score",
+                "aggregation": _Fn("lmms_eval.tasks.mmbench.en_utils.mmbench_aggregate_dev_results_static"),
+                "higher_is_better": True,
+            }]
+        header = f"# {bench.title}: lmms-eval's {task} reading {local.path if local else 'its default source'}.\n"
+        text = header + yaml.dump(config, Dumper=_Dumper, sort_keys=False)
+        (out / f"{local_name(task)}.yaml").write_text(text)
+        written.append(local_name(task))
+    return written
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """No hub requests while local benchmarks run: the HF offline switches, as environment variables
+    and as the already-imported libraries' settings, restored afterwards."""
+    import datasets.config
+    import huggingface_hub.constants as hub
+
+    keys = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    env = {k: os.environ.get(k) for k in keys}
+    saved = (hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE)
+    os.environ.update({k: "1" for k in keys})
+    hub.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=os.environ.get(DATA_ENV, "data"),
+                        help=f"holds <dataset_path>/ per benchmark (default: ${DATA_ENV} or ./data)")
+    parser.add_argument("--out", type=Path, required=True, help="where to write the task YAMLs (--include_path)")
+    parser.add_argument("--tasks", default="paper", help=f"comma-separated: {', '.join([*GROUPS, *BENCHMARKS])}")
+    args = parser.parse_args(argv)
+    try:
+        names = write_task_dir([t for t in args.tasks.split(",") if t], args.data_dir, args.out)
+    except (MissingDataset, ValueError) as err:
+        parser.exit(2, f"error: {err}\n")
+    print(f"--include_path {args.out.resolve()} --tasks {','.join(names)}")
+
+
+if __name__ == "__main__":
+    main()
