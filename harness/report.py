@@ -49,6 +49,8 @@ def label(result: dict) -> str:
     if name == "lazy":
         how = "calibrated" if method.get("calibration") else ("uniform" if p.get("ratio") is not None else "explicit")
         ratio = p.get("ratio")
+        if ratio is None:  # calibrated runs record their layers; the budget asked for is in the config
+            ratio = (result.get("config", {}).get("method") or {}).get("ratio")
         if ratio is None:
             ratio = len(method["lazy_layers"]) / result["model"]["n_layers"]
         return f"Lazy r={ratio:g} ({how})"
@@ -69,7 +71,8 @@ def _sort_key(result: dict):
     name, p = result["method"]["name"], result["method"]["params"]
     rank = METHOD_ORDER.index(name) if name in METHOD_ORDER else len(METHOD_ORDER)
     setting = {
-        "lazy": (0 if result["method"].get("calibration") else 1, p.get("ratio") or 0),
+        "lazy": (0 if result["method"].get("calibration") else 1,
+                 p.get("ratio") or (result.get("config", {}).get("method") or {}).get("ratio") or 0),
         "fastv": (p.get("k", 0), p.get("ratio", 0)),
         "sparsevlm": (-(p.get("budget") or 0),),
     }.get(name, ())
