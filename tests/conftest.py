@@ -20,3 +20,13 @@ def tiny():
 @pytest.fixture(scope="session")
 def tiny_eager():
     return build_tiny_llava(seed=0, initializer_range=0.2, attn_implementation="eager")
+
+
+@pytest.fixture
+def offline_hf(monkeypatch, tmp_path):
+    """No hub, no W&B, and a private datasets cache: what the lmms-eval tests run under."""
+    from helpers import OFFLINE
+
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))

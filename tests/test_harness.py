@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from helpers import cfg_for
 from omegaconf import open_dict
 
 from harness import measure
@@ -19,11 +19,6 @@ from lazyattn import LazyAttention
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 EXPS = sorted(p.stem for p in (CONF / "exp").glob("*.yaml"))
-
-
-def cfg_for(*overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides), return_hydra_config=False)
 
 
 @pytest.mark.parametrize("exp", EXPS)

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+from helpers import shapes_inputs
 import torch
 from transformers import DynamicCache
 
@@ -12,10 +13,8 @@ from lazyattn import LazyAttention, kv_cache_bytes, uniform_lazy_layers
 from lazyattn.arch import UnsupportedModelError, decoder_layers
 
 
-def inputs_for(loaded, n=3, offset=0, questions=None):
-    samples = shapes.load_split("test", n + offset)[offset:]
-    histories = [conversation(s.questions[:1], []) for s in samples]
-    return prompt_inputs(loaded.processor, histories, [s.image(64) for s in samples], "cpu")
+def inputs_for(loaded, n=3, offset=0):
+    return shapes_inputs(loaded, n, offset)
 
 
 @pytest.fixture(params=["sdpa", "eager"])

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import OFFLINE, cfg_for
 
 if os.environ.get("CI"):
     import lmms_eval  # noqa: F401  (CI installs it: a missing lmms-eval must fail, not skip)
@@ -27,21 +28,9 @@ from harness.tracking import flatten  # noqa: E402
 from lazyattn import LazyAttention  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    for key, value in OFFLINE.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
-
-
-def cfg_for(*overrides):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+pytestmark = pytest.mark.usefixtures("offline_hf")
 
 
 def same_scores(got: dict, want: dict) -> None:

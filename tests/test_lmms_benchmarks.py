@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import OFFLINE, cfg_for
 import yaml
 
 if os.environ.get("CI"):
@@ -28,23 +29,11 @@ from harness.tasks import LmmsBenchmarks, build_task  # noqa: E402
 from lazyattn import LazyAttention  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
 PRESETS = ["gqa", "mmbench", "mme", "pope", "scienceqa_img", "vqav2", "textvqa", "mmmu", "llava_bench", "paper"]
 POPE_POST = "\nAnswer the question using a single word or phrase."  # pope.yaml's default post_prompt
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    for key, value in OFFLINE.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
-
-
-def cfg_for(*overrides):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+pytestmark = pytest.mark.usefixtures("offline_hf")
 
 
 def image(seed: int, size: int = 32):

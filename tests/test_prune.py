@@ -6,6 +6,7 @@ give the same logits at the kept positions as physically dropping it.
 """
 
 import pytest
+from helpers import shapes_inputs
 import torch
 from transformers import DynamicCache
 
@@ -21,9 +22,7 @@ N_IMAGE = 64  # the tiny LLaVA's image tokens
 
 def inputs_for(loaded, n=3, offset=0):
     # Different question types give prompts of different lengths, so the batch is left-padded.
-    samples = shapes.load_split("test", n + offset, ["colour", "count", "exist"])[offset:]
-    histories = [conversation(s.questions[:1], []) for s in samples]
-    return prompt_inputs(loaded.processor, histories, [s.image(64) for s in samples], "cpu")
+    return shapes_inputs(loaded, n, offset, ["colour", "count", "exist"])
 
 
 @pytest.fixture(params=["sdpa", "eager"])
