@@ -110,7 +110,7 @@ class PruneEngine:
         self.stages: list[Stage] = []
         self.scores: dict[int, torch.Tensor] = {}
         self.input_ids: torch.Tensor | None = None
-        self.history: list[list[Stage]] = []  # the stages of every prefill, for inspection and tests
+        self.history: list[list[Stage]] = []  # the stages of the last 16 prefills, for inspection and tests
 
     # -- hooks -------------------------------------------------------------------------------
     def _outer_pre_hook(self, module, args, kwargs):
@@ -166,6 +166,7 @@ class PruneEngine:
         self.stages = []
         self.scores = {}
         self.history.append(self.stages)
+        del self.history[:-16]  # the latest prefills only: a long evaluation must not accumulate them
         self.pruner.begin(self, base, embeds)
 
     def current(self) -> Stage:
