@@ -41,6 +41,14 @@ def collect(results_dir: str | Path) -> list[dict]:
     return out
 
 
+def _pruner_label(name: str, p: dict) -> str:
+    if name == "fastv":
+        return f"FastV K={p['k']} R={p['ratio']:g}"
+    if name == "sparsevlm":
+        return f"SparseVLM {p['budget']}" if p.get("keep") is None else f"SparseVLM keep={p['keep']}"
+    return f"{name} {p}"
+
+
 def label(result: dict) -> str:
     method = result["method"]
     name, p = method["name"], method["params"]
@@ -54,17 +62,12 @@ def label(result: dict) -> str:
         if ratio is None:
             ratio = len(method["lazy_layers"]) / result["model"]["n_layers"]
         return f"Lazy r={ratio:g} ({how})"
-    if name == "fastv":
-        return f"FastV K={p['k']} R={p['ratio']:g}"
-    if name == "sparsevlm":
-        return f"SparseVLM {p['budget']}" if p.get("keep") is None else f"SparseVLM keep={p['keep']}"
     if name in ("lazy_fastv", "lazy_sparsevlm"):
         lazy = p["lazy"]
         first = f"Lazy r={lazy['ratio']:g}" if lazy.get("ratio") is not None else f"Lazy {lazy['layers']}"
-        pruner = {k: v for k, v in p.items() if k != "lazy"}
-        fake = {"method": {"name": name.split("_", 1)[1], "params": next(iter(pruner.values()))}, "model": result["model"]}
-        return f"{first} + {label(fake)}"
-    return f"{name} {p}"
+        pruner = name.split("_", 1)[1]
+        return f"{first} + {_pruner_label(pruner, p[pruner])}"
+    return _pruner_label(name, p)
 
 
 def _sort_key(result: dict):

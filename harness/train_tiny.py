@@ -112,8 +112,9 @@ def encode_sample(processor, sample: shapes.Sample, image_size: int):
             tokenize=False,
         )
         start = len(processor(text=[prompt], images=[image], return_tensors="pt")["input_ids"][0])
-        end = len(processor(text=[with_answer], images=[image], return_tensors="pt")["input_ids"][0])
-        assert ids[:end].tolist() == processor(text=[with_answer], images=[image], return_tensors="pt")["input_ids"][0].tolist()
+        through_answer = processor(text=[with_answer], images=[image], return_tensors="pt")["input_ids"][0]
+        end = len(through_answer)
+        assert ids[:end].tolist() == through_answer.tolist()
         labels[start:end] = ids[start:end]
     assert (labels[labels != IGNORE] != tok.pad_token_id).all()
     return ids, labels, enc["pixel_values"][0]

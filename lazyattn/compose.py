@@ -14,15 +14,14 @@ so no layer where pruning takes effect may be lazy (it must be an anchor):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Any
 
 from torch import nn
 
 from lazyattn.arch import attention_modules
-from lazyattn.lazy import LazyAttention, patch_attention
-from lazyattn.prune import PruneEngine, TokenPruner
+from lazyattn.lazy import LazyAttention
+from lazyattn.prune import TokenPruner, run_pruner
 
 
 def resolve_lazy_layers(lazy: LazyAttention, forbidden: list[int], n_layers: int) -> list[int]:
@@ -65,15 +64,10 @@ class Composed:
     def lazy_layers(self, n_layers: int) -> list[int]:
         return resolve_lazy_layers(self.lazy, self.pruner.first_layers(n_layers), n_layers)
 
-    @contextlib.contextmanager
     def apply(self, model: nn.Module):
         n_layers = len(attention_modules(model))
-        layers = self.lazy_layers(n_layers)
-        self.resolved_layers = layers
-        anchor_of = LazyAttention(layers=layers).anchors(n_layers)
-        engine = PruneEngine(model, self.pruner)
-        with patch_attention(model, anchor_of, engine.observers()), engine.install():
-            yield engine
+        self.resolved_layers = self.lazy_layers(n_layers)
+        return run_pruner(model, self.pruner, LazyAttention(layers=self.resolved_layers).anchors(n_layers))
 
 
 def compose(*methods) -> Composed:

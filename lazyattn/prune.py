@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lazyattn.arch import attention_modules, decoder_layers
+from lazyattn.arch import decoder_layers
 
 
 # --------------------------------------------------------------------------- stage bookkeeping
@@ -158,9 +158,9 @@ class PruneEngine:
         if int(counts[0]) == 0:
             raise ValueError("the prompt has no image tokens (input_ids == image_token_id): nothing to prune.")
         source = torch.arange(length, device=ids.device)[None].expand(batch, -1)
-        last = positions.amax(dim=-1) if positions.dim() == 2 else positions.amax(dim=(0, -1))
-        base = Stage(0, source, real, image, positions, torch.zeros_like(last))
-        base.max_position = last  # highest position of the prompt (per sample)
+        # the prompt's highest position per sample: contiguous stages continue decoding after it
+        self.last_position = positions.amax(dim=-1) if positions.dim() == 2 else positions.amax(dim=(0, -1))
+        base = Stage(0, source, real, image, positions, torch.zeros_like(self.last_position))
         self.base = base
         self.prefill_len = length
         self.stages = []
@@ -222,7 +222,7 @@ class PruneEngine:
         return new_hidden
 
     def _stage_inputs(self, stage: Stage, hidden: torch.Tensor) -> None:
-        if stage.mask is not None or stage.position_embeddings is not None:
+        if stage.position_embeddings is not None:  # already built in this forward
             return
         q_len = hidden.shape[1]
         if self.prefill:
@@ -335,16 +335,21 @@ class TokenPruner:
         if prev.positions.dim() != 2:
             raise ValueError("contiguous re-indexing is defined for 1-D position ids only; use positions='original'.")
         new = (real.long().cumsum(dim=1) - 1).masked_fill(~real, 1)
-        shift = engine.base.max_position + 1 - real.sum(dim=1)
+        shift = engine.last_position + 1 - real.sum(dim=1)
         return new, shift
 
-    @contextlib.contextmanager
     def apply(self, model: nn.Module):
-        from lazyattn.lazy import patch_attention
+        return run_pruner(model, self, {})
 
-        engine = PruneEngine(model, self)
-        with patch_attention(model, {}, engine.observers()), engine.install():
-            yield engine
+
+@contextlib.contextmanager
+def run_pruner(model: nn.Module, pruner: TokenPruner, anchor_of: dict[int, int]):
+    """Install ``pruner`` on ``model``, with the lazy layers ``anchor_of`` (lazy -> anchor), if any."""
+    from lazyattn.lazy import patch_attention
+
+    engine = PruneEngine(model, pruner)
+    with patch_attention(model, anchor_of, engine.observers()), engine.install():
+        yield engine
 
 
 def _check_fraction(name: str, value: float) -> None:
