@@ -349,8 +349,9 @@ def run_budget(model, prompts: Prompts, context: dict, variants: list[Variant], 
         predicted = budget // entry["per_sample_kv_bytes"]
         batch, limited_by, steps, kv = min(predicted, cap), "kv_budget" if predicted <= cap else "max_batch", 0, None
         while batch >= 1:
+            inputs = prompts.inputs(words, batch)
             try:
-                kv = _peak_kv(model, v, prompts.inputs(words, batch), new_tokens)
+                kv = _peak_kv(model, v, inputs, new_tokens)
             except torch.OutOfMemoryError:
                 _free(device)
                 batch, limited_by, steps, kv = batch - 1, "device_memory", steps + 1, None
@@ -362,7 +363,7 @@ def run_budget(model, prompts: Prompts, context: dict, variants: list[Variant], 
             raise BenchError(f"no batch of {v.label!r} fits the KV budget of {budget} bytes on {plan['device']}.")
         entry.update(predicted_max_batch=predicted, max_batch=batch, limited_by=limited_by, steps_down=steps,
                      verified_kv_cache_bytes=kv)
-        timed[v.label] = (prompts.inputs(words, batch), lambda v=v: v.method.apply(model))
+        timed[v.label] = (inputs, lambda v=v: v.method.apply(model))  # the inputs of the verified batch
     summaries = measure.interleaved(
         model, timed, new_tokens=new_tokens, repeats=settings["repeats"], warmup=settings["warmup"]
     )
@@ -451,7 +452,7 @@ def run_bench(cfg: DictConfig) -> Path:
     budget_context = None
     if cfg.budget.enabled and result["budget"] is None:
         target = cfg.budget.context_length if cfg.budget.context_length is not None else settings["context_lengths"][-1]
-        budget_context = next((c for c in contexts if c["context_length"] == target), None) or prompts.fit(target)
+        budget_context = prompts.fit(target)  # lengths are cached, so a swept context costs nothing again
         variants_b = [dense, *(v for v in variants if v.label != "dense")]
         result["budget"] = budget_plan(model, prompts, budget_context, variants_b, cfg.budget,
                                        settings["new_tokens"], dev)

@@ -23,7 +23,6 @@ from transformers import (
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
-    LlavaProcessor,
     MistralConfig,
     PretrainedConfig,
     Qwen2_5_VLConfig,
@@ -32,7 +31,6 @@ from transformers import (
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
 )
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -42,6 +40,7 @@ from harness.models import (
     TINY_QWEN_VL_CHAT_TEMPLATE,
     Loaded,
     _set_generation_ids,
+    tiny_processor,
     tiny_tokenizer,
 )
 from harness.processors import Qwen2_5_VLImageTextProcessor, Qwen2VLImageTextProcessor
@@ -215,7 +214,9 @@ def family_processor(family: str, vision: Mapping, tokenizer=None):
     tokenizer = tokenizer if tokenizer is not None else family_tokenizer(family)
     v = _spec("vision", vision, family)
     size = v["image_size"]
-    if family in ("llava", "llava_next"):
+    if family == "llava":
+        return tiny_processor(size, v["patch"], tokenizer)
+    if family == "llava_next":
         kwargs = dict(
             patch_size=v["patch"],
             vision_feature_select_strategy="default",
@@ -223,9 +224,6 @@ def family_processor(family: str, vision: Mapping, tokenizer=None):
             chat_template=TINY_CHAT_TEMPLATE,
         )
         crop = {"height": size, "width": size}
-        if family == "llava":
-            image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size=crop, do_center_crop=True)
-            return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
         image_processor = LlavaNextImageProcessorPil(
             size={"shortest_edge": size}, crop_size=crop, image_grid_pinpoints=_pinpoints(v)
         )

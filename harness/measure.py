@@ -54,7 +54,8 @@ def generate_once(model, inputs: dict, new_tokens: int) -> dict[str, float]:
     peak = kv_cache_bytes(cache)
     decode_s = 0.0
     for _ in range(new_tokens):
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        if padded:  # an unpadded prompt decodes without a mask
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         _sync(device)
         t = time.perf_counter()
         out = model(input_ids=token, attention_mask=mask if padded else None, **{cache_arg: cache}, use_cache=True)

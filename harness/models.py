@@ -102,7 +102,8 @@ def tiny_tokenizer(special_tokens: dict[str, str] | None = None) -> PreTrainedTo
     return tok
 
 
-def tiny_processor(image_size: int = 64, patch_size: int = 8) -> LlavaProcessor:
+def tiny_processor(image_size: int = 64, patch_size: int = 8, tokenizer=None) -> LlavaProcessor:
+    """LLaVA's processor with the PIL CLIP image processor; the tiny word-level tokenizer by default."""
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
@@ -110,7 +111,7 @@ def tiny_processor(image_size: int = 64, patch_size: int = 8) -> LlavaProcessor:
     )
     return LlavaProcessor(
         image_processor=image_processor,
-        tokenizer=tiny_tokenizer(),
+        tokenizer=tiny_tokenizer() if tokenizer is None else tokenizer,
         patch_size=patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy

@@ -119,7 +119,7 @@ def evaluate_benchmarks(task, loaded, method, limit, batch_size: int, device, wo
 
     work_dir = Path(work_dir).resolve()
     names = benchmarks.expand(task.lmms_tasks)
-    local = benchmarks.write_task_dir(names, task.data_dir, work_dir / "tasks")
+    local = benchmarks.write_task_dir(names, task.data_dir, work_dir / "tasks", found=task.found)
     lmm = LazyAttnLMM.from_loaded(loaded, method, device, batch_size=batch_size)
     offline = benchmarks.hub_offline() if task.data_dir is not None else contextlib.nullcontext()
     with offline:

@@ -74,6 +74,7 @@ class LmmsBenchmarks:
     data_dir: str | None
     max_new_tokens: int | None = None  # replaces every benchmark's own budget (lmms-eval gen_kwargs)
     backend: str = "lmms_eval"
+    found: dict | None = None  # what the dataset check found, so the task YAMLs reuse it
 
 
 @TASKS.register("lmms_eval")
@@ -111,7 +112,7 @@ def _check_lmms_eval(task) -> None:
     if isinstance(task, LmmsBenchmarks):
         from harness.lmms.benchmarks import check
 
-        check(task.lmms_tasks, task.data_dir)  # every dataset is there, before any model loads
+        task.found = check(task.lmms_tasks, task.data_dir)  # every dataset is there, before any model loads
         return
     from harness.lmms.export_shapes import check_qtypes
 
