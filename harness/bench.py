@@ -17,7 +17,6 @@ what finished; running the same command with the same ``out_dir`` resumes it.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import platform
 import sys
@@ -32,7 +31,7 @@ from omegaconf.errors import ConfigKeyError
 from harness import measure, tracking
 from harness.evaluate import conversation, prompt_inputs
 from harness.methods import build_method, lazy_layers_of
-from harness.results import SCHEMA_VERSION, env_info, write_json_atomic
+from harness.results import SCHEMA_VERSION, config_key, env_info, write_json_atomic
 from harness.run import RunError, load_model, resolve_device, seed_everything
 from harness.tasks import shapes
 from lazyattn import Dense
@@ -245,7 +244,7 @@ def check_settings(cfg: DictConfig) -> dict:
 
 def bench_key(cfg: DictConfig) -> str:
     data = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in KEY_EXCLUDE}
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return config_key(data)
 
 
 def previous_result(path: Path, key: str, overwrite: bool) -> dict | None:

@@ -6,14 +6,13 @@ settings, so repeated runs (and sweeps) calibrate once.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from harness.evaluate import conversation, prompt_inputs
-from harness.results import write_json_atomic
+from harness.results import config_key, write_json_atomic
 from lazyattn import calibrate
 
 
@@ -30,7 +29,7 @@ def calibration_key(model_cfg: DictConfig, method_cfg: DictConfig, task_cfg: Dic
         "task": task_cfg.name,
         "image_size": task_cfg.get("image_size"),
     }
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return config_key(settings)
 
 
 def resolve(cfg: DictConfig, loaded, task, device) -> tuple[DictConfig, dict]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -42,6 +43,11 @@ def env_info() -> dict[str, Any]:
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     return info | git_state()
+
+
+def config_key(data: Any) -> str:
+    """A short stable key for settings: sha256 of their sorted JSON, 16 hex digits."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import random
 import sys
 from pathlib import Path
@@ -15,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from harness import calibration, families, figures, measure, models, tracking
 from harness.evaluate import conversation, evaluate, prompt_inputs
 from harness.methods import build_method, lazy_layers_of
-from harness.results import SCHEMA_VERSION, SampleLog, env_info, write_json_atomic
+from harness.results import SCHEMA_VERSION, SampleLog, config_key, env_info, write_json_atomic
 from harness.tasks import LmmsBenchmarks, build_task
 from lazyattn import Dense
 
@@ -78,8 +76,7 @@ def seed_everything(seed: int) -> None:
 def run_key(cfg: DictConfig) -> str:
     """What a finished sample depends on; out_dir, W&B and efficiency settings don't count."""
     keep = {k: cfg[k] for k in ("model", "method", "task", "seed", "limit")}
-    text = json.dumps(OmegaConf.to_container(OmegaConf.create(keep), resolve=True), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return config_key(OmegaConf.to_container(OmegaConf.create(keep), resolve=True))
 
 
 def efficiency_inputs(loaded: models.Loaded, task, sample, batch_size: int, device) -> dict:
