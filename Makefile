@@ -42,7 +42,7 @@ clean:
 
 # The shipped tiny LLaVA, retrained from its seed (about 40 min on 2 cores); writes harness/assets/llava_tiny.
 tiny-model: $(STAMP)
-	$(BIN)/python -m harness.train_tiny --out harness/assets/llava_tiny $(TRAIN_ARGS)
+	$(BIN)/python -m harness.tools.train_tiny --out harness/assets/llava_tiny $(TRAIN_ARGS)
 
 # Paper sweeps on the tiny model; each point lands in $(RESULTS)/<sweep>/<overrides>/ and finished
 # points are skipped, so an interrupted `make sweeps` resumes. SWEEP_ARGS passes more overrides

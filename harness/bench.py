@@ -29,10 +29,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
 
 from harness import measure, tracking
-from harness.evaluate import conversation, prompt_inputs
+from harness.generate import conversation, prompt_inputs
 from harness.methods import build_method, lazy_layers_of
 from harness.results import SCHEMA_VERSION, config_key, env_info, write_json_atomic
-from harness.run import RunError, load_model, resolve_device, seed_everything
+from harness.models import load_model
+from harness.run import RunError, resolve_device, seed_everything
 from harness.tasks import shapes
 from lazyattn import Dense
 

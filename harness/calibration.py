@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from harness.evaluate import conversation, prompt_inputs
+from harness.generate import conversation, prompt_inputs
 from harness.results import config_key, write_json_atomic
 from lazyattn import calibrate
 

@@ -10,15 +10,13 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from harness import calibration, families, figures, measure, models, tracking
-from harness.evaluate import conversation, evaluate, prompt_inputs
+from harness import calibration, figures, measure, tracking
+from harness.models import Loaded, load_model
+from harness.generate import conversation, evaluate, prompt_inputs
 from harness.methods import build_method, lazy_layers_of
 from harness.results import SCHEMA_VERSION, SampleLog, config_key, env_info, write_json_atomic
 from harness.tasks import LmmsBenchmarks, build_task
 from lazyattn import Dense
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 class RunError(Exception):
     """A problem with the run's settings, reported as one clear line."""
@@ -34,40 +32,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_model(cfg: DictConfig, device: torch.device | str | None = None) -> models.Loaded:
-    """The model a ``model=`` preset names; ``random_shape`` models are built directly on ``device``."""
-    if cfg.kind == "tiny_random":
-        return models.build_tiny_llava(
-            seed=cfg.seed,
-            n_layers=cfg.n_layers,
-            attn_implementation=cfg.attn_implementation,
-            dtype=DTYPES[cfg.dtype],
-        )
-    if cfg.kind == "random_shape":
-        if cfg.dtype not in DTYPES:
-            raise RunError(f"model.dtype must be one of {', '.join(DTYPES)} for random weights, got {cfg.dtype!r}.")
-        return families.build_random(
-            cfg.family,
-            OmegaConf.to_container(cfg.text, resolve=True),
-            OmegaConf.to_container(cfg.vision, resolve=True),
-            seed=cfg.seed,
-            attn_implementation=cfg.attn_implementation,
-            dtype=DTYPES[cfg.dtype],
-            device=device,
-            name=cfg.name,
-        )
-    if cfg.kind == "hf":
-        dtype = cfg.get("dtype", "auto")
-        return models.load_local(
-            cfg.path,
-            attn_implementation=cfg.attn_implementation,
-            dtype=DTYPES.get(dtype, dtype),
-            name=cfg.name if cfg.name != "hf" else None,
-            model_type=cfg.get("model_type"),
-        )
-    raise RunError(f"model.kind must be tiny_random, random_shape or hf, got {cfg.kind!r}.")
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -79,7 +43,7 @@ def run_key(cfg: DictConfig) -> str:
     return config_key(OmegaConf.to_container(OmegaConf.create(keep), resolve=True))
 
 
-def efficiency_inputs(loaded: models.Loaded, task, sample, batch_size: int, device) -> dict:
+def efficiency_inputs(loaded: Loaded, task, sample, batch_size: int, device) -> dict:
     """The first sample's first-turn prompt, repeated: equal lengths, so no padding in the timing."""
     history = conversation(sample.questions[:1], [])
     images = [task.image(sample)] * batch_size

@@ -7,19 +7,25 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(2)
 
-from harness.models import build_tiny_llava  # noqa: E402
+from harness.models import load_model  # noqa: E402
+from helpers import cfg_for  # noqa: E402
+
+
+def tiny_random(*overrides):
+    """``model=llava_tiny_random`` with ``overrides`` (e.g. ``model.attn_implementation=eager``)."""
+    return load_model(cfg_for("model=llava_tiny_random", *overrides).model)
 
 
 @pytest.fixture(scope="session")
 def tiny():
     """The tiny random LLaVA with a wider init, so attention is far from uniform and a wrong
     layer shows up in the logits."""
-    return build_tiny_llava(seed=0, initializer_range=0.2)
+    return tiny_random("model.initializer_range=0.2")
 
 
 @pytest.fixture(scope="session")
 def tiny_eager():
-    return build_tiny_llava(seed=0, initializer_range=0.2, attn_implementation="eager")
+    return tiny_random("model.initializer_range=0.2", "model.attn_implementation=eager")
 
 
 @pytest.fixture

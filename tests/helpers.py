@@ -17,7 +17,7 @@ def cfg_for(*overrides):
 
 def shapes_inputs(loaded, n=3, offset=0, qtypes=None):
     """Left-padded first-turn prompts of shapes test samples ``offset .. offset+n-1`` for ``loaded``."""
-    from harness.evaluate import conversation, prompt_inputs
+    from harness.generate import conversation, prompt_inputs
     from harness.tasks import shapes
 
     samples = shapes.load_split("test", n + offset, qtypes)[offset:]

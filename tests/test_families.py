@@ -1,7 +1,7 @@
 """Lazy Attention on every multimodal family, against references computed here by hand.
 
 Families: LLaVA with a Llama, Qwen2 or Mistral backbone, LLaVA-NeXT (Mistral), Qwen2-VL and
-Qwen2.5-VL (M-RoPE), all tiny and random (harness.families). Then the model presets: the
+Qwen2.5-VL (M-RoPE), all tiny and random (harness.models.families). Then the model presets: the
 ``*_random`` ones have the real shapes (checked on the meta device, no weights) and run end to
 end when scaled down; the ``hf`` ones read local checkpoints only, with no torchvision.
 """
@@ -16,10 +16,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from harness import families
-from harness.evaluate import conversation, prompt_inputs
-from harness.models import QWEN_VL_TOKENS, load_local
-from harness.run import load_model, run
+from harness.models import families
+from harness.generate import conversation, prompt_inputs
+from harness.models.local import load_local
+from harness.models.tiny import QWEN_VL_TOKENS
+from harness.models import load_model
+from harness.run import run
 from harness.tasks import shapes
 from lazyattn import LazyAttention, kv_cache_bytes
 from lazyattn.arch import UnsupportedModelError, attention_family, decoder_layers

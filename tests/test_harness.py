@@ -11,7 +11,7 @@ from helpers import cfg_for
 from omegaconf import open_dict
 
 from harness import measure
-from harness.evaluate import evaluate
+from harness.generate import evaluate
 from harness.run import RunError, efficiency_inputs, run
 from harness.tasks import build_task
 from lazyattn import LazyAttention

@@ -7,7 +7,7 @@ from helpers import shapes_inputs
 import torch
 from transformers import DynamicCache
 
-from harness.evaluate import conversation, prompt_inputs
+from harness.generate import conversation, prompt_inputs
 from harness.tasks import shapes
 from lazyattn import LazyAttention, kv_cache_bytes, uniform_lazy_layers
 from lazyattn.arch import UnsupportedModelError, decoder_layers

@@ -18,11 +18,12 @@ if os.environ.get("CI"):
 else:
     pytest.importorskip("lmms_eval", reason="lmms-eval is not installed: run `make lmms-install`")
 
-from harness.evaluate import evaluate  # noqa: E402
+from harness.generate import evaluate  # noqa: E402
 from harness.lmms.backend import evaluate_shapes  # noqa: E402
 from harness.lmms.export_shapes import write_task_dir  # noqa: E402
 from harness.lmms.model import LazyAttnLMM, to_history  # noqa: E402
-from harness.run import load_model, run  # noqa: E402
+from harness.models import load_model
+from harness.run import run  # noqa: E402
 from harness.tasks import build_task  # noqa: E402
 from harness.tracking import flatten  # noqa: E402
 from lazyattn import LazyAttention  # noqa: E402
@@ -118,7 +119,7 @@ def test_cli_matches_builtin(tmp_path):
 
 def test_model_args_compose_the_harness_presets():
     lmm = LazyAttnLMM(model="llava_tiny_random", method="lazy", device="cpu", batch_size=2,
-                      **{"method.layers": "[2,4]", "model.n_layers": 6})
+                      **{"method.layers": "[2,4]", "model.text.layers": 6})
     assert lmm.method.lazy_layers(6) == [2, 4] and lmm.loaded.n_layers == 6 and lmm.batch_size == 2
     with pytest.raises(ValueError, match="unknown lazyattn model_args"):
         LazyAttnLMM(model="llava_tiny_random", ratio=0.5)

@@ -20,11 +20,12 @@ if os.environ.get("CI"):
 else:
     pytest.importorskip("lmms_eval", reason="lmms-eval is not installed: run `make lmms-install`")
 
-from harness.evaluate import generate_batch  # noqa: E402
+from harness.generate import generate_batch  # noqa: E402
 from harness.lmms import benchmarks  # noqa: E402
 from harness.lmms.backend import evaluate_shapes  # noqa: E402
 from harness.lmms.export_shapes import write_task_dir as write_shapes_dir  # noqa: E402
-from harness.run import RunError, load_model, run  # noqa: E402
+from harness.models import load_model  # noqa
+from harness.run import RunError, run  # noqa: E402
 from harness.tasks import LmmsBenchmarks, build_task  # noqa: E402
 from lazyattn import LazyAttention  # noqa: E402
 

@@ -10,7 +10,7 @@ from helpers import shapes_inputs
 import torch
 from transformers import DynamicCache
 
-from harness.evaluate import conversation, prompt_inputs
+from harness.generate import conversation, prompt_inputs
 from harness.tasks import shapes
 from lazyattn import FastV, LazyAttention, SparseVLM, compose, kv_cache_bytes
 from lazyattn.arch import decoder_layers
@@ -331,7 +331,7 @@ FAMILIES = ["llava_mistral", "llava_next_mistral", "llava_qwen2", "qwen2_vl", "q
 @torch.no_grad()
 def test_pruning_on_every_family(family):
     """Keep-all equals dense, and drop equals mask, on LLaVA-NeXT and the M-RoPE Qwen families too."""
-    from harness import families
+    from harness.models import families
     from test_families import CASES
 
     kind, text, vision = CASES[family]

@@ -9,9 +9,9 @@ from hydra import compose, initialize_config_dir
 from transformers import LlavaForConditionalGeneration
 
 from harness import ASSETS
-from harness.evaluate import evaluate
-from harness.models import load_local
-from harness.run import load_model
+from harness.generate import evaluate
+from harness.models.local import load_local
+from harness.models import load_model
 from harness.tasks import ShapesTask, shapes
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -72,7 +72,7 @@ def test_main_experiment_uses_the_trained_model():
 
 def test_training_recipe_runs_and_writes_a_loadable_checkpoint(tmp_path, monkeypatch):
     """Both stages of the recipe, shrunk to a few steps: the projector swap, the files, the log."""
-    from harness import train_tiny
+    from harness.tools import train_tiny
 
     monkeypatch.setattr(train_tiny, "quick_eval", lambda loaded, n=120, batch_size=24: {"n": 0, "acc": 0.0})
     stages = (

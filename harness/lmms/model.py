@@ -12,7 +12,7 @@ override of either group (``model.path=/data/llava-1.5-7b-hf``, ``method.layers=
 none). The harness builds the model and the method exactly as ``python -m harness`` does; the
 harness itself hands in the objects it already holds (``LazyAttnLMM.from_loaded``).
 
-Generation is greedy and batched (left padding), through ``harness.evaluate.generate_batch``,
+Generation is greedy and batched (left padding), through ``harness.generate.generate_batch``,
 the function the built-in path uses. Sampling settings in a task's ``generation_kwargs``
 (temperature, top_p, num_beams) are ignored with a warning; ``until`` stop strings are applied
 to the decoded text. ``loglikelihood`` and multi-round generation are not implemented.
@@ -33,8 +33,8 @@ from lmms_eval.api.model import lmms
 from omegaconf import DictConfig
 from PIL import Image
 
-from harness import models
-from harness.evaluate import generate_batch
+from harness.generate import generate_batch
+from harness.models import Loaded
 from harness.methods import build_method
 from harness.results import REPO_ROOT
 from lazyattn import Method
@@ -139,7 +139,7 @@ class LazyAttnLMM(lmms):
         max_batch_size: int | None = None,  # passed by lmms-eval's CLI; unused
         **overrides,
     ) -> None:
-        from harness.run import load_model
+        from harness.models import load_model
 
         bad = [k for k in overrides if not k.startswith(("model.", "method."))]
         if bad:
@@ -164,7 +164,7 @@ class LazyAttnLMM(lmms):
     @classmethod
     def from_loaded(
         cls,
-        loaded: models.Loaded,
+        loaded: Loaded,
         method: Method,
         device,
         batch_size: int = 1,
@@ -175,7 +175,7 @@ class LazyAttnLMM(lmms):
         self._init(loaded, method, torch.device(device), batch_size, max_new_tokens)
         return self
 
-    def _init(self, loaded: models.Loaded, method: Method, device, batch_size, max_new_tokens) -> None:
+    def _init(self, loaded: Loaded, method: Method, device, batch_size, max_new_tokens) -> None:
         lmms.__init__(self)
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")

@@ -1,13 +1,13 @@
 """Train ``llava_tiny``: a LLaVA-architecture model that really answers the shapes benchmark.
 
-    python -m harness.train_tiny --out harness/assets/llava_tiny      # what `make tiny-model` runs
+    python -m harness.tools.train_tiny --out harness/assets/llava_tiny      # what `make tiny-model` runs
 
 Everything is seeded: the architecture, the initial weights, the training samples (drawn from
 the shapes *train* split only; its scenes can't occur in val or test) and their order. The
 loss is next-token cross-entropy on the assistant's answer tokens, every turn of a multi-turn
 sample included (teacher forcing with the gold earlier answers). The output directory is a
 normal Hugging Face checkpoint (config, safetensors, tokenizer, processor) that
-``models.load_local`` and ``from_pretrained`` read offline, plus ``training.json`` with the
+``harness.models.load_local`` and ``from_pretrained`` read offline, plus ``training.json`` with the
 settings, the loss curve and the dense accuracy on a held-out val slice.
 """
 
@@ -24,24 +24,18 @@ import numpy as np
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from harness import models
-from harness.evaluate import conversation
+from harness.generate import conversation
+from harness.models import Loaded
+from harness.models.families import build_random
 from harness.results import env_info
 from harness.tasks import shapes
 
 # The shipped architecture. Text: 12 Llama layers, hidden 128, 4 query heads sharing 2 KV
 # heads (GQA). Vision: a 3-layer CLIP tower over 8x8 patches of a 64x64 image (64 image tokens).
 ARCH = dict(
-    n_layers=12,
-    hidden_size=128,
-    n_heads=4,
-    n_kv_heads=2,
-    intermediate_size=384,
-    image_size=64,
-    patch_size=16,
-    vision_hidden_size=64,
-    vision_layers=3,
-    vision_heads=4,
+    family="llava",
+    text=dict(backbone="llama", layers=12, hidden=128, heads=4, kv_heads=2, mlp=384, max_positions=512, rms_eps=1e-6),
+    vision=dict(layers=3, hidden=64, mlp=128, heads=4, patch=16, image_size=64, projection_dim=64),
     initializer_range=0.02,
 )
 # Question types mixed into training; describe and multiturn are longer, so they get more weight.
@@ -67,10 +61,8 @@ EXPERIMENTAL_STAGE_2 = dict(
 IGNORE = -100
 
 
-def build_untrained(seed: int) -> models.Loaded:
-    loaded = models.build_tiny_llava(seed=seed, **ARCH)
-    loaded.name = "llava_tiny"
-    return loaded
+def build_untrained(seed: int) -> Loaded:
+    return build_random(**ARCH, seed=seed, name="llava_tiny")
 
 
 def replace_projector(model, activation: str, seed: int) -> None:
@@ -165,12 +157,12 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def quick_eval(loaded: models.Loaded, n: int = 120, batch_size: int = 24) -> dict:
+def quick_eval(loaded: Loaded, n: int = 120, batch_size: int = 24) -> dict:
     """Dense accuracy on the first ``n`` samples of the *val* split (test stays untouched)."""
     from harness.tasks import ShapesTask
-    from harness.evaluate import evaluate
+    from harness.generate import evaluate
 
-    task = ShapesTask("shapes", "val", n, list(shapes.QTYPES), ARCH["image_size"], {"short": 8, "describe": 48})
+    task = ShapesTask("shapes", "val", n, list(shapes.QTYPES), ARCH["vision"]["image_size"], {"short": 8, "describe": 48})
     samples = task.samples(None)
     loaded.model.eval()
     preds = evaluate(loaded.model, loaded.processor, task, samples, batch_size, torch.device("cpu"))
@@ -201,7 +193,7 @@ def train(
         if stage.get("new_projector"):
             replace_projector(model, stage["new_projector"], stage_seed)
         t0 = time.time()
-        pool = make_pool(processor, stage["pool_size"], stage_seed, ARCH["image_size"], stage["pool_offset"], stage["mix"])
+        pool = make_pool(processor, stage["pool_size"], stage_seed, ARCH["vision"]["image_size"], stage["pool_offset"], stage["mix"])
         print(f"stage {number}: pool of {len(pool)} train samples in {time.time() - t0:.0f}s", flush=True)
         vision = [p for n, p in model.named_parameters() if "vision_tower" in n or "multi_modal_projector" in n]
         vision_ids = {id(p) for p in vision}

@@ -4,7 +4,7 @@
 backbone), ``llava_next`` (the same with anyres tiling), ``qwen2_vl`` and ``qwen2_5_vl`` (their
 own vision towers, a Qwen2 text model with M-RoPE). ``text`` and ``vision`` are plain mappings
 of the shape (see ``TEXT_KEYS`` / ``VISION_KEYS``): the ``*_random`` model presets give the real
-checkpoints' shapes (../shared/METHODS.md §6) for throughput and KV-memory runs on a GPU, the
+checkpoints' shapes (docs/gpu.md) for throughput and KV-memory runs on a GPU, the
 tests give tiny ones. The tokenizer is always the tiny word-level one (the vocabulary size of
 the embedding and LM head still follows ``text.vocab``), and the image processors are the PIL
 ones, so neither the hub nor torchvision is needed.
@@ -34,16 +34,15 @@ from transformers import (
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from harness.models import (
+from harness.models.base import Loaded, set_generation_ids
+from harness.models.processors import Qwen2_5_VLImageTextProcessor, Qwen2VLImageTextProcessor
+from harness.models.tiny import (
     QWEN_VL_TOKENS,
     TINY_CHAT_TEMPLATE,
     TINY_QWEN_VL_CHAT_TEMPLATE,
-    Loaded,
-    _set_generation_ids,
     tiny_processor,
     tiny_tokenizer,
 )
-from harness.processors import Qwen2_5_VLImageTextProcessor, Qwen2VLImageTextProcessor
 
 FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 BACKBONES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
@@ -257,5 +256,5 @@ def build_random(
     with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
         torch.manual_seed(seed)
         model = MODEL_CLASSES[family]._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
-    _set_generation_ids(model, tokenizer)
-    return Loaded(model=model.eval(), processor=processor, name=name or f"{family}_random")
+    set_generation_ids(model, tokenizer)
+    return Loaded(model=model.eval(), processor=processor, name=name or f"{family}_random", random_weights=True)
