@@ -18,26 +18,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import platform
 import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError
+from hydra.errors import ConfigCompositionException
+from omegaconf import DictConfig
 
-from harness import measure, tracking
+import lazyattn
+from harness import calibration, measure, tracking
+from harness.config import CONF_DIR, RunError, compose, method_spec, plain, relative_to_repo, setup
 from harness.generate import conversation, prompt_inputs
-from harness.methods import build_method, lazy_layers_of
-from harness.results import SCHEMA_VERSION, config_key, env_info, write_json_atomic
 from harness.models import load_model
-from harness.run import RunError, resolve_device, seed_everything
+from harness.results import SCHEMA_VERSION, config_key, device_info, env_info, write_json_atomic
 from harness.tasks import shapes
-from lazyattn import Dense
-
-CONF = Path(__file__).resolve().parent.parent / "conf"
 RESULT = "bench.json"
 QUESTION = "describe the image ."
 # Extra words that lengthen the prompt; all in the tiny tokenizer's vocabulary.
@@ -46,25 +42,20 @@ FILLER = tuple(shapes.words("a red circle at the top left , a blue square at the
 KEY_EXCLUDE = ("out_dir", "overwrite", "wandb", "threads")
 
 
-class BenchError(Exception):
+class BenchError(RunError):
     """A problem with the benchmark's settings, reported as one clear line."""
 
 
 # ---------------------------------------------------------------------------------------------
-# Methods: "CONFIG key=value ..." or {config: CONFIG, overrides: {...}}
+# Methods: "PRESET key=value ..." or {config: PRESET, overrides: {...}}, composed like `method=PRESET`
 
 
 @dataclasses.dataclass
 class Variant:
     label: str
     config: str
-    cfg: DictConfig
     method: Any
     lazy_layers: list[int] = dataclasses.field(default_factory=list)
-
-
-def method_configs() -> list[str]:
-    return sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
 
 
 def _dotlist(d: dict, prefix: str = "") -> list[str]:
@@ -78,58 +69,44 @@ def _dotlist(d: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _keys(cfg: DictConfig, prefix: str = "") -> list[str]:
-    return [k for key, value in cfg.items() for k in
-            (_keys(value, f"{prefix}{key}.") if OmegaConf.is_dict(value) else [f"{prefix}{key}"])]
-
-
-def parse_entry(entry: Any) -> tuple[str, DictConfig, str]:
-    """(config name, overrides, label) of one ``methods`` entry."""
-    if OmegaConf.is_config(entry):
-        entry = OmegaConf.to_container(entry, resolve=True)
-    if isinstance(entry, str):
-        parts = entry.split()
-        if not parts:
-            raise BenchError("an entry of methods is empty; write e.g. 'lazy ratio=0.5'.")
-        name, dotlist = parts[0], parts[1:]
-        bad = [p for p in dotlist if "=" not in p]
-        if bad:
-            raise BenchError(f"method entry {entry!r}: overrides must be key=value, got {bad}.")
-        overrides = OmegaConf.from_dotlist(dotlist)
-    elif isinstance(entry, dict):
-        unknown = sorted(set(entry) - {"config", "overrides"})
-        if "config" not in entry or unknown:
-            raise BenchError(f"method entry {entry!r} must be {{config: NAME, overrides: {{...}}}}.")
-        name, raw = str(entry["config"]), entry.get("overrides") or {}
+def parse_entry(entry: Any) -> tuple[str, list[str]]:
+    """(preset name, ``key=value`` overrides of it) of one ``methods`` entry."""
+    entry = plain(entry)
+    if isinstance(entry, str) and entry.split():
+        name, *dotlist = entry.split()
+    elif isinstance(entry, dict) and "config" in entry and set(entry) <= {"config", "overrides"}:
+        raw = entry.get("overrides") or {}
         if not isinstance(raw, dict):
             raise BenchError(f"method entry {entry!r}: overrides must be a mapping like {{ratio: 0.5}}.")
-        overrides, dotlist = OmegaConf.create(raw), _dotlist(raw)
+        name, dotlist = str(entry["config"]), _dotlist(raw)
     else:
-        raise BenchError(f"method entry {entry!r} must be a string 'CONFIG key=value ...' or a mapping.")
-    return name, overrides, " ".join([name, *dotlist])
+        raise BenchError(f"method entry {entry!r} must be a string 'PRESET key=value ...' or {{config: PRESET, overrides: {{...}}}}.")
+    bad = [p for p in dotlist if "=" not in p]
+    if bad:
+        raise BenchError(f"method entry {entry!r}: overrides must be key=value, got {bad}.")
+    return name, dotlist
 
 
 def make_variant(entry: Any) -> Variant:
-    name, overrides, label = parse_entry(entry)
-    known = method_configs()
+    """The method of one entry, composed from its conf/method preset exactly as `method=PRESET
+    method.key=value` would be, and built by lazyattn.build."""
+    name, dotlist = parse_entry(entry)
+    label = " ".join([name, *dotlist])
+    if any(p.split("=", 1)[0] == "name" for p in dotlist):
+        raise BenchError(f"method entry {label!r}: the method's name comes from its preset; don't override it.")
+    known = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
     if name not in known:
-        raise BenchError(f"unknown method config {name!r} in methods; known: {', '.join(known)} (conf/method/).")
-    if "name" in overrides:
-        raise BenchError(f"method entry {label!r}: the method's name comes from its config; don't override it.")
-    base = OmegaConf.load(CONF / "method" / f"{name}.yaml")
-    OmegaConf.set_struct(base, True)
+        raise BenchError(f"unknown method preset {name!r} in methods; known: {', '.join(known)} (conf/method/).")
     try:
-        cfg = OmegaConf.merge(base, overrides)
-    except ConfigKeyError as err:
-        raise BenchError(
-            f"method entry {label!r}: unknown key {err.full_key!r} for conf/method/{name}.yaml "
-            f"(its keys: {', '.join(_keys(base))})."
-        ) from err
-    try:
-        method = build_method(cfg)
+        cfg = compose([f"method={name}", *(f"method.{p}" for p in dotlist)])
+        if calibration.wanted(cfg.method):
+            calibration.refuse("the efficiency benchmark")
+        method = lazyattn.build(method_spec(cfg.method))
+    except ConfigCompositionException as err:  # "Could not override 'method.ratoi'."
+        raise BenchError(f"method entry {label!r}: {str(err).splitlines()[0]} (not a key of conf/method/{name}.yaml)") from err
     except ValueError as err:
         raise BenchError(f"method entry {label!r}: {err}") from err
-    return Variant(label=label, config=name, cfg=cfg, method=method)
+    return Variant(label=label, config=name, method=method)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,22 +162,6 @@ class Prompts:
 # ---------------------------------------------------------------------------------------------
 
 
-def device_info(device: torch.device) -> dict:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = None
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        name = name or platform.processor() or platform.machine()
-    return {"type": device.type, "device": str(device), "name": name, "threads": torch.get_num_threads()}
-
-
 def _int(value, what: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise BenchError(f"{what} must be an integer >= {minimum}, got {value!r}.")
@@ -208,8 +169,8 @@ def _int(value, what: str, minimum: int) -> int:
 
 
 def check_settings(cfg: DictConfig) -> dict:
-    batch_sizes = OmegaConf.to_object(cfg.batch_sizes) if OmegaConf.is_config(cfg.batch_sizes) else cfg.batch_sizes
-    contexts = OmegaConf.to_object(cfg.context_lengths) if OmegaConf.is_config(cfg.context_lengths) else None
+    batch_sizes = plain(cfg.batch_sizes)
+    contexts = plain(cfg.context_lengths)
     if not isinstance(batch_sizes, list) or not batch_sizes:
         raise BenchError(f"batch_sizes must be a non-empty list like [1,4,8], got {batch_sizes!r}.")
     if not isinstance(contexts, list) or not contexts:
@@ -244,7 +205,7 @@ def check_settings(cfg: DictConfig) -> dict:
 
 
 def bench_key(cfg: DictConfig) -> str:
-    data = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in KEY_EXCLUDE}
+    data = {k: v for k, v in plain(cfg).items() if k not in KEY_EXCLUDE}
     return config_key(data)
 
 
@@ -395,17 +356,14 @@ def run_bench(cfg: DictConfig) -> Path:
         raise BenchError(f"methods lists an entry twice: {labels}.")
     key = bench_key(cfg)
     previous = previous_result(path, key, bool(cfg.overwrite))
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
-    seed_everything(int(cfg.seed))
-    device = resolve_device(str(cfg.device))
+    device = setup(cfg)
 
     loaded = load_model(cfg.model, device)
-    model = loaded.model.to(device)
-    dense = Variant(label="dense", config="dense", cfg=OmegaConf.create({"name": "dense"}), method=Dense())
+    model = loaded.model
+    dense = Variant(label="dense", config="dense", method=lazyattn.Dense())
     for v in [dense, *variants]:
         try:
-            v.lazy_layers = lazy_layers_of(v.method, loaded.n_layers)
+            v.lazy_layers = v.method.lazy_layers(loaded.n_layers) if hasattr(v.method, "lazy_layers") else []
         except ValueError as err:
             raise BenchError(f"method entry {v.label!r}: {err}") from err
     dev = device_info(device)
@@ -433,7 +391,7 @@ def run_bench(cfg: DictConfig) -> Path:
         "rows": [],
         "budget": None,
         "env": env_info(),
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": relative_to_repo(plain(cfg)),
     }
     done = {}
     if previous:
@@ -444,8 +402,6 @@ def run_bench(cfg: DictConfig) -> Path:
     grid = [(v, c, b) for v in variants for c in contexts for b in settings["batch_sizes"]]
 
     def save() -> None:
-        for entry, v in zip(result["methods"], variants):
-            entry["params"] = v.method.params()  # composed methods record their resolved layers once applied
         result["rows"] = [done[k] for k in ((v.label, b, c["context_length"]) for v, c, b in grid) if k in done]
         write_json_atomic(path, result)
 
@@ -484,7 +440,7 @@ def run_bench(cfg: DictConfig) -> Path:
     save()
     print(format_table(result))
     try:
-        tracking.log_bench(result, OmegaConf.to_container(cfg.wandb, resolve=True), out_dir, str(cfg.name))
+        tracking.log_bench(result, plain(cfg.wandb), out_dir, str(cfg.name))
     except Exception as err:  # the result is on disk already; W&B is a copy
         print(f"W&B logging failed ({type(err).__name__}: {err}); {path} is complete.", file=sys.stderr)
     return path
@@ -525,7 +481,7 @@ def format_table(result: dict) -> str:
 def main(cfg: DictConfig) -> None:
     try:
         path = run_bench(cfg)
-    except (BenchError, RunError, ValueError, FileNotFoundError) as err:
+    except (RunError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     print(path)

@@ -1,7 +1,8 @@
-"""``method.layers=auto``: lazy layers chosen by ``lazyattn.calibrate`` on the task's val split.
+"""``method.layers=auto``: lazy layers chosen by ``lazyattn.calibrate`` on the task's calibration
+prompts (the shapes val split), resolved here and nowhere else.
 
-The result is cached in a small JSON file keyed by the model config and the calibration
-settings, so repeated runs (and sweeps) calibrate once.
+The choice is cached in a small JSON file (``calibration.dir``, outside the source tree) keyed by
+the model, the task and the calibration settings, so repeated runs and sweeps calibrate once.
 """
 
 from __future__ import annotations
@@ -9,47 +10,53 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig
 
-from harness.generate import conversation, prompt_inputs
+from harness.config import method_spec, plain
+from harness.generate import prompt_inputs
 from harness.results import config_key, write_json_atomic
 from lazyattn import calibrate
 
-
-def wants_calibration(method_cfg: DictConfig) -> bool:
-    return method_cfg.get("layers") == "auto"
+AUTO = "auto"
 
 
-def calibration_key(model_cfg: DictConfig, method_cfg: DictConfig, task_cfg: DictConfig, n_samples: int) -> str:
-    settings = {
-        "model": OmegaConf.to_container(model_cfg, resolve=True),
-        "ratio": method_cfg.get("ratio"),
-        "threshold": method_cfg.get("threshold"),
-        "samples": n_samples,
-        "task": task_cfg.name,
-        "image_size": task_cfg.get("image_size"),
-    }
-    return config_key(settings)
+def wanted(method_cfg: DictConfig) -> bool:
+    """Whether the method asks for calibrated lazy layers (only a lazy method's ``layers`` can)."""
+    return method_cfg.get("layers") == AUTO
 
 
-def resolve(cfg: DictConfig, loaded, task, device) -> tuple[DictConfig, dict]:
-    """A copy of ``cfg.method`` with explicit layers, and the calibration record for result.json."""
-    method_cfg = cfg.method.copy()
-    n = int(method_cfg.get("calibration_samples", 8))
-    key = calibration_key(cfg.model, method_cfg, cfg.task, n)
-    path = Path(cfg.get("calibration_dir", ".cache/calibration")) / f"{key}.json"
+def refuse(where: str) -> None:
+    raise ValueError(
+        f"method.layers=auto needs the harness's calibration (python -m harness ... task=shapes); {where} takes "
+        "explicit layers: pass the chosen ones (result.json method.lazy_layers) as method.layers=[...]."
+    )
+
+
+def _key(cfg: DictConfig, spec: dict) -> str:
+    return config_key({
+        "model": plain(cfg.model),
+        "task": plain(cfg.task),
+        "ratio": spec.get("ratio"),
+        "threshold": cfg.calibration.threshold,
+        "samples": int(cfg.calibration.samples),
+    })
+
+
+def resolve(cfg: DictConfig, loaded, task, device) -> tuple[dict, dict]:
+    """The method spec with explicit layers (its ratio kept as the budget they were chosen for),
+    and the calibration record for result.json."""
+    spec = method_spec(cfg.method)
+    n, threshold = int(cfg.calibration.samples), cfg.calibration.threshold
+    key = _key(cfg, spec)
+    path = Path(str(cfg.calibration.dir)).expanduser() / f"{key}.json"
     if path.exists():
         record = json.loads(path.read_text())
     else:
-        samples = task.calibration_samples(n)
         batches = [
-            prompt_inputs(loaded.processor, [conversation(s.questions[:1], [])], [task.image(s)], device,
-                          loaded.model.dtype)
-            for s in samples
+            prompt_inputs(loaded.processor, [history], images, device, loaded.model.dtype)
+            for history, images in task.calibration_prompts(n)
         ]
-        ratio, threshold = method_cfg.get("ratio"), method_cfg.get("threshold")
-        if threshold is not None:
-            ratio = None
+        ratio = None if threshold is not None else spec.get("ratio")
         result = calibrate(loaded.model, batches, ratio=ratio, threshold=threshold)
         record = {
             "key": key,
@@ -60,6 +67,16 @@ def resolve(cfg: DictConfig, loaded, task, device) -> tuple[DictConfig, dict]:
             "split": "val",
         }
         write_json_atomic(path, record)
-    with open_dict(method_cfg):
-        method_cfg.layers = list(record["lazy_layers"])
-    return method_cfg, {**record, "cache_file": str(path)}
+    spec["layers"] = list(record["lazy_layers"])
+    return spec, {**record, "ratio": spec.get("ratio"), "threshold": threshold}
+
+
+def label(record: dict) -> str:
+    """The table label of a calibrated lazy run: the budget it was calibrated for."""
+    if record.get("threshold") is not None:
+        return f"Lazy JS<={record['threshold']:g} (calibrated)"
+    return f"Lazy r={record['ratio']:g} (calibrated)"
+
+
+def sort_key(record: dict) -> list:
+    return ["calibrated", record.get("ratio") or 0]

@@ -7,8 +7,9 @@
     python -m harness.report all        --results results/tiny --out results
 
 Tables are written as Markdown and LaTeX to ``out/tables``, figures as PNG to ``out/figures``.
-Rows are ordered dense first, then Lazy Attention, FastV, SparseVLM and combinations, each by
-their own setting; a point measured twice (same label) keeps the newest result.
+Rows are ordered as the methods are registered (``lazyattn.METHODS``: dense, Lazy Attention,
+FastV, SparseVLM, combinations), each by its own setting; every label comes from the run that
+made the result. A point measured twice (same label) keeps the newest result.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from harness import figures
+from lazyattn import METHODS
 
-METHOD_ORDER = ("dense", "lazy", "fastv", "sparsevlm", "lazy_fastv", "lazy_sparsevlm")
 
 
 def collect(results_dir: str | Path) -> list[dict]:
@@ -41,45 +42,17 @@ def collect(results_dir: str | Path) -> list[dict]:
     return out
 
 
-def _pruner_label(name: str, p: dict) -> str:
-    if name == "fastv":
-        return f"FastV K={p['k']} R={p['ratio']:g}"
-    if name == "sparsevlm":
-        return f"SparseVLM {p['budget']}" if p.get("keep") is None else f"SparseVLM keep={p['keep']}"
-    return f"{name} {p}"
-
-
 def label(result: dict) -> str:
-    method = result["method"]
-    name, p = method["name"], method["params"]
-    if name == "dense":
-        return "Dense"
-    if name == "lazy":
-        how = "calibrated" if method.get("calibration") else ("uniform" if p.get("ratio") is not None else "explicit")
-        ratio = p.get("ratio")
-        if ratio is None:  # calibrated runs record their layers; the budget asked for is in the config
-            ratio = (result.get("config", {}).get("method") or {}).get("ratio")
-        if ratio is None:
-            ratio = len(method["lazy_layers"]) / result["model"]["n_layers"]
-        return f"Lazy r={ratio:g} ({how})"
-    if name in ("lazy_fastv", "lazy_sparsevlm"):
-        lazy = p["lazy"]
-        first = f"Lazy r={lazy['ratio']:g}" if lazy.get("ratio") is not None else f"Lazy {lazy['layers']}"
-        pruner = name.split("_", 1)[1]
-        return f"{first} + {_pruner_label(pruner, p[pruner])}"
-    return _pruner_label(name, p)
+    """The row label a run gave its method (``method.label`` in result.json)."""
+    return result["method"]["label"]
 
 
 def _sort_key(result: dict):
-    name, p = result["method"]["name"], result["method"]["params"]
-    rank = METHOD_ORDER.index(name) if name in METHOD_ORDER else len(METHOD_ORDER)
-    setting = {
-        "lazy": (0 if result["method"].get("calibration") else 1,
-                 p.get("ratio") or (result.get("config", {}).get("method") or {}).get("ratio") or 0),
-        "fastv": (p.get("k", 0), p.get("ratio", 0)),
-        "sparsevlm": (-(p.get("budget") or 0),),
-    }.get(name, ())
-    return (rank, setting, label(result))
+    """Registry order of the method (dense, lazy, fastv, sparsevlm, compositions), then the
+    method's own setting order (``method.sort_key``), then the label."""
+    name = result["method"]["name"]
+    rank = list(METHODS).index(name) if name in METHODS else len(METHODS)
+    return (rank, result["method"]["sort_key"], label(result))
 
 
 def _unique(results: Sequence[dict]) -> list[dict]:

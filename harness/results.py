@@ -12,7 +12,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+import torch
+
+SCHEMA_VERSION = 2  # 2: method.label and method.sort_key; repo-relative paths
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -29,8 +31,23 @@ def git_state(root: Path = REPO_ROOT) -> dict[str, Any]:
     return {"git_sha": sha, "dirty": None if status is None else bool(status)}
 
 
+def device_info(device: torch.device) -> dict:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = None
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        name = name or platform.processor() or platform.machine()
+    return {"type": device.type, "device": str(device), "name": name, "threads": torch.get_num_threads()}
+
+
 def env_info() -> dict[str, Any]:
-    import torch
     import transformers
 
     info = {
@@ -77,7 +94,8 @@ class SampleLog:
         self.final = out_dir / "samples.jsonl"
         self.run_key = run_key
 
-    def finished(self) -> dict[tuple[str, str], dict]:
+    def finished(self, variant: str) -> dict[str, dict]:
+        """Rows of ``variant`` that an earlier, interrupted run with the same settings finished."""
         rows = {}
         if self.partial.exists():
             for line in self.partial.read_text().splitlines():
@@ -85,8 +103,8 @@ class SampleLog:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut by the interruption
-                if row.get("run_key") == self.run_key:
-                    rows[(row["variant"], row["id"])] = row
+                if row.get("run_key") == self.run_key and row.get("variant") == variant:
+                    rows[row["id"]] = {k: v for k, v in row.items() if k not in ("run_key", "variant")}
         return rows
 
     def append(self, row: dict) -> None:

@@ -1,30 +1,107 @@
 """Inference-efficiency methods for multimodal LLMs, applied to Hugging Face models in place.
 
 A method is a small dataclass whose fields are its hyper-parameters; ``with method.apply(model):``
-installs it and restores the model exactly on exit, so one loaded model serves every method.
-This package imports neither Hydra nor W&B: the harness depends on it, never the reverse.
+installs it, yields the model, and restores the model exactly on exit, so one loaded model
+serves every method. ``build({"name": "fastv", "k": 2, "ratio": 0.5})`` makes one from plain
+settings (``METHODS`` lists them). What the methods install is mapped in ``lazyattn.attention``;
+the methods are defined in docs/methods.md. This package imports neither Hydra, W&B nor the harness.
 """
 
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from lazyattn.attention import QCache
 from lazyattn.base import Dense, Method
-from lazyattn.calibrate import Calibration, calibrate, layer_divergence, select_lazy_layers
 from lazyattn.cache import ValueOnlyLayer, kv_cache_bytes
-from lazyattn.compose import compose
-from lazyattn.lazy import LazyAttention, QCache, uniform_lazy_layers
-from lazyattn.prune import FastV, SparseVLM
+from lazyattn.calibrate import Calibration, calibrate, layer_divergence, select_lazy_layers
+from lazyattn.compose import Composed, compose
+from lazyattn.engine import PruneEngine, TokenPruner
+from lazyattn.fastv import FastV
+from lazyattn.lazy import LazyAttention, uniform_lazy_layers
+from lazyattn.sparsevlm import SparseVLM
+
+
+def _part(method: str, role: str, value: Any) -> Method:
+    """One part of a composed method: a method, or the settings of method ``role`` (a mapping)."""
+    part = build({"name": role, **value}) if isinstance(value, Mapping) else value
+    expected = METHODS[role]
+    if not isinstance(part, expected):
+        raise ValueError(
+            f"method {method}: its {role} part must be a {expected.__name__} or its settings, got {part!r}."
+        )
+    return part
+
+
+def lazy_fastv(lazy: LazyAttention | Mapping, fastv: FastV | Mapping) -> Composed:
+    """``compose(lazy, fastv)``; either part may be given as its settings."""
+    return compose(_part("lazy_fastv", "lazy", lazy), _part("lazy_fastv", "fastv", fastv))
+
+
+def lazy_sparsevlm(lazy: LazyAttention | Mapping, sparsevlm: SparseVLM | Mapping) -> Composed:
+    """``compose(lazy, sparsevlm)``; either part may be given as its settings."""
+    return compose(_part("lazy_sparsevlm", "lazy", lazy), _part("lazy_sparsevlm", "sparsevlm", sparsevlm))
+
+
+# The registry: name -> constructor. Its order is the order of rows in tables.
+METHODS: dict[str, Callable[..., Method]] = {
+    "dense": Dense,
+    "lazy": LazyAttention,
+    "fastv": FastV,
+    "sparsevlm": SparseVLM,
+    "lazy_fastv": lazy_fastv,
+    "lazy_sparsevlm": lazy_sparsevlm,
+}
+
+
+def settings_of(name: str) -> list[str]:
+    """The settings (constructor arguments) of registered method ``name``."""
+    return list(inspect.signature(METHODS[name]).parameters)
+
+
+def build(spec: Mapping[str, Any]) -> Method:
+    """The method ``spec["name"]`` with every other key of ``spec`` as a constructor argument.
+
+    A value that is itself a mapping with a ``"name"`` key is built first, the same way (so a
+    composed method's parts can be given as specs). Lists may be lists or tuples. Unknown names
+    and unknown settings are refused with a one-line ``ValueError``; each method validates its
+    own values.
+    """
+    if not isinstance(spec, Mapping) or "name" not in spec:
+        raise ValueError(f"a method spec is a mapping with a 'name' key (one of: {', '.join(METHODS)}), got {spec!r}.")
+    settings = dict(spec)
+    name = settings.pop("name")
+    if not isinstance(name, str) or name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}.")
+    allowed = settings_of(name)
+    for key in settings:
+        if key not in allowed:
+            raise ValueError(f"method {name} has no setting {key!r}; its settings: {', '.join(allowed) or 'none'}.")
+    kwargs = {key: build(v) if isinstance(v, Mapping) and "name" in v else v for key, v in settings.items()}
+    return METHODS[name](**kwargs)
+
 
 __all__ = [
+    "METHODS",
     "Calibration",
+    "Composed",
     "Dense",
     "FastV",
     "LazyAttention",
     "Method",
+    "PruneEngine",
     "QCache",
     "SparseVLM",
+    "TokenPruner",
     "ValueOnlyLayer",
+    "build",
     "calibrate",
     "compose",
     "kv_cache_bytes",
     "layer_divergence",
     "select_lazy_layers",
+    "settings_of",
     "uniform_lazy_layers",
 ]

@@ -1,4 +1,4 @@
-"""Choosing lazy layers from the model's own attention (METHODS.md §1, "calibration").
+"""Choosing lazy layers from the model's own attention (docs/methods.md, "Calibration").
 
 The dense model runs on a few batches with eager attention; every layer's attention is averaged
 over heads, and for every pair of layers (i < j) we take the Jensen-Shannon divergence between

@@ -9,19 +9,24 @@ so no layer where pruning takes effect may be lazy (it must be an anchor):
   an error naming the layer;
 - lazy layers chosen by ``ratio`` are adjusted: each conflicting layer moves to the nearest
   later (else earlier) layer that is neither lazy, nor layer 0, nor a pruning layer, so the
-  number of lazy layers stays ``round(ratio * n)``. The final lists are in ``params()`` after use.
+  number of lazy layers stays ``round(ratio * n)``.
+
+The plan is a pure function of the method and the model's depth: ``lazy_layers(n_layers)``
+gives the layers ``apply`` makes lazy, and the method never changes (``params()`` is the same
+before and after use).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
 from torch import nn
 
 from lazyattn.arch import attention_modules
+from lazyattn.engine import TokenPruner, run_pruner
 from lazyattn.lazy import LazyAttention
-from lazyattn.prune import TokenPruner, run_pruner
 
 
 def resolve_lazy_layers(lazy: LazyAttention, forbidden: list[int], n_layers: int) -> list[int]:
@@ -47,27 +52,38 @@ def resolve_lazy_layers(lazy: LazyAttention, forbidden: list[int], n_layers: int
 
 @dataclasses.dataclass
 class Composed:
+    """Lazy Attention and a token pruner in the same forward; build it with ``compose``."""
+
     lazy: LazyAttention
     pruner: TokenPruner
-    resolved_layers: list[int] | None = None
 
     @property
     def name(self) -> str:
         return f"lazy_{self.pruner.name}"
 
     def params(self) -> dict[str, Any]:
-        return {
-            "lazy": {**self.lazy.params(), "resolved_layers": self.resolved_layers},
-            self.pruner.name: self.pruner.params(),
-        }
+        return {"lazy": self.lazy.params(), self.pruner.name: self.pruner.params()}
+
+    def label(self, n_layers: int) -> str:
+        if self.lazy.layers is not None:
+            first = f"Lazy {list(self.lazy.layers)}"
+        else:
+            first = f"Lazy r={self.lazy.ratio:g}"
+        return f"{first} + {self.pruner.label(n_layers)}"
+
+    def sort_key(self, n_layers: int) -> tuple:
+        return (self.lazy.sort_key(n_layers), self.pruner.sort_key(n_layers))
 
     def lazy_layers(self, n_layers: int) -> list[int]:
+        """The layers ``apply`` makes lazy in an ``n_layers`` model (none where pruning takes effect)."""
         return resolve_lazy_layers(self.lazy, self.pruner.first_layers(n_layers), n_layers)
 
+    @contextlib.contextmanager
     def apply(self, model: nn.Module):
         n_layers = len(attention_modules(model))
-        self.resolved_layers = self.lazy_layers(n_layers)
-        return run_pruner(model, self.pruner, LazyAttention(layers=self.resolved_layers).anchors(n_layers))
+        anchor_of = LazyAttention(layers=self.lazy_layers(n_layers)).anchors(n_layers)
+        with run_pruner(model, self.pruner, anchor_of):
+            yield model
 
 
 def compose(*methods) -> Composed:

@@ -4,6 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
+
+import lazyattn
 import torch
 from hydra import compose, initialize_config_dir
 
@@ -94,9 +96,9 @@ def test_bench_resumes_after_interruption(tmp_path, monkeypatch):
 
 
 def test_bench_errors_are_clear(tmp_path):
-    with pytest.raises(bench.BenchError, match="unknown method config 'nope'.*known: dense, fastv, lazy"):
+    with pytest.raises(bench.BenchError, match="unknown method preset 'nope'.*known: dense, fastv, lazy"):
         bench.run_bench(bench_cfg(tmp_path, "methods=[nope]"))
-    with pytest.raises(bench.BenchError, match="unknown key 'ratoi'"):
+    with pytest.raises(bench.BenchError, match="Could not override 'method.ratoi'"):
         bench.run_bench(bench_cfg(tmp_path, "methods=['lazy ratoi=0.5']"))
     with pytest.raises(bench.BenchError, match="KV budget of 1000 bytes cannot hold one sequence of 'dense'"):
         bench.run_bench(bench_cfg(tmp_path, "methods=['lazy ratio=0.5']", "budget.bytes=1000"))
@@ -118,7 +120,7 @@ def test_budget_steps_down_when_the_prediction_overshoots(monkeypatch):
         lambda model, variants, **kw: {k: {"kv_cache_bytes": 100 * inp["batch"], "prefill_ms": 1.0,
                                            "decode_tokens_per_s": float(inp["batch"])} for k, (inp, _) in variants.items()},
     )
-    variants = [bench.Variant("dense", "dense", None, bench.Dense())]
+    variants = [bench.Variant("dense", "dense", lazyattn.Dense())]
     plan = {"bytes": 420, "max_batch_cap": 256, "device": "cpu",
             "entries": [{"label": "dense", "method": "dense", "per_sample_kv_bytes": 100}]}
     out = bench.run_budget(None, FakePrompts(), {"extra_words": 0}, variants, plan,

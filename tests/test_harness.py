@@ -11,9 +11,10 @@ from helpers import cfg_for
 from omegaconf import open_dict
 
 from harness import measure
-from harness.generate import evaluate
-from harness.run import RunError, efficiency_inputs, run
-from harness.tasks import build_task
+from harness.generate import evaluate, prompt_inputs
+from harness.config import RunError
+from harness.run import build_task, run
+from harness.tasks import first_turn
 from lazyattn import LazyAttention
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,7 +74,7 @@ def test_predictions_do_not_depend_on_batch_size(tiny):
 
 
 def test_interrupted_run_resumes_finished_samples(tmp_path, monkeypatch):
-    import harness.run as run_mod
+    import harness.tasks as run_mod
 
     calls = []
     real = run_mod.evaluate
@@ -125,8 +126,8 @@ def test_hf_path_loads_a_saved_checkpoint(tmp_path, tiny):
 
 def test_measure_compare_reports_formula(tiny):
     task = build_task(cfg_for().task)
-    sample = task.samples(1)[0]
-    inputs = efficiency_inputs(tiny, task, sample, 2, "cpu")
+    history, images = first_turn(task.samples(1)[0], task.image_size)
+    inputs = prompt_inputs(tiny.processor, [history] * 2, images * 2, "cpu")
     method = LazyAttention(layers=[1, 2, 3])
     eff = measure.compare(tiny.model, inputs, lambda: method.apply(tiny.model), new_tokens=3, repeats=2, warmup=1)
     assert eff["kv_reduction"] == pytest.approx(3 / 24, abs=1e-12)
@@ -163,15 +164,15 @@ def test_cli_error_is_one_clear_line(tmp_path):
 def test_auto_layers_calibrate_once_and_are_recorded(tmp_path, monkeypatch):
     import harness.calibration as calib
 
-    extra = ("method.layers=auto", "method.ratio=0.5", "method.calibration_samples=2",
-             f"calibration_dir={tmp_path / 'calib'}", "efficiency.enabled=false", "compare_dense=false")
+    extra = ("method.layers=auto", "method.ratio=0.5", "calibration.samples=2",
+             f"calibration.dir={tmp_path / 'calib'}", "efficiency.enabled=false", "compare_dense=false")
     result = json.loads(run(small(tmp_path / "a", *extra)).read_text())
     lazy = result["method"]["lazy_layers"]
     assert len(lazy) == 6 and 0 not in lazy
     record = result["method"]["calibration"]
     assert record["lazy_layers"] == lazy and len(record["adjacent_js"]) == 11
     assert all(x >= 0 for x in record["adjacent_js"])
-    assert Path(record["cache_file"]).exists()
+    assert (tmp_path / "calib" / f"{record['key']}.json").exists()
     png = tmp_path / "a" / "layer_divergence.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
 

@@ -219,13 +219,24 @@ def test_model_restored_after_error(tiny):
         ({"ratio": 1.0}, r"\[0, 1\)"),
         ({"ratio": -0.1}, r"\[0, 1\)"),
         ({"ratio": float("nan")}, r"\[0, 1\)"),
-        ({}, "exactly one"),
-        ({"layers": [1], "ratio": 0.5}, "exactly one"),
+        ({}, "at least one"),
+        ({"layers": "1,2"}, "list of layer indices"),
+        ({"layers": [1], "ratio": 1.5}, r"\[0, 1\)"),
     ],
 )
 def test_bad_input(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LazyAttention(**kwargs)
+
+
+def test_explicit_layers_take_precedence_over_ratio():
+    """With both, the layers are used; the ratio only records the budget they were chosen for."""
+    method = LazyAttention(layers=(3, 1), ratio=0.5)
+    assert method.lazy_layers(12) == [1, 3]
+    assert method.params() == {"layers": [3, 1], "ratio": 0.5}
+    assert method.label(12) == "Lazy r=0.166667 (explicit)" and method.sort_key(12) == ("explicit", 2 / 12)
+    uniform = LazyAttention(ratio=0.5)
+    assert uniform.label(12) == "Lazy r=0.5 (uniform)" and uniform.sort_key(12) == ("uniform", 0.5)
 
 
 def test_out_of_range_layer(tiny):
@@ -256,20 +267,20 @@ def test_uniform_rule():
 @torch.no_grad()
 def test_q_cache_is_empty_between_forwards(tiny):
     """The Q Cache is a per-forward buffer: after a forward it holds no query or key."""
-    from lazyattn import lazy as lazy_mod
+    from lazyattn import attention as attention_mod
 
     seen = []
-    real = lazy_mod.QCache
+    real = attention_mod.QCache
 
     class Spy(real):
         def __init__(self):
             super().__init__()
             seen.append(self)
 
-    lazy_mod.QCache = Spy
+    attention_mod.QCache = Spy
     try:
         with LazyAttention(layers=[2, 3, 6]).apply(tiny.model):
             tiny.model(**inputs_for(tiny, n=1))
             assert seen and seen[0].query is None and seen[0].key is None
     finally:
-        lazy_mod.QCache = real
+        attention_mod.QCache = real

@@ -19,12 +19,12 @@ else:
     pytest.importorskip("lmms_eval", reason="lmms-eval is not installed: run `make lmms-install`")
 
 from harness.generate import evaluate  # noqa: E402
-from harness.lmms.backend import evaluate_shapes  # noqa: E402
+from harness.lmms.tasks import evaluate_shapes  # noqa: E402
 from harness.lmms.export_shapes import write_task_dir  # noqa: E402
 from harness.lmms.model import LazyAttnLMM, to_history  # noqa: E402
 from harness.models import load_model
 from harness.run import run  # noqa: E402
-from harness.tasks import build_task  # noqa: E402
+from harness.run import build_task  # noqa: E402
 from harness.tracking import flatten  # noqa: E402
 from lazyattn import LazyAttention  # noqa: E402
 

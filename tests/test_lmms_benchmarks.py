@@ -22,15 +22,19 @@ else:
 
 from harness.generate import generate_batch  # noqa: E402
 from harness.lmms import benchmarks  # noqa: E402
-from harness.lmms.backend import evaluate_shapes  # noqa: E402
+from harness.lmms.tasks import evaluate_shapes  # noqa: E402
 from harness.lmms.export_shapes import write_task_dir as write_shapes_dir  # noqa: E402
 from harness.models import load_model  # noqa
-from harness.run import RunError, run  # noqa: E402
-from harness.tasks import LmmsBenchmarks, build_task  # noqa: E402
+from harness.run import run  # noqa: E402
+from harness.lmms.tasks import LmmsBenchmarks  # noqa: E402
+from harness.run import build_task  # noqa: E402
 from lazyattn import LazyAttention  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-PRESETS = ["gqa", "mmbench", "mme", "pope", "scienceqa_img", "vqav2", "textvqa", "mmmu", "llava_bench", "paper"]
+# task=benchmarks with one lmms-eval task each, and the paper preset
+PRESETS = [*(("task=benchmarks", f"task.lmms_tasks=[{name}]") for name in (
+    "gqa", "mmbench_en_dev_static", "mme", "pope", "scienceqa_img", "vqav2_val", "textvqa_val", "mmmu_val",
+    "llava_in_the_wild")), ("task=paper",)]
 POPE_POST = "\nAnswer the question using a single word or phrase."  # pope.yaml's default post_prompt
 
 
@@ -82,8 +86,9 @@ def test_every_preset_composes_to_installed_lmms_eval_tasks():
     from lmms_eval.utils import load_yaml_config
 
     for preset in PRESETS:
-        task = build_task(cfg_for(f"task={preset}", "task.data_dir=null").task) if preset != "llava_bench" else None
-        cfg = cfg_for(f"task={preset}").task
+        judged = preset[-1] == "task.lmms_tasks=[llava_in_the_wild]"
+        task = None if judged else build_task(cfg_for(*preset, "task.data_dir=null").task)
+        cfg = cfg_for(*preset).task
         assert cfg.backend == "lmms_eval" and cfg.name == "lmms_eval" and cfg.lmms_tasks, preset
         assert cfg.data_dir == os.environ.get("LAZYATTN_DATA", "data")
         if task is not None:
@@ -98,7 +103,7 @@ def test_every_preset_composes_to_installed_lmms_eval_tasks():
     with pytest.raises(ValueError, match="no benchmarks given"):
         build_task(cfg_for("task=benchmarks").task)
     with pytest.raises(ValueError, match="task.backend=lmms_eval only"):
-        build_task(cfg_for("task=pope", "task.backend=builtin").task)
+        build_task(cfg_for("task=benchmarks", "task.lmms_tasks=[pope]", "task.backend=builtin").task)
 
 
 def test_local_task_yamls_load_in_lmms_eval(tmp_path, monkeypatch):
@@ -142,12 +147,12 @@ def test_missing_dataset_is_one_clear_error_before_the_model_loads(tmp_path, mon
 
     fake_gqa(data, with_images=False)  # the questions are there, the images config is not
     with pytest.raises(benchmarks.MissingDataset, match="config testdev_balanced_images, split testdev.*not a usable"):
-        run(cfg_for("task=gqa", *common))
+        run(cfg_for("task=benchmarks", "task.lmms_tasks=[gqa]", *common))
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(ValueError, match="scored by an LLM judge.*OPENAI_API_KEY"):
-        run(cfg_for("task=llava_bench", *common))
-    with pytest.raises(RunError, match="method.layers=auto"):
-        run(cfg_for("task=pope", "method.layers=auto", *common))
+        run(cfg_for("task=benchmarks", "task.lmms_tasks=[llava_in_the_wild]", *common))
+    with pytest.raises(ValueError, match="method.layers=auto calibrates on the shapes val split"):
+        run(cfg_for("task=benchmarks", "task.lmms_tasks=[pope]", *common, "method=lazy_calibrated"))
 
     # from the command line: exit status 2 and the one line on stderr, in seconds
     proc = subprocess.run([sys.executable, "-m", "harness", "task=paper", f"task.data_dir={tmp_path / 'empty'}",

@@ -14,8 +14,9 @@ from harness.generate import conversation, prompt_inputs
 from harness.tasks import shapes
 from lazyattn import FastV, LazyAttention, SparseVLM, compose, kv_cache_bytes
 from lazyattn.arch import decoder_layers
-from lazyattn.compose import resolve_lazy_layers
-from lazyattn.prune import dpc_knn_merge
+from lazyattn.compose import Composed, resolve_lazy_layers
+from lazyattn.engine import PruneEngine
+from lazyattn.sparsevlm import dpc_knn_merge
 
 N_IMAGE = 64  # the tiny LLaVA's image tokens
 
@@ -81,6 +82,22 @@ def masked_reference(model, inputs, first_layer_keep: dict[int, torch.Tensor], e
             del layer.forward
 
 
+def engine_for(model, method):
+    """The engine ``method.apply(model)`` installs, built here so that a test can read the
+    prompt's stages (``engine.stages``) inside ``with engine.install():``."""
+    if isinstance(method, Composed):
+        n = len(decoder_layers(model))
+        return PruneEngine(model, method.pruner, LazyAttention(layers=method.lazy_layers(n)).anchors(n))
+    return PruneEngine(model, method)
+
+
+def prefill_kv_lengths(model, inputs):
+    """Logits of a prefill, and the number of tokens each layer's KV cache holds after it."""
+    cache = DynamicCache(config=model.config)
+    logits = model(**inputs, past_key_values=cache, use_cache=True).logits
+    return logits, [layer.keys.shape[-2] for layer in cache.layers]
+
+
 def kept_columns(stage, length):
     keep = torch.zeros(stage.source.shape[0], length, dtype=torch.bool)
     keep.scatter_(1, stage.source.clamp(min=0), True)
@@ -92,9 +109,9 @@ def test_fastv_ratio_zero_equals_dense(model_and_inputs):
     loaded, inputs = model_and_inputs
     dense = loaded.model(**inputs).logits
     for score in ("last_token", "mean"):
-        with FastV(k=2, ratio=0.0, score=score).apply(loaded.model) as engine:
-            out = loaded.model(**inputs).logits
-        assert engine.kept_lengths() == [inputs["input_ids"].shape[1]] * 12
+        with FastV(k=2, ratio=0.0, score=score).apply(loaded.model):
+            out, kv_lengths = prefill_kv_lengths(loaded.model, inputs)
+        assert kv_lengths == [inputs["input_ids"].shape[1]] * 12
         assert torch.allclose(out, dense, atol=1e-5, rtol=0)
 
 
@@ -102,10 +119,10 @@ def test_fastv_ratio_zero_equals_dense(model_and_inputs):
 def test_sparsevlm_keep_all_equals_dense(model_and_inputs):
     loaded, inputs = model_and_inputs
     dense = loaded.model(**inputs).logits
-    method = SparseVLM(keep=[N_IMAGE, N_IMAGE, N_IMAGE], layers=[1, 2, 6], positions_mode="contiguous")
-    with method.apply(loaded.model) as engine:
-        out = loaded.model(**inputs).logits
-    assert engine.kept_lengths() == [inputs["input_ids"].shape[1]] * 12
+    method = SparseVLM(keep=[N_IMAGE, N_IMAGE, N_IMAGE], layers=[1, 2, 6], positions="contiguous")
+    with method.apply(loaded.model):
+        out, kv_lengths = prefill_kv_lengths(loaded.model, inputs)
+    assert kv_lengths == [inputs["input_ids"].shape[1]] * 12
     assert torch.allclose(out, dense, atol=1e-5, rtol=0)
 
 
@@ -114,9 +131,10 @@ def test_sparsevlm_keep_all_equals_dense(model_and_inputs):
 def test_fastv_drop_equals_mask(model_and_inputs, score):
     loaded, inputs = model_and_inputs
     length = inputs["input_ids"].shape[1]
-    with FastV(k=3, ratio=0.5, score=score).apply(loaded.model) as engine:
+    engine = engine_for(loaded.model, FastV(k=3, ratio=0.5, score=score))
+    with engine.install():
         pruned = loaded.model(**inputs).logits
-    (stage,) = engine.history[-1]
+        (stage,) = engine.stages
     assert pruned.shape[1] == length - N_IMAGE // 2
     reference = masked_reference(loaded.model, inputs, {3: kept_columns(stage, length)})
     b_idx = torch.arange(pruned.shape[0])[:, None]
@@ -132,9 +150,10 @@ def test_fastv_keeps_the_tokens_the_last_row_attends_to(tiny_eager):
     row = out.attentions[1][:, :, -1].mean(dim=1)  # layer k-1 = 1, last prompt token, head-averaged
     image = inputs["input_ids"] == tiny_eager.model.config.image_token_id
     expected = row.masked_fill(~image, -1).topk(N_IMAGE // 4, dim=1).indices.sort(dim=1).values
-    with FastV(k=2, ratio=0.75).apply(tiny_eager.model) as engine:
+    engine = engine_for(tiny_eager.model, FastV(k=2, ratio=0.75))
+    with engine.install():
         tiny_eager.model(**inputs)
-    (stage,) = engine.history[-1]
+        (stage,) = engine.stages
     kept_image = stage.source[stage.image].view(3, -1)
     assert torch.equal(kept_image, expected)
 
@@ -144,12 +163,13 @@ def test_sparsevlm_drop_equals_mask_without_recycling(tiny):
     """With original positions and no merged tokens, SparseVLM's three stages are three maskings."""
     inputs = inputs_for(tiny)
     length = inputs["input_ids"].shape[1]
-    method = SparseVLM(keep=[40, 20, 8], layers=[1, 3, 6], recycle=0.0, positions_mode="original")
-    with method.apply(tiny.model) as engine:
-        pruned = tiny.model(**inputs).logits
-    stages = engine.history[-1]
+    method = SparseVLM(keep=[40, 20, 8], layers=[1, 3, 6], recycle=0.0, positions="original")
+    engine = engine_for(tiny.model, method)
+    with engine.install():
+        pruned, kv_lengths = prefill_kv_lengths(tiny.model, inputs)
+        stages = engine.stages
     assert [s.first_layer for s in stages] == [2, 4, 7]
-    assert engine.kept_lengths() == [length] * 2 + [length - 24] * 2 + [length - 44] * 3 + [length - 56] * 5
+    assert kv_lengths == [length] * 2 + [length - 24] * 2 + [length - 44] * 3 + [length - 56] * 5
     reference = masked_reference(tiny.model, inputs, {s.first_layer: kept_columns(s, length) for s in stages})
     b_idx = torch.arange(3)[:, None]
     last = stages[-1]
@@ -160,9 +180,10 @@ def test_sparsevlm_drop_equals_mask_without_recycling(tiny):
 def test_sparsevlm_recycles_merged_tokens_after_the_kept_visual_tokens(tiny):
     inputs = inputs_for(tiny)
     length = inputs["input_ids"].shape[1]
-    with SparseVLM(budget=192).apply(tiny.model) as engine:
+    engine = engine_for(tiny.model, SparseVLM(budget=192))
+    with engine.install():
         tiny.model(**inputs)
-    stages = engine.history[-1]
+        stages = engine.stages
     # 192 budget scaled to 64 image tokens: keep 33, 22, 12; layers 2, 6, 15 scaled to 12 layers: 1, 2, 6.
     assert [s.first_layer for s in stages] == [2, 3, 7]
     # visual tokens = kept + int(m / 10) + 1 merged, m = int(0.3 * dropped) + 1 (merged tokens of
@@ -210,9 +231,13 @@ def test_cached_decoding_equals_recomputation(model_and_inputs, method):
     length = inputs["input_ids"].shape[1]
     fastv = FastV(k=2, ratio=0.5)
     m = fastv if method == "fastv" else compose(LazyAttention(layers=[1, 3, 5, 7]), fastv)
-    with m.apply(loaded.model) as engine:
+    engine = engine_for(loaded.model, m)
+    with engine.install():
         tokens, logits, cache = _greedy_with_cache(loaded.model, inputs, steps=5)
-    (stage,) = engine.history[-1]
+        (stage,) = engine.stages
+    with m.apply(loaded.model):  # what the method installs is that engine
+        applied_tokens, applied_logits, _ = _greedy_with_cache(loaded.model, inputs, steps=5)
+    assert torch.equal(applied_tokens, tokens) and torch.equal(applied_logits, logits)
     keep = kept_columns(stage, length)
     if method == "fastv":
         reference = masked_reference(loaded.model, inputs, {2: keep}, extra_ids=tokens)
@@ -344,9 +369,10 @@ def test_pruning_on_every_family(family):
     dense = loaded.model(**inputs).logits
     with FastV(k=1, ratio=0.0).apply(loaded.model):
         assert torch.allclose(loaded.model(**inputs).logits, dense, atol=1e-5, rtol=0)
-    with FastV(k=2, ratio=0.5).apply(loaded.model) as engine:
+    engine = engine_for(loaded.model, FastV(k=2, ratio=0.5))
+    with engine.install():
         pruned = loaded.model(**inputs).logits
-    (stage,) = engine.history[-1]
+        (stage,) = engine.stages
     assert stage.length == length - (n_image - round(n_image * 0.5))
     reference = masked_reference(loaded.model, inputs, {2: kept_columns(stage, length)})
     b_idx = torch.arange(3)[:, None]

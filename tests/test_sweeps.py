@@ -21,7 +21,7 @@ FAST = [
     "efficiency.new_tokens=2",
     "efficiency.repeats=1",
     "efficiency.warmup=0",
-    "method.calibration_samples=2",
+    "calibration.samples=2",
     "task.qtypes=[colour,count,exist]",
 ]
 

@@ -30,29 +30,17 @@ from collections.abc import Sequence
 
 import torch
 from lmms_eval.api.model import lmms
-from omegaconf import DictConfig
 from PIL import Image
 
+import lazyattn
+from harness import calibration
+from harness.config import compose, method_spec, resolve_device
 from harness.generate import generate_batch
-from harness.models import Loaded
-from harness.methods import build_method
-from harness.results import REPO_ROOT
+from harness.models import Loaded, load_model
 from lazyattn import Method
 
-CONF_DIR = REPO_ROOT / "conf"
 DEFAULT_MAX_NEW_TOKENS = 128
 _SAMPLING_KEYS = ("temperature", "top_p", "top_k", "num_beams", "do_sample")
-
-
-def compose(model: str, method: str, overrides: Sequence[str] = ()) -> DictConfig:
-    """The harness's own config for ``model`` and ``method`` presets plus Hydra overrides."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    if not CONF_DIR.is_dir():
-        raise FileNotFoundError(f"{CONF_DIR} not found: the lazyattn lmms-eval model reads the harness's conf/ tree.")
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=[f"model={model}", f"method={method}", *overrides])
 
 
 def _override(key: str, value) -> str:
@@ -104,8 +92,6 @@ def _data_parallel(device: str | None):
     model only has to sit on its own rank's device and expose ``accelerator``, ``rank`` and
     ``world_size``. Single process: ``(None, device)``. No DDP wrapper: nothing is trained.
     """
-    from harness.run import resolve_device
-
     name = str(device or "auto")
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None, resolve_device(name)
@@ -139,23 +125,20 @@ class LazyAttnLMM(lmms):
         max_batch_size: int | None = None,  # passed by lmms-eval's CLI; unused
         **overrides,
     ) -> None:
-        from harness.models import load_model
-
         bad = [k for k in overrides if not k.startswith(("model.", "method."))]
         if bad:
             raise ValueError(
                 f"unknown lazyattn model_args {bad}; use model=, method=, model.<key>=, method.<key>=, "
                 "device=, batch_size=, max_new_tokens=."
             )
-        cfg = compose(str(model), str(method), [_override(k, v) for k, v in overrides.items()])
-        if cfg.method.get("layers") == "auto":
-            raise ValueError(
-                "method.layers=auto needs the harness's calibration (python -m harness ...); "
-                "pass the chosen layers here as method.layers=[...]."
-            )
+        overrides = [f"model={model}", f"method={method}", *(_override(k, v) for k, v in overrides.items())]
+        cfg = compose(overrides)
+        if calibration.wanted(cfg.method):
+            calibration.refuse("the lazyattn lmms-eval model")
+        method = lazyattn.build(method_spec(cfg.method))
         accelerator, device = _data_parallel(device)
         loaded = load_model(cfg.model, device)
-        self._init(loaded, build_method(cfg.method), device, batch_size, max_new_tokens)
+        self._init(loaded, method, device, batch_size, max_new_tokens)
         if accelerator is not None:
             self.accelerator = accelerator
             self._rank = accelerator.process_index

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from transformers import LlavaForConditionalGeneration
 
+from harness import ASSETS
 from harness.generate import conversation
 from harness.models import Loaded
 from harness.models.families import build_random
@@ -31,7 +32,8 @@ from harness.results import env_info
 from harness.tasks import shapes
 
 # The shipped architecture. Text: 12 Llama layers, hidden 128, 4 query heads sharing 2 KV
-# heads (GQA). Vision: a 3-layer CLIP tower over 8x8 patches of a 64x64 image (64 image tokens).
+# heads (GQA). Vision: a 3-layer CLIP tower over 16x16 patches of a 64x64 image (16 image tokens,
+# one per cell of the shapes grid).
 ARCH = dict(
     family="llava",
     text=dict(backbone="llama", layers=12, hidden=128, heads=4, kv_heads=2, mlp=384, max_positions=512, rms_eps=1e-6),
@@ -250,7 +252,7 @@ def train(
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "assets" / "llava_tiny")
+    p.add_argument("--out", type=Path, default=ASSETS / "llava_tiny")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)

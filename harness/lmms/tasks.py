@@ -20,7 +20,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from harness.lmms import export_shapes
+from harness.lmms import benchmarks, export_shapes
+from harness.generate import conversation
+from harness.tasks import Evaluation, ShapesTask
 
 _DROP = ("alias", "samples", "sample_len", "name")
 
@@ -114,7 +116,6 @@ def evaluate_benchmarks(task, loaded, method, limit, batch_size: int, device, wo
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
-    from harness.lmms import benchmarks
     from harness.lmms.model import LazyAttnLMM
 
     work_dir = Path(work_dir).resolve()
@@ -148,3 +149,63 @@ def evaluate_benchmarks(task, loaded, method, limit, batch_size: int, device, wo
                          "prediction": str(prediction), **_sample_metrics(row, set(metrics))})
     summary = {k: results[k] for k in ("results", "n-samples", "versions") if k in results}
     return BenchmarkRun(scores, rows, summary, lmm.first_prompt)
+
+
+def require_lmms_eval() -> None:
+    try:
+        import lmms_eval  # noqa: F401
+    except ImportError as err:
+        raise ValueError(
+            f"task.backend=lmms_eval needs lmms-eval, which is not installed ({err}); run `make lmms-install`."
+        ) from err
+
+
+@dataclasses.dataclass
+class LmmsShapes(ShapesTask):
+    """The shapes benchmark asked and scored through lmms-eval: the same samples, prompts and
+    scorer as the built-in path, single-turn question types only."""
+
+    def check(self) -> None:
+        super().check()
+        require_lmms_eval()
+        export_shapes.check_qtypes(self.qtypes)
+
+    def evaluate(self, loaded, method, *, limit, batch_size, device, work_dir, finished, on_row) -> Evaluation:
+        samples = self.samples(limit)
+        predictions, scores, summary = evaluate_shapes(self, loaded, method, samples, batch_size, device, work_dir)
+        rows = [self.row(s, p, [p]) for s, p in zip(samples, predictions)]
+        for row in rows:
+            on_row(row)
+        efficiency_prompt = (conversation(samples[0].questions[:1], []), [self.image(samples[0])])
+        return Evaluation({self.name: scores}, rows, efficiency_prompt, summary)
+
+
+@dataclasses.dataclass
+class LmmsBenchmarks:
+    """Benchmarks asked and scored by lmms-eval (``harness.lmms.benchmarks``), each one a key in
+    result.json's ``tasks``; their datasets are read from ``data_dir`` (None: lmms-eval's own loading)."""
+
+    name: str
+    lmms_tasks: list[str]
+    data_dir: str | None
+    max_new_tokens: int | None = None  # replaces every benchmark's own budget (lmms-eval gen_kwargs)
+    found: dict | None = None  # what the dataset check found, so the task YAMLs reuse it
+
+    def check(self) -> None:
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"task.max_new_tokens must be >= 1 or null, got {self.max_new_tokens}.")
+        require_lmms_eval()
+        self.found = benchmarks.check(self.lmms_tasks, self.data_dir)  # every dataset, before any model loads
+
+    def calibration_prompts(self, n: int):
+        raise ValueError(
+            "method.layers=auto calibrates on the shapes val split; run it with task=shapes, then pass the "
+            "chosen layers (result.json method.lazy_layers) as method.layers=[...] here."
+        )
+
+    def evaluate(self, loaded, method, *, limit, batch_size, device, work_dir, finished, on_row) -> Evaluation:
+        run = evaluate_benchmarks(self, loaded, method, limit, batch_size, device, work_dir)
+        for row in run.rows:
+            on_row(row)
+        prompt = None if run.first_prompt is None else (run.first_prompt[0], list(run.first_prompt[1]))
+        return Evaluation(run.scores, run.rows, prompt, run.summary)

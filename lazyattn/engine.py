@@ -1,0 +1,386 @@
+"""The token-pruning engine behind FastV and SparseVLM: true drops inside the decoder, with a KV cache.
+
+Pruners work in *stages*. Stage 0 is the prompt as given. At prefill, a scoring layer's
+observer ranks the current stage's image tokens from that layer's post-RoPE query and keys
+(only the scoring rows are computed, so every layer keeps its attention backend), and from
+the stage's first layer on the decoder carries only the kept tokens: the hidden states are
+gathered, and those layers get their own attention mask and position embeddings, so their
+KV cache holds kept tokens only. Decoding appends to every layer's cache; layers of stage s
+attend over stage s's kept tokens plus the generated ones.
+
+The image span is found from ``input_ids == image_token_id``, never from fixed offsets. Every
+sample of a batch must have the same number of image tokens; then every sample keeps the same
+number of tokens, and left padding is carried along as masked (kept) columns.
+
+What the engine installs (forward pre-hooks on the outer model and the decoder, per-instance
+``forward`` of the decoder layers from the first pruned layer, and the scoring observers on
+attention modules) is mapped in ``lazyattn.attention``; all of it is removed on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from lazyattn.arch import decoder_layers
+from lazyattn.attention import patch_attention
+
+
+# --------------------------------------------------------------------------- stage bookkeeping
+
+
+@dataclasses.dataclass
+class Stage:
+    """The tokens layers ``first_layer ..`` carry, fixed at prefill."""
+
+    first_layer: int
+    source: torch.Tensor  # (B, L_s): index into the original prompt, -1 for merged tokens
+    real: torch.Tensor  # (B, L_s) bool: not padding
+    image: torch.Tensor  # (B, L_s) bool: visual token (kept or merged)
+    positions: torch.Tensor  # (B, L_s) position ids (or (3, B, L_s) for M-RoPE)
+    shift: torch.Tensor  # (B,) decode positions are the model's positions minus this
+    # Filled once per forward: what the stage's layers get instead of the decoder's arguments.
+    mask: Any = None
+    position_embeddings: Any = None
+    position_ids: Any = None
+
+    @property
+    def length(self) -> int:
+        return self.source.shape[1]
+
+
+def _repeat_kv(key: torch.Tensor, n_heads: int) -> torch.Tensor:
+    groups = n_heads // key.shape[1]
+    return key if groups == 1 else key.repeat_interleave(groups, dim=1)
+
+
+def attention_rows(module: nn.Module, query: torch.Tensor, key: torch.Tensor, rows: torch.Tensor,
+                   real: torch.Tensor) -> torch.Tensor:
+    """Head-averaged softmax attention of query ``rows`` (B, R) over all keys, causal and padding
+    masked: (B, R, L). Only these rows are computed; queries and keys are the layer's post-RoPE ones.
+    """
+    b_idx = torch.arange(query.shape[0], device=query.device)[:, None]
+    q = query.transpose(1, 2)[b_idx, rows].transpose(1, 2)  # (B, H, R, d)
+    k = _repeat_kv(key, q.shape[1])
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * module.scaling  # (B, H, R, L)
+    cols = torch.arange(k.shape[-2], device=k.device)
+    offset = k.shape[-2] - query.shape[-2]  # keys cached before these queries
+    allowed = (cols[None, None, :] <= rows[:, :, None] + offset) & real[:, None, :]
+    logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(dim=1)
+
+
+def _stage_mask(impl: str, real: torch.Tensor, q_len: int, dtype: torch.dtype):
+    """The attention mask the model's backend expects, for ``q_len`` queries at the end of ``real``.
+
+    Same conventions as transformers' own masks: sdpa a 4D bool (True attends), eager a 4D float
+    (0 or the dtype's minimum), flash-attention a 2D padding mask (None when nothing is padded).
+    """
+    kv = real.shape[1]
+    if impl.startswith("flash"):
+        return None if bool(real.all()) else real.to(torch.long)
+    cols = torch.arange(kv, device=real.device)
+    rows = torch.arange(q_len, device=real.device) + (kv - q_len)
+    allowed = (cols[None, :] <= rows[:, None])[None, None] & real[:, None, None, :]
+    if impl == "eager":
+        zero = torch.zeros((), dtype=dtype, device=real.device)
+        return torch.where(allowed, zero, torch.finfo(dtype).min)
+    return allowed
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+class PruneEngine:
+    """Runs a token pruner's stages inside one model while installed.
+
+    ``pruner.apply(model)`` installs one of these (with the lazy layers ``anchor_of``, lazy
+    layer -> anchor, when composed with Lazy Attention) and yields the model. To inspect a
+    prompt's stages, construct the engine yourself and read ``engine.stages`` inside the block::
+
+        engine = PruneEngine(model, FastV(k=2, ratio=0.5))
+        with engine.install():
+            model(**inputs)
+            stages = engine.stages  # the stages of the last prefill, in layer order
+
+    One engine holds one prompt's state at a time (the attributes ``__init__`` lists under
+    "per-prompt state"): it is replaced at each prefill and released on exit. The pruner itself
+    holds none: what ``pruner.begin`` returns is kept here as ``prompt_state``.
+    """
+
+    def __init__(self, model: nn.Module, pruner: "TokenPruner", anchor_of: Mapping[int, int] | None = None):
+        self.model = model
+        self.pruner = pruner
+        self.anchor_of = dict(anchor_of or {})
+        self.layers = decoder_layers(model)
+        self.decoder = model.get_decoder()
+        self.n_layers = len(self.layers)
+        self.image_token_id = _image_token_id(model)
+        self.stage_layers = pruner.stage_layers(self.n_layers)  # [(score_layer, first_layer), ...]
+        text_config = model.config.get_text_config(decoder=True)
+        self.impl = text_config._attn_implementation or "eager"
+        rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
+        self.mrope = "mrope_section" in rope
+        # Per-prompt state, all of it: replaced at each prefill, released on exit.
+        self.input_ids: torch.Tensor | None = None  # the outer model's input_ids in this forward
+        self.step: dict[str, Any] | None = None  # this forward's positions, 2D mask and cached length
+        self.prefill = False  # whether this forward is the prompt's prefill
+        self.base: Stage | None = None  # stage 0: the prompt as given
+        self.prefill_len = 0  # the prompt's length
+        self.last_position: torch.Tensor | None = None  # (B,) the prompt's highest position per sample
+        self.stages: list[Stage] = []  # the stages built at this prompt's prefill
+        self.scores: dict[int, torch.Tensor] = {}  # stage index -> scores, until the stage is built
+        self.prompt_state: Any = None  # what pruner.begin returned for this prompt
+
+    # -- hooks -------------------------------------------------------------------------------
+    def _outer_pre_hook(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.input_ids = ids
+
+    def _decoder_pre_hook(self, module, args, kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            raise ValueError("token pruning expects the language model to be called with inputs_embeds (LLaVA-style).")
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        past = cache.get_seq_length() if cache is not None else 0
+        batch, q_len = embeds.shape[:2]
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            positions = (torch.arange(q_len, device=embeds.device) + past)[None].expand(batch, -1)
+        if positions.dim() == 2 and self.mrope:
+            positions = positions[None].expand(3, -1, -1)  # what the M-RoPE text model does with 2D ids
+        mask2d = kwargs.get("attention_mask")
+        if mask2d is not None and not (isinstance(mask2d, torch.Tensor) and mask2d.dim() == 2):
+            raise ValueError(
+                "token pruning needs a 2D padding mask (batch, length) or none, not a prepared mask "
+                f"({type(mask2d).__name__}); call the model with the processor's attention_mask."
+            )
+        self.step = {"positions": positions, "mask2d": mask2d, "past": past}
+        self.prefill = past == 0
+        if self.prefill:
+            self._start_prefill(embeds, positions, mask2d)
+        for stage in self.stages:
+            stage.mask = stage.position_embeddings = stage.position_ids = None
+
+    def _start_prefill(self, embeds, positions, mask2d):
+        ids = self.input_ids
+        if ids is None or ids.shape[:2] != embeds.shape[:2]:
+            raise ValueError(
+                "token pruning needs the prompt's input_ids (to find the image tokens); call the model "
+                "with input_ids and pixel_values, not precomputed inputs_embeds."
+            )
+        batch, length = ids.shape
+        real = torch.ones_like(ids, dtype=torch.bool) if mask2d is None else mask2d[:, -length:].bool()
+        image = ids == self.image_token_id
+        counts = image.sum(dim=1)
+        if bool((counts != counts[0]).any()):
+            raise ValueError(f"every sample of a batch must have the same number of image tokens, got {counts.tolist()}.")
+        if int(counts[0]) == 0:
+            raise ValueError("the prompt has no image tokens (input_ids == image_token_id): nothing to prune.")
+        source = torch.arange(length, device=ids.device)[None].expand(batch, -1)
+        # the prompt's highest position per sample: contiguous stages continue decoding after it
+        self.last_position = positions.amax(dim=-1) if positions.dim() == 2 else positions.amax(dim=(0, -1))
+        base = Stage(0, source, real, image, positions, torch.zeros_like(self.last_position))
+        self.base = base
+        self.prefill_len = length
+        self.stages = []
+        self.scores = {}
+        self.prompt_state = self.pruner.begin(self, base, embeds)
+
+    def current(self) -> Stage:
+        return self.stages[-1] if self.stages else self.base
+
+    def observer(self, stage_idx: int):
+        def observe(module, query, key):
+            if self.prefill:
+                self.scores[stage_idx] = self.pruner.score_tokens(
+                    self, self.prompt_state, stage_idx, module, query, key, self.current()
+                )
+
+        return observe
+
+    def _layer_forward(self, layer: nn.Module, idx: int):
+        original = type(layer).forward
+        firsts = [first for _, first in self.stage_layers]
+
+        def forward(hidden_states, *args, **kwargs):
+            if args:
+                raise ValueError("token pruning expects decoder layers to be called with keyword arguments.")
+            stage_idx = sum(1 for f in firsts if f <= idx) - 1
+            if self.prefill and idx == firsts[stage_idx]:
+                hidden_states = self._build_stage(stage_idx, hidden_states)
+            stage = self.stages[stage_idx]
+            self._stage_inputs(stage, hidden_states)
+            kwargs["attention_mask"] = stage.mask
+            kwargs["position_embeddings"] = stage.position_embeddings
+            kwargs["position_ids"] = stage.position_ids
+            return original(layer, hidden_states, **kwargs)
+
+        return forward
+
+    # -- stages ------------------------------------------------------------------------------
+    def _build_stage(self, stage_idx: int, hidden: torch.Tensor) -> torch.Tensor:
+        prev = self.current()
+        if stage_idx not in self.scores:
+            raise RuntimeError(f"pruning stage {stage_idx} has no scores: its scoring layer did not run.")
+        index, merged = self.pruner.select(self, self.prompt_state, stage_idx, self.scores.pop(stage_idx), prev, hidden)
+        n_prev = prev.length
+        b_idx = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
+        from_prev = index < n_prev
+        safe = index.clamp(max=n_prev - 1)
+        if merged is not None:
+            pool = torch.cat([hidden, merged], dim=1)
+        else:
+            pool = hidden
+        new_hidden = pool[b_idx, index]
+        source = torch.where(from_prev, prev.source[b_idx, safe], torch.full_like(index, -1))
+        real = torch.where(from_prev, prev.real[b_idx, safe], torch.ones_like(from_prev))
+        image = torch.where(from_prev, prev.image[b_idx, safe], torch.ones_like(from_prev))
+        positions, shift = self.pruner.stage_positions(self, prev, index, real)
+        stage = Stage(self.stage_layers[stage_idx][1], source, real, image, positions, shift)
+        self.stages.append(stage)
+        return new_hidden
+
+    def _stage_inputs(self, stage: Stage, hidden: torch.Tensor) -> None:
+        if stage.position_embeddings is not None:  # already built in this forward
+            return
+        q_len = hidden.shape[1]
+        if self.prefill:
+            real, positions = stage.real, stage.positions
+        else:
+            mask2d = self.step["mask2d"]
+            n_new = self.step["past"] + q_len - self.prefill_len  # tokens after the prompt, these included
+            new = (
+                torch.ones(hidden.shape[0], n_new, dtype=torch.bool, device=hidden.device)
+                if mask2d is None
+                else mask2d[:, -n_new:].bool()
+            )
+            real = torch.cat([stage.real, new], dim=1)
+            step_pos = self.step["positions"]
+            positions = step_pos - (stage.shift[:, None] if step_pos.dim() == 2 else stage.shift[None, :, None])
+        stage.mask = _stage_mask(self.impl, real, q_len, hidden.dtype)
+        if positions.dim() == 3 and positions.shape[0] == 4:  # M-RoPE with text positions prepended
+            stage.position_ids, rope_positions = positions[0], positions[1:]
+        elif positions.dim() == 3:  # M-RoPE (temporal, height, width)
+            stage.position_ids, rope_positions = None, positions
+        else:
+            stage.position_ids, rope_positions = positions, positions
+        stage.position_embeddings = self.decoder.rotary_emb(hidden, rope_positions)
+
+    # -- installation ------------------------------------------------------------------------
+    def observers(self) -> dict[int, list]:
+        return {score: [self.observer(i)] for i, (score, _) in enumerate(self.stage_layers)}
+
+    @contextlib.contextmanager
+    def install(self):
+        """Install the pruner (and the lazy layers ``anchor_of``) on the model and yield the model;
+        on exit remove every hook and forward, and clear the per-prompt state."""
+        with patch_attention(self.model, self.anchor_of, self.observers()):
+            handles, patched = [], []
+            try:
+                handles.append(self.model.register_forward_pre_hook(self._outer_pre_hook, with_kwargs=True))
+                handles.append(self.decoder.register_forward_pre_hook(self._decoder_pre_hook, with_kwargs=True))
+                first = self.stage_layers[0][1]
+                for idx in range(first, self.n_layers):
+                    layer = self.layers[idx]
+                    layer.forward = self._layer_forward(layer, idx)
+                    patched.append(layer)
+                yield self.model
+            finally:
+                for handle in handles:
+                    handle.remove()
+                for layer in patched:
+                    del layer.forward
+                # release the last prompt's tensors (a long evaluation must not keep them alive)
+                self.input_ids = self.step = self.base = self.last_position = self.prompt_state = None
+                self.stages, self.scores = [], {}
+
+
+def _image_token_id(model: nn.Module) -> int:
+    config = model.config
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    raise ValueError(f"{type(model).__name__} has no image_token_id in its config: token pruning needs one.")
+
+
+# --------------------------------------------------------------------------- the pruner base
+
+
+class TokenPruner:
+    """What FastV and SparseVLM share: their stages, their application, and the position rule.
+
+    A pruner is a dataclass of hyper-parameters and holds no per-prompt state: ``begin`` returns
+    that state once per prompt, the engine keeps it (``engine.prompt_state``) and passes it back
+    to ``score_tokens`` and ``select``. ``positions`` ("original" or "contiguous") picks the rule
+    of ``stage_positions``; a subclass may make it a field.
+    """
+
+    positions = "original"
+
+    def stage_layers(self, n_layers: int) -> list[tuple[int, int]]:
+        """``(scoring layer, first pruned layer)`` of every stage, for ``n_layers`` decoder layers."""
+        raise NotImplementedError
+
+    def begin(self, engine: PruneEngine, base: Stage, embeds: torch.Tensor) -> Any:
+        """The per-prompt state, computed at prefill before layer 0 (none by default)."""
+        return None
+
+    def score_tokens(self, engine: PruneEngine, state: Any, stage_idx: int, module: nn.Module,
+                     query: torch.Tensor, key: torch.Tensor, stage: Stage) -> torch.Tensor:
+        """(B, L) scores of the current stage's tokens, from the scoring layer's query and keys."""
+        raise NotImplementedError
+
+    def select(self, engine: PruneEngine, state: Any, stage_idx: int, scores: torch.Tensor, prev: Stage,
+               hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, L') indices of the kept tokens into ``prev`` (indices ``>= prev.length`` point at the
+        merged tokens), and the merged tokens' hidden states (B, M, C) or None."""
+        raise NotImplementedError
+
+    def first_layers(self, n_layers: int) -> list[int]:
+        """The layers from which fewer tokens are carried: none of them may be lazy."""
+        return [first for _, first in self.stage_layers(n_layers)]
+
+    def stage_positions(self, engine: PruneEngine, prev: Stage, index, real):
+        """Position ids of the new stage, and the per-sample shift applied to decode positions.
+
+        ``original``: kept tokens keep their positions (gaps allowed); a merged token takes the
+        position of the token before it; decoding continues after the prompt's original length.
+        ``contiguous``: real tokens are re-numbered 0, 1, ... (padding gets 1, as transformers
+        does), and decoding continues right after the last kept token.
+        """
+        n_prev = prev.length
+        b_idx = torch.arange(index.shape[0], device=index.device)[:, None]
+        safe = index.clamp(max=n_prev - 1)
+        if self.positions == "original":
+            if prev.positions.dim() == 2:
+                new = torch.where(index < n_prev, prev.positions[b_idx, safe], torch.full_like(index, -1))
+                new = new.cummax(dim=1).values
+            else:  # M-RoPE position ids (3, B, L)
+                if bool((index >= n_prev).any()):
+                    raise ValueError("merged tokens are not supported with M-RoPE positions; set recycle=0.")
+                new = prev.positions[:, b_idx, safe]
+            return new, torch.zeros(index.shape[0], dtype=torch.long, device=index.device)
+        if prev.positions.dim() != 2:
+            raise ValueError("contiguous re-indexing is defined for 1-D position ids only; use positions='original'.")
+        new = (real.long().cumsum(dim=1) - 1).masked_fill(~real, 1)
+        shift = engine.last_position + 1 - real.sum(dim=1)
+        return new, shift
+
+    def apply(self, model: nn.Module):
+        """Install this pruner on ``model`` (a ``PruneEngine``); yields the model."""
+        return run_pruner(model, self)
+
+
+@contextlib.contextmanager
+def run_pruner(model: nn.Module, pruner: TokenPruner, anchor_of: Mapping[int, int] | None = None):
+    """Install ``pruner`` on ``model``, with the lazy layers ``anchor_of`` (lazy -> anchor), if any;
+    yields the model."""
+    with PruneEngine(model, pruner, anchor_of).install():
+        yield model
