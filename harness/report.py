@@ -169,9 +169,9 @@ def layers_figure(results: Sequence[dict], out: Path) -> Path:
 def pareto_figure(results: Sequence[dict], out: Path, task: str = "shapes") -> Path:
     points: dict[str, list[tuple[float, float, str]]] = {}
     for r in _unique([r for r in results if task in r["tasks"] and r.get("efficiency")]):
-        name = r["method"]["name"]
-        if name == "lazy":
-            name = "lazy (calibrated)" if r["method"].get("calibration") else "lazy (uniform)"
+        name, order = r["method"]["name"], r["method"]["sort_key"]
+        if order and isinstance(order[0], str):  # a method's own family of settings, e.g. lazy (calibrated)
+            name = f"{name} ({order[0]})"
         kv = 0.0 if r["method"]["name"] == "dense" else 100 * r["efficiency"]["kv_reduction"]
         points.setdefault(name, []).append((kv, 100 * r["tasks"][task]["acc"], label(r)))
     return figures.pareto_png(points, out / "figures" / "pareto.png", f"{task}: accuracy vs KV cache reduction")

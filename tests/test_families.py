@@ -250,7 +250,7 @@ def test_kv_bytes_formula(case, lazy):
 
 # ---- model presets ------------------------------------------------------------------------------
 
-# ../shared/METHODS.md §6: layers, hidden, heads, kv heads, MLP; and the published parameter counts
+# The published shapes (docs/gpu.md): layers, hidden, heads, kv heads, MLP; and the published parameter counts
 REAL_SHAPES = {
     "llava15_7b_random": ((32, 4096, 32, 32, 11008), 7.06e9),
     "llava15_13b_random": ((40, 5120, 40, 40, 13824), 13.35e9),

@@ -19,7 +19,7 @@ def doc_to_text(doc, lmms_eval_specific_kwargs=None):
 
 
 def doc_to_messages(doc, lmms_eval_specific_kwargs=None):
-    """The built-in path's first turn (harness.evaluate.conversation): the image, then the question."""
+    """The built-in path's first turn (harness.generate.conversation): the image, then the question."""
     return [
         {
             "role": "user",
