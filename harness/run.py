@@ -27,7 +27,6 @@ from harness.config import (
     setup,
 )
 from harness.generate import prompt_inputs
-from harness.lmms.tasks import LmmsBenchmarks, LmmsShapes
 from harness.models import load_model
 from harness.results import SCHEMA_VERSION, SampleLog, env_info, write_json_atomic
 from harness.tasks import ShapesTask, shapes_task
@@ -36,6 +35,8 @@ from harness.tasks import ShapesTask, shapes_task
 def build_task(cfg: DictConfig):
     """The task a ``task=`` preset names: its ``name`` and ``backend`` pick the implementation."""
     backend = str(cfg.get("backend", "builtin"))
+    if backend == "lmms_eval":  # the optional lmms-eval backend, imported only when a task asks for it
+        from harness.lmms.tasks import LmmsBenchmarks, LmmsShapes
     if cfg.name == "lmms_eval":
         if backend != "lmms_eval":
             raise ValueError(f"the lmms-eval benchmarks {list(cfg.lmms_tasks)} run on task.backend=lmms_eval only.")
@@ -45,10 +46,9 @@ def build_task(cfg: DictConfig):
             max_new_tokens=None if budget is None else int(budget),
         )
     elif cfg.name == "shapes":
-        kinds = {"builtin": ShapesTask, "lmms_eval": LmmsShapes}
-        if backend not in kinds:
-            raise ValueError(f"task.backend must be one of {list(kinds)}, got {backend!r}.")
-        task = kinds[backend](**vars(shapes_task(cfg)))
+        if backend not in ("builtin", "lmms_eval"):
+            raise ValueError(f"task.backend must be one of ['builtin', 'lmms_eval'], got {backend!r}.")
+        task = (ShapesTask if backend == "builtin" else LmmsShapes)(**vars(shapes_task(cfg)))
     else:
         raise ValueError(f"unknown task {cfg.name!r}: use task=shapes, task=shapes_lmms, task=paper or task=benchmarks.")
     task.check()

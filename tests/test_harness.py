@@ -115,6 +115,28 @@ def test_bad_settings_are_clear(tmp_path):
         cfg_for("task=nosuch")
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("limit=-3", "limit must be an integer >= 1 or null, got -3"),
+        ("limit=0", "limit must be an integer >= 1 or null, got 0"),
+        ("limit=ten", "limit must be an integer >= 1 or null, got 'ten'"),
+        ("batch_size=0", "batch_size must be an integer >= 1"),
+        ("efficiency.new_tokens=0", "efficiency.new_tokens must be an integer >= 1"),
+        ("method.fastv.k=0", "FastV k must be an integer >= 1"),
+        ("method.lazy.ratio=1.5", "ratio must be a number in \\[0, 1\\)"),
+        ("device=tpu", "device must be auto, cpu or cuda"),
+    ],
+)
+def test_bad_run_settings_name_their_key_before_any_model_loads(tmp_path, monkeypatch, override, message):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr("harness.run.load_model", no_model)
+    with pytest.raises((RunError, ValueError), match=message):
+        run(cfg_for("model=llava_tiny_random", "method=lazy_fastv", f"out_dir={tmp_path}", override))
+
+
 def test_hf_path_loads_a_saved_checkpoint(tmp_path, tiny):
     ckpt = tmp_path / "ckpt"
     tiny.model.save_pretrained(ckpt)
