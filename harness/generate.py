@@ -2,13 +2,32 @@
 
 A sample's answer depends on that sample alone: every sample in a batch is cut to its own
 token budget, so accuracy does not change with batch size.
+
+Multi-turn conversations run in one of two modes (``task.multiturn``):
+
+- ``carry`` (what a chat server does): turn 1 is prefilled once, with the image; every later
+  turn feeds only its new tokens (the model's own previous answer, as generated, then the next
+  user turn and the generation prompt) as a continuation of the same KV cache. Token pruning
+  keeps the decisions it made at turn 1's prefill; lazy layers keep reusing their anchors.
+- ``reencode``: every turn re-encodes the whole conversation (image included) into a fresh
+  cache, so a pruning method prunes again with the newest question in view.
+
+Inside a batch, rows stop at different lengths; the tokens a row generates past its own end
+(its stop token or its budget) stay in the cache but are masked out, and the positions of the
+tokens after them are counted over real tokens only, so a row's numbers do not depend on its
+neighbours. ``kv_bytes`` per sample counts the cache bytes of its real tokens only.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+from transformers import DynamicCache
+
+MULTITURN_MODES = ("carry", "reencode")
 
 
 def conversation(questions: Sequence[str], answers: Sequence[str]) -> list[dict]:
@@ -32,46 +51,226 @@ def prompt_inputs(processor, histories: Sequence[list[dict]], images: Sequence, 
     return inputs
 
 
+def cache_kwarg(model) -> str:
+    """transformers 5.24 renamed forward's ``past_key_values`` to ``cache``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def row_kv_bytes(cache, mask: torch.Tensor) -> list[int]:
+    """KV cache bytes of each row's real tokens: a layer holding ``T`` tokens keeps ``T - holes``
+    of them for a row with ``holes`` masked positions (padding and tokens past its end; pruning
+    drops only real image tokens, never those). Lazy layers hold values only."""
+    holes = (mask == 0).sum(dim=1)
+    total = torch.zeros_like(holes)
+    for layer in cache.layers:
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor) and tensor.numel():
+                per_token = tensor[0, ..., 0, :].numel() * tensor.element_size()
+                total += per_token * (tensor.shape[-2] - holes)
+    return [int(x) for x in total]
+
+
+@dataclasses.dataclass
+class Dialogue:
+    """The batch's KV cache and, per row, its mask over the cache and its next position."""
+
+    cache: DynamicCache
+    mask: torch.Tensor  # (B, cached tokens): 1 for real tokens
+    next_position: torch.Tensor  # (B,): the position of each row's next real token
+    pending: list[list[int]]  # per row: generated answer tokens not yet fed to the cache
+
+
+class Generator:
+    """Greedy decoding for one batch with a KV cache the caller may carry across turns."""
+
+    def __init__(self, model, processor, device, min_new_tokens: int = 0):
+        self.model, self.processor, self.device = model, processor, device
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.cache_arg = cache_kwarg(model)
+        self.eos = model.generation_config.eos_token_id
+        self.eos = self.eos[0] if isinstance(self.eos, list) else self.eos
+        self.pad = model.generation_config.pad_token_id
+        self.pad = self.eos if self.pad is None else self.pad
+        # An image placeholder in an answer would break the next turn's prompt: never generate one.
+        self.suppress = getattr(model.config, "image_token_id", None)
+        # M-RoPE models (Qwen2-VL) place their tokens themselves from the image grid: no explicit
+        # positions, so no cache continuation either (multiturn=reencode only).
+        text_config = model.config.get_text_config(decoder=True)
+        rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
+        self.mrope = "mrope_section" in rope
+        self.min_new_tokens = int(min_new_tokens)
+
+    def _forward(self, dialogue: Dialogue, ids: torch.Tensor, new_mask: torch.Tensor, **extra) -> torch.Tensor:
+        """Feed ``ids`` (B, n) with their mask; returns the next-token logits (B, vocab)."""
+        positions = dialogue.next_position[:, None] + new_mask.long().cumsum(dim=1) - 1
+        positions = torch.where(new_mask.bool(), positions, torch.ones_like(positions))
+        dialogue.mask = torch.cat([dialogue.mask, new_mask], dim=1)
+        dialogue.next_position = dialogue.next_position + new_mask.long().sum(dim=1)
+        if not self.mrope:
+            extra["position_ids"] = positions
+        out = self.model(
+            input_ids=ids, attention_mask=dialogue.mask, use_cache=True, logits_to_keep=1,
+            **{self.cache_arg: dialogue.cache}, **extra,
+        )
+        return out.logits[:, -1].float()
+
+    def _decode(self, dialogue: Dialogue, logits: torch.Tensor, budgets: Sequence[int]) -> list[list[int]]:
+        """Greedy tokens per row until its stop token (not before ``min_new_tokens``) or its budget."""
+        batch = logits.shape[0]
+        answers: list[list[int]] = [[] for _ in range(batch)]
+        done = [budget <= 0 for budget in budgets]
+        while True:
+            if self.suppress is not None:
+                logits[:, self.suppress] = float("-inf")
+            for i in range(batch):
+                if self.eos is not None and len(answers[i]) < self.min_new_tokens:
+                    logits[i, self.eos] = float("-inf")
+            tokens = logits.argmax(dim=-1).tolist()
+            feed, feed_mask = [], []
+            for i in range(batch):
+                if done[i]:
+                    feed.append(self.pad)
+                    feed_mask.append(0)
+                    continue
+                answers[i].append(tokens[i])
+                done[i] = tokens[i] == self.eos or len(answers[i]) >= budgets[i]
+                feed.append(tokens[i])
+                feed_mask.append(1)
+            if all(done):  # the tokens of this last step were never fed: they are the rows' pending tails
+                dialogue.pending = [[answers[i][-1]] if feed_mask[i] else [] for i in range(batch)]
+                break
+            ids = torch.tensor(feed, device=self.device)[:, None]
+            mask = torch.tensor(feed_mask, device=self.device, dtype=dialogue.mask.dtype)[:, None]
+            logits = self._forward(dialogue, ids, mask)
+        return answers
+
+    def first_turn(self, histories, images, budgets) -> tuple[Dialogue, list[list[int]]]:
+        """Prefill the prompts (with their images) into a fresh cache and answer them."""
+        inputs = prompt_inputs(self.processor, histories, images, self.device, self.model.dtype)
+        ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+        dialogue = Dialogue(
+            cache=DynamicCache(config=self.model.config),
+            mask=mask[:, :0],
+            next_position=torch.zeros(ids.shape[0], dtype=torch.long, device=self.device),
+            pending=[[] for _ in range(ids.shape[0])],
+        )
+        # prompt positions are those of the padded sequence (0 .. L-1), as `generate` gives them
+        padded = ids.shape[1] - mask.sum(dim=1)
+        dialogue.next_position = padded.long()
+        logits = self._forward(dialogue, ids, mask, **inputs)
+        return dialogue, self._decode(dialogue, logits, budgets)
+
+    def next_turn(self, dialogue: Dialogue, continuations: Sequence[list[int] | None], budgets) -> list[list[int]]:
+        """Feed each row's continuation tokens (None: the row has no further turn) into the carried
+        cache, left-padded to one chunk, and answer."""
+        if self.mrope:
+            raise ValueError(
+                "task.multiturn=carry is not supported for M-RoPE models (Qwen2-VL, Qwen2.5-VL): they position "
+                "their tokens from the image grid; use task.multiturn=reencode."
+            )
+        width = max(len(c) for c in continuations if c is not None)
+        ids = torch.full((len(continuations), width), self.pad, dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        for i, tokens in enumerate(continuations):
+            if tokens:
+                ids[i, width - len(tokens) :] = torch.tensor(tokens, device=self.device)
+                mask[i, width - len(tokens) :] = 1
+        logits = self._forward(dialogue, ids, mask.to(dialogue.mask.dtype))
+        return self._decode(dialogue, logits, [b if c is not None else 0 for b, c in zip(budgets, continuations)])
+
+    def text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+    def continuation(self, dialogue: Dialogue, row: int, questions: Sequence[str], answers: Sequence[str],
+                     generated: list[int]) -> list[int]:
+        """The tokens that take row ``row`` from its last generated token to the next turn's
+        generation prompt: the answer's unfed tail, the end of the assistant turn, the next user
+        turn. The chat template must close an assistant turn with the EOS token (LLaVA's does)."""
+        before = self.processor.apply_chat_template(conversation(questions[:-1], answers), tokenize=False)
+        after = self.processor.apply_chat_template(
+            conversation(questions, answers), add_generation_prompt=True, tokenize=False
+        )
+        eos_text = self.tokenizer.eos_token
+        if not after.startswith(before) or not before.rstrip().endswith(eos_text):
+            raise ValueError(
+                "task.multiturn=carry needs a chat template that ends an assistant turn with the EOS token and "
+                "extends the conversation as a prefix; use task.multiturn=reencode with this model."
+            )
+        tail = list(dialogue.pending[row])
+        if not generated or generated[-1] != self.eos:
+            tail.append(self.eos)
+        return tail + self.tokenizer(after[len(before) :], add_special_tokens=False)["input_ids"]
+
+
 @torch.inference_mode()
 def generate_batch(model, processor, histories, images, budgets: Sequence[int], device) -> list[str]:
-    inputs = prompt_inputs(processor, histories, images, device, model.dtype)
-    # An image placeholder in an answer would break the next turn's prompt: never generate one.
-    image_token = getattr(model.config, "image_token_id", None)
-    suppress = {"suppress_tokens": [image_token]} if image_token is not None else {}
-    out = model.generate(**inputs, max_new_tokens=max(budgets), do_sample=False, **suppress)
-    new = out[:, inputs["input_ids"].shape[1] :]
-    tokenizer = getattr(processor, "tokenizer", processor)
-    return [tokenizer.decode(row[:budget], skip_special_tokens=True).strip() for row, budget in zip(new, budgets)]
+    """One greedy answer per history (each with its images), each cut to its own budget."""
+    gen = Generator(model, processor, device)
+    _, out = gen.first_turn(histories, images, budgets)
+    return [gen.text(tokens) for tokens in out]
 
 
-def answer(model, processor, task, samples: Sequence, batch_size: int, device) -> Iterator[tuple[object, str, list[str]]]:
-    """Yield (sample, last-turn prediction, all turn predictions), batch by batch, in order."""
-    for start in range(0, len(samples), batch_size):
-        batch = samples[start : start + batch_size]
-        replies: list[list[str]] = [[] for _ in batch]
-        for turn in range(max(len(s.questions) for s in batch)):
-            active = [i for i, s in enumerate(batch) if len(s.questions) > turn]
-            texts = generate_batch(
-                model,
-                processor,
-                [conversation(batch[i].questions[: turn + 1], replies[i]) for i in active],
-                [task.image(batch[i]) for i in active],
-                [task.turn_budget(batch[i].turn_types[turn]) for i in active],
-                device,
-            )
-            for i, text in zip(active, texts):
-                replies[i].append(text)
-        for sample, turns in zip(batch, replies):
-            yield sample, turns[-1], turns
+@dataclasses.dataclass
+class Answer:
+    sample: object
+    turns: list[str]  # the text of every turn's answer
+    kv_bytes: list[int]  # the sample's KV cache bytes at the end of each turn
+
+    @property
+    def prediction(self) -> str:
+        return self.turns[-1]
 
 
-def evaluate(model, processor, task, samples, batch_size, device, on_sample: Callable | None = None, done=None):
-    """Predictions for every sample; ``done`` maps sample ids to predictions finished earlier."""
+def answer(model, processor, task, samples: Sequence, batch_size: int, device, multiturn: str = "carry",
+           min_new_tokens: int = 0) -> Iterator[Answer]:
+    """Every sample's answers, batch by batch, in order."""
+    if multiturn not in MULTITURN_MODES:
+        raise ValueError(f"task.multiturn must be one of {list(MULTITURN_MODES)}, got {multiturn!r}.")
+    gen = Generator(model, processor, device, min_new_tokens)
+    with torch.inference_mode():
+        for start in range(0, len(samples), batch_size):
+            batch = samples[start : start + batch_size]
+            replies: list[list[str]] = [[] for _ in batch]
+            tokens: list[list[int]] = [[] for _ in batch]
+            kv: list[list[int]] = [[] for _ in batch]
+            dialogue = None
+            for turn in range(max(len(s.questions) for s in batch)):
+                active = [i for i, s in enumerate(batch) if len(s.questions) > turn]
+                budgets = {i: task.turn_budget(batch[i].turn_types[turn]) for i in active}
+                if turn == 0 or multiturn == "reencode":
+                    dialogue, out = gen.first_turn(
+                        [conversation(batch[i].questions[: turn + 1], replies[i]) for i in active],
+                        [task.image(batch[i]) for i in active],
+                        [budgets[i] for i in active],
+                    )
+                    rows = dict(zip(active, range(len(active))))
+                    out = dict(zip(active, out))
+                else:  # carry: the cache holds every row of the batch since turn 0
+                    conts = [
+                        gen.continuation(dialogue, i, batch[i].questions[: turn + 1], replies[i], tokens[i])
+                        if i in budgets else None for i in range(len(batch))
+                    ]
+                    out = gen.next_turn(dialogue, conts, [budgets.get(i, 0) for i in range(len(batch))])
+                    rows = {i: i for i in range(len(batch))}
+                    out = {i: out[i] for i in active}
+                row_bytes = row_kv_bytes(dialogue.cache, dialogue.mask)
+                for i in active:
+                    tokens[i] = out[i]
+                    replies[i].append(gen.text(out[i]))
+                    kv[i].append(row_bytes[rows[i]])
+            for sample, turns, sizes in zip(batch, replies, kv):
+                yield Answer(sample, turns, sizes)
+
+
+def evaluate(model, processor, task, samples, batch_size, device, on_sample: Callable | None = None, done=None,
+             multiturn: str = "carry", min_new_tokens: int = 0):
+    """Predictions for every sample; ``done`` maps sample ids to predictions finished earlier.
+    ``on_sample(answer)`` sees each new ``Answer`` as soon as its batch is done."""
     done = done or {}
     todo = [s for s in samples if s.id not in done]
     predictions = dict(done)
-    for sample, prediction, turns in answer(model, processor, task, todo, batch_size, device):
-        predictions[sample.id] = prediction
+    for ans in answer(model, processor, task, todo, batch_size, device, multiturn, min_new_tokens):
+        predictions[ans.sample.id] = ans.prediction
         if on_sample is not None:
-            on_sample(sample, prediction, turns)
+            on_sample(ans)
     return [predictions[s.id] for s in samples]

@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 import lazyattn
-from harness import calibration, figures, measure, tracking
+from harness import calibration, compare, figures, measure, tracking
 from harness.config import (
     RunError,
     check_run,
@@ -67,6 +67,31 @@ def describe_method(method, n_layers: int, calibrated: dict | None) -> dict:
     }
 
 
+def compare_to_dense(rows: dict[str, list[dict]], scores: dict, processor) -> dict:
+    """What result.json says of the method against dense on the same samples: the KV cache of the
+    evaluated workload, and (when dense was scored too) fidelity to dense's outputs per sample and
+    the paired difference of every score with its 95 % interval (added to ``scores`` in place)."""
+    method, dense = rows["method"], rows.get("dense")
+    out = {"kv_workload": compare.kv_workload(method, dense)}
+    if not dense:
+        return out
+    group = "qtype" if method and "qtype" in method[0] else "task"
+    tokenizer = getattr(processor, "tokenizer", processor)
+    summary, per_sample = compare.fidelity(
+        method, dense, tokenize=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], group=group
+    )
+    for (row, _), fid in zip(compare.paired(method, dense), per_sample):
+        row["fidelity"] = fid
+    out["fidelity"] = summary
+    if group == "qtype" and len(scores) == 1 and all("acc" in r for r in method + dense):
+        task_scores = next(iter(scores.values()))
+        for key, delta in compare.deltas(method, dense).items():
+            target = task_scores if key == "all" else task_scores.get(key)
+            if isinstance(target, dict):
+                target.update({"delta": delta["delta"], "delta_ci95": delta["delta_ci95"]})
+    return out
+
+
 def run(cfg: DictConfig) -> Path:
     out_dir = Path(cfg.out_dir)
     result_path = out_dir / "result.json"
@@ -115,6 +140,8 @@ def run(cfg: DictConfig) -> Path:
             repeats=int(cfg.efficiency.repeats), warmup=int(cfg.efficiency.warmup),
         )
 
+    rows = {v: e.rows for v, e in evaluations.items()}
+    comparison = compare_to_dense(rows, evaluations["method"].scores, loaded.processor)
     result = {
         "schema_version": SCHEMA_VERSION,
         "exp": cfg.name,
@@ -123,6 +150,7 @@ def run(cfg: DictConfig) -> Path:
         "method": method_info,
         "tasks": evaluations["method"].scores,
         "efficiency": efficiency,
+        **comparison,
         "env": env_info(),
         "config": relative_to_repo(plain(cfg)),
     }
@@ -139,7 +167,7 @@ def run(cfg: DictConfig) -> Path:
             calibrated["adjacent_js"], method_info["lazy_layers"], out_dir / "layer_divergence.png",
             f"{loaded.name}: {task.name} val",
         )
-    rows = [{"variant": v, **row} for v, e in evaluations.items() for row in e.rows]
+    rows = [{"variant": v, **row} for v, variant_rows in rows.items() for row in variant_rows]
     write_json_atomic(result_path, result)
     log.finish(rows)
     print_summary(result)
@@ -150,21 +178,38 @@ def run(cfg: DictConfig) -> Path:
     return result_path
 
 
+def _ci(interval) -> str:
+    return f"[{interval[0]:.2f}, {interval[1]:.2f}]" if interval else ""
+
+
 def print_summary(result: dict) -> None:
     for name, scores in result["tasks"].items():
         dense = result.get("tasks_dense", {}).get(name, {})
         print(f"task {name}: n={scores['n']}")
-        for key, value in scores.items():
-            if isinstance(value, dict):
-                metric = "f1" if "f1" in value else "acc"
-                d = dense.get(key, {}).get(metric)
-                print(f"  {key:<10} {metric}: method {value[metric]:.3f}" + (f"  dense {d:.3f}" if d is not None else ""))
-        for key, value in scores.items():  # acc for shapes; lmms-eval's own metric names for benchmarks
-            if key == "n" or isinstance(value, dict) or not isinstance(value, (int, float)):
+        entries = [(k, v) for k, v in scores.items() if isinstance(v, dict)] + [("all", scores)]
+        for key, value in entries:
+            metric = "f1" if "f1" in value else next((m for m in ("acc",) if m in value), None)
+            if metric is None:  # lmms-eval benchmarks: their own metric names
+                metrics = {k: v for k, v in value.items() if isinstance(v, (int, float)) and k != "n"}
+                print(f"  {key:<10} " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
                 continue
-            d = dense.get(key)
-            label = "all" if key == "acc" else ""
-            print(f"  {label:<10} {key}: method {value:.3f}" + (f"  dense {d:.3f}" if d is not None else ""))
+            line = f"  {key:<10} {metric}: method {value[metric]:.3f} {_ci(value.get(metric + '_ci95'))}"
+            d = dense.get(metric) if key == "all" else dense.get(key, {}).get(metric)
+            if d is not None:
+                line += f"  dense {d:.3f}"
+            if value.get("delta") is not None:
+                line += f"  delta {value['delta']:+.3f} {_ci(value['delta_ci95'])}"
+            print(line)
+    if result.get("fidelity"):
+        f = result["fidelity"]
+        print(f"fidelity to dense: exact {f['exact_match']:.3f}, prefix agreement {f['prefix_agreement']:.3f}, "
+              f"first divergence (median token) {f['first_divergence_median']}")
+    if result.get("kv_workload"):
+        k = result["kv_workload"]
+        line = f"workload KV per sample: method {k['method_bytes_mean']:.0f} bytes"
+        if k["reduction"] is not None:
+            line += f", dense {k['dense_bytes_mean']:.0f} bytes, reduction {k['reduction']:.4f}"
+        print(line)
     eff = result["efficiency"]
     if eff:
         for variant in ("dense", "method"):
@@ -173,4 +218,5 @@ def print_summary(result: dict) -> None:
                 f"{variant:<6} kv_cache_bytes={e['kv_cache_bytes']} prefill_ms={e['prefill_ms']:.1f} "
                 f"decode_tokens_per_s={e['decode_tokens_per_s']:.1f}"
             )
-        print(f"kv_reduction={eff['kv_reduction']:.4f} decode_speedup={eff['decode_speedup']:.3f} ({eff['device']})")
+        print(f"kv_reduction={eff['kv_reduction']:.4f} decode_speedup={eff['decode_speedup']:.3f} ({eff['device']}, "
+              "one synthetic batch: the first prompt repeated)")

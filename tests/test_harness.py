@@ -79,16 +79,16 @@ def test_interrupted_run_resumes_finished_samples(tmp_path, monkeypatch):
     calls = []
     real = run_mod.evaluate
 
-    def flaky(model, processor, task, samples, batch_size, device, on_sample=None, done=None):
+    def flaky(model, processor, task, samples, batch_size, device, on_sample=None, done=None, **kwargs):
         calls.append(len(done or {}))
         if len(calls) == 1:  # dense pass: finish 3 samples, then "crash"
-            def stop_after_three(sample, prediction, turns, seen=[]):
-                on_sample(sample, prediction, turns)
+            def stop_after_three(answer, seen=[]):
+                on_sample(answer)
                 seen.append(1)
                 if len(seen) == 3:
                     raise KeyboardInterrupt
-            return real(model, processor, task, samples, batch_size, device, stop_after_three, done)
-        return real(model, processor, task, samples, batch_size, device, on_sample, done)
+            return real(model, processor, task, samples, batch_size, device, stop_after_three, done, **kwargs)
+        return real(model, processor, task, samples, batch_size, device, on_sample, done, **kwargs)
 
     monkeypatch.setattr(run_mod, "evaluate", flaky)
     with pytest.raises(KeyboardInterrupt):

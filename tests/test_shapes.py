@@ -35,7 +35,9 @@ def test_ids_and_fields():
     assert [s.id for s in samples] == [f"val-{i}" for i in range(3, 15)]
     for s in samples:
         assert s.split == "val"
-        assert len(s.questions) == len(s.answers) == len(s.turn_types) == (2 if s.qtype == "multiturn" else 1)
+        turns = len(s.turn_types)
+        assert len(s.questions) == len(s.answers) == turns
+        assert turns == 2 if s.qtype == "multiturn" else 4 <= turns <= 6 if s.qtype == "dialogue" else turns == 1
 
 
 # ----------------------------------------------------------------- scenes and rendering
@@ -130,6 +132,20 @@ def _check_turn(turn_type: str, scene: Scene, question: str, answer: str) -> Non
         horiz = lambda o: "left" if o.col < 2 else "right"  # noqa: E731
         parts = [f"a {o.colour} {o.shape} at {vert(o)} {horiz(o)}" for o in ordered]
         assert answer == " , ".join(parts) + " ."
+    elif turn_type == "long":
+        assert question == "describe the shapes ."
+        ordered = sorted(scene.objects, key=lambda o: (o.row, o.col))
+        head = f"there are {len(scene.objects)} shapes ."
+        assert answer.startswith(head) and len(shapes.words(answer)) == 5 + 26 * len(ordered)
+        facts = shapes.long_facts(answer)
+        assert ("", "count", str(len(ordered))) in facts and len(facts) == 1 + 4 * len(ordered)
+        for o in ordered:
+            assert {(o.shape, "colour", o.colour), (o.shape, "cell", f"{o.row + 1} {o.col + 1}"),
+                    (o.shape, "vertical", "top" if o.row < 2 else "bottom"),
+                    (o.shape, "horizontal", "left" if o.col < 2 else "right")} <= facts
+        assert shapes.score_turn("long", answer, answer)["f1"] == 1.0
+        wrong = answer.replace(f"the {ordered[0].shape} is {ordered[0].colour}", f"the {ordered[0].shape} is ?")
+        assert shapes.score_turn("long", wrong, answer)["recall"] == pytest.approx(1 - 1 / len(facts))
     else:
         raise AssertionError(f"unexpected turn type {turn_type}")
 
@@ -143,9 +159,11 @@ def test_answers_match_the_scene():
         if s.qtype == "multiturn":
             assert len(set(s.turn_types)) == 2
             assert set(s.turn_types) <= {"colour", "count", "exist", "position"}
+        elif s.qtype == "dialogue":
+            assert 4 <= len(s.turn_types) <= 6 and set(s.turn_types) <= {"colour", "count", "exist", "position"}
         else:
             assert s.turn_types == [s.qtype]
-    assert seen == set(QTYPES) - {"multiturn"}
+    assert seen == set(QTYPES) - {"multiturn", "dialogue"}
 
 
 def test_position_asks_both_axes():
@@ -167,7 +185,7 @@ def test_qtypes_round_robin():
 def test_exist_is_exactly_balanced():
     only = shapes.load_split("test", 40, qtypes=["exist"])
     assert [s.answers[0] for s in only] == ["yes", "no"] * 20
-    mixed = [s for s in shapes.load_split("test", 120) if s.qtype == "exist"]
+    mixed = [s for s in shapes.load_split("test", 20 * len(QTYPES)) if s.qtype == "exist"]
     assert len(mixed) == 20
     assert sum(s.answers[0] == "yes" for s in mixed) == 10
 
@@ -272,13 +290,13 @@ def test_score_sample_uses_last_turn():
 
 
 def test_aggregate():
-    samples = shapes.load_split("test", 12)
+    samples = shapes.load_split("test", 12, QTYPES[:6])
     # Gold everywhere except the first count sample (index 1) and the first describe (index 4).
     preds = [s.answers[-1] for s in samples]
     preds[1] = "99"
     preds[4] = ""
     agg = shapes.aggregate(samples, preds)
-    assert set(agg) == set(QTYPES) | {"all"}
+    assert set(agg) == set(QTYPES[:6]) | {"all"}
     assert agg["count"] == {"n": 2, "acc": 0.5}
     assert agg["describe"]["n"] == 2
     assert agg["describe"]["acc"] == 0.5 and agg["describe"]["f1"] == 0.5

@@ -28,14 +28,14 @@ _DROP = ("alias", "samples", "sample_len", "name")
 
 
 def _metrics(entry: dict) -> dict[str, Any]:
-    """lmms-eval's ``{"acc,none": x, "acc_stderr,none": s, "alias": ...}`` -> ``{"acc": x}``
+    """lmms-eval's ``{"acc,none": x, "acc_stderr,none": s, "alias": ...}`` -> ``{"acc": x, "acc_stderr": s}``
     (metrics whose aggregation only writes a file, such as ``submission``, have no value: left out)."""
     out = {}
     for key, value in entry.items():
         metric, _, _filter = key.partition(",")
-        if metric in _DROP or "_stderr" in metric or value is None:
+        if metric in _DROP or value is None or value == "N/A":
             continue
-        out[metric] = value
+        out[metric] = value  # lmms-eval's standard errors are kept as <metric>_stderr
     return out
 
 
@@ -173,6 +173,12 @@ class LmmsShapes(ShapesTask):
     def evaluate(self, loaded, method, *, limit, batch_size, device, work_dir, finished, on_row) -> Evaluation:
         samples = self.samples(limit)
         predictions, scores, summary = evaluate_shapes(self, loaded, method, samples, batch_size, device, work_dir)
+        ours = self.score(samples, predictions)  # the same scorer: its 95 % intervals go beside lmms-eval's numbers
+        for key, value in ours.items():
+            if key.endswith("_ci95"):
+                scores[key] = value
+            elif isinstance(value, dict) and isinstance(scores.get(key), dict):
+                scores[key].update({k: v for k, v in value.items() if k.endswith("_ci95")})
         rows = [self.row(s, p, [p]) for s, p in zip(samples, predictions)]
         for row in rows:
             on_row(row)

@@ -19,8 +19,15 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from harness.generate import conversation, evaluate
+from omegaconf import OmegaConf
+
+from harness.compare import interval
+from harness.generate import MULTITURN_MODES, conversation, evaluate
 from harness.tasks import shapes
+
+
+def plain(value):
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 Prompt = tuple[list[dict], list]  # (chat history with image placeholders, its images)
 
@@ -67,7 +74,9 @@ class ShapesTask:
     n: int
     qtypes: Sequence[str]
     image_size: int
-    max_new_tokens: dict[str, int]
+    max_new_tokens: dict[str, int] | int  # per turn kind (short, describe, long), or one budget for every turn
+    multiturn: str = "carry"  # carry | reencode (harness.generate)
+    min_new_tokens: int = 0  # no stop token before this many: forces long generation, as serving benchmarks do
 
     def check(self) -> None:
         unknown = [q for q in self.qtypes if q not in shapes.QTYPES]
@@ -75,6 +84,13 @@ class ShapesTask:
             raise ValueError(f"task.qtypes {list(unknown or self.qtypes)} unknown; choose from {list(shapes.QTYPES)}.")
         if self.split not in shapes.SPLITS:
             raise ValueError(f"task.split must be one of {list(shapes.SPLITS)}, got {self.split!r}.")
+        if self.multiturn not in MULTITURN_MODES:
+            raise ValueError(f"task.multiturn must be one of {list(MULTITURN_MODES)}, got {self.multiturn!r}.")
+        budgets = [self.max_new_tokens] if isinstance(self.max_new_tokens, int) else list(self.max_new_tokens.values())
+        if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in budgets):
+            raise ValueError(f"task.max_new_tokens must be an integer >= 1 (or one per turn kind), got {self.max_new_tokens!r}.")
+        if isinstance(self.min_new_tokens, bool) or not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0:
+            raise ValueError(f"task.min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}.")
 
     def samples(self, limit: int | None) -> list[shapes.Sample]:
         return shapes.load_split(self.split, self.n if limit is None else int(limit), self.qtypes)
@@ -87,14 +103,27 @@ class ShapesTask:
         return sample.image(self.image_size)
 
     def turn_budget(self, turn_type: str) -> int:
+        if isinstance(self.max_new_tokens, int):
+            return self.max_new_tokens
+        if turn_type == "long":
+            return self.max_new_tokens.get("long", self.max_new_tokens["describe"])
         return self.max_new_tokens["describe" if turn_type == "describe" else "short"]
 
     def score(self, samples: Sequence[shapes.Sample], predictions: Sequence[str]) -> dict[str, Any]:
+        """Mean scores overall and per question type, each with its 95 % interval (``*_ci95``:
+        Wilson for accuracy, bootstrap for F1; harness.compare)."""
         by_type = shapes.aggregate(samples, predictions)
         overall = by_type.pop("all")
-        return {"n": int(overall["n"]), "acc": overall["acc"], **by_type}
+        per_sample = [shapes.score_sample(s, p) for s, p in zip(samples, predictions)]
+        for qtype, scores in by_type.items():
+            rows = [r for s, r in zip(samples, per_sample) if s.qtype == qtype]
+            for metric in ("acc", "f1"):
+                if metric in scores:
+                    scores[f"{metric}_ci95"] = interval([r[metric] for r in rows])
+        return {"n": int(overall["n"]), "acc": overall["acc"],
+                "acc_ci95": interval([r["acc"] for r in per_sample]), **by_type}
 
-    def row(self, sample: shapes.Sample, prediction: str, turns: list[str] | None) -> dict:
+    def row(self, sample: shapes.Sample, prediction: str, turns: list[str] | None, kv_bytes: list[int] | None = None) -> dict:
         return {
             "id": sample.id,
             "qtype": sample.qtype,
@@ -103,6 +132,7 @@ class ShapesTask:
             "turns": turns,
             "prediction": prediction,
             **shapes.score_sample(sample, prediction),
+            "kv_bytes": kv_bytes,
         }
 
     def evaluate(self, loaded, method, *, limit, batch_size, device, work_dir, finished, on_row) -> Evaluation:
@@ -111,14 +141,15 @@ class ShapesTask:
         samples = self.samples(limit)
         rows = {sid: row for sid, row in finished.items()}
 
-        def record(sample, prediction, turns):
-            rows[sample.id] = self.row(sample, prediction, turns)
-            on_row(rows[sample.id])
+        def record(ans):
+            rows[ans.sample.id] = self.row(ans.sample, ans.prediction, ans.turns, ans.kv_bytes)
+            on_row(rows[ans.sample.id])
 
         with method.apply(loaded.model):
             predictions = evaluate(
                 loaded.model, loaded.processor, self, samples, batch_size, device, on_sample=record,
                 done={sid: row["prediction"] for sid, row in finished.items()},
+                multiturn=self.multiturn, min_new_tokens=self.min_new_tokens,
             )
         return Evaluation(
             scores={self.name: self.score(samples, predictions)},
@@ -135,5 +166,7 @@ def shapes_task(cfg) -> ShapesTask:
         n=int(cfg.n),
         qtypes=list(cfg.qtypes),
         image_size=int(cfg.image_size),
-        max_new_tokens=dict(cfg.max_new_tokens),
+        max_new_tokens=plain(cfg.max_new_tokens),
+        multiturn=str(cfg.get("multiturn", "carry")),
+        min_new_tokens=plain(cfg.get("min_new_tokens", 0)),
     )

@@ -30,7 +30,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (140, 60, 180),
     "orange": (245, 130, 20),
 }
-QTYPES: tuple[str, ...] = ("colour", "count", "exist", "position", "describe", "multiturn")
+# long (a detailed description, 30-110 tokens) and dialogue (4-6 turns) came later: they are last, so the
+# samples of the first six types do not move.
+QTYPES: tuple[str, ...] = ("colour", "count", "exist", "position", "describe", "multiturn", "long", "dialogue")
 SPLITS: dict[str, int] = {"train": 1000, "val": 2000, "test": 3000}
 GRID = 4
 MAX_OBJECTS = 4
@@ -55,10 +57,17 @@ TEMPLATES: dict[str, str] = {
     "position_lr": "is the {shape} on the left or the right ?",
     "position_tb": "is the {shape} at the top or the bottom ?",
     "describe": "describe the image .",
+    "long": "describe the shapes .",
 }
 DESCRIBE_ITEM = "a {colour} {shape} at {place}"
 DESCRIBE_SEP = " , "
 DESCRIBE_END = " ."
+# The long description: how many objects, then four facts about each, in reading order.
+LONG_HEAD = "there are {n} shapes ."
+LONG_ITEM = (
+    "the {shape} is {colour} , the {shape} is at the {vertical} , the {shape} is on the {horizontal} , "
+    "the {shape} is at {row} {col} ."
+)
 YES, NO = "yes", "no"
 
 
@@ -75,7 +84,7 @@ def _template_words(template: str) -> list[str]:
 
 def _build_vocab() -> tuple[str, ...]:
     vocab: set[str] = set()
-    for template in (*TEMPLATES.values(), DESCRIBE_ITEM, DESCRIBE_SEP, DESCRIBE_END):
+    for template in (*TEMPLATES.values(), DESCRIBE_ITEM, DESCRIBE_SEP, DESCRIBE_END, LONG_HEAD, LONG_ITEM):
         vocab.update(_template_words(template))
     vocab.update(SHAPES)
     vocab.update(COLOURS)
@@ -180,6 +189,40 @@ class Sample:
         return render(self.scene, size)
 
 
+def describe_long(scene: Scene) -> str:
+    """The gold long description: the object count, then colour, half, side and grid cell (row and
+    column, 1-4) of every object in reading order."""
+    items = [
+        LONG_ITEM.format(shape=o.shape, colour=o.colour, vertical=o.place.split()[0], horizontal=o.place.split()[1],
+                         row=o.row + 1, col=o.col + 1)
+        for o in scene.objects
+    ]
+    return " ".join([LONG_HEAD.format(n=len(scene.objects)), *items])
+
+
+def long_facts(text: str) -> set[tuple[str, str, str]]:
+    """The facts a long description states: (shape, kind, value) for colour, vertical, horizontal
+    and cell, and ("", "count", n); whatever else the text says is ignored."""
+    tokens = words(text)
+    facts = set()
+    for i in range(len(tokens)):
+        window = tokens[i : i + 7]
+        if window[:2] == ["there", "are"] and len(window) > 3 and window[3] == "shapes":
+            facts.add(("", "count", window[2]))
+        if len(window) < 4 or window[0] != "the" or window[1] not in SHAPES or window[2] != "is":
+            continue
+        shape, rest = window[1], window[3:]
+        if rest[0] in COLOURS:
+            facts.add((shape, "colour", rest[0]))
+        elif rest[:2] == ["at", "the"] and len(rest) > 2 and rest[2] in ("top", "bottom"):
+            facts.add((shape, "vertical", rest[2]))
+        elif rest[:2] == ["on", "the"] and len(rest) > 2 and rest[2] in ("left", "right"):
+            facts.add((shape, "horizontal", rest[2]))
+        elif rest[0] == "at" and len(rest) > 2 and rest[1].isdigit() and rest[2].isdigit():
+            facts.add((shape, "cell", f"{rest[1]} {rest[2]}"))
+    return facts
+
+
 def describe(scene: Scene) -> str:
     """The gold description: every object in reading order."""
     items = [DESCRIBE_ITEM.format(colour=o.colour, shape=o.shape, place=o.place) for o in scene.objects]
@@ -235,6 +278,12 @@ def _make_sample(split: str, index: int, qtype: str, n_qtypes: int) -> Sample:
     if qtype == "multiturn":
         turn_types = rng.sample(SINGLE_TURN_TYPES, 2)
         turns = [_single_turn(t, scene, rng, exist_yes=rng.random() < 0.5) for t in turn_types]
+    elif qtype == "dialogue":  # a longer conversation: 4-6 single-turn questions about one image
+        turn_types = [rng.choice(SINGLE_TURN_TYPES) for _ in range(rng.randint(4, 6))]
+        turns = [_single_turn(t, scene, rng, exist_yes=rng.random() < 0.5) for t in turn_types]
+    elif qtype == "long":
+        turn_types = ["long"]
+        turns = [(TEMPLATES["long"], describe_long(scene))]
     else:
         # Every other exist sample (in round-robin order) is a "yes": exactly balanced prefixes.
         turn_types = [qtype]
@@ -309,7 +358,14 @@ def score_turn(turn_type: str, prediction: str, gold: str) -> dict[str, float]:
         recall = hits / len(ref) if ref else 0.0
         f1 = 2 * precision * recall / (precision + recall) if hits else 0.0
         return {"acc": float(pred == ref), "f1": f1, "precision": precision, "recall": recall}
-    raise ValueError(f"unknown turn type {turn_type!r}; allowed: {[*SINGLE_TURN_TYPES, 'describe']}")
+    if turn_type == "long":
+        pred, ref = long_facts(prediction), long_facts(gold)
+        hits = len(pred & ref)
+        precision = hits / len(pred) if pred else 0.0
+        recall = hits / len(ref) if ref else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if hits else 0.0
+        return {"acc": float(pred == ref), "f1": f1, "precision": precision, "recall": recall}
+    raise ValueError(f"unknown turn type {turn_type!r}; allowed: {[*SINGLE_TURN_TYPES, 'describe', 'long']}")
 
 
 def score_sample(sample: Sample, prediction: str) -> dict[str, float]:
