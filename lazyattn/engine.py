@@ -78,12 +78,21 @@ def attention_rows(module: nn.Module, query: torch.Tensor, key: torch.Tensor, ro
 def _stage_mask(impl: str, real: torch.Tensor, q_len: int, dtype: torch.dtype):
     """The attention mask the model's backend expects, for ``q_len`` queries at the end of ``real``.
 
-    Same conventions as transformers' own masks: sdpa a 4D bool (True attends), eager a 4D float
-    (0 or the dtype's minimum), flash-attention a 2D padding mask (None when nothing is padded).
+    Same conventions as transformers' own masks: flash-attention a 2D padding mask, eager a 4D
+    float (0 or the dtype's minimum), sdpa (and any other backend) a 4D bool (True attends).
+    Like transformers (``_ignore_causal_mask_sdpa``), no mask at all (None) whenever the stage
+    holds no padding and the causal structure is the default one: the queries are the whole
+    sequence (a prefill: SDPA's ``is_causal``) or a single token (a decode step attends to every
+    cached column). A stage of kept or merged tokens, gaps in its positions included, is causal
+    over its own sequence, so this holds for it too. That keeps pruned layers on SDPA's flash
+    kernel, as dense and lazy layers are. Eager always gets its mask, as transformers gives it.
     """
     kv = real.shape[1]
+    unpadded = bool(real.all())
     if impl.startswith("flash"):
-        return None if bool(real.all()) else real.to(torch.long)
+        return None if unpadded else real.to(torch.long)
+    if impl != "eager" and unpadded and (q_len == 1 or q_len == kv):
+        return None
     cols = torch.arange(kv, device=real.device)
     rows = torch.arange(q_len, device=real.device) + (kv - q_len)
     allowed = (cols[None, :] <= rows[:, None])[None, None] & real[:, None, None, :]
