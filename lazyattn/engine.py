@@ -44,6 +44,7 @@ class Stage:
     image: torch.Tensor  # (B, L_s) bool: visual token (kept or merged)
     positions: torch.Tensor  # (B, L_s) position ids (or (3, B, L_s) for M-RoPE)
     shift: torch.Tensor  # (B,) decode positions are the model's positions minus this
+    unpadded: bool | None = None  # no padding column in the prompt part (read once, at prefill)
     # Filled once per forward: what the stage's layers get instead of the decoder's arguments.
     mask: Any = None
     position_embeddings: Any = None
@@ -75,7 +76,7 @@ def attention_rows(module: nn.Module, query: torch.Tensor, key: torch.Tensor, ro
     return torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(dim=1)
 
 
-def _stage_mask(impl: str, real: torch.Tensor, q_len: int, dtype: torch.dtype):
+def _stage_mask(impl: str, real: torch.Tensor, q_len: int, dtype: torch.dtype, unpadded: bool | None = None):
     """The attention mask the model's backend expects, for ``q_len`` queries at the end of ``real``.
 
     Same conventions as transformers' own masks: flash-attention a 2D padding mask, eager a 4D
@@ -86,9 +87,10 @@ def _stage_mask(impl: str, real: torch.Tensor, q_len: int, dtype: torch.dtype):
     cached column). A stage of kept or merged tokens, gaps in its positions included, is causal
     over its own sequence, so this holds for it too. That keeps pruned layers on SDPA's flash
     kernel, as dense and lazy layers are. Eager always gets its mask, as transformers gives it.
+    ``unpadded`` (whether ``real`` is all True), when the caller knows it, saves a host sync.
     """
     kv = real.shape[1]
-    unpadded = bool(real.all())
+    unpadded = bool(real.all()) if unpadded is None else unpadded
     if impl.startswith("flash"):
         return None if unpadded else real.to(torch.long)
     if impl != "eager" and unpadded and (q_len == 1 or q_len == kv):
@@ -261,6 +263,7 @@ class PruneEngine:
         q_len = hidden.shape[1]
         if self.prefill:
             real, positions = stage.real, stage.positions
+            stage.unpadded = unpadded = bool(real.all())
         else:
             mask2d = self.step["mask2d"]
             n_new = self.step["past"] + q_len - self.prefill_len  # tokens after the prompt, these included
@@ -270,9 +273,10 @@ class PruneEngine:
                 else mask2d[:, -n_new:].bool()
             )
             real = torch.cat([stage.real, new], dim=1)
+            unpadded = stage.unpadded if mask2d is None else None  # no decode-time host sync when unpadded
             step_pos = self.step["positions"]
             positions = step_pos - (stage.shift[:, None] if step_pos.dim() == 2 else stage.shift[None, :, None])
-        stage.mask = _stage_mask(self.impl, real, q_len, hidden.dtype)
+        stage.mask = _stage_mask(self.impl, real, q_len, hidden.dtype, unpadded)
         if positions.dim() == 3 and positions.shape[0] == 4:  # M-RoPE with text positions prepended
             stage.position_ids, rope_positions = positions[0], positions[1:]
         elif positions.dim() == 3:  # M-RoPE (temporal, height, width)
