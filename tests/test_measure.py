@@ -216,3 +216,40 @@ def test_qk_share_of_llava_7b_shapes():
     """LLaVA-1.5-7B: q and k are 2 x 4096^2 of a 202M-parameter layer, about 17 %."""
     h, mlp = 4096, 11008
     assert 2 * h * h / (4 * h * h + 3 * h * mlp) == pytest.approx(0.166, abs=0.001)
+
+
+# ---- batched generation grouped by image-token count --------------------------------------------
+
+
+def test_batches_group_by_key_in_order():
+    assert generate.batches([5, 7, 5, 5, 7, 5], 2) == [[0, 2], [1, 4], [3, 5]]
+    assert generate.batches([1, 1, 1], 2) == [[0, 1], [2]]
+
+
+def test_mixed_image_token_counts_run_batched_with_unchanged_predictions(monkeypatch):
+    loaded = families.build_random("llava_next", {**TEXT, "backbone": "mistral"}, CLIP, initializer_range=0.2)
+    model, processor = loaded.model, loaded.processor
+    samples = shapes.load_split("test", 5)
+    sizes = {s.id: size for s, size in zip(samples, [(64, 64), (96, 64), (64, 64), (96, 64), (64, 64)])}
+
+    class Task:
+        def image(self, sample):
+            return sample.image(64).resize(sizes[sample.id])
+
+        def turn_budget(self, turn_type):
+            return 3
+
+    task = Task()
+    counts = [generate.image_token_count(model, processor, task, s) for s in samples]
+    assert len(set(counts)) == 2, counts
+    fastv = lazyattn.build({"name": "fastv", "k": 2, "ratio": 0.5})
+    order = []
+    with fastv.apply(model):
+        one = generate.evaluate(model, processor, task, samples, 1, "cpu")
+        grouped = generate.evaluate(model, processor, task, samples, 3, "cpu",
+                                    on_sample=lambda s, p, t: order.append(s.id))
+        assert grouped == one and order == [s.id for s in samples]
+        monkeypatch.setattr(generate, "batches", lambda keys, b: [list(range(i, min(i + b, len(keys))))
+                                                                   for i in range(0, len(keys), b)])
+        with pytest.raises(ValueError, match="same number of image tokens"):
+            generate.evaluate(model, processor, task, samples, 3, "cpu")
