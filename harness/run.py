@@ -181,5 +181,12 @@ def print_summary(result: dict) -> None:
             f"e2e_speedup={eff.get('e2e_speedup', float('nan')):.3f} prefill_speedup={eff['prefill_speedup']:.3f} "
             f"(method over dense, higher is better; medians ± IQR; {eff['device']})"
         )
+        ceiling = eff.get("predicted_decode_ceiling") or {}
+        if ceiling.get("lazy_layers"):
+            print(
+                f"predicted decode ceiling ({ceiling['lazy_layers']} lazy layers, f={ceiling['lazy_fraction']:.3f}, "
+                f"q/k weight share {ceiling['qk_weight_share']:.3f}): weight-bound x{ceiling['weight_bound']:.3f}, "
+                f"KV-bound x{ceiling['kv_bound']:.3f}"
+            )
         if eff.get("host_sync"):
             print(f"note: {eff['host_sync']}")
