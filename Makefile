@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 LMMS_EVAL ?= lmms-eval==0.7.3
 LMMS_STAMP := $(VENV)/.lmms-installed
 
-.PHONY: install lmms-install run test bench clean tiny-model sweeps tables table-main table-efficiency fig-layers fig-pareto
+.PHONY: install lmms-install run test bench gpu-check clean tiny-model sweeps tables table-main table-efficiency fig-layers fig-pareto
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,6 +33,12 @@ run: $(STAMP)
 
 bench: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python -m harness.bench $(ARGS)
+
+# Validate every method on CUDA and measure throughput on LLaVA-1.5-7B shapes (docs/gpu.md);
+# results/gpu/<device>/, resumable. Without CUDA: the CPU checks only, one line, exit 0.
+# ARGS="--quick" for a smaller bench grid, "--skip-bench" for correctness only.
+gpu-check: $(STAMP)
+	WANDB_MODE=$${WANDB_MODE:-disabled} $(BIN)/python -m harness.gpu_check $(ARGS)
 
 test: $(STAMP) $(LMMS_STAMP)
 	WANDB_MODE=offline $(BIN)/python -m pytest tests $(PYTEST_ARGS)

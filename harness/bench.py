@@ -1,14 +1,19 @@
 """The efficiency benchmark: ``python -m harness.bench model=NAME device=cpu|cuda ...``.
 
-For one model, dense and each configured method: prefill latency, decode tokens/s and peak KV
-bytes across batch sizes and prompt lengths. Each point times dense and the method interleaved
-in this process (``harness.measure.compare``), so a row's ratios come from one run.
+For one model, dense and each configured method: prefill latency, decode and end-to-end
+tokens/s (batch x new tokens over prefill + decode), peak KV bytes and peak device memory (CUDA
+only) across batch sizes and prompt lengths. Each point times dense and the method in ABBA
+order in this process (``harness.measure.compare``), so a row's speed-ups come from one run.
+Every speed-up is method over dense, higher is better.
 
-Then throughput under a fixed KV memory budget (the paper's claim: more sequences in the same
-memory). The budget is dense's peak KV at ``budget.reference_batch`` (or ``budget.bytes``). A
-method's peak KV is linear in the batch, so its largest batch is predicted from its KV at batch
-1, then verified by running that batch (stepping down while the measured peak exceeds the
-budget); every method is then timed at its own largest batch, round-robin with dense at dense's.
+Then throughput under a fixed memory budget (the paper's claim: more sequences in the same
+memory). ``budget.kind`` says what is budgeted: ``kv`` the KV cache bytes (the paper's measure;
+any device), ``memory`` the peak allocated device memory (weights, activations and cache; CUDA
+only). The budget is dense's figure at ``budget.reference_batch`` (or ``budget.bytes``). A
+method's figure is linear in the batch (through zero for KV; with a fixed part, the weights,
+for device memory, so that one is measured at batch 1 and 2), so its largest batch is predicted,
+then verified by running that batch (stepping down while the measured peak exceeds the budget);
+every method is then timed at its own largest batch, in ABBA order with dense at dense's.
 
 ``out_dir/bench.json`` is rewritten atomically after every point, so an interrupted bench keeps
 what finished; running the same command with the same ``out_dir`` resumes it.
@@ -193,6 +198,11 @@ def check_settings(cfg: DictConfig) -> dict:
     }
     b = cfg.budget
     if b.enabled:
+        kind = b.get("kind", "kv")
+        if kind not in ("kv", "memory"):
+            raise BenchError(f"budget.kind must be kv (KV cache bytes) or memory (peak device memory), got {kind!r}.")
+        if b.get("new_tokens") is not None:
+            _int(b.new_tokens, "budget.new_tokens (or null)", 1)
         if b.bytes is not None:
             whole = isinstance(b.bytes, float) and b.bytes.is_integer()  # 8e9 on the command line is a float
             settings["budget_bytes"] = _int(int(b.bytes) if whole else b.bytes, "budget.bytes (or null)", 1)
@@ -227,9 +237,19 @@ def previous_result(path: Path, key: str, overwrite: bool) -> dict | None:
     return previous
 
 
+TIMINGS = ("prefill_ms", "decode_tokens_per_s", "e2e_tokens_per_s")
+
+
+def _figures(summary: dict) -> dict:
+    """A variant's figures as a row keeps them: medians with their IQRs, KV, memory, bandwidth."""
+    keys = [k for t in TIMINGS for k in (t, f"{t}_iqr")] + [
+        "kv_cache_bytes", "peak_memory_bytes", "decode_bandwidth_bytes_per_s", "bandwidth_utilisation"]
+    return {k: summary.get(k) for k in keys}
+
+
 def _row(variant: Variant, res: dict, context: dict, dev: dict) -> dict:
     d, m = res["dense"], res["method"]
-    return {
+    row = {
         "method": variant.config,
         "label": variant.label,
         "params": variant.method.params(),
@@ -238,20 +258,27 @@ def _row(variant: Variant, res: dict, context: dict, dev: dict) -> dict:
         "context_length": context["context_length"],
         "prompt_tokens": res["prompt_tokens"],
         "new_tokens": res["new_tokens"],
-        "prefill_ms": m["prefill_ms"],
-        "decode_tokens_per_s": m["decode_tokens_per_s"],
-        "kv_cache_bytes": m["kv_cache_bytes"],
-        "dense": {k: d[k] for k in ("prefill_ms", "decode_tokens_per_s", "kv_cache_bytes")},
+        **_figures(m),
+        "dense": _figures(d),
+        # method over dense; the speed-ups are higher-is-better, the fractions are method / dense
         "ratios": {
-            "kv_cache_bytes": m["kv_cache_bytes"] / d["kv_cache_bytes"],
+            "kv_fraction": m["kv_cache_bytes"] / d["kv_cache_bytes"],
             "kv_reduction": res["kv_reduction"],
+            "memory_fraction": (m["peak_memory_bytes"] / d["peak_memory_bytes"]
+                                if m.get("peak_memory_bytes") and d.get("peak_memory_bytes") else None),
             "decode_speedup": res["decode_speedup"],
-            "prefill_ms": m["prefill_ms"] / d["prefill_ms"],
+            "e2e_speedup": res["e2e_speedup"],
+            "prefill_speedup": res["prefill_speedup"],
         },
+        "predicted_decode_ceiling": res.get("predicted_decode_ceiling"),
         "repeats": m["repeats"],
+        "order": res.get("order"),
         "device": dev["device"],
         "device_name": dev["name"],
     }
+    if res.get("host_sync"):
+        row["host_sync"] = res["host_sync"]
+    return row
 
 
 def _free(device: torch.device) -> None:
@@ -259,32 +286,52 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _peak_kv(model, variant: Variant, inputs: dict, new_tokens: int) -> int:
+def _peak(model, variant: Variant, inputs: dict, new_tokens: int, kind: str = "kv") -> int:
+    """The variant's peak KV bytes (``kv``) or peak allocated device memory (``memory``) in one run."""
     with variant.method.apply(model):
-        return int(measure.generate_once(model, inputs, new_tokens)["kv_cache_bytes"])
+        run = measure.generate_once(model, inputs, new_tokens)
+    value = run["kv_cache_bytes"] if kind == "kv" else run["peak_memory_bytes"]
+    if value is None:
+        raise BenchError("budget.kind=memory needs a CUDA device (peak device memory is not measured on CPU); "
+                         "use budget.kind=kv.")
+    return int(value)
+
+
+def _peak_kv(model, variant: Variant, inputs: dict, new_tokens: int) -> int:
+    return _peak(model, variant, inputs, new_tokens, "kv")
 
 
 def budget_plan(model, prompts: Prompts, context: dict, variants: list[Variant], cfg: DictConfig, new_tokens: int,
                 dev: dict) -> dict:
-    """The budget and every variant's KV per sequence, measured at batch 1; fails fast when the
-    budget cannot hold a single sequence of some variant."""
+    """The budget and every variant's cost per sequence (and fixed cost, for device memory),
+    measured at batch 1 (and 2); fails fast when the budget cannot hold one sequence of some variant."""
+    kind = str(cfg.get("kind", "kv"))
+    what = "KV" if kind == "kv" else "device memory"
     words = context["extra_words"]
     one = prompts.inputs(words, 1)
-    per_sample = {v.label: _peak_kv(model, v, one, new_tokens) for v in variants}
+    at_one = {v.label: _peak(model, v, one, new_tokens, kind) for v in variants}
+    if kind == "memory":
+        two = prompts.inputs(words, 2)
+        at_two = {v.label: _peak(model, v, two, new_tokens, kind) for v in variants}
+        per_sample = {k: max(1, at_two[k] - at_one[k]) for k in at_one}
+        fixed = {k: at_one[k] - per_sample[k] for k in at_one}
+    else:
+        per_sample, fixed = at_one, {k: 0 for k in at_one}
     if cfg.bytes is None:
         ref = int(cfg.reference_batch)
-        budget = _peak_kv(model, variants[0], prompts.inputs(words, ref), new_tokens)
-        source = f"dense peak KV at batch {ref}"
+        budget = _peak(model, variants[0], prompts.inputs(words, ref), new_tokens, kind)
+        source = f"dense peak {what} at batch {ref}"
     else:
         budget, ref, source = int(float(cfg.bytes)), None, "budget.bytes"
     for v in variants:
-        if per_sample[v.label] > budget:
+        if at_one[v.label] > budget:
             raise BenchError(
-                f"KV budget of {budget} bytes cannot hold one sequence of {v.label!r} ({per_sample[v.label]} bytes at "
+                f"{what} budget of {budget} bytes cannot hold one sequence of {v.label!r} ({at_one[v.label]} bytes at "
                 f"{context['prompt_tokens']} prompt + {new_tokens} new tokens); raise budget.bytes, or leave it null "
-                "to use dense's peak KV at budget.reference_batch."
+                "to use dense's figure at budget.reference_batch."
             )
     return {
+        "kind": kind,
         "bytes": budget,
         "source": source,
         "reference_batch": ref,
@@ -296,35 +343,44 @@ def budget_plan(model, prompts: Prompts, context: dict, variants: list[Variant],
         "device_name": dev["name"],
         "complete": False,
         "entries": [
-            {"label": v.label, "method": v.config, "per_sample_kv_bytes": per_sample[v.label]} for v in variants
+            {"label": v.label, "method": v.config, "per_sample_bytes": per_sample[v.label],
+             "fixed_bytes": fixed[v.label],
+             **({"per_sample_kv_bytes": per_sample[v.label]} if kind == "kv" else {})}
+            for v in variants
         ],
     }
 
 
 def run_budget(model, prompts: Prompts, context: dict, variants: list[Variant], plan: dict, settings: dict,
                device: torch.device) -> dict:
-    budget, cap, new_tokens = plan["bytes"], plan["max_batch_cap"], settings["new_tokens"]
+    budget, cap = plan["bytes"], plan["max_batch_cap"]
+    new_tokens = plan.get("new_tokens", settings["new_tokens"])
+    kind = plan.get("kind", "kv")
     words = context["extra_words"]
     timed = {}
     for v, entry in zip(variants, plan["entries"]):
-        predicted = budget // entry["per_sample_kv_bytes"]
-        batch, limited_by, steps, kv = min(predicted, cap), "kv_budget" if predicted <= cap else "max_batch", 0, None
+        per, fixed = entry.get("per_sample_bytes", entry.get("per_sample_kv_bytes")), entry.get("fixed_bytes", 0)
+        predicted = max(1, (budget - fixed) // per)
+        batch, limited_by, steps, used = min(predicted, cap), "budget" if predicted <= cap else "max_batch", 0, None
         while batch >= 1:
             inputs = prompts.inputs(words, batch)
             try:
-                kv = _peak_kv(model, v, inputs, new_tokens)
+                used = _peak(model, v, inputs, new_tokens, kind)
             except torch.OutOfMemoryError:
                 _free(device)
-                batch, limited_by, steps, kv = batch - 1, "device_memory", steps + 1, None
+                batch, limited_by, steps, used = batch - 1, "device_memory", steps + 1, None
                 continue
-            if kv <= budget:
+            if used <= budget:
                 break
-            batch, steps = min(batch - 1, budget * batch // kv), steps + 1
-        if batch < 1 or kv is None:
-            raise BenchError(f"no batch of {v.label!r} fits the KV budget of {budget} bytes on {plan['device']}.")
+            batch, steps = min(batch - 1, max(0, budget - fixed) * batch // max(1, used - fixed)), steps + 1
+        if batch < 1 or used is None:
+            raise BenchError(f"no batch of {v.label!r} fits the {kind} budget of {budget} bytes on {plan['device']}.")
         entry.update(predicted_max_batch=predicted, max_batch=batch, limited_by=limited_by, steps_down=steps,
-                     verified_kv_cache_bytes=kv)
+                     verified_bytes=used)
+        if kind == "kv":
+            entry["verified_kv_cache_bytes"] = used
         timed[v.label] = (inputs, lambda v=v: v.method.apply(model))  # the inputs of the verified batch
+        del inputs
     summaries = measure.interleaved(
         model, timed, new_tokens=new_tokens, repeats=settings["repeats"], warmup=settings["warmup"]
     )
@@ -332,17 +388,17 @@ def run_budget(model, prompts: Prompts, context: dict, variants: list[Variant], 
     dense_batch = plan["entries"][0]["max_batch"]
     for entry in plan["entries"]:
         s = summaries[entry["label"]]
-        if s["kv_cache_bytes"] > budget:  # KV bytes don't depend on timing: this would be a bug
-            raise BenchError(f"{entry['label']!r} at batch {entry['max_batch']} used {s['kv_cache_bytes']} > {budget} bytes.")
+        used = s["kv_cache_bytes"] if kind == "kv" else s.get("peak_memory_bytes")
+        if kind == "kv" and used > budget:  # KV bytes don't depend on timing: this would be a bug
+            raise BenchError(f"{entry['label']!r} at batch {entry['max_batch']} used {used} > {budget} bytes.")
         entry.update(
-            kv_cache_bytes=s["kv_cache_bytes"],
-            kv_fraction_of_budget=s["kv_cache_bytes"] / budget,
-            prefill_ms=s["prefill_ms"],
-            decode_tokens_per_s=s["decode_tokens_per_s"],
+            **_figures(s),
+            budget_fraction=None if used is None else used / budget,
             batch_ratio=entry["max_batch"] / dense_batch,
-            throughput_ratio=s["decode_tokens_per_s"] / dense["decode_tokens_per_s"],
+            decode_speedup=s["decode_tokens_per_s"] / dense["decode_tokens_per_s"],
+            e2e_speedup=s["e2e_tokens_per_s"] / dense["e2e_tokens_per_s"],
         )
-    plan.update(repeats=settings["repeats"], complete=True)
+    plan.update(repeats=summaries[variants[0].label]["repeats"], complete=True)
     return plan
 
 
@@ -357,6 +413,9 @@ def run_bench(cfg: DictConfig) -> Path:
     key = bench_key(cfg)
     previous = previous_result(path, key, bool(cfg.overwrite))
     device = setup(cfg)
+    if cfg.budget.enabled and cfg.budget.get("kind", "kv") == "memory" and device.type != "cuda":
+        raise BenchError("budget.kind=memory needs a CUDA device (peak device memory is not measured on "
+                         f"{device.type}); use budget.kind=kv.")
 
     loaded = load_model(cfg.model, device)
     model = loaded.model
@@ -410,8 +469,8 @@ def run_bench(cfg: DictConfig) -> Path:
         target = cfg.budget.context_length if cfg.budget.context_length is not None else settings["context_lengths"][-1]
         budget_context = prompts.fit(target)  # lengths are cached, so a swept context costs nothing again
         variants_b = [dense, *(v for v in variants if v.label != "dense")]
-        result["budget"] = budget_plan(model, prompts, budget_context, variants_b, cfg.budget,
-                                       settings["new_tokens"], dev)
+        budget_tokens = cfg.budget.get("new_tokens") or settings["new_tokens"]
+        result["budget"] = budget_plan(model, prompts, budget_context, variants_b, cfg.budget, budget_tokens, dev)
     save()
 
     for v, context, batch in grid:
@@ -421,16 +480,18 @@ def run_bench(cfg: DictConfig) -> Path:
         inputs = prompts.inputs(context["extra_words"], batch)
         res = measure.compare(
             model, inputs, lambda v=v: v.method.apply(model),
-            new_tokens=settings["new_tokens"], repeats=settings["repeats"], warmup=settings["warmup"],
+            new_tokens=settings["new_tokens"], repeats=settings["repeats"], warmup=settings["warmup"], method=v.method,
         )
         done[point] = _row(v, res, context, dev)
         save()
         del inputs
         _free(device)
         r = done[point]
+        x = r["ratios"]
         print(
-            f"{v.label:<22} B={batch:<3} prompt={r['prompt_tokens']:<5} kv x{r['ratios']['kv_cache_bytes']:.4f} "
-            f"decode x{r['ratios']['decode_speedup']:.3f} prefill x{r['ratios']['prefill_ms']:.3f}",
+            f"{v.label:<22} B={batch:<3} prompt={r['prompt_tokens']:<5} new={r['new_tokens']:<4} "
+            f"kv x{x['kv_fraction']:.4f} decode x{x['decode_speedup']:.3f} e2e x{x['e2e_speedup']:.3f} "
+            f"prefill x{x['prefill_speedup']:.3f} (speed-ups: method over dense)",
             flush=True,
         )
 
@@ -446,33 +507,51 @@ def run_bench(cfg: DictConfig) -> Path:
     return path
 
 
+def _mb(value) -> str:
+    return "-" if value is None else f"{value / 2**20:.1f}"
+
+
 def format_table(result: dict) -> str:
+    """The rows and the budget as text. Every "x" is a speed-up of the method over dense (higher
+    is better), except KV (method / dense bytes); "±" is the IQR over repeats."""
     dev = result["device"]
     lines = [
         f"{result['model']['name']} ({result['model']['dtype']}) on {dev['device']} [{dev['name']}]: method vs dense, "
-        "same process (ratios method/dense)",
-        f"{'method':<24}{'B':>4}{'prompt':>8}{'prefill ms':>12}{'x':>7}{'decode tok/s':>14}{'x':>7}"
-        f"{'KV MB':>11}{'x':>8}",
+        "same process, ABBA order; x = speed-up over dense (higher is better), KV x = method/dense bytes",
+        f"{'method':<24}{'B':>4}{'prompt':>7}{'new':>5}{'prefill ms':>16}{'x':>7}{'decode tok/s':>18}{'x':>7}"
+        f"{'e2e tok/s':>11}{'x':>7}{'KV MB':>10}{'KV x':>8}{'mem MB':>9}{'ceiling w/kv':>14}",
     ]
     for r in result["rows"]:
         x = r["ratios"]
+        c = r.get("predicted_decode_ceiling") or {}
+        ceiling = f"{c['weight_bound']:.2f}/{c['kv_bound']:.2f}" if c.get("lazy_layers") else "-"
+        prefill = f"{r['prefill_ms']:.1f}±{r.get('prefill_ms_iqr') or 0:.1f}"
+        decode = f"{r['decode_tokens_per_s']:.1f}±{r.get('decode_tokens_per_s_iqr') or 0:.1f}"
         lines.append(
-            f"{r['label']:<24}{r['batch_size']:>4}{r['prompt_tokens']:>8}{r['prefill_ms']:>12.2f}{x['prefill_ms']:>7.3f}"
-            f"{r['decode_tokens_per_s']:>14.1f}{x['decode_speedup']:>7.3f}{r['kv_cache_bytes'] / 2**20:>11.3f}"
-            f"{x['kv_cache_bytes']:>8.4f}"
+            f"{r['label']:<24}{r['batch_size']:>4}{r['prompt_tokens']:>7}{r['new_tokens']:>5}{prefill:>16}"
+            f"{x['prefill_speedup']:>7.3f}{decode:>18}{x['decode_speedup']:>7.3f}{r['e2e_tokens_per_s']:>11.1f}"
+            f"{x['e2e_speedup']:>7.3f}{r['kv_cache_bytes'] / 2**20:>10.2f}{x['kv_fraction']:>8.4f}"
+            f"{_mb(r.get('peak_memory_bytes')):>9}{ceiling:>14}"
         )
+    if any(r.get("host_sync") for r in result["rows"]):
+        lines.append("note: " + next(r["host_sync"] for r in result["rows"] if r.get("host_sync")))
     b = result.get("budget")
     if b and b.get("complete"):
+        what = "KV" if b.get("kind", "kv") == "kv" else "device memory"
         lines += [
             "",
-            f"KV budget {b['bytes']} bytes ({b['bytes'] / 2**20:.3f} MB; {b['source']}), prompt {b['prompt_tokens']} + "
+            f"{what} budget {b['bytes']} bytes ({b['bytes'] / 2**20:.1f} MB; {b['source']}), prompt {b['prompt_tokens']} + "
             f"{b['new_tokens']} new tokens, on {b['device']} [{b['device_name']}]",
-            f"{'method':<24}{'KV/seq MB':>11}{'max B':>7}{'x':>7}{'KV MB':>10}{'decode tok/s':>14}{'x dense':>9}",
+            f"{'method':<24}{'MB/seq':>9}{'max B':>7}{'x':>7}{'KV MB':>10}{'mem MB':>9}{'decode tok/s':>14}{'x':>7}"
+            f"{'e2e tok/s':>11}{'x':>7}",
         ]
         for e in b["entries"]:
+            per = e.get("per_sample_bytes", e.get("per_sample_kv_bytes"))
             lines.append(
-                f"{e['label']:<24}{e['per_sample_kv_bytes'] / 2**20:>11.4f}{e['max_batch']:>7}{e['batch_ratio']:>7.3f}"
-                f"{e['kv_cache_bytes'] / 2**20:>10.3f}{e['decode_tokens_per_s']:>14.1f}{e['throughput_ratio']:>9.3f}"
+                f"{e['label']:<24}{per / 2**20:>9.2f}{e['max_batch']:>7}{e['batch_ratio']:>7.3f}"
+                f"{e['kv_cache_bytes'] / 2**20:>10.1f}{_mb(e.get('peak_memory_bytes')):>9}"
+                f"{e['decode_tokens_per_s']:>14.1f}{e.get('decode_speedup', e.get('throughput_ratio', 0)):>7.3f}"
+                f"{(e.get('e2e_tokens_per_s') or 0):>11.1f}{(e.get('e2e_speedup') or 0):>7.3f}"
             )
     return "\n".join(lines)
 

@@ -1,7 +1,9 @@
 """Greedy generation over a task's samples, batched with left padding, multi-turn aware.
 
 A sample's answer depends on that sample alone: every sample in a batch is cut to its own
-token budget, so accuracy does not change with batch size.
+token budget, so accuracy does not change with batch size. Batches are formed among samples
+with the same number of image tokens (token pruning needs that; LLaVA-NeXT's anyres tiling and
+Qwen2-VL's dynamic resolution vary it with the image), and answers still come out in order.
 
 Multi-turn conversations run in one of two modes (``task.multiturn``):
 
@@ -210,6 +212,25 @@ def generate_batch(model, processor, histories, images, budgets: Sequence[int], 
     return [gen.text(tokens) for tokens in out]
 
 
+def image_token_count(model, processor, task, sample) -> int:
+    """The image tokens of the sample's first-turn prompt (0 when the model names no image token)."""
+    image_token = getattr(model.config, "image_token_id", None)
+    if image_token is None:
+        return 0
+    inputs = prompt_inputs(processor, [conversation(sample.questions[:1], [])], [task.image(sample)], "cpu")
+    return int((inputs["input_ids"] == image_token).sum())
+
+
+def batches(keys: Sequence, batch_size: int) -> list[list[int]]:
+    """Indices ``0 .. len(keys)-1`` in batches of at most ``batch_size`` sharing a key, each batch
+    in index order, the batches ordered by their first index."""
+    groups: dict = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    out = [g[s : s + batch_size] for g in groups.values() for s in range(0, len(g), batch_size)]
+    return sorted(out, key=lambda b: b[0])
+
+
 @dataclasses.dataclass
 class Answer:
     sample: object
@@ -227,39 +248,49 @@ def answer(model, processor, task, samples: Sequence, batch_size: int, device, m
     if multiturn not in MULTITURN_MODES:
         raise ValueError(f"task.multiturn must be one of {list(MULTITURN_MODES)}, got {multiturn!r}.")
     gen = Generator(model, processor, device, min_new_tokens)
+    keys = [image_token_count(model, processor, task, s) for s in samples] if batch_size > 1 else [0] * len(samples)
+    finished: dict[int, Answer] = {}
+    next_out = 0
     with torch.inference_mode():
-        for start in range(0, len(samples), batch_size):
-            batch = samples[start : start + batch_size]
-            replies: list[list[str]] = [[] for _ in batch]
-            tokens: list[list[int]] = [[] for _ in batch]
-            kv: list[list[int]] = [[] for _ in batch]
-            dialogue = None
-            for turn in range(max(len(s.questions) for s in batch)):
-                active = [i for i, s in enumerate(batch) if len(s.questions) > turn]
-                budgets = {i: task.turn_budget(batch[i].turn_types[turn]) for i in active}
-                if turn == 0 or multiturn == "reencode":
-                    dialogue, out = gen.first_turn(
-                        [conversation(batch[i].questions[: turn + 1], replies[i]) for i in active],
-                        [task.image(batch[i]) for i in active],
-                        [budgets[i] for i in active],
-                    )
-                    rows = dict(zip(active, range(len(active))))
-                    out = dict(zip(active, out))
-                else:  # carry: the cache holds every row of the batch since turn 0
-                    conts = [
-                        gen.continuation(dialogue, i, batch[i].questions[: turn + 1], replies[i], tokens[i])
-                        if i in budgets else None for i in range(len(batch))
-                    ]
-                    out = gen.next_turn(dialogue, conts, [budgets.get(i, 0) for i in range(len(batch))])
-                    rows = {i: i for i in range(len(batch))}
-                    out = {i: out[i] for i in active}
-                row_bytes = row_kv_bytes(dialogue.cache, dialogue.mask)
-                for i in active:
-                    tokens[i] = out[i]
-                    replies[i].append(gen.text(out[i]))
-                    kv[i].append(row_bytes[rows[i]])
-            for sample, turns, sizes in zip(batch, replies, kv):
-                yield Answer(sample, turns, sizes)
+        for index in batches(keys, batch_size):
+            batch = [samples[i] for i in index]
+            for i, ans in zip(index, _answer_batch(gen, task, batch, multiturn)):
+                finished[i] = ans
+            while next_out in finished:  # in order, as soon as every earlier sample is done
+                yield finished.pop(next_out)
+                next_out += 1
+
+
+def _answer_batch(gen: Generator, task, batch: Sequence, multiturn: str) -> list[Answer]:
+    replies: list[list[str]] = [[] for _ in batch]
+    tokens: list[list[int]] = [[] for _ in batch]
+    kv: list[list[int]] = [[] for _ in batch]
+    dialogue = None
+    for turn in range(max(len(s.questions) for s in batch)):
+        active = [i for i, s in enumerate(batch) if len(s.questions) > turn]
+        budgets = {i: task.turn_budget(batch[i].turn_types[turn]) for i in active}
+        if turn == 0 or multiturn == "reencode":
+            dialogue, out = gen.first_turn(
+                [conversation(batch[i].questions[: turn + 1], replies[i]) for i in active],
+                [task.image(batch[i]) for i in active],
+                [budgets[i] for i in active],
+            )
+            rows = dict(zip(active, range(len(active))))
+            out = dict(zip(active, out))
+        else:  # carry: the cache holds every row of the batch since turn 0
+            conts = [
+                gen.continuation(dialogue, i, batch[i].questions[: turn + 1], replies[i], tokens[i])
+                if i in budgets else None for i in range(len(batch))
+            ]
+            out = gen.next_turn(dialogue, conts, [budgets.get(i, 0) for i in range(len(batch))])
+            rows = {i: i for i in range(len(batch))}
+            out = {i: out[i] for i in active}
+        row_bytes = row_kv_bytes(dialogue.cache, dialogue.mask)
+        for i in active:
+            tokens[i] = out[i]
+            replies[i].append(gen.text(out[i]))
+            kv[i].append(row_bytes[rows[i]])
+    return [Answer(sample, turns, sizes) for sample, turns, sizes in zip(batch, replies, kv)]
 
 
 def evaluate(model, processor, task, samples, batch_size, device, on_sample: Callable | None = None, done=None,

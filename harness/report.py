@@ -109,19 +109,27 @@ def main_table(results: Sequence[dict], task: str = "shapes") -> tuple[list[str]
 
 
 def efficiency_table(results: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
-    """KV MB, prefill ms and decode tokens/s of each method and of dense, measured in one run."""
-    header = ["Method", "KV MB", "KV cut", "Prefill ms", "Decode tok/s", "Decode ×", "Prefill ×", "Device"]
+    """KV MB, device memory, prefill ms, decode and end-to-end tokens/s of each method, and its
+    speed-ups over dense measured in the same run (method over dense, higher is better). Results
+    written before end-to-end throughput and device memory were measured show "–" there."""
+    header = ["Method", "KV MB", "KV cut", "Mem GB", "Prefill ms", "Decode tok/s", "E2E tok/s",
+              "Decode ×", "E2E ×", "Prefill ×", "Device"]
     rows = []
     for r in _unique([r for r in results if r.get("efficiency")]):
         eff = r["efficiency"]
         m = eff["method"]
+        mem = m.get("peak_memory_bytes")
+        e2e, e2e_x = m.get("e2e_tokens_per_s"), eff.get("e2e_speedup")
         rows.append([
             label(r),
             f"{m['kv_cache_bytes'] / 2**20:.3f}",
             f"{100 * eff['kv_reduction']:.1f} %",
+            "–" if mem is None else f"{mem / 2**30:.2f}",
             f"{m['prefill_ms']:.1f}",
             f"{m['decode_tokens_per_s']:.0f}",
+            "–" if e2e is None else f"{e2e:.0f}",
             f"{eff['decode_speedup']:.2f}",
+            "–" if e2e_x is None else f"{e2e_x:.2f}",
             f"{eff['prefill_speedup']:.2f}",
             f"{eff['device']} b={eff['batch_size']} L={eff['prompt_tokens']}",
         ])

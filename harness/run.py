@@ -137,7 +137,7 @@ def run(cfg: DictConfig) -> Path:
         inputs = prompt_inputs(loaded.processor, [history] * n, list(images) * n, device, loaded.model.dtype)
         efficiency = measure.compare(
             loaded.model, inputs, lambda: method.apply(loaded.model), new_tokens=int(cfg.efficiency.new_tokens),
-            repeats=int(cfg.efficiency.repeats), warmup=int(cfg.efficiency.warmup),
+            repeats=int(cfg.efficiency.repeats), warmup=int(cfg.efficiency.warmup), method=method,
         )
 
     rows = {v: e.rows for v, e in evaluations.items()}
@@ -214,9 +214,25 @@ def print_summary(result: dict) -> None:
     if eff:
         for variant in ("dense", "method"):
             e = eff[variant]
+            mem = e.get("peak_memory_bytes")
             print(
-                f"{variant:<6} kv_cache_bytes={e['kv_cache_bytes']} prefill_ms={e['prefill_ms']:.1f} "
-                f"decode_tokens_per_s={e['decode_tokens_per_s']:.1f}"
+                f"{variant:<6} kv_cache_bytes={e['kv_cache_bytes']} peak_memory_bytes={mem} "
+                f"prefill_ms={e['prefill_ms']:.1f}±{e.get('prefill_ms_iqr', 0):.1f} "
+                f"decode_tokens_per_s={e['decode_tokens_per_s']:.1f}±{e.get('decode_tokens_per_s_iqr', 0):.1f} "
+                f"e2e_tokens_per_s={e.get('e2e_tokens_per_s', float('nan')):.1f}"
             )
-        print(f"kv_reduction={eff['kv_reduction']:.4f} decode_speedup={eff['decode_speedup']:.3f} ({eff['device']}, "
-              "one synthetic batch: the first prompt repeated)")
+        print(
+            f"kv_reduction={eff['kv_reduction']:.4f} decode_speedup={eff['decode_speedup']:.3f} "
+            f"e2e_speedup={eff.get('e2e_speedup', float('nan')):.3f} prefill_speedup={eff['prefill_speedup']:.3f} "
+            f"(method over dense, higher is better; medians ± IQR; {eff['device']}; one synthetic batch: the "
+            "first prompt repeated)"
+        )
+        ceiling = eff.get("predicted_decode_ceiling") or {}
+        if ceiling.get("lazy_layers"):
+            print(
+                f"predicted decode ceiling ({ceiling['lazy_layers']} lazy layers, f={ceiling['lazy_fraction']:.3f}, "
+                f"q/k weight share {ceiling['qk_weight_share']:.3f}): weight-bound x{ceiling['weight_bound']:.3f}, "
+                f"KV-bound x{ceiling['kv_bound']:.3f}"
+            )
+        if eff.get("host_sync"):
+            print(f"note: {eff['host_sync']}")

@@ -44,6 +44,7 @@ class Stage:
     image: torch.Tensor  # (B, L_s) bool: visual token (kept or merged)
     positions: torch.Tensor  # (B, L_s) position ids (or (3, B, L_s) for M-RoPE)
     shift: torch.Tensor  # (B,) decode positions are the model's positions minus this
+    unpadded: bool | None = None  # no padding column in the prompt part (read once, at prefill)
     # Filled once per forward: what the stage's layers get instead of the decoder's arguments.
     mask: Any = None
     position_embeddings: Any = None
@@ -75,15 +76,25 @@ def attention_rows(module: nn.Module, query: torch.Tensor, key: torch.Tensor, ro
     return torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(dim=1)
 
 
-def _stage_mask(impl: str, real: torch.Tensor, q_len: int, dtype: torch.dtype):
+def _stage_mask(impl: str, real: torch.Tensor, q_len: int, dtype: torch.dtype, unpadded: bool | None = None):
     """The attention mask the model's backend expects, for ``q_len`` queries at the end of ``real``.
 
-    Same conventions as transformers' own masks: sdpa a 4D bool (True attends), eager a 4D float
-    (0 or the dtype's minimum), flash-attention a 2D padding mask (None when nothing is padded).
+    Same conventions as transformers' own masks: flash-attention a 2D padding mask, eager a 4D
+    float (0 or the dtype's minimum), sdpa (and any other backend) a 4D bool (True attends).
+    Like transformers (``_ignore_causal_mask_sdpa``), no mask at all (None) whenever the stage
+    holds no padding and the causal structure is the default one: the queries are the whole
+    sequence (a prefill: SDPA's ``is_causal``) or a single token (a decode step attends to every
+    cached column). A stage of kept or merged tokens, gaps in its positions included, is causal
+    over its own sequence, so this holds for it too. That keeps pruned layers on SDPA's flash
+    kernel, as dense and lazy layers are. Eager always gets its mask, as transformers gives it.
+    ``unpadded`` (whether ``real`` is all True), when the caller knows it, saves a host sync.
     """
     kv = real.shape[1]
+    unpadded = bool(real.all()) if unpadded is None else unpadded
     if impl.startswith("flash"):
-        return None if bool(real.all()) else real.to(torch.long)
+        return None if unpadded else real.to(torch.long)
+    if impl != "eager" and unpadded and (q_len == 1 or q_len == kv):
+        return None
     cols = torch.arange(kv, device=real.device)
     rows = torch.arange(q_len, device=real.device) + (kv - q_len)
     allowed = (cols[None, :] <= rows[:, None])[None, None] & real[:, None, None, :]
@@ -252,6 +263,7 @@ class PruneEngine:
         q_len = hidden.shape[1]
         if self.prefill:
             real, positions = stage.real, stage.positions
+            stage.unpadded = unpadded = bool(real.all())
         else:
             mask2d = self.step["mask2d"]
             n_new = self.step["past"] + q_len - self.prefill_len  # tokens after the prompt, these included
@@ -261,9 +273,10 @@ class PruneEngine:
                 else mask2d[:, -n_new:].bool()
             )
             real = torch.cat([stage.real, new], dim=1)
+            unpadded = stage.unpadded if mask2d is None else None  # no decode-time host sync when unpadded
             step_pos = self.step["positions"]
             positions = step_pos - (stage.shift[:, None] if step_pos.dim() == 2 else stage.shift[None, :, None])
-        stage.mask = _stage_mask(self.impl, real, q_len, hidden.dtype)
+        stage.mask = _stage_mask(self.impl, real, q_len, hidden.dtype, unpadded)
         if positions.dim() == 3 and positions.shape[0] == 4:  # M-RoPE with text positions prepended
             stage.position_ids, rope_positions = positions[0], positions[1:]
         elif positions.dim() == 3:  # M-RoPE (temporal, height, width)

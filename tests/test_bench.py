@@ -8,6 +8,7 @@ import pytest
 import lazyattn
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from harness import bench
 
@@ -46,13 +47,25 @@ def test_bench_rows_and_budget(tmp_path, capsys):
         assert row["prompt_tokens"] == 96 and row["context_length"] == 96 and row["new_tokens"] == 2
         assert row["device"] == "cpu" and row["device_name"] == result["device"]["name"]
         assert row["prefill_ms"] > 0 and row["decode_tokens_per_s"] > 0 and row["dense"]["decode_tokens_per_s"] > 0
-        assert row["ratios"]["kv_cache_bytes"] == row["kv_cache_bytes"] / row["dense"]["kv_cache_bytes"]
+        assert row["ratios"]["kv_fraction"] == row["kv_cache_bytes"] / row["dense"]["kv_cache_bytes"]
+        # one convention: method over dense, higher is better
+        x = row["ratios"]
+        assert x["prefill_speedup"] == pytest.approx(row["dense"]["prefill_ms"] / row["prefill_ms"])
+        assert x["decode_speedup"] == pytest.approx(row["decode_tokens_per_s"] / row["dense"]["decode_tokens_per_s"])
+        assert x["e2e_speedup"] == pytest.approx(row["e2e_tokens_per_s"] / row["dense"]["e2e_tokens_per_s"])
+        assert row["e2e_tokens_per_s"] < row["decode_tokens_per_s"]  # the prefill counts too
+        for side in (row, row["dense"]):
+            assert side["peak_memory_bytes"] is None  # no CUDA
+            assert all(side[f"{t}_iqr"] == 0.0 for t in bench.TIMINGS)  # one repeat
+        assert x["memory_fraction"] is None and row["order"] == "abba"
         if row["method"] == "lazy":
             n_lazy = len(row["lazy_layers"])
             assert n_lazy == 6
             # exactly: method * 2n == dense * (2n - n_lazy), in integer bytes
             assert row["kv_cache_bytes"] * 2 * n == row["dense"]["kv_cache_bytes"] * (2 * n - n_lazy)
-            assert row["ratios"]["kv_cache_bytes"] == pytest.approx(1 - n_lazy / (2 * n), rel=0, abs=1e-15)
+            assert row["ratios"]["kv_fraction"] == pytest.approx(1 - n_lazy / (2 * n), rel=0, abs=1e-15)
+            ceiling = row["predicted_decode_ceiling"]
+            assert ceiling["lazy_layers"] == n_lazy and ceiling["kv_bound"] == pytest.approx(1 / (1 - n_lazy / n / 2))
         else:
             assert row["kv_cache_bytes"] < row["dense"]["kv_cache_bytes"]
     one, two = result["rows"][0], result["rows"][1]
@@ -66,9 +79,11 @@ def test_bench_rows_and_budget(tmp_path, capsys):
     assert entries["lazy ratio=0.5"]["max_batch"] == 4  # 3 / 0.75
     for e in entries.values():
         assert e["verified_kv_cache_bytes"] <= budget["bytes"] and e["kv_cache_bytes"] <= budget["bytes"]
-        assert e["decode_tokens_per_s"] > 0 and e["throughput_ratio"] > 0
+        assert e["decode_tokens_per_s"] > 0 and e["decode_speedup"] > 0 and e["e2e_speedup"] > 0
+        assert e["e2e_tokens_per_s"] > 0 and "e2e_tokens_per_s_iqr" in e
+    assert budget["kind"] == "kv" and entries["dense"]["decode_speedup"] == 1.0
     out = capsys.readouterr().out
-    assert "KV budget" in out and "lazy ratio=0.5" in out
+    assert "KV budget" in out and "lazy ratio=0.5" in out and "e2e x" in out
 
 
 def test_bench_resumes_after_interruption(tmp_path, monkeypatch):
@@ -105,6 +120,10 @@ def test_bench_errors_are_clear(tmp_path):
     assert not (tmp_path / "bench.json").exists()  # refused before any point was timed
     with pytest.raises(bench.BenchError, match="shorter than the unpadded prompt"):
         bench.run_bench(bench_cfg(tmp_path, "context_lengths=[8]"))
+    with pytest.raises(bench.BenchError, match="budget.kind=memory needs a CUDA device"):
+        bench.run_bench(bench_cfg(tmp_path, "budget.kind=memory"))
+    with pytest.raises(bench.BenchError, match="budget.kind must be kv"):
+        bench.run_bench(bench_cfg(tmp_path, "budget.kind=gpu"))
 
 
 def test_budget_steps_down_when_the_prediction_overshoots(monkeypatch):
@@ -114,11 +133,12 @@ def test_budget_steps_down_when_the_prediction_overshoots(monkeypatch):
         def inputs(self, words, batch):
             return {"batch": batch}
 
-    monkeypatch.setattr(bench, "_peak_kv", lambda model, v, inputs, n: 100 * inputs["batch"] + 50 * (inputs["batch"] > 3))
+    monkeypatch.setattr(bench, "_peak", lambda model, v, inputs, n, kind: 100 * inputs["batch"] + 50 * (inputs["batch"] > 3))
     monkeypatch.setattr(
         bench.measure, "interleaved",
-        lambda model, variants, **kw: {k: {"kv_cache_bytes": 100 * inp["batch"], "prefill_ms": 1.0,
-                                           "decode_tokens_per_s": float(inp["batch"])} for k, (inp, _) in variants.items()},
+        lambda model, variants, **kw: {k: {"kv_cache_bytes": 100 * inp["batch"], "prefill_ms": 1.0, "repeats": 1,
+                                           "decode_tokens_per_s": float(inp["batch"]), "e2e_tokens_per_s": 1.0}
+                                       for k, (inp, _) in variants.items()},
     )
     variants = [bench.Variant("dense", "dense", lazyattn.Dense())]
     plan = {"bytes": 420, "max_batch_cap": 256, "device": "cpu",
@@ -128,3 +148,31 @@ def test_budget_steps_down_when_the_prediction_overshoots(monkeypatch):
     entry = out["entries"][0]
     assert entry["predicted_max_batch"] == 4 and entry["max_batch"] == 3 and entry["steps_down"] == 1
     assert entry["verified_kv_cache_bytes"] == 300 <= 420
+
+
+def test_memory_budget_counts_the_fixed_part(monkeypatch):
+    """Device memory is weights + per-sequence cost: the prediction subtracts the fixed part."""
+
+    class FakePrompts:
+        def inputs(self, words, batch):
+            return {"batch": batch}
+
+    memory = {"dense": (1000, 100), "lazy": (1000, 50)}  # (fixed, per sequence)
+    monkeypatch.setattr(bench, "_peak", lambda model, v, inputs, n, kind: memory[v.label][0] + memory[v.label][1] * inputs["batch"])
+    monkeypatch.setattr(
+        bench.measure, "interleaved",
+        lambda model, variants, **kw: {k: {"kv_cache_bytes": 1, "peak_memory_bytes": 5, "prefill_ms": 1.0, "repeats": 5,
+                                           "decode_tokens_per_s": float(inp["batch"]),
+                                           "e2e_tokens_per_s": float(inp["batch"]) / 2}
+                                       for k, (inp, _) in variants.items()},
+    )
+    variants = [bench.Variant("dense", "dense", lazyattn.Dense()), bench.Variant("lazy", "lazy", lazyattn.Dense())]
+    cfg = OmegaConf.create({"kind": "memory", "bytes": None, "reference_batch": 8, "max_batch": 256})
+    plan = bench.budget_plan(None, FakePrompts(), {"extra_words": 0, "context_length": None, "prompt_tokens": 10},
+                             variants, cfg, 4, {"device": "cuda", "name": "fake"})
+    assert plan["kind"] == "memory" and plan["bytes"] == 1800
+    out = bench.run_budget(None, FakePrompts(), {"extra_words": 0}, variants, plan,
+                           {"new_tokens": 4, "repeats": 5, "warmup": 0}, "cuda")
+    dense, lazy = out["entries"]
+    assert dense["max_batch"] == 8 and lazy["max_batch"] == 16 and lazy["fixed_bytes"] == 1000
+    assert lazy["batch_ratio"] == 2.0 and lazy["decode_speedup"] == 2.0 and lazy["e2e_speedup"] == 2.0

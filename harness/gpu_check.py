@@ -1,0 +1,497 @@
+"""Ready for the first GPU: ``python -m harness.gpu_check`` (``make gpu-check``).
+
+On a CUDA machine, with no downloads (docs/gpu.md):
+
+1. correctness: every model family at a tiny size (LLaVA-Llama, LLaVA-Qwen2, LLaVA-Mistral,
+   LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL) x every method (dense, lazy, fastv, sparsevlm, lazy_fastv),
+   in float16 and bfloat16: the logits of a prefill and of teacher-forced decode steps under
+   ``eager`` and ``flash_attention_2`` (when flash-attn is importable) agree with ``sdpa`` within
+   ``TOLERANCE`` (max |a - b| over max |sdpa|), and the KV cache holds what the formula says;
+2. throughput at real scale: ``model=llava15_7b_random`` (float16) through ``harness.bench``:
+   batch x context grid, dense vs Lazy 0.5 / 0.7, FastV, SparseVLM, Lazy+FastV, decode-only and
+   end-to-end, KV bytes and device memory, then the fixed device-memory budget (dense's peak at
+   batch 8) at a long context; a second bench times long generations (512 new tokens at batch 8)
+   with the budget at the unpadded prompt;
+3. writes ``results/gpu/<device>/``: ``correctness.json``, ``bench/bench.json``,
+   ``bench_long/bench.json``, ``README.md`` (tables rendered with ``harness.report.markdown``),
+   and prints one summary table. Everything is saved as it finishes, so a run that is cut off
+   keeps what finished and the next run continues.
+
+Without CUDA it runs what a CPU can check (the pruned stages' masks, the timing protocol, and
+the correctness matrix for sdpa vs eager in float32), writes ``cpu_checks.json`` under ``--out``
+(default ``runs/gpu_check/cpu``), prints one line saying it needs a GPU, and exits 0 when the
+checks pass (1 when one fails).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import lazyattn
+from harness import measure
+from harness.generate import conversation, prompt_inputs
+from harness.models import families
+from harness.results import env_info, write_json_atomic
+from harness.tasks import shapes
+from lazyattn import kv_cache_bytes
+from lazyattn.arch import decoder_layers
+
+N_LAYERS = 4
+TEXT = dict(layers=N_LAYERS, hidden=64, heads=4, kv_heads=2, mlp=128)
+CLIP = dict(layers=2, hidden=32, mlp=64, heads=2, patch=8, image_size=32)
+QWEN_VISION = dict(layers=2, hidden=32, mlp=64, heads=2, patch=8, image_size=64, window_size=32)
+FAMILIES = {  # the shapes of tests/test_families.py
+    "llava_llama": ("llava", {**TEXT, "backbone": "llama"}, CLIP),
+    "llava_qwen2": ("llava", {**TEXT, "backbone": "qwen2"}, CLIP),
+    "llava_mistral": ("llava", {**TEXT, "backbone": "mistral"}, CLIP),
+    "llava_next_mistral": ("llava_next", {**TEXT, "backbone": "mistral"}, CLIP),
+    "qwen2_vl": ("qwen2_vl", {**TEXT, "mrope_section": [2, 3, 3]}, QWEN_VISION),
+    "qwen2_5_vl": ("qwen2_5_vl", {**TEXT, "mrope_section": [2, 3, 3]}, QWEN_VISION),
+}
+METHODS = ("dense", "lazy", "fastv", "sparsevlm", "lazy_fastv")
+# max |logits - sdpa's logits| / max |sdpa's logits|, prefill and every teacher-forced decode step
+TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
+DECODE_STEPS = 3
+INIT_RANGE = 0.1  # larger than the default 0.02, so that the attention pattern matters to the logits
+BENCH_METHODS = ["lazy ratio=0.5", "lazy ratio=0.7", "fastv ratio=0.5", "sparsevlm budget=128", "lazy_fastv"]
+
+
+def method_spec(name: str, family: str) -> dict:
+    spec = {
+        "dense": {"name": "dense"},
+        "lazy": {"name": "lazy", "ratio": 0.5},
+        "fastv": {"name": "fastv", "k": 2, "ratio": 0.5},
+        "sparsevlm": {"name": "sparsevlm", "budget": 128},
+        "lazy_fastv": {"name": "lazy_fastv", "lazy": {"ratio": 0.5}, "fastv": {"k": 2, "ratio": 0.5}},
+    }[name]
+    if name == "sparsevlm" and family.startswith("qwen"):  # M-RoPE positions: no re-indexing, no merging
+        spec = {**spec, "positions": "original", "recycle": 0}
+    return spec
+
+
+def flash_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+
+
+def device_slug(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _inputs(loaded, device, padded: bool) -> dict:
+    """Two prompts on the same image: left-padded (different questions) or not (the same one)."""
+    sample = shapes.load_split("test", 1)[0]
+    questions = [sample.questions[0], sample.questions[0] + (" answer in one word" if padded else "")]
+    histories = [conversation([q], []) for q in questions]
+    return prompt_inputs(loaded.processor, histories, [sample.image(64)] * 2, device, loaded.model.dtype)
+
+
+@torch.inference_mode()
+def forced_run(model, inputs: dict, steps: int = DECODE_STEPS):
+    """Prefill logits (last position) and the logits of ``steps`` teacher-forced decode steps fed
+    the prompt's last tokens (so every variant sees the same tokens): (steps + 1, B, V) and the cache."""
+    cache = measure.DynamicCache(config=model.config)
+    cache_arg = measure._cache_kwarg(model)
+    mask = inputs["attention_mask"]
+    padded = not bool(mask.all())
+    out = model(**inputs, **{cache_arg: cache}, use_cache=True, **measure._keep_kwarg(model))
+    logits = [out.logits[:, -1].float()]
+    feed = inputs["input_ids"][:, -steps:]
+    rope_deltas = getattr(getattr(model, "model", None), "rope_deltas", None)  # Qwen2-VL / Qwen2.5-VL
+    for t in range(steps):
+        extra = {}
+        if padded:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            if rope_deltas is not None:  # with a mask, Qwen would place the whole sequence: give the M-RoPE ids
+                pos = (mask.long().cumsum(-1) - 1)[:, -1:]
+                extra["position_ids"] = pos[None].expand(3, -1, -1) + rope_deltas.to(pos.device)[None]
+        out = model(input_ids=feed[:, t : t + 1], attention_mask=mask if padded else None, **{cache_arg: cache},
+                    use_cache=True, **extra)
+        logits.append(out.logits[:, -1].float())
+    return torch.stack(logits), cache
+
+
+def kv_formula(model, method, cache, inputs: dict, steps: int) -> tuple[bool, str]:
+    """Dense: 2 x layers x batch x kv heads x tokens x head dim x bytes. Lazy layers hold values
+    only. Pruned layers (from the first pruned layer on) hold fewer tokens than the prompt, the
+    layers before it the whole prompt; every decode step adds one token to every layer."""
+    cfg = model.config.get_text_config(decoder=True)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    batch, prompt = inputs["input_ids"].shape
+    elem = torch.finfo(model.dtype).bits // 8
+    per_token = batch * cfg.num_key_value_heads * head_dim * elem  # one of K or V, one layer
+    n = len(decoder_layers(model))
+    lazy = set(method.lazy_layers(n)) if hasattr(method, "lazy_layers") else set()
+    pruner = getattr(method, "pruner", method if isinstance(method, lazyattn.TokenPruner) else None)
+    first = min(pruner.first_layers(n)) if pruner is not None else n
+    lengths = []
+    for i, layer in enumerate(cache.layers):
+        values = layer.values
+        lengths.append(values.shape[-2])
+        if (layer.keys is None) != (i in lazy):
+            return False, f"layer {i}: keys {'missing' if layer.keys is None else 'present'}, lazy={i in lazy}"
+    full = prompt + steps
+    if any(length != full for length in lengths[:first]):
+        return False, f"layers before {first} hold {lengths[:first]} tokens, want {full}"
+    if any(length >= full for length in lengths[first:]):
+        return False, f"pruned layers {first}.. hold {lengths[first:]} tokens, want fewer than {full}"
+    want = sum(per_token * length * (1 if i in lazy else 2) for i, length in enumerate(lengths))
+    got = kv_cache_bytes(cache)
+    return got == want, f"{got} bytes, formula {want}"
+
+
+def correctness(device: torch.device, dtypes: list[str], impls: list[str], path: Path | None = None,
+                families_: list[str] | None = None, methods: list[str] | None = None) -> dict:
+    """The matrix family x method x dtype x padded, each impl against sdpa; saved to ``path``
+    after every family (cells already there are kept: resumable)."""
+    previous = json.loads(path.read_text()) if path is not None and path.exists() else {}
+    cells = {c["key"]: c for c in previous.get("cells", [])}
+    matrix = {"device": str(device), "impls": impls, "dtypes": dtypes, "tolerance": TOLERANCE,
+              "metric": "max |logits - sdpa logits| / max |sdpa logits| over the prefill and "
+                        f"{DECODE_STEPS} teacher-forced decode steps", "cells": []}
+    for fam in families_ or list(FAMILIES):
+        family, text, vision = FAMILIES[fam]
+        for dtype_name in dtypes:
+            dtype = getattr(torch, dtype_name)
+            todo = [(m, p) for m in (methods or METHODS) for p in (False, True)
+                    if f"{fam}/{m}/{dtype_name}/{'padded' if p else 'unpadded'}" not in cells]
+            if not todo:
+                continue
+            models = {impl: families.build_random(family, text, vision, attn_implementation=impl, dtype=dtype,
+                                                  device=device, initializer_range=INIT_RANGE)
+                      for impl in ["sdpa", *[i for i in impls if i != "sdpa"]]}
+            for name, padded in todo:
+                key = f"{fam}/{name}/{dtype_name}/{'padded' if padded else 'unpadded'}"
+                cell = {"key": key, "family": fam, "method": name, "dtype": dtype_name, "padded": padded}
+                try:
+                    method = lazyattn.build(method_spec(name, family))
+                    ref_loaded = models["sdpa"]
+                    inputs = _inputs(ref_loaded, device, padded)
+                    results = {}
+                    for impl, loaded in models.items():
+                        with method.apply(loaded.model):
+                            results[impl] = forced_run(loaded.model, inputs)
+                    ref, ref_cache = results["sdpa"]
+                    scale = ref.abs().max().item()
+                    cell["finite"] = bool(torch.isfinite(ref).all())
+                    cell["errors"] = {impl: (logits - ref).abs().max().item() / scale
+                                      for impl, (logits, _) in results.items() if impl != "sdpa"}
+                    cell["kv_ok"], cell["kv"] = kv_formula(ref_loaded.model, method, ref_cache, inputs, DECODE_STEPS)
+                    cell["ok"] = (cell["finite"] and cell["kv_ok"]
+                                  and all(e <= TOLERANCE[dtype_name] for e in cell["errors"].values()))
+                except Exception as err:  # one broken cell must not hide the others
+                    cell.update(ok=False, error=f"{type(err).__name__}: {err}")
+                cells[key] = cell
+            del models
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            matrix["cells"] = list(cells.values())
+            if path is not None:
+                write_json_atomic(path, matrix)
+    matrix["cells"] = list(cells.values())
+    matrix["passed"] = sum(c["ok"] for c in matrix["cells"])
+    matrix["total"] = len(matrix["cells"])
+    return matrix
+
+
+# ---- the CPU-checkable measurement fixes ------------------------------------------------------
+
+
+def _recording_attention():
+    """Register ``recording_sdpa`` (transformers' sdpa, recording each decoder layer's mask)."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    seen: list = []
+
+    def recording_sdpa(module, query, key, value, attention_mask, **kwargs):
+        if getattr(module, "layer_idx", None) is not None:
+            seen.append((module.layer_idx, attention_mask))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("recording_sdpa", recording_sdpa)
+    AttentionMaskInterface.register("recording_sdpa", sdpa_mask)
+    return seen
+
+
+def mask_check(device: torch.device) -> dict:
+    """Unpadded pruned stages get no mask (SDPA's is_causal / flash kernel), and their logits
+    equal those with the explicit mask; padded ones keep a mask."""
+    from lazyattn import engine
+
+    seen = _recording_attention()
+    family, text, vision = FAMILIES["llava_llama"]
+    loaded = families.build_random(family, text, vision, attn_implementation="recording_sdpa",
+                                   device=device, initializer_range=INIT_RANGE)
+    model = loaded.model
+    original = engine._stage_mask
+
+    def explicit(impl, real, q_len, dtype, unpadded=None):
+        cols = torch.arange(real.shape[1], device=real.device)
+        rows = torch.arange(q_len, device=real.device) + (real.shape[1] - q_len)
+        return (cols[None, :] <= rows[:, None])[None, None] & real[:, None, None, :]
+
+    out = {}
+    for name in ("fastv", "sparsevlm", "lazy_fastv"):
+        method = lazyattn.build(method_spec(name, family))
+        first = min(getattr(method, "pruner", method).first_layers(N_LAYERS))
+        res = {}
+        for padded in (False, True):
+            inputs = _inputs(loaded, device, padded)
+            seen.clear()
+            with method.apply(model):
+                logits, _ = forced_run(model, inputs)
+            masks = [m for layer, m in seen if layer >= first]
+            if padded:
+                res["padded_masked"] = bool(masks) and all(m is not None for m in masks)
+                continue
+            res["unpadded_none"] = bool(masks) and all(m is None for m in masks)
+            engine._stage_mask = explicit
+            try:
+                with method.apply(model):
+                    ref, _ = forced_run(model, inputs)
+            finally:
+                engine._stage_mask = original
+            res["max_abs_diff_vs_explicit"] = (logits - ref).abs().max().item()
+        res["ok"] = res["unpadded_none"] and res["padded_masked"] and res["max_abs_diff_vs_explicit"] <= 1e-5
+        out[name] = res
+    return {"ok": all(r["ok"] for r in out.values()), "methods": out}
+
+
+def protocol_check(device: torch.device) -> dict:
+    """The timed prefill keeps one position of logits; ABBA order; IQR and end-to-end figures."""
+    family, text, vision = FAMILIES["llava_llama"]
+    loaded = families.build_random(family, text, vision, device=device)
+    model = loaded.model
+    shapes_seen = []
+    handle = model.register_forward_hook(lambda m, a, o: shapes_seen.append(tuple(o.logits.shape)))
+    try:
+        inputs = _inputs(loaded, device, padded=False)
+        measure.generate_once(model, inputs, 2)
+    finally:
+        handle.remove()
+    prefill_one = shapes_seen[0][1] == 1
+    order = measure.abba_order(["dense", "method"], 4)
+    lazy = lazyattn.build({"name": "lazy", "ratio": 0.5})
+    res = measure.compare(model, inputs, lambda: lazy.apply(model), new_tokens=2, repeats=3, warmup=0, method=lazy)
+    e2e_ok = all(0 < res[s]["e2e_tokens_per_s"] < res[s]["decode_tokens_per_s"] for s in ("dense", "method"))
+    iqr_ok = all(f"{t}_iqr" in res[s] for s in ("dense", "method")
+                 for t in ("prefill_ms", "decode_tokens_per_s", "e2e_tokens_per_s"))
+    return {
+        "ok": prefill_one and order == ["dense", "method", "method", "dense"] * 2 and e2e_ok and iqr_ok,
+        "prefill_logits_positions": shapes_seen[0][1],
+        "order": order,
+        "e2e_below_decode": e2e_ok,
+        "iqr_present": iqr_ok,
+        "repeats_on_cuda": measure.repeats_for("cuda", 3),
+        "predicted_decode_ceiling": res["predicted_decode_ceiling"],
+    }
+
+
+# ---- the throughput benchmark on LLaVA-1.5-7B shapes --------------------------------------------
+
+
+def bench_configs(out: Path, quick: bool) -> list[tuple[str, list[str]]]:
+    """(folder, harness.bench overrides) of the two benches."""
+    common = ["model=llava15_7b_random", "device=cuda", "wandb.mode=disabled", "warmup=1", "repeats=5",
+              "budget.kind=memory", "budget.reference_batch=8", f"methods={json.dumps(BENCH_METHODS)}"]
+    if quick:
+        return [("bench", [*common, "batch_sizes=[1,8]", "context_lengths=[null]", "new_tokens=128",
+                           "budget.context_length=null", f"out_dir={out / 'bench'}"])]
+    return [
+        ("bench", [*common, "batch_sizes=[1,8,32]", "context_lengths=[null,2048]", "new_tokens=128",
+                   "budget.context_length=2048", f"out_dir={out / 'bench'}"]),
+        ("bench_long", [*common, "batch_sizes=[8]", "context_lengths=[null]", "new_tokens=512",
+                        "budget.context_length=null", "budget.new_tokens=128", f"out_dir={out / 'bench_long'}"]),
+    ]
+
+
+def run_benches(out: Path, quick: bool) -> list[dict]:
+    from hydra import compose, initialize_config_dir
+
+    from harness import bench
+    from harness.config import CONF_DIR
+
+    results = []
+    for folder, overrides in bench_configs(out, quick):
+        path = out / folder / bench.RESULT
+        if path.exists() and json.loads(path.read_text()).get("status") == "complete":
+            print(f"{path}: finished earlier, kept", flush=True)
+        else:
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                cfg = compose(config_name="bench", overrides=overrides)
+            bench.run_bench(cfg)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        results.append(json.loads(path.read_text()))
+    return results
+
+
+# ---- reporting --------------------------------------------------------------------------------
+
+
+def _x(value) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def bench_table(benches: list[dict]) -> tuple[list[str], list[list[str]]]:
+    header = ["Method", "B", "Prompt", "New", "Decode tok/s", "Decode ×", "E2E tok/s", "E2E ×", "Prefill ×",
+              "KV ×", "Mem GB", "BW util", "Ceiling w / kv"]
+    rows = []
+    for result in benches:
+        for r in result["rows"]:
+            x, c = r["ratios"], r.get("predicted_decode_ceiling") or {}
+            mem = r.get("peak_memory_bytes")
+            bw = r.get("bandwidth_utilisation")
+            rows.append([
+                r["label"], str(r["batch_size"]), str(r["prompt_tokens"]), str(r["new_tokens"]),
+                f"{r['decode_tokens_per_s']:.0f} ± {r.get('decode_tokens_per_s_iqr') or 0:.0f}", _x(x["decode_speedup"]),
+                f"{r['e2e_tokens_per_s']:.0f} ± {r.get('e2e_tokens_per_s_iqr') or 0:.0f}", _x(x["e2e_speedup"]),
+                _x(x["prefill_speedup"]), f"{x['kv_fraction']:.3f}", "–" if mem is None else f"{mem / 2**30:.1f}",
+                "–" if bw is None else f"{100 * bw:.0f} %",
+                f"{c['weight_bound']:.2f} / {c['kv_bound']:.2f}" if c.get("lazy_layers") else "–",
+            ])
+    return header, rows
+
+
+def budget_table(benches: list[dict]) -> tuple[list[str], list[list[str]]]:
+    header = ["Budget", "Method", "Max B", "Batch ×", "Decode tok/s", "Decode ×", "E2E tok/s", "E2E ×", "Mem GB"]
+    rows = []
+    for result in benches:
+        b = result.get("budget") or {}
+        if not b.get("complete"):
+            continue
+        what = f"{b.get('kind', 'kv')} {b['bytes'] / 2**30:.1f} GB, prompt {b['prompt_tokens']} + {b['new_tokens']}"
+        for e in b["entries"]:
+            mem = e.get("peak_memory_bytes")
+            rows.append([what, e["label"], str(e["max_batch"]), _x(e["batch_ratio"]),
+                         f"{e['decode_tokens_per_s']:.0f}", _x(e.get("decode_speedup")),
+                         f"{e.get('e2e_tokens_per_s') or 0:.0f}", _x(e.get("e2e_speedup")),
+                         "–" if mem is None else f"{mem / 2**30:.1f}"])
+    return header, rows
+
+
+def correctness_table(matrix: dict) -> tuple[list[str], list[list[str]]]:
+    impls = [i for i in matrix["impls"] if i != "sdpa"]
+    header = ["Family", "Method", "dtype", "Padded", *[f"{i} vs sdpa" for i in impls], "KV formula", "OK"]
+    rows = []
+    for c in matrix["cells"]:
+        errs = c.get("errors", {})
+        rows.append([c["family"], c["method"], c["dtype"], "yes" if c["padded"] else "no",
+                     *[f"{errs[i]:.1e}" if i in errs else "–" for i in impls],
+                     "ok" if c.get("kv_ok") else c.get("kv", c.get("error", "–")), "ok" if c["ok"] else "FAIL"])
+    return header, rows
+
+
+def write_readme(out: Path, matrix: dict, benches: list[dict]) -> Path:
+    from harness.report import markdown
+
+    device = benches[0]["device"]["name"] if benches else matrix["device"]
+    parts = [
+        f"# GPU check on {device}",
+        "",
+        "<!-- rendered by `python -m harness.gpu_check`; do not edit -->",
+        "Speed-ups (×) are the method over dense, higher is better; KV × is method / dense bytes; "
+        "± is the IQR over repeats (ABBA order). Ceiling: the decode speed-up Lazy Attention can give "
+        "at most, weight-bound 1/(1 - s f) and KV-bound 1/(1 - f/2) (s the q/k share of decoder "
+        "weights, f the lazy fraction). BW util: bytes a decode step reads over its time, against the "
+        "device's peak bandwidth.",
+        "",
+        "## Throughput (model=llava15_7b_random, float16, random weights)",
+        "",
+        markdown(*bench_table(benches)),
+        "## Fixed budget",
+        "",
+        markdown(*budget_table(benches)),
+        f"## Correctness ({matrix['passed']} / {matrix['total']} cells pass; tolerance {matrix['tolerance']})",
+        "",
+        markdown(*correctness_table(matrix)),
+    ]
+    path = out / "README.md"
+    path.write_text("\n".join(parts))
+    return path
+
+
+def summary(matrix: dict, benches: list[dict]) -> str:
+    header, rows = bench_table(benches)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = [f"correctness: {matrix['passed']} / {matrix['total']} cells pass (impls {matrix['impls']}, "
+             f"dtypes {matrix['dtypes']})"]
+    lines.append("  ".join(h.rjust(w) for h, w in zip(header, widths)))
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+# ---- entry point ------------------------------------------------------------------------------
+
+
+def cpu_checks(out: Path, threads: int = 1) -> tuple[bool, dict]:
+    """The CPU-checkable parts, on ``threads`` CPU threads (tiny models: one thread is fastest,
+    and does not fight a busy machine's other jobs)."""
+    device = torch.device("cpu")
+    start = time.perf_counter()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        checks = {"mask": mask_check(device), "timing_protocol": protocol_check(device)}
+        checks["correctness"] = correctness(device, ["float32"], ["sdpa", "eager"])
+    finally:
+        torch.set_num_threads(before)
+    checks["seconds"] = time.perf_counter() - start
+    checks["env"] = env_info()
+    ok = checks["mask"]["ok"] and checks["timing_protocol"]["ok"] and checks["correctness"]["passed"] == checks[
+        "correctness"]["total"]
+    checks["ok"] = ok
+    write_json_atomic(out / "cpu_checks.json", checks)
+    return ok, checks
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=None, help="results folder (default results/gpu/<device>, or runs/gpu_check/cpu)")
+    p.add_argument("--quick", action="store_true", help="a smaller bench grid (batch 1 and 8, the unpadded prompt)")
+    p.add_argument("--skip-bench", action="store_true", help="correctness only")
+    args = p.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        out = Path(args.out or "runs/gpu_check/cpu")
+        ok, checks = cpu_checks(out)
+        c = checks["correctness"]
+        print(
+            f"gpu-check needs a CUDA GPU (flash/fp16/bf16 correctness, LLaVA-1.5-7B throughput); ran the CPU checks "
+            f"instead in {checks['seconds']:.0f} s: masks {'ok' if checks['mask']['ok'] else 'FAILED'}, timing protocol "
+            f"{'ok' if checks['timing_protocol']['ok'] else 'FAILED'}, sdpa vs eager fp32 {c['passed']}/{c['total']} "
+            f"cells ok -> {out / 'cpu_checks.json'}"
+        )
+        return 0 if ok else 1
+
+    device = torch.device("cuda")
+    out = Path(args.out or Path("results/gpu") / device_slug(device))
+    out.mkdir(parents=True, exist_ok=True)
+    impls = (["flash_attention_2"] if flash_available() else []) + ["sdpa", "eager"]
+    if not flash_available():
+        print("flash-attn is not importable: the correctness matrix covers sdpa and eager only (docs/gpu.md: install)")
+    checks = {"mask": mask_check(device), "timing_protocol": protocol_check(device)}
+    write_json_atomic(out / "protocol_checks.json", checks)
+    matrix = correctness(device, ["float16", "bfloat16"], impls, out / "correctness.json")
+    print(f"correctness: {matrix['passed']} / {matrix['total']} cells pass -> {out / 'correctness.json'}", flush=True)
+    benches = [] if args.skip_bench else run_benches(out, args.quick)
+    readme = write_readme(out, matrix, benches)
+    print(summary(matrix, benches))
+    print(f"wrote {readme}")
+    ok = checks["mask"]["ok"] and checks["timing_protocol"]["ok"] and matrix["passed"] == matrix["total"]
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Measurement defects that would bias GPU numbers, checked on CPU: the pruned stages' attention
+masks, the timed prefill, the timing protocol (ABBA order, IQR, end-to-end throughput), peak
+device memory, bandwidth, and batched generation grouped by image-token count."""
+
+import contextlib
+
+import pytest
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+import lazyattn
+from harness import generate, measure
+from harness.generate import conversation, prompt_inputs
+from harness.models import families
+from harness.tasks import shapes
+from lazyattn import engine
+from lazyattn.arch import decoder_layers
+
+TEXT = dict(layers=4, hidden=64, heads=4, kv_heads=2, mlp=128, backbone="llama")
+CLIP = dict(layers=2, hidden=32, mlp=64, heads=2, patch=8, image_size=32)
+RECORDED: list[tuple[int, object]] = []
+
+
+def recording_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """transformers' sdpa, recording (layer, mask) of every call."""
+    if getattr(module, "layer_idx", None) is not None:  # decoder layers only, not the vision tower
+        RECORDED.append((module.layer_idx, attention_mask))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register("recording_sdpa", recording_sdpa)
+AttentionMaskInterface.register("recording_sdpa", sdpa_mask)
+
+METHODS = {
+    "fastv": {"name": "fastv", "k": 2, "ratio": 0.5},
+    "sparsevlm": {"name": "sparsevlm", "budget": 64},
+    "lazy_fastv": {"name": "lazy_fastv", "lazy": {"layers": [3]}, "fastv": {"k": 2, "ratio": 0.5}},
+}
+
+
+@pytest.fixture(scope="module")
+def recording_model():
+    return families.build_random("llava", TEXT, CLIP, attn_implementation="recording_sdpa", initializer_range=0.2)
+
+
+def _inputs(loaded, padded: bool):
+    samples = shapes.load_split("test", 6)
+    questions = [samples[0].questions[0], samples[0].questions[0]]
+    if padded:
+        questions[1] = questions[1] + " please answer now"
+    histories = [conversation([q], []) for q in questions]
+    return prompt_inputs(loaded.processor, histories, [samples[0].image(64)] * 2, "cpu")
+
+
+def _always_explicit(impl, real, q_len, dtype, unpadded=None):
+    """The mask before the fix: always a 4D mask (causal and padding) for sdpa."""
+    cols = torch.arange(real.shape[1])
+    rows = torch.arange(q_len) + (real.shape[1] - q_len)
+    return (cols[None, :] <= rows[:, None])[None, None] & real[:, None, None, :]
+
+
+def _generate(model, inputs, method):
+    RECORDED.clear()
+    with lazyattn.build(method).apply(model), torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+    return torch.stack(out.logits), list(RECORDED)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_unpadded_pruned_stages_get_no_mask(recording_model, name, monkeypatch):
+    loaded = recording_model
+    model, spec = loaded.model, METHODS[name]
+    method = lazyattn.build(spec)
+    first = min(getattr(method, "pruner", method).first_layers(len(decoder_layers(model))))
+    inputs = _inputs(loaded, padded=False)
+    assert bool(inputs["attention_mask"].all())
+    logits, masks = _generate(model, inputs, spec)
+    pruned = [m for layer, m in masks if layer >= first]
+    assert pruned and all(m is None for m in pruned), "an unpadded pruned stage must leave SDPA's is_causal path"
+    assert all(m is None for _, m in masks)  # as dense layers: nothing is padded
+    monkeypatch.setattr(engine, "_stage_mask", _always_explicit)
+    explicit, masks = _generate(model, inputs, spec)
+    assert all(m is not None for layer, m in masks if layer >= first)
+    torch.testing.assert_close(logits, explicit, atol=1e-5, rtol=1e-5)
+
+
+def test_padded_pruned_stages_keep_their_mask(recording_model):
+    loaded = recording_model
+    inputs = _inputs(loaded, padded=True)
+    assert not bool(inputs["attention_mask"].all())
+    _, masks = _generate(loaded.model, inputs, METHODS["fastv"])
+    assert all(m is not None for layer, m in masks if layer >= 2)
+
+
+def test_stage_mask_rules():
+    real = torch.ones(2, 5, dtype=torch.bool)
+    assert engine._stage_mask("sdpa", real, 5, torch.float32) is None  # prefill: is_causal
+    assert engine._stage_mask("sdpa", real, 1, torch.float32) is None  # decode: every column
+    assert engine._stage_mask("sdpa", real, 3, torch.float32) is not None  # a chunk after a cache: bottom-right causal
+    assert engine._stage_mask("eager", real, 5, torch.float32) is not None  # eager has no is_causal
+    assert engine._stage_mask("flash_attention_2", real, 5, torch.float32) is None
+    real[0, 0] = False
+    assert engine._stage_mask("sdpa", real, 1, torch.float32).shape == (2, 1, 1, 5)
+
+
+# ---- the timed run and the timing protocol ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return families.build_random("llava", TEXT, CLIP, initializer_range=0.2)
+
+
+def test_timed_prefill_keeps_the_last_logits_only(tiny, monkeypatch):
+    model = tiny.model
+    cache_arg = measure._cache_kwarg(model)
+    seen = []
+    real_forward = model.forward
+
+    def forward(*args, **kwargs):
+        seen.append(kwargs.get("logits_to_keep"))
+        out = real_forward(*args, **kwargs)
+        seen.append(out.logits.shape[1])
+        return out
+
+    monkeypatch.setattr(model, "forward", forward)
+    monkeypatch.setattr(measure, "_keep_kwarg", lambda m: {"logits_to_keep": 1})  # the wrapper hides the signature
+    monkeypatch.setattr(measure, "_cache_kwarg", lambda m: cache_arg)
+    run = measure.generate_once(model, _inputs(tiny, padded=False), 2)
+    assert seen[:2] == [1, 1]  # prefill: asked for one position, got one
+    assert run["peak_memory_bytes"] is None and run["kv_read_bytes"] > 0 and run["lazy_layers"] == []
+
+
+def test_model_forward_takes_logits_to_keep(tiny):
+    assert measure._keep_kwarg(tiny.model) == {"logits_to_keep": 1}
+
+
+def test_abba_order_iqr_and_e2e(tiny, monkeypatch):
+    order = []
+    times = {"dense": iter([(0.1, 1.0), (0.1, 1.2), (0.1, 0.8)]), "method": iter([(0.05, 0.5), (0.05, 0.6), (0.05, 0.4)])}
+
+    @contextlib.contextmanager
+    def method_ctx():
+        monkeypatch.setattr(measure, "_current", "method", raising=False)
+        yield
+        monkeypatch.setattr(measure, "_current", "dense", raising=False)
+
+    monkeypatch.setattr(measure, "_current", "dense", raising=False)
+
+    def fake_once(model, inputs, new_tokens):
+        name = measure._current
+        if new_tokens == 10:  # a timed run (the warm-up runs min(new_tokens, 4))
+            order.append(name)
+            prefill, decode = next(times[name])
+        else:
+            prefill, decode = 1.0, 1.0
+        return {"prefill_s": prefill, "decode_s": decode, "kv_cache_bytes": 100 if name == "dense" else 60,
+                "peak_memory_bytes": None, "kv_read_bytes": 1000, "lazy_layers": [] if name == "dense" else [1]}
+
+    monkeypatch.setattr(measure, "generate_once", fake_once)
+    inputs = {"input_ids": torch.zeros(2, 5, dtype=torch.long)}
+    res = measure.compare(tiny.model, inputs, method_ctx, new_tokens=10, repeats=3, warmup=1)
+    assert order == ["dense", "method", "method", "dense", "dense", "method"]
+    assert measure.abba_order(["a", "b"], 4) == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    d, m = res["dense"], res["method"]
+    assert d["repeats"] == 3 and d["decode_tokens_per_s"] == pytest.approx(20 / 1.0)
+    assert d["e2e_tokens_per_s"] == pytest.approx(20 / 1.1) and m["e2e_tokens_per_s"] == pytest.approx(20 / 0.55)
+    assert d["decode_tokens_per_s_iqr"] == pytest.approx((20 / 0.8 - 20 / 1.2) / 2)  # inclusive quartiles of 3
+    assert d["prefill_ms_iqr"] == pytest.approx(0.0, abs=1e-9) and "e2e_tokens_per_s_iqr" in m
+    assert res["e2e_speedup"] == pytest.approx(1.1 / 0.55) and res["decode_speedup"] == pytest.approx(2.0)
+    assert res["prefill_speedup"] == pytest.approx(2.0)  # dense ms / method ms: higher is better
+    assert d["peak_memory_bytes"] is None and res["order"] == "abba"
+    assert m["lazy_layers"] == [1] and res["predicted_decode_ceiling"]["lazy_fraction"] == 0.25
+    assert "host_sync" not in res
+
+
+def test_e2e_formula_and_iqr():
+    assert measure.e2e_tokens_per_s(8, 128, 0.5, 1.5) == 8 * 128 / 2.0
+    assert measure.iqr([1.0]) == 0.0 and measure.iqr([1, 2, 3, 4, 5]) == 2.0
+    assert measure.repeats_for("cpu", 3) == 3 and measure.repeats_for("cuda", 3) == 5 and measure.repeats_for("cuda", 7) == 7
+
+
+def test_peak_bandwidth_table():
+    assert measure.peak_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
+    assert measure.peak_bandwidth("NVIDIA H100 PCIe") == 2.0e12
+    assert measure.peak_bandwidth("NVIDIA H200") == 4.8e12
+    assert measure.peak_bandwidth("NVIDIA A100-SXM4-80GB") == 2.039e12
+    assert measure.peak_bandwidth("Tesla T4") is None and measure.peak_bandwidth(None) is None
+
+
+def test_compare_on_cpu_records_new_figures_and_notes(tiny):
+    model = tiny.model
+    inputs = _inputs(tiny, padded=False)
+    lazy = lazyattn.build({"name": "lazy", "layers": [1, 3]})
+    res = measure.compare(model, inputs, lambda: lazy.apply(model), new_tokens=2, repeats=1, warmup=0, method=lazy)
+    for side in ("dense", "method"):
+        e = res[side]
+        assert e["peak_memory_bytes"] is None and e["e2e_tokens_per_s"] > 0 and e["decode_tokens_per_s_iqr"] == 0.0
+        assert e["bandwidth_utilisation"] is None and e["decode_bandwidth_bytes_per_s"] > 0
+    assert res["method"]["lazy_layers"] == [1, 3] and res["dense"]["lazy_layers"] == []
+    # a lazy layer skips q_proj and k_proj and half its KV
+    assert res["dense"]["decode_step_bytes"] > res["method"]["decode_step_bytes"]
+    ceiling = res["predicted_decode_ceiling"]
+    assert ceiling["lazy_fraction"] == 0.5 and ceiling["kv_bound"] == pytest.approx(1 / 0.75)
+    share = ceiling["qk_weight_share"]
+    assert 0 < share < 0.5 and ceiling["weight_bound"] == pytest.approx(1 / (1 - 0.5 * share))
+    sparse = lazyattn.build({"name": "sparsevlm", "budget": 64})
+    res = measure.compare(model, inputs, lambda: sparse.apply(model), new_tokens=1, repeats=1, warmup=0, method=sparse)
+    assert "host_sync" in res and res["kv_reduction"] > 0
+
+
+def test_qk_share_of_llava_7b_shapes():
+    """LLaVA-1.5-7B: q and k are 2 x 4096^2 of a 202M-parameter layer, about 17 %."""
+    h, mlp = 4096, 11008
+    assert 2 * h * h / (4 * h * h + 3 * h * mlp) == pytest.approx(0.166, abs=0.001)
+
+
+# ---- batched generation grouped by image-token count --------------------------------------------
+
+
+def test_batches_group_by_key_in_order():
+    assert generate.batches([5, 7, 5, 5, 7, 5], 2) == [[0, 2], [1, 4], [3, 5]]
+    assert generate.batches([1, 1, 1], 2) == [[0, 1], [2]]
+
+
+def test_mixed_image_token_counts_run_batched_with_unchanged_predictions(monkeypatch):
+    loaded = families.build_random("llava_next", {**TEXT, "backbone": "mistral"}, CLIP, initializer_range=0.2)
+    model, processor = loaded.model, loaded.processor
+    samples = shapes.load_split("test", 5)
+    sizes = {s.id: size for s, size in zip(samples, [(64, 64), (96, 64), (64, 64), (96, 64), (64, 64)])}
+
+    class Task:
+        def image(self, sample):
+            return sample.image(64).resize(sizes[sample.id])
+
+        def turn_budget(self, turn_type):
+            return 3
+
+    task = Task()
+    counts = [generate.image_token_count(model, processor, task, s) for s in samples]
+    assert len(set(counts)) == 2, counts
+    fastv = lazyattn.build({"name": "fastv", "k": 2, "ratio": 0.5})
+    order = []
+    with fastv.apply(model):
+        one = generate.evaluate(model, processor, task, samples, 1, "cpu")
+        grouped = generate.evaluate(model, processor, task, samples, 3, "cpu",
+                                    on_sample=lambda answer: order.append(answer.sample.id))
+        assert grouped == one and order == [s.id for s in samples]
+        monkeypatch.setattr(generate, "batches", lambda keys, b: [list(range(i, min(i + b, len(keys))))
+                                                                   for i in range(0, len(keys), b)])
+        with pytest.raises(ValueError, match="same number of image tokens"):
+            generate.evaluate(model, processor, task, samples, 3, "cpu")
