@@ -30,7 +30,9 @@ def wilson(successes: float, n: int) -> list[float]:
     p = successes / n
     centre = (p + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
     half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / (1 + Z95**2 / n)
-    return [max(0.0, centre - half), min(1.0, centre + half)]
+    lo = 0.0 if successes == 0 else max(0.0, centre - half)
+    hi = 1.0 if successes == n else min(1.0, centre + half)
+    return [lo, hi]
 
 
 def bootstrap(values: Sequence[float], seed: int = 0) -> list[float]:
