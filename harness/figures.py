@@ -48,3 +48,22 @@ def pareto_png(points: dict[str, list[tuple[float, float, str]]], path: Path, ti
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def agreement_png(curves: dict[str, list[float | None]], path: Path, title: str) -> Path:
+    """One line per method: fraction of samples agreeing with dense on the first t tokens, against t."""
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name, curve in curves.items():
+        xs = [t + 1 for t, v in enumerate(curve) if v is not None]
+        ax.plot(xs, [100 * v for v in curve if v is not None], label=name, linewidth=1.2)
+    ax.set_xlabel("generated tokens t")
+    ax.set_ylabel("% of samples equal to dense on the first t")
+    ax.set_ylim(0, 102)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

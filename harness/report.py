@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from harness import figures
+from harness import compare, figures
+from harness.results import config_key
 from lazyattn import METHODS
 
 
@@ -55,13 +57,50 @@ def _sort_key(result: dict):
     return (rank, result["method"]["sort_key"], label(result))
 
 
+def protocol(result: dict) -> dict:
+    """What must match for two results to be compared sample by sample: model, data, protocol."""
+    task = dict((result.get("config") or {}).get("task") or {})
+    task.setdefault("multiturn", "reencode")  # results from before carried caches re-encoded every turn
+    config = result.get("config") or {}
+    return {"model": result["model"]["name"], "task": task, "limit": config.get("limit"), "seed": config.get("seed")}
+
+
+def multiturn_mode(result: dict) -> str:
+    return protocol(result)["task"]["multiturn"]
+
+
 def _unique(results: Sequence[dict]) -> list[dict]:
-    newest: dict[tuple, dict] = {}
+    """One result per (protocol, label): the newest; the others are named on stderr."""
+    newest: dict[str, dict] = {}
     for r in results:
-        key = (r["model"]["name"], label(r))
-        if key not in newest or r["env"].get("time", "") >= newest[key]["env"].get("time", ""):
-            newest[key] = r
+        key = config_key({"protocol": protocol(r), "label": label(r)})
+        if key in newest:
+            old, new = sorted([newest[key], r], key=lambda x: x["env"].get("time", ""))
+            print(f"note: {label(r)} appears twice with the same settings; kept {new['_path']}, "
+                  f"not {old['_path']}", file=sys.stderr)
+            r = new
+        newest[key] = r
     return sorted(newest.values(), key=_sort_key)
+
+
+def rows_of(result: dict, variant: str = "method") -> list[dict]:
+    path = Path(result["_path"]).parent / "samples.jsonl"
+    if not path.exists():
+        return []
+    return [row for row in map(json.loads, path.read_text().splitlines()) if row.get("variant") == variant]
+
+
+def dense_rows(result: dict, results: Sequence[dict]) -> list[dict]:
+    """Dense's rows on the same samples under the same protocol: the run's own dense variant
+    (compare_dense=true) or a dense point with equal settings; [] when there is none."""
+    own = rows_of(result, "dense")
+    if own:
+        return own
+    key = config_key(protocol(result))
+    for other in results:
+        if other["method"]["name"] == "dense" and config_key(protocol(other)) == key:
+            return rows_of(other)
+    return []
 
 
 def _task_columns(results: Sequence[dict], task: str) -> list[str]:
@@ -77,34 +116,91 @@ def _metric(scores: dict) -> float:
     return scores["f1"] if "f1" in scores else scores["acc"]
 
 
-def _dense_of(results: Sequence[dict]) -> dict | None:
-    return next((r for r in results if r["method"]["name"] == "dense"), None)
+def primary(row: dict) -> float:
+    return row[compare.metric_of(row)]
+
+
+def _pm(delta: dict | None, scale: float = 100) -> str:
+    """``Δ ± half-width`` of a paired difference; a * marks an interval that excludes 0."""
+    if not delta or delta.get("delta") is None:
+        return "–"
+    lo, hi = delta["delta_ci95"]
+    star = "*" if lo > 0 or hi < 0 else ""
+    return f"{scale * delta['delta']:+.1f} ± {scale * (hi - lo) / 2:.1f}{star}"
+
+
+def comparison(result: dict, results: Sequence[dict]) -> dict:
+    """The result against dense on the same samples: paired differences (per group and of the
+    per-sample score over all samples), fidelity (whitespace tokens) and workload KV."""
+    method, dense = rows_of(result), dense_rows(result, results)
+    if not method or not dense or result["method"]["name"] == "dense":
+        return {}
+    pairs = compare.paired(method, dense)
+    fid, per_sample = compare.fidelity(method, dense)
+    return {
+        "n": len(pairs),
+        "all": compare.paired_delta([primary(m) for m, _ in pairs], [primary(d) for _, d in pairs]),
+        "by_qtype": compare.deltas(method, dense),
+        "fidelity": fid,
+        "per_sample": [(m, f) for (m, _), f in zip(pairs, per_sample)],
+        "kv": compare.kv_workload(method, dense),
+    }
 
 
 def main_table(results: Sequence[dict], task: str = "shapes") -> tuple[list[str], list[list[str]]]:
-    """Accuracy (%) per question type (describe: object F1), the mean, its change against dense,
-    and the KV reduction measured in the same run."""
-    results = _unique([r for r in results if task in r["tasks"]])
-    cols = _task_columns(results, task)
-    dense = _dense_of(results)
-    header = ["Method", *[c + (" F1" if c == "describe" else "") for c in cols], "Avg", "Δ Avg", "KV cut"]
+    """Score (%) per question type (describe and long: F1), their mean, its paired change against
+    dense on the same samples (± half of the 95 % interval; * when the interval excludes 0), the
+    KV cut on the evaluated workload and how often the method's output equals dense's. Rows use
+    the carried-cache protocol when there is one."""
+    results = [r for r in results if task in r["tasks"]]
+    carry = [r for r in results if multiturn_mode(r) == "carry"]
+    widest = max((len(protocol(r)["task"].get("qtypes") or []) for r in carry or results), default=0)
+    chosen = _unique([r for r in (carry or results) if len(protocol(r)["task"].get("qtypes") or []) == widest])
+    cols = _task_columns(chosen, task)
+    header = ["Method", "n", *[c + (" F1" if c in ("describe", "long") else "") for c in cols], "Avg",
+              "Δ Avg", "KV cut", "= dense"]
     rows = []
-    for r in results:
+    for r in chosen:
         scores = r["tasks"][task]
         values = [100 * _metric(scores[c]) if c in scores else None for c in cols]
         present = [v for v in values if v is not None]
         avg = sum(present) / len(present) if present else float("nan")
-        delta = ""
-        if dense is not None and r is not dense:
-            d_scores = dense["tasks"][task]
-            d_avg = sum(100 * _metric(d_scores[c]) for c in cols if c in d_scores) / max(1, sum(c in d_scores for c in cols))
-            delta = f"{avg - d_avg:+.1f}"
-        eff = r.get("efficiency") or {}
+        comp = comparison(r, results)
+        kv = comp.get("kv") or {}
         if r["method"]["name"] == "dense":
-            kv = "0 %"
+            cut, same = "0 %", ""
         else:
-            kv = f"{100 * eff['kv_reduction']:.1f} %" if eff else "–"
-        rows.append([label(r), *["–" if v is None else f"{v:.1f}" for v in values], f"{avg:.1f}", delta, kv])
+            cut = "–" if kv.get("reduction") is None else f"{100 * kv['reduction']:.1f} %"
+            same = "–" if not comp else f"{100 * comp['fidelity']['exact_match']:.0f} %"
+        rows.append([label(r), str(scores["n"]), *["–" if v is None else f"{v:.1f}" for v in values],
+                     f"{avg:.1f}", "" if r["method"]["name"] == "dense" else _pm(comp.get("all")), cut, same])
+    return header, rows
+
+
+def protocol_table(results: Sequence[dict], task: str = "shapes") -> tuple[list[str], list[list[str]]]:
+    """Carried cache against re-encoding: each method's paired change against dense (points,
+    ± half of the 95 % interval) on the multi-turn types under both protocols, on the long
+    answers, and the long answers' prefix agreement with dense."""
+    results = [r for r in results if task in r["tasks"]]
+    by_mode = {m: {label(r): r for r in _unique([r for r in results if multiturn_mode(r) == m])}
+               for m in ("carry", "reencode")}
+    header = ["Method", "multiturn carry", "multiturn re-encode", "dialogue carry", "dialogue re-encode",
+              "long F1", "long prefix agr."]
+    rows = []
+    for name in by_mode["carry"]:
+        r = by_mode["carry"][name]
+        if r["method"]["name"] == "dense":
+            continue
+        comp = comparison(r, results)
+        re_comp = comparison(by_mode["reencode"][name], results) if name in by_mode["reencode"] else {}
+        cells = [name]
+        for qtype in ("multiturn", "dialogue"):
+            for c in (comp, re_comp):
+                cells.append(_pm((c.get("by_qtype") or {}).get(qtype)))
+        cells.append(_pm((comp.get("by_qtype") or {}).get("long")))
+        agreement = ((comp.get("fidelity") or {}).get("long") or {}).get("prefix_agreement")
+        cells.append("–" if agreement is None else f"{100 * agreement:.0f} %")
+        rows.append(cells)
     return header, rows
 
 
@@ -165,24 +261,55 @@ def layers_figure(results: Sequence[dict], out: Path) -> Path:
     calibrated = [r for r in results if (r["method"].get("calibration") or {}).get("adjacent_js")]
     if not calibrated:
         raise ValueError("no calibrated result (method.layers=auto) found: run +exp=sweep_lazy or +exp=llava_lazy first.")
-    r = min(calibrated, key=lambda r: r["method"]["params"].get("ratio") or 0)
+    r = min(calibrated, key=lambda r: r["method"]["calibration"].get("ratio") or r["method"]["params"].get("ratio") or 0)
     cal = r["method"]["calibration"]
     lazy = r["method"]["lazy_layers"]
     return figures.layer_divergence_png(
         cal["adjacent_js"], lazy, out / "figures" / "layer_divergence.png",
-        f"{r['model']['name']}: adjacent-layer JS divergence (lazy at r={r['method']['params'].get('ratio')})",
+        f"{r['model']['name']}: adjacent-layer JS divergence (mean {sum(cal['adjacent_js']) / len(cal['adjacent_js']):.3f}; "
+        f"orange: lazy at {label(r)})",
     )
 
 
+def _series(result: dict) -> str:
+    name, order = result["method"]["name"], result["method"]["sort_key"]
+    if order and isinstance(order[0], str):  # a method's own family of settings, e.g. lazy (calibrated)
+        name = f"{name} ({order[0]})"
+    return name
+
+
 def pareto_figure(results: Sequence[dict], out: Path, task: str = "shapes") -> Path:
+    """Mean score against the KV cut on the evaluated workload (the synthetic timing batch's cut
+    for results that have no per-sample KV)."""
     points: dict[str, list[tuple[float, float, str]]] = {}
-    for r in _unique([r for r in results if task in r["tasks"] and r.get("efficiency")]):
-        name, order = r["method"]["name"], r["method"]["sort_key"]
-        if order and isinstance(order[0], str):  # a method's own family of settings, e.g. lazy (calibrated)
-            name = f"{name} ({order[0]})"
-        kv = 0.0 if r["method"]["name"] == "dense" else 100 * r["efficiency"]["kv_reduction"]
-        points.setdefault(name, []).append((kv, 100 * r["tasks"][task]["acc"], label(r)))
-    return figures.pareto_png(points, out / "figures" / "pareto.png", f"{task}: accuracy vs KV cache reduction")
+    header, rows = main_table(results, task)
+    by_label = {label(r): r for r in results}
+    for row in rows:
+        r = by_label[row[0]]
+        cut = row[header.index("KV cut")]
+        if cut == "–":
+            if not r.get("efficiency"):
+                continue
+            kv = 100 * r["efficiency"]["kv_reduction"]
+        else:
+            kv = float(cut.rstrip(" %"))
+        points.setdefault(_series(r), []).append((kv, float(row[header.index("Avg")]), label(r)))
+    return figures.pareto_png(points, out / "figures" / "pareto.png", f"{task}: mean score vs KV cache reduction")
+
+
+def fidelity_figure(results: Sequence[dict], out: Path, qtype: str = "long", max_tokens: int = 120) -> Path:
+    """For each method (carried-cache points): of the samples of ``qtype`` whose dense answer has at
+    least t tokens, the fraction whose answer agrees with dense's on all of the first t."""
+    curves = {}
+    for r in _unique([r for r in results if multiturn_mode(r) == "carry" and r["method"]["name"] != "dense"]):
+        comp = comparison(r, results)
+        per = [f for m, f in comp.get("per_sample", []) if m.get("qtype") == qtype]
+        if per:
+            curves[label(r)] = compare.agreement_curve(per, max_tokens)
+    if not curves:
+        raise ValueError(f"no carried-cache results with {qtype} samples and a matching dense point.")
+    return figures.agreement_png(curves, out / "figures" / "fidelity.png",
+                                 f"{qtype} answers: agreement with dense as generation grows")
 
 
 def render(what: str, results_dir: Path, out: Path) -> list[Path]:
@@ -190,18 +317,22 @@ def render(what: str, results_dir: Path, out: Path) -> list[Path]:
     written: list[Path] = []
     if what in ("main", "all"):
         written += write_table("main", *main_table(results), out, str(results_dir))
+    if what in ("protocol", "all"):
+        written += write_table("protocol", *protocol_table(results), out, str(results_dir))
     if what in ("efficiency", "all"):
         written += write_table("efficiency", *efficiency_table(results), out, str(results_dir))
     if what in ("layers", "all"):
         written.append(layers_figure(results, out))
     if what in ("pareto", "all"):
         written.append(pareto_figure(results, out))
+    if what in ("fidelity", "all"):
+        written.append(fidelity_figure(results, out))
     return written
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Render paper tables and figures from result.json files.")
-    p.add_argument("what", choices=["main", "efficiency", "layers", "pareto", "all"])
+    p.add_argument("what", choices=["main", "protocol", "efficiency", "layers", "pareto", "fidelity", "all"])
     p.add_argument("--results", type=Path, default=Path("results/tiny"))
     p.add_argument("--out", type=Path, default=Path("results"))
     p.add_argument("--wandb", default=os.environ.get("WANDB_MODE", "disabled"),
@@ -218,7 +349,8 @@ def main(argv=None) -> None:
         from harness import tracking
 
         results = collect(a.results)
-        tables = {"main": main_table(results), "efficiency": efficiency_table(results)}
+        tables = {"main": main_table(results), "protocol": protocol_table(results),
+                  "efficiency": efficiency_table(results)}
         tracking.log_report(written, tables, {"mode": a.wandb, "project": a.wandb_project, "group": "report",
                                               "dir": str(a.out)})
 
