@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 LMMS_EVAL ?= lmms-eval==0.7.3
 LMMS_STAMP := $(VENV)/.lmms-installed
 
-.PHONY: install lmms-install run test bench gpu-check clean tiny-model sweeps tables table-main table-efficiency fig-layers fig-pareto
+.PHONY: install lmms-install run test bench gpu-check clean tiny-model sweeps tables table-main table-protocol table-efficiency fig-layers fig-pareto fig-fidelity
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -61,6 +61,8 @@ sweeps: $(STAMP)
 	$(SWEEP) +exp=sweep_pruning method=fastv method.ratio=0.5,0.75 sweep_root=$(RESULTS)/fastv $(SWEEP_ARGS)
 	$(SWEEP) +exp=sweep_pruning method=sparsevlm method.budget=192,128,64 sweep_root=$(RESULTS)/sparsevlm $(SWEEP_ARGS)
 	$(SWEEP) +exp=sweep_pruning method=lazy_fastv sweep_root=$(RESULTS)/lazy_fastv $(SWEEP_ARGS)
+	$(SWEEP) +exp=sweep_reencode method=dense,lazy,fastv,sparsevlm,lazy_fastv sweep_root=$(RESULTS)/reencode $(SWEEP_ARGS)
+	$(SWEEP) +exp=sweep_long method=dense,lazy,fastv,sparsevlm,lazy_fastv sweep_root=$(RESULTS)/long $(SWEEP_ARGS)
 
 # Tables and figures render from $(RESULTS) only. RUN=1 first runs whatever sweep points are missing.
 ifeq ($(RUN),1)
@@ -69,10 +71,14 @@ endif
 REPORT = $(BIN)/python -m harness.report
 table-main: $(STAMP) $(REPORT_DEPS)
 	$(REPORT) main --results $(RESULTS) --out results
+table-protocol: $(STAMP) $(REPORT_DEPS)
+	$(REPORT) protocol --results $(RESULTS) --out results
+fig-fidelity: $(STAMP) $(REPORT_DEPS)
+	$(REPORT) fidelity --results $(RESULTS) --out results
 table-efficiency: $(STAMP) $(REPORT_DEPS)
 	$(REPORT) efficiency --results $(RESULTS) --out results
 fig-layers: $(STAMP) $(REPORT_DEPS)
 	$(REPORT) layers --results $(RESULTS) --out results
 fig-pareto: $(STAMP) $(REPORT_DEPS)
 	$(REPORT) pareto --results $(RESULTS) --out results
-tables: table-main table-efficiency fig-layers fig-pareto
+tables: table-main table-protocol table-efficiency fig-layers fig-pareto fig-fidelity

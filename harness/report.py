@@ -301,15 +301,19 @@ def fidelity_figure(results: Sequence[dict], out: Path, qtype: str = "long", max
     """For each method (carried-cache points): of the samples of ``qtype`` whose dense answer has at
     least t tokens, the fraction whose answer agrees with dense's on all of the first t."""
     curves = {}
-    for r in _unique([r for r in results if multiturn_mode(r) == "carry" and r["method"]["name"] != "dense"]):
+    longest = max((protocol(r)["task"].get("min_new_tokens") or 0 for r in results), default=0)
+    chosen = [r for r in results if multiturn_mode(r) == "carry" and r["method"]["name"] != "dense"
+              and (protocol(r)["task"].get("min_new_tokens") or 0) == longest]  # the forced-long sweep if any
+    for r in _unique(chosen):
         comp = comparison(r, results)
         per = [f for m, f in comp.get("per_sample", []) if m.get("qtype") == qtype]
         if per:
             curves[label(r)] = compare.agreement_curve(per, max_tokens)
     if not curves:
         raise ValueError(f"no carried-cache results with {qtype} samples and a matching dense point.")
+    forced = f", no stop before {longest} tokens" if longest else ""
     return figures.agreement_png(curves, out / "figures" / "fidelity.png",
-                                 f"{qtype} answers: agreement with dense as generation grows")
+                                 f"{qtype} answers{forced}: agreement with dense as generation grows")
 
 
 def render(what: str, results_dir: Path, out: Path) -> list[Path]:
