@@ -23,11 +23,7 @@ def layer_divergence_png(adjacent_js: Sequence[float], lazy_layers: Sequence[int
     ax.set_ylabel("JS(attn[l-1], attn[l]) / nats")
     ax.set_title(title, fontsize=9)
     ax.set_xticks(layers)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def pareto_png(points: dict[str, list[tuple[float, float, str]]], path: Path, title: str) -> Path:
@@ -43,11 +39,7 @@ def pareto_png(points: dict[str, list[tuple[float, float, str]]], path: Path, ti
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def agreement_png(curves: dict[str, list[float | None]], path: Path, title: str) -> Path:
@@ -62,6 +54,10 @@ def agreement_png(curves: dict[str, list[float | None]], path: Path, title: str)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

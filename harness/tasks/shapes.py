@@ -351,15 +351,9 @@ def parse_description(text: str) -> set[tuple[str, str, str]]:
 def score_turn(turn_type: str, prediction: str, gold: str) -> dict[str, float]:
     if turn_type in SINGLE_TURN_TYPES:
         return {"acc": float(normalise(prediction) == normalise(gold))}
-    if turn_type == "describe":
-        pred, ref = parse_description(prediction), parse_description(gold)
-        hits = len(pred & ref)
-        precision = hits / len(pred) if pred else 0.0
-        recall = hits / len(ref) if ref else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if hits else 0.0
-        return {"acc": float(pred == ref), "f1": f1, "precision": precision, "recall": recall}
-    if turn_type == "long":
-        pred, ref = long_facts(prediction), long_facts(gold)
+    if turn_type in ("describe", "long"):
+        parse = parse_description if turn_type == "describe" else long_facts
+        pred, ref = parse(prediction), parse(gold)
         hits = len(pred & ref)
         precision = hits / len(pred) if pred else 0.0
         recall = hits / len(ref) if ref else 0.0
