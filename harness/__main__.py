@@ -1,11 +1,14 @@
 """``python -m harness +exp=NAME key=value ...``: one experiment; prints the result path last."""
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from harness.run import RunError, run
+from harness.config import RunError
+from harness.results import SampleLog
+from harness.run import run
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -15,6 +18,11 @@ def main(cfg: DictConfig) -> None:
     except (RunError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        kept = SampleLog(Path(cfg.out_dir), "").count()
+        print(f"\ninterrupted: {kept} finished sample(s) kept in {cfg.out_dir}; re-run the same command "
+              f"(same out_dir) to resume.", file=sys.stderr)
+        sys.exit(130)
     print(path)
 
 

@@ -107,6 +107,10 @@ class SampleLog:
                     rows[row["id"]] = {k: v for k, v in row.items() if k not in ("run_key", "variant")}
         return rows
 
+    def count(self) -> int:
+        """Rows in the partial log (any settings): what an interruption leaves behind."""
+        return len(self.partial.read_text().splitlines()) if self.partial.exists() else 0
+
     def append(self, row: dict) -> None:
         self.partial.parent.mkdir(parents=True, exist_ok=True)
         with self.partial.open("a") as f:

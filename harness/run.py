@@ -120,6 +120,9 @@ def run(cfg: DictConfig) -> Path:
     if cfg.compare_dense and method.name != "dense":
         variants = {"dense": lazyattn.Dense(), **variants}
     log = SampleLog(out_dir, result_key(cfg))
+    resumed = sum(len(log.finished(v)) for v in variants)
+    if resumed:
+        print(f"resuming {out_dir}: {resumed} finished sample(s) from an interrupted run are kept")
     evaluations = {}
     for variant, m in variants.items():
         evaluations[variant] = task.evaluate(

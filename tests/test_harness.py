@@ -204,3 +204,25 @@ def test_auto_layers_calibrate_once_and_are_recorded(tmp_path, monkeypatch):
     monkeypatch.setattr(calib, "calibrate", must_not_run)
     again = json.loads(run(small(tmp_path / "b", *extra)).read_text())
     assert again["method"]["lazy_layers"] == lazy
+
+
+def test_ctrl_c_keeps_finished_samples_and_says_how_to_resume(tmp_path):
+    import signal
+    import time
+
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "harness", "model=llava_tiny_random", "limit=400", "batch_size=2",
+           "efficiency.enabled=false", "compare_dense=false", f"out_dir={tmp_path}/r"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / "r" / "samples.partial.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (partial.exists() and partial.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("interrupted: ") and "re-run the same command" in line and str(tmp_path / "r") in line
+    kept = int(line.split()[1])
+    assert kept >= 2 and kept == len(partial.read_text().splitlines())
