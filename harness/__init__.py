@@ -14,3 +14,12 @@ def asset_path(name: str) -> str:
 
 if not OmegaConf.has_resolver("asset"):
     OmegaConf.register_new_resolver("asset", asset_path)
+
+
+def first_set(*values):
+    """The first value that is set (not null or empty): ``${first:${out_dir},runs/...}``."""
+    return next((v for v in values if v not in (None, "", "None")), None)
+
+
+if not OmegaConf.has_resolver("first"):
+    OmegaConf.register_new_resolver("first", first_set)

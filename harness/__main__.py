@@ -1,12 +1,11 @@
 """``python -m harness +exp=NAME key=value ...``: one experiment; prints the result path last."""
 
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from harness.config import RunError
+from harness.config import RunError, output_dir
 from harness.results import SampleLog
 from harness.run import run
 
@@ -19,8 +18,9 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        kept = SampleLog(Path(cfg.out_dir), "").count()
-        print(f"\ninterrupted: {kept} finished sample(s) kept in {cfg.out_dir}; re-run the same command "
+        out_dir = output_dir(cfg)
+        kept = SampleLog(out_dir, "").count()
+        print(f"\ninterrupted: {kept} finished sample(s) kept in {out_dir}; re-run the same command "
               f"(same out_dir) to resume.", file=sys.stderr)
         sys.exit(130)
     print(path)

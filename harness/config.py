@@ -52,6 +52,18 @@ def result_key(cfg: DictConfig) -> str:
     return config_key({k: plain(cfg.get(k)) for k in RESULT_KEYS})
 
 
+def output_dir(cfg: DictConfig) -> Path:
+    """``out_dir``, or when it is null Hydra's output dir for this job (a time-stamped folder under
+    ``runs_root``; in a multirun ``sweep_root/<the point's overrides>``)."""
+    if cfg.get("out_dir"):
+        return Path(str(cfg.out_dir))
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        raise RunError("out_dir is not set; pass out_dir=DIR.")
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
 def positive_int(value: Any, key: str, minimum: int = 1, allow_none: bool = False) -> int | None:
     """``value`` as an int >= ``minimum``, or a RunError that names ``key`` and says what to pass."""
     if value is None and allow_none:

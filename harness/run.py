@@ -21,6 +21,7 @@ from harness.config import (
     RunError,
     check_run,
     method_spec,
+    output_dir,
     plain,
     relative_to_repo,
     result_key,
@@ -93,7 +94,7 @@ def compare_to_dense(rows: dict[str, list[dict]], scores: dict, processor) -> di
 
 
 def run(cfg: DictConfig) -> Path:
-    out_dir = Path(cfg.out_dir)
+    out_dir = output_dir(cfg)
     result_path = out_dir / "result.json"
     if result_path.exists() and cfg.get("skip_finished") and not cfg.overwrite:
         print(f"skipping finished point {out_dir} (skip_finished=true; overwrite=true redoes it)")

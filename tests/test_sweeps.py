@@ -96,3 +96,24 @@ def test_report_errors_are_clear(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no result.json"):
         report.collect(tmp_path / "empty")
+
+
+def test_multirun_without_a_sweep_experiment_keeps_every_point_under_sweep_root(tmp_path):
+    """Each point's result.json lands in sweep_root/<its overrides>, none in the working directory,
+    and a default single run goes under runs_root, outside the working directory."""
+    work = tmp_path / "work"
+    work.mkdir()
+    run_env = {**env(), "LAZYATTN_RUNS": str(tmp_path / "runs")}
+    common = ("model=llava_tiny_random", "method=lazy", "limit=2", "efficiency.enabled=false", "compare_dense=false",
+              f"calibration.dir={tmp_path / 'calib'}")
+    proc = subprocess.run([sys.executable, "-m", "harness", "-m", *common, "method.ratio=0.25,0.5",
+                           f"sweep_root={tmp_path / 'sweep'}"], cwd=work, env=run_env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = sorted(p.parent.name for p in (tmp_path / "sweep").rglob("result.json"))
+    assert len(found) == 2 and all("method.ratio=" in name for name in found)
+    proc = subprocess.run([sys.executable, "-m", "harness", *common], cwd=work, env=run_env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(list((tmp_path / "runs").rglob("result.json"))) == 1
+    assert not list(work.iterdir())  # nothing written into the working directory
