@@ -2,7 +2,8 @@
 prompts (the shapes val split), resolved here and nowhere else.
 
 The choice is cached in a small JSON file (``calibration.dir``, outside the source tree) keyed by
-the model, the task and the calibration settings, so repeated runs and sweeps calibrate once.
+the model's config and weights, the task and the calibration settings, so repeated runs and
+sweeps calibrate once, and a retrained checkpoint calibrates again.
 """
 
 from __future__ import annotations
@@ -32,9 +33,22 @@ def refuse(where: str) -> None:
     )
 
 
-def _key(cfg: DictConfig, spec: dict) -> str:
+def weights_fingerprint(model) -> str:
+    """A cheap identity of the weights: every parameter's name, shape and first values. A
+    checkpoint retrained in place keeps its path and config, so those alone cannot key a cache."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, param in model.state_dict().items():
+        digest.update(f"{name}{tuple(param.shape)}".encode())
+        digest.update(param.detach().flatten()[:64].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _key(cfg: DictConfig, spec: dict, model) -> str:
     return config_key({
         "model": plain(cfg.model),
+        "weights": weights_fingerprint(model),
         "task": plain(cfg.task),
         "ratio": spec.get("ratio"),
         "threshold": cfg.calibration.threshold,
@@ -47,7 +61,7 @@ def resolve(cfg: DictConfig, loaded, task, device) -> tuple[dict, dict]:
     and the calibration record for result.json."""
     spec = method_spec(cfg.method)
     n, threshold = int(cfg.calibration.samples), cfg.calibration.threshold
-    key = _key(cfg, spec)
+    key = _key(cfg, spec, loaded.model)
     path = Path(str(cfg.calibration.dir)).expanduser() / f"{key}.json"
     if path.exists():
         record = json.loads(path.read_text())

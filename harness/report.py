@@ -178,28 +178,37 @@ def main_table(results: Sequence[dict], task: str = "shapes") -> tuple[list[str]
 
 
 def protocol_table(results: Sequence[dict], task: str = "shapes") -> tuple[list[str], list[list[str]]]:
-    """Carried cache against re-encoding: each method's paired change against dense (points,
-    ± half of the 95 % interval) on the multi-turn types under both protocols, on the long
-    answers, and the long answers' prefix agreement with dense."""
+    """Carried cache against re-encoding: each method's paired change against dense (points, ± half
+    of the 95 % interval, * when it excludes 0) on the multi-turn types under both protocols, and,
+    from the forced-long-generation points, how often and how far the long answers agree with dense."""
     results = [r for r in results if task in r["tasks"]]
-    by_mode = {m: {label(r): r for r in _unique([r for r in results if multiturn_mode(r) == m])}
-               for m in ("carry", "reencode")}
+
+    def points(keep) -> dict[str, dict]:
+        return {label(r): r for r in _unique([r for r in results if keep(protocol(r)["task"])])}
+
+    def has(t, qtype):
+        return qtype in (t.get("qtypes") or [])
+
+    carry = points(lambda t: t["multiturn"] == "carry" and has(t, "multiturn") and not t.get("min_new_tokens"))
+    reencode = points(lambda t: t["multiturn"] == "reencode" and has(t, "multiturn"))
+    forced = points(lambda t: has(t, "long") and (t.get("min_new_tokens") or 0) > 0)
     header = ["Method", "multiturn carry", "multiturn re-encode", "dialogue carry", "dialogue re-encode",
-              "long F1", "long prefix agr."]
+              "long = dense", "long prefix agr.", "long 1st divergence"]
     rows = []
-    for name in by_mode["carry"]:
-        r = by_mode["carry"][name]
+    for name in dict.fromkeys([*carry, *reencode, *forced]):
+        r = carry.get(name) or reencode.get(name) or forced.get(name)
         if r["method"]["name"] == "dense":
             continue
-        comp = comparison(r, results)
-        re_comp = comparison(by_mode["reencode"][name], results) if name in by_mode["reencode"] else {}
+        comps = {key: comparison(group[name], results) if name in group else {}
+                 for key, group in (("carry", carry), ("reencode", reencode), ("forced", forced))}
         cells = [name]
         for qtype in ("multiturn", "dialogue"):
-            for c in (comp, re_comp):
-                cells.append(_pm((c.get("by_qtype") or {}).get(qtype)))
-        cells.append(_pm((comp.get("by_qtype") or {}).get("long")))
-        agreement = ((comp.get("fidelity") or {}).get("long") or {}).get("prefix_agreement")
-        cells.append("–" if agreement is None else f"{100 * agreement:.0f} %")
+            for key in ("carry", "reencode"):
+                cells.append(_pm((comps[key].get("by_qtype") or {}).get(qtype)))
+        long = (comps["forced"].get("fidelity") or {}).get("long") or {}
+        cells.append("–" if long.get("exact_match") is None else f"{100 * long['exact_match']:.0f} %")
+        cells.append("–" if long.get("prefix_agreement") is None else f"{100 * long['prefix_agreement']:.0f} %")
+        cells.append("–" if long.get("first_divergence_median") is None else f"{long['first_divergence_median']:g}")
         rows.append(cells)
     return header, rows
 

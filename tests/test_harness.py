@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import cfg_for
 from omegaconf import open_dict
 
@@ -226,3 +227,18 @@ def test_ctrl_c_keeps_finished_samples_and_says_how_to_resume(tmp_path):
     assert line.startswith("interrupted: ") and "re-run the same command" in line and str(tmp_path / "r") in line
     kept = int(line.split()[1])
     assert kept >= 2 and kept == len(partial.read_text().splitlines())
+
+
+def test_calibration_cache_knows_retrained_weights(tmp_path, tiny):
+    from harness.calibration import weights_fingerprint
+
+    before = weights_fingerprint(tiny.model)
+    with torch.no_grad():
+        param = next(tiny.model.parameters())
+        saved = param.clone()
+        param.add_(1.0)
+        try:
+            assert weights_fingerprint(tiny.model) != before
+        finally:
+            param.copy_(saved)
+    assert weights_fingerprint(tiny.model) == before
