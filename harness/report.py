@@ -147,15 +147,21 @@ def comparison(result: dict, results: Sequence[dict]) -> dict:
     }
 
 
+def main_points(results: Sequence[dict]) -> list[dict]:
+    """The points of the main comparison: the carried-cache protocol (when there is one) on the
+    widest set of question types, one per label."""
+    carry = [r for r in results if multiturn_mode(r) == "carry"] or list(results)
+    widest = max((len(protocol(r)["task"].get("qtypes") or []) for r in carry), default=0)
+    return _unique([r for r in carry if len(protocol(r)["task"].get("qtypes") or []) == widest])
+
+
 def main_table(results: Sequence[dict], task: str = "shapes") -> tuple[list[str], list[list[str]]]:
     """Score (%) per question type (describe and long: F1), their mean, its paired change against
     dense on the same samples (± half of the 95 % interval; * when the interval excludes 0), the
     KV cut on the evaluated workload and how often the method's output equals dense's. Rows use
     the carried-cache protocol when there is one."""
     results = [r for r in results if task in r["tasks"]]
-    carry = [r for r in results if multiturn_mode(r) == "carry"]
-    widest = max((len(protocol(r)["task"].get("qtypes") or []) for r in carry or results), default=0)
-    chosen = _unique([r for r in (carry or results) if len(protocol(r)["task"].get("qtypes") or []) == widest])
+    chosen = main_points(results)
     cols = _task_columns(chosen, task)
     header = ["Method", "n", *[c + (" F1" if c in ("describe", "long") else "") for c in cols], "Avg",
               "Δ Avg", "KV cut", "= dense"]
@@ -180,7 +186,8 @@ def main_table(results: Sequence[dict], task: str = "shapes") -> tuple[list[str]
 def protocol_table(results: Sequence[dict], task: str = "shapes") -> tuple[list[str], list[list[str]]]:
     """Carried cache against re-encoding: each method's paired change against dense (points, ± half
     of the 95 % interval, * when it excludes 0) on the multi-turn types under both protocols, and,
-    from the forced-long-generation points, how often and how far the long answers agree with dense."""
+    from the forced-long-generation points, how often and how far the long answers agree with dense
+    and the KV cut on that workload (generated tokens dominate it)."""
     results = [r for r in results if task in r["tasks"]]
 
     def points(keep) -> dict[str, dict]:
@@ -193,7 +200,7 @@ def protocol_table(results: Sequence[dict], task: str = "shapes") -> tuple[list[
     reencode = points(lambda t: t["multiturn"] == "reencode" and has(t, "multiturn"))
     forced = points(lambda t: has(t, "long") and (t.get("min_new_tokens") or 0) > 0)
     header = ["Method", "multiturn carry", "multiturn re-encode", "dialogue carry", "dialogue re-encode",
-              "long = dense", "long prefix agr.", "long 1st divergence"]
+              "long = dense", "long prefix agr.", "long 1st divergence", "long KV cut"]
     rows = []
     for name in dict.fromkeys([*carry, *reencode, *forced]):
         r = carry.get(name) or reencode.get(name) or forced.get(name)
@@ -209,6 +216,8 @@ def protocol_table(results: Sequence[dict], task: str = "shapes") -> tuple[list[
         cells.append("–" if long.get("exact_match") is None else f"{100 * long['exact_match']:.0f} %")
         cells.append("–" if long.get("prefix_agreement") is None else f"{100 * long['prefix_agreement']:.0f} %")
         cells.append("–" if long.get("first_divergence_median") is None else f"{long['first_divergence_median']:g}")
+        cut = (comps["forced"].get("kv") or {}).get("reduction")
+        cells.append("–" if cut is None else f"{100 * cut:.1f} %")
         rows.append(cells)
     return header, rows
 
@@ -220,7 +229,7 @@ def efficiency_table(results: Sequence[dict]) -> tuple[list[str], list[list[str]
     header = ["Method", "KV MB", "KV cut", "Mem GB", "Prefill ms", "Decode tok/s", "E2E tok/s",
               "Decode ×", "E2E ×", "Prefill ×", "Device"]
     rows = []
-    for r in _unique([r for r in results if r.get("efficiency")]):
+    for r in [r for r in main_points(results) if r.get("efficiency")]:
         eff = r["efficiency"]
         m = eff["method"]
         mem = m.get("peak_memory_bytes")
