@@ -68,17 +68,20 @@ sweeps: $(STAMP)
 ifeq ($(RUN),1)
 REPORT_DEPS := sweeps
 endif
+# Rendered files go next to their inputs (OUT=$(RESULTS)) unless RESULTS is the committed tree,
+# whose tables and figures live in results/: `make tables RESULTS=DIR` never overwrites them.
+OUT ?= $(if $(filter results/tiny,$(RESULTS)),results,$(RESULTS))
 REPORT = $(BIN)/python -m harness.report
 table-main: $(STAMP) $(REPORT_DEPS)
-	$(REPORT) main --results $(RESULTS) --out results
+	$(REPORT) main --results $(RESULTS) --out $(OUT)
 table-protocol: $(STAMP) $(REPORT_DEPS)
-	$(REPORT) protocol --results $(RESULTS) --out results
+	$(REPORT) protocol --results $(RESULTS) --out $(OUT)
 fig-fidelity: $(STAMP) $(REPORT_DEPS)
-	$(REPORT) fidelity --results $(RESULTS) --out results
+	$(REPORT) fidelity --results $(RESULTS) --out $(OUT)
 table-efficiency: $(STAMP) $(REPORT_DEPS)
-	$(REPORT) efficiency --results $(RESULTS) --out results
+	$(REPORT) efficiency --results $(RESULTS) --out $(OUT)
 fig-layers: $(STAMP) $(REPORT_DEPS)
-	$(REPORT) layers --results $(RESULTS) --out results
+	$(REPORT) layers --results $(RESULTS) --out $(OUT)
 fig-pareto: $(STAMP) $(REPORT_DEPS)
-	$(REPORT) pareto --results $(RESULTS) --out results
+	$(REPORT) pareto --results $(RESULTS) --out $(OUT)
 tables: table-main table-protocol table-efficiency fig-layers fig-pareto fig-fidelity

@@ -156,11 +156,32 @@ class Generator:
             next_position=torch.zeros(ids.shape[0], dtype=torch.long, device=self.device),
             pending=[[] for _ in range(ids.shape[0])],
         )
+        if self.mrope:  # Qwen2-VL positions its tokens from the image grid: let `generate` drive it
+            return self._generate(dialogue, ids, mask, inputs, budgets)
         # prompt positions are those of the padded sequence (0 .. L-1), as `generate` gives them
         padded = ids.shape[1] - mask.sum(dim=1)
         dialogue.next_position = padded.long()
         logits = self._forward(dialogue, ids, mask, **inputs)
         return dialogue, self._decode(dialogue, logits, budgets)
+
+    def _generate(self, dialogue: Dialogue, ids, mask, inputs, budgets) -> tuple[Dialogue, list[list[int]]]:
+        """``model.generate`` for models whose positions only it computes (M-RoPE). Rows that stop
+        early keep generating pad tokens that stay in the cache unmasked, so their ``kv_bytes``
+        include those tokens."""
+        extra = {"suppress_tokens": [self.suppress]} if self.suppress is not None else {}
+        out = self.model.generate(
+            input_ids=ids, attention_mask=mask, **inputs, max_new_tokens=max(budgets), do_sample=False,
+            min_new_tokens=self.min_new_tokens or None, return_dict_in_generate=True, **extra,
+        )
+        new = out.sequences[:, ids.shape[1] :].tolist()
+        answers = []
+        for row, budget in zip(new, budgets):
+            row = row[:budget]
+            answers.append(row[: row.index(self.eos) + 1] if self.eos in row else row)
+        dialogue.cache = out.past_key_values
+        length = dialogue.cache.get_seq_length()
+        dialogue.mask = torch.cat([mask, mask.new_ones(mask.shape[0], length - mask.shape[1])], dim=1)
+        return dialogue, answers
 
     def next_turn(self, dialogue: Dialogue, continuations: Sequence[list[int] | None], budgets) -> list[list[int]]:
         """Feed each row's continuation tokens (None: the row has no further turn) into the carried
