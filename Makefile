@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 LMMS_EVAL ?= lmms-eval==0.7.3
 LMMS_STAMP := $(VENV)/.lmms-installed
 
-.PHONY: install lmms-install run test bench gpu-check clean tiny-model sweeps tables table-main table-protocol table-efficiency fig-layers fig-pareto fig-fidelity
+.PHONY: install lmms-install run test bench gpu-check clean tiny-model sweeps sweeps-deep tables table-main table-protocol table-efficiency fig-layers fig-pareto fig-fidelity
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -63,6 +63,16 @@ sweeps: $(STAMP)
 	$(SWEEP) +exp=sweep_pruning method=lazy_fastv sweep_root=$(RESULTS)/lazy_fastv $(SWEEP_ARGS)
 	$(SWEEP) +exp=sweep_reencode method=dense,lazy,fastv,sparsevlm,lazy_fastv sweep_root=$(RESULTS)/reencode $(SWEEP_ARGS)
 	$(SWEEP) +exp=sweep_long method=dense,lazy,fastv,sparsevlm,lazy_fastv sweep_root=$(RESULTS)/long $(SWEEP_ARGS)
+
+# The deeper shipped model (24 layers), a smaller grid: how depth changes the layer-similarity
+# profile and Lazy Attention's cost. `make tables RESULTS=results/tiny_deep` renders it into itself.
+DEEP = model=llava_tiny_deep $(SWEEP_ARGS)
+sweeps-deep: $(STAMP)
+	$(SWEEP) +exp=sweep_dense sweep_root=results/tiny_deep/dense $(DEEP)
+	$(SWEEP) +exp=sweep_lazy method.ratio=0.25,0.5,0.7 sweep_root=results/tiny_deep/lazy $(DEEP)
+	$(SWEEP) +exp=sweep_pruning method=fastv sweep_root=results/tiny_deep/fastv $(DEEP)
+	$(SWEEP) +exp=sweep_pruning method=sparsevlm method.budget=128 sweep_root=results/tiny_deep/sparsevlm $(DEEP)
+	$(SWEEP) +exp=sweep_pruning method=lazy_fastv sweep_root=results/tiny_deep/lazy_fastv $(DEEP)
 
 # Tables and figures render from $(RESULTS) only. RUN=1 first runs whatever sweep points are missing.
 ifeq ($(RUN),1)
