@@ -17,6 +17,7 @@ from harness.tasks import ShapesTask, shapes
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 MODEL_DIR = ASSETS / "llava_tiny"
+SHIPPED = ("llava_tiny", "llava_tiny_deep")  # the default and its deeper variant, same recipe
 
 # Floors on the first 120 test samples (20 per question type), for the shipped model; "acc" for the
 # short answers, "f1" for describe. Each floor must beat what answering without the image reaches on
@@ -27,20 +28,18 @@ FLOORS = {
     "colour": ("acc", 0.9), "exist": ("acc", 0.9), "count": ("acc", 0.9), "position": ("acc", 0.9),
     "describe": ("f1", 0.9), "multiturn": ("acc", 0.85),
 }
+# The deeper variant learned position less well (0.82 on the 50-per-type test split).
+DEEP_FLOORS = {**FLOORS, "position": ("acc", 0.7), "describe": ("f1", 0.85), "multiturn": ("acc", 0.8)}
 
 
-@pytest.fixture(scope="module")
-def trained():
-    return load_local(MODEL_DIR, name="llava_tiny")
-
-
-def test_weights_are_small_and_offline_loadable():
-    weights = list(MODEL_DIR.glob("*.safetensors"))
+@pytest.mark.parametrize("name", SHIPPED)
+def test_weights_are_small_and_offline_loadable(name):
+    weights = list((ASSETS / name).glob("*.safetensors"))
     assert weights and sum(w.stat().st_size for w in weights) < 25 * 2**20
-    model = LlavaForConditionalGeneration.from_pretrained(MODEL_DIR, local_files_only=True)
+    model = LlavaForConditionalGeneration.from_pretrained(ASSETS / name, local_files_only=True)
     text = model.config.text_config
     assert text.num_hidden_layers >= 12 and text.num_key_value_heads < text.num_attention_heads  # GQA
-    info = json.loads((MODEL_DIR / "training.json").read_text())
+    info = json.loads((ASSETS / name / "training.json").read_text())
     assert info["seed"] == 0 and info["steps"] > 0
     assert [s["name"] for s in info["stages"]] == ["A", "B", "C", "D", "E"]
     assert len(info["divergence"]["adjacent"]) == text.num_hidden_layers - 1
@@ -57,13 +56,15 @@ def image_blind_best(samples, qtype: str) -> float:
 
 
 @torch.no_grad()
-def test_dense_accuracy_is_far_above_an_image_blind_model(trained):
+@pytest.mark.parametrize("name", SHIPPED)
+def test_dense_accuracy_is_far_above_an_image_blind_model(name):
+    trained = load_local(ASSETS / name, name=name)
     task = ShapesTask("shapes", "test", SLICE, list(shapes.QTYPES), 64, {"short": 8, "describe": 48})
     samples = task.samples(None)
     predictions = evaluate(trained.model, trained.processor, task, samples, 24, torch.device("cpu"))
     scores = task.score(samples, predictions)
     failures = []
-    for qtype, (metric, floor) in FLOORS.items():
+    for qtype, (metric, floor) in (DEEP_FLOORS if name == "llava_tiny_deep" else FLOORS).items():
         blind = image_blind_best(samples, qtype)
         assert blind + 0.2 < floor, f"{qtype}: the floor {floor} must beat an image-blind answer ({blind:.2f})"
         if scores[qtype][metric] < floor:
