@@ -212,13 +212,16 @@ def test_ctrl_c_keeps_finished_samples_and_says_how_to_resume(tmp_path):
     import time
 
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "harness", "model=llava_tiny_random", "limit=400", "batch_size=2",
-           "efficiency.enabled=false", "compare_dense=false", f"out_dir={tmp_path}/r"]
+    # long enough (64 forced new tokens a sample, one sample a batch) that it cannot end before the signal
+    cmd = [sys.executable, "-m", "harness", "model=llava_tiny_random", "limit=400", "batch_size=1",
+           "task.max_new_tokens=64", "task.min_new_tokens=64", "efficiency.enabled=false", "compare_dense=false",
+           f"out_dir={tmp_path}/r"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     partial = tmp_path / "r" / "samples.partial.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and not (partial.exists() and partial.read_text().count("\n") >= 2):
-        time.sleep(0.2)
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
