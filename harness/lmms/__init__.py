@@ -1,6 +1,6 @@
 """The lmms-eval backend: the ``lazyattn`` lmms-eval model, the shapes tasks, in-process evaluation.
 
-Needs the optional lmms-eval install (``make lmms-install``, README "lmms-eval backend"); nothing
+Needs the optional lmms-eval install (``make lmms-install``, docs/benchmarks.md, "The lmms-eval backend"); nothing
 here is imported by the harness unless a task's backend is ``lmms_eval``.
 """
 

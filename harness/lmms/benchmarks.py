@@ -16,7 +16,7 @@ for a named config, in ``<config>/`` below it). The local task is called ``<lmms
     python -m harness.lmms.benchmarks --data-dir /data/lmms --out tasks_local --tasks paper
 
 checks every dataset and writes such a directory for ``python -m lmms_eval --include_path``;
-the harness (``task=paper``, ``task=pope`` ...) does the same per run, before loading a model.
+the harness (``task=paper``, ``task=benchmarks task.lmms_tasks=[pope]`` ...) does the same per run, before loading a model.
 
 Per benchmark (``BENCHMARKS``), beyond the data source:
 - ``gqa``: lmms-eval's ``process_docs`` loads the images config from the hub by name; the local

@@ -1,6 +1,6 @@
 """``pip check``, honest about lmms-eval: only the documented skips may be reported.
 
-lmms-eval is installed with ``--no-deps`` (see README, "lmms-eval backend"): ``pip check`` then
+lmms-eval is installed with ``--no-deps`` (see docs/benchmarks.md, "The lmms-eval backend"): ``pip check`` then
 reports its declared requirements that were left out on purpose, listed with reasons in
 ``constraints/lmms-skipped.txt``. This runs ``pip check`` and fails on every other complaint:
 a broken requirement of any other package, or an lmms-eval requirement not on the list.
