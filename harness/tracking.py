@@ -78,13 +78,22 @@ def log_report(files: list[Path], tables: dict[str, tuple[list[str], list[list[s
 def log_run(
     result: dict, samples: list[dict], wandb_cfg: dict, out_dir: Path, name: str, images: dict | None = None
 ) -> str | None:
-    """Log to W&B; return the run's local directory (None when disabled)."""
+    """Log to W&B; return the run's local directory (None when disabled). The run is named by its
+    table label (``name`` only when there is none), so a sweep's points are told apart, and tagged
+    with model, method, task, split, limit and multi-turn protocol, so one comparison can be
+    filtered together across sweeps."""
+    config = result.get("config") or {}
+    task = config.get("task") or {}
     tags = list(wandb_cfg.get("tags") or []) + [
         f"model:{result['model']['name']}",
         f"method:{result['method']['name']}",
         *(f"task:{t}" for t in result["tasks"]),
+        f"split:{task.get('split')}",
+        f"limit:{config.get('limit')}",
+        f"multiturn:{task.get('multiturn')}",
     ]
-    run = _start(wandb_cfg, dir=str(out_dir), name=name, tags=tags, config=result["config"])
+    label = result["method"].get("label") or name
+    run = _start(wandb_cfg, dir=str(out_dir), name=label, tags=tags, config=result["config"])
     if run is None:
         return None
     import wandb
