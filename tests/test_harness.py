@@ -216,7 +216,9 @@ def test_ctrl_c_keeps_finished_samples_and_says_how_to_resume(tmp_path):
     cmd = [sys.executable, "-m", "harness", "model=llava_tiny_random", "limit=400", "batch_size=1",
            "task.max_new_tokens=64", "task.min_new_tokens=64", "efficiency.enabled=false", "compare_dense=false",
            f"out_dir={tmp_path}/r"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a background job of a non-interactive shell (as CI may run us) inherits SIGINT ignored: restore it
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     partial = tmp_path / "r" / "samples.partial.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and not (partial.exists() and partial.read_text().count("\n") >= 2):
