@@ -122,12 +122,15 @@ def method_spec(method_cfg: DictConfig | Mapping) -> dict:
 
 
 def relative_to_repo(data: Any, root: Path = REPO_ROOT) -> Any:
-    """``data`` with every absolute path inside the repository written relative to it, so a
-    result means the same on any machine (paths outside the repository are the user's own)."""
+    """``data`` with every absolute path inside the repository written relative to it and every
+    path in the home folder written from ``~``, so a result means the same on any machine."""
     if isinstance(data, dict):
         return {k: relative_to_repo(v, root) for k, v in data.items()}
     if isinstance(data, list):
         return [relative_to_repo(v, root) for v in data]
     if isinstance(data, str) and data.startswith(str(root) + "/"):
         return data[len(str(root)) + 1 :]
+    home = str(Path.home())
+    if isinstance(data, str) and home not in ("/", "") and data.startswith(home + "/"):
+        return "~" + data[len(home) :]  # the user's own folders (runs_root, caches): no machine's name
     return data

@@ -247,3 +247,12 @@ def test_calibration_cache_knows_retrained_weights(tmp_path, tiny):
         finally:
             param.copy_(saved)
     assert weights_fingerprint(tiny.model) == before
+
+
+def test_results_record_no_path_of_this_machine():
+    from harness.config import relative_to_repo
+    from harness.results import REPO_ROOT
+
+    home = Path.home()
+    data = {"a": str(REPO_ROOT / "harness/assets/llava_tiny"), "b": [str(home / "lazyattn-runs/x")], "c": "/data/llava"}
+    assert relative_to_repo(data) == {"a": "harness/assets/llava_tiny", "b": ["~/lazyattn-runs/x"], "c": "/data/llava"}
