@@ -19,15 +19,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from omegaconf import OmegaConf
-
 from harness.compare import interval
+from harness.config import plain
 from harness.generate import MULTITURN_MODES, conversation, evaluate
 from harness.tasks import shapes
-
-
-def plain(value):
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 Prompt = tuple[list[dict], list]  # (chat history with image placeholders, its images)
 
