@@ -45,18 +45,8 @@ from harness.tasks import shapes
 from lazyattn import kv_cache_bytes
 from lazyattn.arch import decoder_layers
 
-N_LAYERS = 4
-TEXT = dict(layers=N_LAYERS, hidden=64, heads=4, kv_heads=2, mlp=128)
-CLIP = dict(layers=2, hidden=32, mlp=64, heads=2, patch=8, image_size=32)
-QWEN_VISION = dict(layers=2, hidden=32, mlp=64, heads=2, patch=8, image_size=64, window_size=32)
-FAMILIES = {  # the shapes of tests/test_families.py
-    "llava_llama": ("llava", {**TEXT, "backbone": "llama"}, CLIP),
-    "llava_qwen2": ("llava", {**TEXT, "backbone": "qwen2"}, CLIP),
-    "llava_mistral": ("llava", {**TEXT, "backbone": "mistral"}, CLIP),
-    "llava_next_mistral": ("llava_next", {**TEXT, "backbone": "mistral"}, CLIP),
-    "qwen2_vl": ("qwen2_vl", {**TEXT, "mrope_section": [2, 3, 3]}, QWEN_VISION),
-    "qwen2_5_vl": ("qwen2_5_vl", {**TEXT, "mrope_section": [2, 3, 3]}, QWEN_VISION),
-}
+N_LAYERS = families.TINY_TEXT["layers"]
+FAMILIES = families.TINY_SHAPES
 METHODS = ("dense", "lazy", "fastv", "sparsevlm", "lazy_fastv")
 # max |logits - sdpa's logits| / max |sdpa's logits|, prefill and every teacher-forced decode step
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}

@@ -121,14 +121,15 @@ def run(cfg: DictConfig) -> Path:
     if cfg.compare_dense and method.name != "dense":
         variants = {"dense": lazyattn.Dense(), **variants}
     log = SampleLog(out_dir, result_key(cfg))
-    resumed = sum(len(log.finished(v)) for v in variants)
-    if resumed:
-        print(f"resuming {out_dir}: {resumed} finished sample(s) from an interrupted run are kept")
+    earlier = {v: log.finished(v) for v in variants}  # rows an interrupted run with these settings finished
+    if any(earlier.values()):
+        print(f"resuming {out_dir}: {sum(map(len, earlier.values()))} finished sample(s) from an interrupted run "
+              "are kept")
     evaluations = {}
     for variant, m in variants.items():
         evaluations[variant] = task.evaluate(
             loaded, m, limit=cfg.limit, batch_size=int(cfg.batch_size), device=device,
-            work_dir=out_dir / "lmms_eval" / variant, finished=log.finished(variant),
+            work_dir=out_dir / "lmms_eval" / variant, finished=earlier[variant],
             on_row=lambda row, variant=variant: log.append({"variant": variant, **row}),
         )
 

@@ -27,18 +27,9 @@ from lazyattn import LazyAttention, kv_cache_bytes
 from lazyattn.arch import UnsupportedModelError, attention_family, decoder_layers
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-N_LAYERS = 4
-TEXT = dict(layers=N_LAYERS, hidden=64, heads=4, kv_heads=2, mlp=128)
-CLIP = dict(layers=2, hidden=32, mlp=64, heads=2, patch=8, image_size=32)
-QWEN_VISION = dict(layers=2, hidden=32, mlp=64, heads=2, patch=8, image_size=64, window_size=32)
-CASES = {
-    "llava_llama": ("llava", {**TEXT, "backbone": "llama"}, CLIP),
-    "llava_qwen2": ("llava", {**TEXT, "backbone": "qwen2"}, CLIP),
-    "llava_mistral": ("llava", {**TEXT, "backbone": "mistral"}, CLIP),
-    "llava_next_mistral": ("llava_next", {**TEXT, "backbone": "mistral"}, CLIP),
-    "qwen2_vl": ("qwen2_vl", {**TEXT, "mrope_section": [2, 3, 3]}, QWEN_VISION),
-    "qwen2_5_vl": ("qwen2_5_vl", {**TEXT, "mrope_section": [2, 3, 3]}, QWEN_VISION),
-}
+TEXT, CLIP, QWEN_VISION = families.TINY_TEXT, families.TINY_CLIP, families.TINY_QWEN_VISION
+N_LAYERS = TEXT["layers"]
+CASES = families.TINY_SHAPES
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))

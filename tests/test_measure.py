@@ -18,8 +18,8 @@ from harness.tasks import shapes
 from lazyattn import engine
 from lazyattn.arch import decoder_layers
 
-TEXT = dict(layers=4, hidden=64, heads=4, kv_heads=2, mlp=128, backbone="llama")
-CLIP = dict(layers=2, hidden=32, mlp=64, heads=2, patch=8, image_size=32)
+TEXT = {**families.TINY_TEXT, "backbone": "llama"}
+CLIP = families.TINY_CLIP
 RECORDED: list[tuple[int, object]] = []
 
 

@@ -82,6 +82,21 @@ VISION_KEYS = {
 }
 
 
+# Every family at a tiny size (4 text layers): what the family tests and `make gpu-check`'s
+# correctness matrix build, name -> (family, text, vision).
+TINY_TEXT = dict(layers=4, hidden=64, heads=4, kv_heads=2, mlp=128)
+TINY_CLIP = dict(layers=2, hidden=32, mlp=64, heads=2, patch=8, image_size=32)
+TINY_QWEN_VISION = dict(layers=2, hidden=32, mlp=64, heads=2, patch=8, image_size=64, window_size=32)
+TINY_SHAPES = {
+    "llava_llama": ("llava", {**TINY_TEXT, "backbone": "llama"}, TINY_CLIP),
+    "llava_qwen2": ("llava", {**TINY_TEXT, "backbone": "qwen2"}, TINY_CLIP),
+    "llava_mistral": ("llava", {**TINY_TEXT, "backbone": "mistral"}, TINY_CLIP),
+    "llava_next_mistral": ("llava_next", {**TINY_TEXT, "backbone": "mistral"}, TINY_CLIP),
+    "qwen2_vl": ("qwen2_vl", {**TINY_TEXT, "mrope_section": [2, 3, 3]}, TINY_QWEN_VISION),
+    "qwen2_5_vl": ("qwen2_5_vl", {**TINY_TEXT, "mrope_section": [2, 3, 3]}, TINY_QWEN_VISION),
+}
+
+
 REQUIRED = {
     "text": ("layers", "hidden", "heads", "kv_heads", "mlp"),
     "vision": ("layers", "hidden", "heads", "patch", "image_size"),  # and mlp, except for qwen2_vl
