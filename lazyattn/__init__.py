@@ -22,6 +22,7 @@ from lazyattn.engine import PruneEngine, TokenPruner
 from lazyattn.fastv import FastV
 from lazyattn.lazy import LazyAttention, uniform_lazy_layers
 from lazyattn.sparsevlm import SparseVLM
+from lazyattn.vtw import VTW, choose_withdrawal_layer, withdrawal_kl
 
 
 def _part(method: str, role: str, value: Any) -> Method:
@@ -45,14 +46,21 @@ def lazy_sparsevlm(lazy: LazyAttention | Mapping, sparsevlm: SparseVLM | Mapping
     return compose(_part("lazy_sparsevlm", "lazy", lazy), _part("lazy_sparsevlm", "sparsevlm", sparsevlm))
 
 
+def lazy_vtw(lazy: LazyAttention | Mapping, vtw: VTW | Mapping) -> Composed:
+    """``compose(lazy, vtw)``; either part may be given as its settings."""
+    return compose(_part("lazy_vtw", "lazy", lazy), _part("lazy_vtw", "vtw", vtw))
+
+
 # The registry: name -> constructor. Its order is the order of rows in tables.
 METHODS: dict[str, Callable[..., Method]] = {
     "dense": Dense,
     "lazy": LazyAttention,
     "fastv": FastV,
     "sparsevlm": SparseVLM,
+    "vtw": VTW,
     "lazy_fastv": lazy_fastv,
     "lazy_sparsevlm": lazy_sparsevlm,
+    "lazy_vtw": lazy_vtw,
 }
 
 
@@ -95,13 +103,16 @@ __all__ = [
     "QCache",
     "SparseVLM",
     "TokenPruner",
+    "VTW",
     "ValueOnlyLayer",
     "build",
     "calibrate",
+    "choose_withdrawal_layer",
     "compose",
     "kv_cache_bytes",
     "layer_divergence",
     "select_lazy_layers",
     "settings_of",
     "uniform_lazy_layers",
+    "withdrawal_kl",
 ]

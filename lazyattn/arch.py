@@ -101,3 +101,12 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     for attn in modules:
         attention_family(attn)
     return modules
+
+
+def image_token_id(model: nn.Module) -> int:
+    config = model.config
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    raise ValueError(f"{type(model).__name__} has no image_token_id in its config: token pruning and scope='visual' need one.")

@@ -1,7 +1,7 @@
 """The attention hooks every method installs, and what each one changes in the model.
 
 Lazy Attention (``lazyattn.lazy``) and the token pruners (``lazyattn.engine``) change a
-Hugging Face model only through the four mechanisms below. Each is installed by a context
+Hugging Face model only through the five mechanisms below. Each is installed by a context
 manager and **everything is removed on exit**, also when the body raises: no instance
 attribute ``forward`` and no hook is left behind, and the state dict is never touched.
 
@@ -11,8 +11,12 @@ attribute ``forward`` and no hook is left behind, and the state dict is never to
    - an *anchor* with lazy dependants (``_anchor_forward``) computes exactly the family's
      attention (q/k/v projections, RoPE, cache update, the model's own attention backend) and
      also publishes its post-RoPE query and its keys in the layer-shared ``QCache``;
-   - a *lazy* layer (``_lazy_forward``) computes its ``v_proj`` only and attends with its
+   - a *lazy* layer computes what its reading of sharing needs (``share``/``scope`` of
+     ``LazyAttention``): ``_lazy_forward`` (``qk``) its ``v_proj`` only, attending with its
      anchor's query and keys from the ``QCache`` (same mask, same scaling, same backend);
+     ``_lazy_qkv_forward`` (``qkv``) no projection at all, its ``o_proj`` applied to the anchor's
+     attention output; ``_lazy_visual_forward`` (``scope="visual"``) its own query, keys and
+     values, with the scores over image-token keys taken from its anchor's query and keys;
    - a layer watched by an *observer* (a pruner's scoring layer) also shows its post-RoPE query
      and keys to the observer, which scores tokens from them.
 
@@ -29,9 +33,12 @@ attribute ``forward`` and no hook is left behind, and the state dict is never to
    engine): at a stage's first layer the hidden states are gathered down to the kept tokens
    (plus merged ones), and every such layer is called with its stage's own attention mask,
    position ids and position embeddings instead of the decoder's.
-4. **Cache slot replacement** (``_make_value_only``, this module): in the ``DynamicCache`` the
+4. **Cache slot replacement** (``_lazy_slot``, this module): in the ``DynamicCache`` the
    model runs with, a lazy layer's ``DynamicLayer`` slot is replaced by a
-   ``lazyattn.cache.ValueOnlyLayer``, which stores values and no keys. The cache is the
+   ``lazyattn.cache.ValueOnlyLayer`` (values, no keys; ``qk``), a ``NoKVLayer`` (nothing;
+   ``qkv``) or a ``TextKeyLayer`` (text-token keys and every value; ``scope="visual"``).
+5. **A forward pre-hook on the outer model** (``scope="visual"`` only): it records which of the
+   step's tokens are image tokens (``input_ids == image_token_id``). The cache is the
    caller's object: it is created inside the ``with`` block and is not restored (a cache built
    under a method belongs to that method).
 
@@ -47,53 +54,108 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from lazyattn.arch import AttentionFamily, attention_family, attention_modules
-from lazyattn.cache import ValueOnlyLayer
+from lazyattn.arch import AttentionFamily, attention_family, attention_modules, image_token_id
+from lazyattn.cache import NoKVLayer, TextKeyLayer, ValueOnlyLayer
+
+
+SHARES = ("qk", "qkv")
+SCOPES = ("all", "visual")
 
 
 class QCache:
-    """The layer-shared Q Cache: one slot holding an anchor's query and keys for this forward.
+    """The layer-shared Q Cache: one slot holding an anchor's query and keys for this forward
+    (and, for ``share="qkv"``, its attention output before ``o_proj``).
 
-    It never grows with the sequence: the query covers only the current step's tokens and the
-    keys are the anchor's own cache tensor (a reference, not a copy).
+    It never grows with the sequence: the query and output cover only the current step's tokens
+    and the keys are the anchor's own cache tensor (a reference, not a copy).
     """
 
     def __init__(self) -> None:
-        self.anchor: int | None = None
-        self.query: torch.Tensor | None = None
-        self.key: torch.Tensor | None = None
+        self.clear()
 
-    def put(self, anchor: int, query: torch.Tensor, key: torch.Tensor) -> None:
-        self.anchor, self.query, self.key = anchor, query, key
+    def put(self, anchor: int, query: torch.Tensor, key: torch.Tensor, output: torch.Tensor | None = None) -> None:
+        self.anchor, self.query, self.key, self.output = anchor, query, key, output
 
-    def get(self, anchor: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _check(self, anchor: int) -> None:
         if self.anchor != anchor:
             raise RuntimeError(
                 f"Q Cache holds layer {self.anchor}'s query but layer {anchor}'s was needed: "
                 "decoder layers must run in order within one forward."
             )
+
+    def get(self, anchor: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check(anchor)
         return self.query, self.key
 
+    def get_output(self, anchor: int) -> torch.Tensor:
+        self._check(anchor)
+        return self.output
+
     def clear(self) -> None:
-        self.anchor = self.query = self.key = None
+        self.anchor = self.query = self.key = self.output = None
 
 
-Observer = Callable[[nn.Module, torch.Tensor, torch.Tensor], None]
+class ImageFlags:
+    """Which tokens of the current forward are image tokens (``scope="visual"`` needs it): the
+    ``image_token_id`` placeholders of the prompt's prefill (a forward into an empty cache, the
+    one whose placeholders carry image features). Tokens fed after it (decode steps, later turns)
+    are text, whatever ids they are. The ids come from a forward pre-hook on the outer model."""
+
+    def __init__(self, token_id: int) -> None:
+        self.token_id = token_id
+        self.ids: torch.Tensor | None = None
+
+    def hook(self, module, args, kwargs):
+        self.ids = kwargs.get("input_ids", args[0] if args else None)
+
+    def of_last(self, n_tokens: int, prefill: bool) -> torch.Tensor:
+        if self.ids is None or self.ids.shape[-1] < n_tokens:
+            raise ValueError(
+                "scope='visual' needs the prompt's input_ids to tell image tokens from text; call the model "
+                "with input_ids (and pixel_values), not precomputed inputs_embeds."
+            )
+        ids = self.ids[:, -n_tokens:]
+        return ids == self.token_id if prefill else torch.zeros_like(ids, dtype=torch.bool)
+
+
+def check_reading(share: str, scope: str) -> None:
+    """Refuse an unknown or impossible reading of what a lazy layer shares, in one line."""
+    if share not in SHARES:
+        raise ValueError(f"Lazy Attention share must be one of {list(SHARES)}, got {share!r}.")
+    if scope not in SCOPES:
+        raise ValueError(f"Lazy Attention scope must be one of {list(SCOPES)}, got {scope!r}.")
+    if share == "qkv" and scope == "visual":
+        raise ValueError(
+            "Lazy Attention share='qkv' inherits the anchor's whole attention output, so it has no scope='visual' "
+            "reading; use share='qk' with scope='visual', or share='qkv' with scope='all'."
+        )
 
 
 @contextlib.contextmanager
-def patch_attention(model: nn.Module, anchor_of: dict[int, int], observers: dict[int, list[Observer]]):
+def patch_attention(
+    model: nn.Module,
+    anchor_of: dict[int, int],
+    observers: dict[int, list[Observer]],
+    share: str = "qk",
+    scope: str = "all",
+):
     """Install lazy layers (``anchor_of``: lazy layer -> anchor) and attention observers.
 
+    ``share`` and ``scope`` pick the reading of a lazy layer (``LazyAttention`` documents them).
     An observer of layer ``l`` is called as ``fn(module, query, key)`` with the post-RoPE query
     of the current tokens and all keys that layer attends with (for a lazy layer: its anchor's),
     which is how token-pruning methods score tokens without materialising an attention matrix.
     Every patched module gets a per-instance ``forward`` that is removed on exit.
     """
+    check_reading(share, scope)
     modules = attention_modules(model)
     qcache = QCache()
-    installed = []
+    installed, handles = [], []
     try:
+        flags = None
+        if scope == "visual" and anchor_of:
+            flags = ImageFlags(image_token_id(model))
+            handles.append(model.register_forward_pre_hook(flags.hook, with_kwargs=True))
         last_dependant = {anchor_idx: lazy_idx for lazy_idx, anchor_idx in sorted(anchor_of.items())}
         for idx, attn in enumerate(modules):
             family = attention_family(attn)
@@ -101,14 +163,22 @@ def patch_attention(model: nn.Module, anchor_of: dict[int, int], observers: dict
             if idx in anchor_of:
                 anchor_idx = anchor_of[idx]
                 last = last_dependant[anchor_idx] == idx
-                attn.forward = _lazy_forward(attn, family, qcache, anchor_idx, last, watch)
+                if share == "qkv":
+                    attn.forward = _lazy_qkv_forward(attn, qcache, anchor_idx, last, watch)
+                elif scope == "visual":
+                    attn.forward = _lazy_visual_forward(attn, family, qcache, anchor_idx, last, flags, watch)
+                else:
+                    attn.forward = _lazy_forward(attn, family, qcache, anchor_idx, last, watch)
             elif idx in last_dependant or watch:
-                attn.forward = _anchor_forward(attn, family, qcache if idx in last_dependant else None, watch)
+                publish = qcache if idx in last_dependant else None
+                attn.forward = _anchor_forward(attn, family, publish, watch, with_output=share == "qkv")
             else:
                 continue
             installed.append(attn)
         yield model
     finally:
+        for handle in handles:
+            handle.remove()
         for attn in installed:
             del attn.forward  # the instance attribute; the class's forward shows through again
         qcache.clear()
@@ -118,7 +188,9 @@ def _split_heads(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.view(*x.shape[:-1], -1, module.head_dim).transpose(1, 2)
 
 
-def _attend(module, family: AttentionFamily, query, key, value, attention_mask, kwargs):
+def _attention(module, family: AttentionFamily, query, key, value, attention_mask, kwargs):
+    """The model's attention backend on these tensors: (B, T, H * d_v) before ``o_proj``, and the
+    probabilities where the backend gives them (eager)."""
     # Qwen2 keeps the window on the module (per layer type), Mistral on the config, Llama has none.
     window = getattr(module, "sliding_window", getattr(module.config, "sliding_window", None))
     out, weights = family.interface(module)(
@@ -132,13 +204,20 @@ def _attend(module, family: AttentionFamily, query, key, value, attention_mask, 
         sliding_window=window,
         **kwargs,
     )
-    out = out.reshape(*out.shape[:2], -1).contiguous()
+    return out.reshape(*out.shape[:2], -1).contiguous(), weights
+
+
+def _attend(module, family: AttentionFamily, query, key, value, attention_mask, kwargs):
+    out, weights = _attention(module, family, query, key, value, attention_mask, kwargs)
     return module.o_proj(out), weights
 
 
-def _anchor_forward(module: nn.Module, family: AttentionFamily, qcache: QCache | None, observers=()):
+def _anchor_forward(
+    module: nn.Module, family: AttentionFamily, qcache: QCache | None, observers=(), with_output: bool = False
+):
     """The family's attention forward, which also leaves its query and keys in the Q Cache
-    (when it has lazy dependants) and shows them to the observers.
+    (when it has lazy dependants; with ``with_output`` its attention output before ``o_proj``
+    too) and shows them to the observers.
 
     transformers up to 5.23 passes the cache as ``past_key_values``, 5.24 as ``cache``: take either.
     """
@@ -152,11 +231,12 @@ def _anchor_forward(module: nn.Module, family: AttentionFamily, qcache: QCache |
         query, key = family.rotary(query, key, cos, sin)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, module.layer_idx)
-        if qcache is not None:
-            qcache.put(module.layer_idx, query, key)
         for observe in observers:
             observe(module, query, key)
-        return _attend(module, family, query, key, value, attention_mask, kwargs)
+        out, weights = _attention(module, family, query, key, value, attention_mask, kwargs)
+        if qcache is not None:
+            qcache.put(module.layer_idx, query, key, out if with_output else None)
+        return module.o_proj(out), weights
 
     return forward
 
@@ -174,7 +254,7 @@ def _lazy_forward(
         past_key_values = cache if cache is not None else past_key_values
         value = _split_heads(module, module.v_proj(hidden_states))
         if past_key_values is not None:
-            _make_value_only(past_key_values, module.layer_idx)
+            _lazy_slot(past_key_values, module.layer_idx, ValueOnlyLayer)
             _, value = past_key_values.update(None, value, module.layer_idx)
         query, key = qcache.get(anchor_idx)
         if key.shape[-2] != value.shape[-2]:
@@ -191,8 +271,88 @@ def _lazy_forward(
     return forward
 
 
-def _make_value_only(cache: Cache, layer_idx: int) -> None:
-    """Give a lazy layer a value-only slot in the cache the model is running with."""
+def _lazy_qkv_forward(module: nn.Module, qcache: QCache, anchor_idx: int, last: bool, observers=()):
+    """No projection at all: the anchor's attention output (its query, keys and values) through
+    this layer's own ``o_proj``. The cache slot stores nothing, only the token count."""
+
+    def forward(hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, cache=None, **kwargs):
+        past_key_values = cache if cache is not None else past_key_values
+        if past_key_values is not None:
+            _lazy_slot(past_key_values, module.layer_idx, NoKVLayer).advance(hidden_states.shape[1])
+        out = qcache.get_output(anchor_idx)
+        if observers:
+            query, key = qcache.get(anchor_idx)
+            for observe in observers:
+                observe(module, query, key)
+        if last:
+            qcache.clear()
+        return module.o_proj(out), None
+
+    return forward
+
+
+def _lazy_visual_forward(
+    module: nn.Module, family: AttentionFamily, qcache: QCache, anchor_idx: int, last: bool, flags: ImageFlags,
+    observers=(),
+):
+    """Own query, keys and values; the scores over image-token keys are the anchor's (its query
+    against its keys), the scores over text keys this layer's own, in one softmax.
+
+    One softmax over both sets of scores is one attention call over keys and queries that carry
+    both halves side by side: ``q' = [Q_anchor, Q_own]``, and a key column is ``[K_anchor, 0]``
+    for an image token and ``[0, K_own]`` for a text token, so ``q'.k'`` is exactly the anchor's
+    score on image columns and the layer's own on text columns, under the same mask and scaling.
+    This is the log-sum-exp merge of the two partial softmaxes, done by the backend itself (the
+    attention interfaces of transformers return no log-sum-exp to merge by hand), and no
+    attention matrix is formed. The cache keeps keys of text tokens only.
+    """
+
+    def forward(hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, cache=None, **kwargs):
+        past_key_values = cache if cache is not None else past_key_values
+        query = _split_heads(module, module.q_proj(hidden_states))
+        key = _split_heads(module, module.k_proj(hidden_states))
+        value = _split_heads(module, module.v_proj(hidden_states))
+        cos, sin = position_embeddings
+        query, key = family.rotary(query, key, cos, sin)
+        if past_key_values is not None:
+            slot = _lazy_slot(past_key_values, module.layer_idx, TextKeyLayer)
+            image = flags.of_last(hidden_states.shape[1], prefill=slot.get_seq_length() == 0)
+            text_key, value, image = slot.update(key, value, image)
+        else:
+            image = flags.of_last(hidden_states.shape[1], prefill=True)
+            text_key = key.transpose(1, 2)[~image].view(key.shape[0], -1, *key.shape[1:2], key.shape[-1])
+            text_key = text_key.transpose(1, 2)
+        anchor_query, anchor_key = qcache.get(anchor_idx)
+        if anchor_key.shape[-2] != value.shape[-2]:
+            raise RuntimeError(
+                f"lazy layer {module.layer_idx} has {value.shape[-2]} cached values but its anchor "
+                f"{anchor_idx} has {anchor_key.shape[-2]} keys: the cache was not built under this method."
+            )
+        if last:
+            qcache.clear()
+        own_key = anchor_key.new_zeros(anchor_key.shape)
+        own_key.transpose(1, 2)[~image] = text_key.transpose(1, 2).reshape(-1, *text_key.shape[1:2], text_key.shape[-1])
+        image_key = anchor_key * image[:, None, :, None].to(anchor_key.dtype)
+        joint_query = torch.cat([anchor_query, query], dim=-1)
+        joint_key = torch.cat([image_key, own_key], dim=-1)
+        for observe in observers:
+            observe(module, query, own_key)
+        d_v = value.shape[-1]
+        if module.config._attn_implementation.startswith("flash"):  # flash kernels need one head size
+            value = torch.cat([value, value.new_zeros(value.shape)], dim=-1)
+        out, weights = family.interface(module)(
+            module, joint_query, joint_key, value, attention_mask,
+            dropout=0.0 if not module.training else module.attention_dropout, scaling=module.scaling,
+            sliding_window=None, **kwargs,
+        )
+        out = out[..., :d_v].reshape(*out.shape[:2], -1).contiguous()
+        return module.o_proj(out), weights
+
+    return forward
+
+
+def _lazy_slot(cache: Cache, layer_idx: int, kind: type) -> DynamicLayer:
+    """Give a lazy layer its own kind of slot (``kind``) in the cache the model is running with."""
     if not isinstance(cache, DynamicCache) or getattr(cache, "offloading", False):
         raise ValueError(
             f"Lazy Attention needs a DynamicCache without offloading (the default cache of generate); got "
@@ -201,16 +361,17 @@ def _make_value_only(cache: Cache, layer_idx: int) -> None:
     while len(cache.layers) <= layer_idx:
         cache.layers.append(DynamicLayer())
     layer = cache.layers[layer_idx]
-    if isinstance(layer, ValueOnlyLayer):
-        return
+    if type(layer) is kind:
+        return layer
     if type(layer) is not DynamicLayer:
         raise ValueError(
             f"layer {layer_idx}'s cache is a {type(layer).__name__}; lazy layers support full-attention "
-            "DynamicLayer slots only (sliding-window layers cannot be lazy yet)."
+            "DynamicLayer slots only (sliding-window layers cannot be lazy yet), built under one method."
         )
     if layer.is_initialized:
         raise ValueError(
             f"layer {layer_idx}'s cache already holds keys from a forward outside Lazy Attention; "
             "start generation with a fresh cache inside `with method.apply(model):`."
         )
-    cache.layers[layer_idx] = ValueOnlyLayer()
+    cache.layers[layer_idx] = kind()
+    return cache.layers[layer_idx]

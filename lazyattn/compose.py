@@ -1,4 +1,4 @@
-"""Combining methods: Lazy Attention with a token pruner (FastV or SparseVLM).
+"""Combining methods: Lazy Attention with a token pruner (FastV, SparseVLM or VTW).
 
 ``compose(LazyAttention(...), FastV(...))`` is a method like the others. Both parts run in the
 same forward: lazy layers reuse their anchor's query and keys, and the pruner carries fewer
@@ -66,9 +66,9 @@ class Composed:
 
     def label(self, n_layers: int) -> str:
         if self.lazy.layers is not None:
-            first = f"Lazy {list(self.lazy.layers)}"
+            first = f"Lazy{self.lazy.reading()} {list(self.lazy.layers)}"
         else:
-            first = f"Lazy r={self.lazy.ratio:g}"
+            first = f"Lazy{self.lazy.reading()} r={self.lazy.ratio:g}"
         return f"{first} + {self.pruner.label(n_layers)}"
 
     def sort_key(self, n_layers: int) -> tuple:
@@ -82,7 +82,7 @@ class Composed:
     def apply(self, model: nn.Module):
         n_layers = len(attention_modules(model))
         anchor_of = LazyAttention(layers=self.lazy_layers(n_layers)).anchors(n_layers)
-        with run_pruner(model, self.pruner, anchor_of):
+        with run_pruner(model, self.pruner, anchor_of, self.lazy.share):
             yield model
 
 
@@ -92,7 +92,12 @@ def compose(*methods) -> Composed:
     pruners = [m for m in methods if isinstance(m, TokenPruner)]
     if len(lazies) != 1 or len(pruners) != 1 or len(methods) != 2:
         raise ValueError(
-            "compose takes exactly one LazyAttention and one token pruner (FastV or SparseVLM), got "
+            "compose takes exactly one LazyAttention and one token pruner (FastV, SparseVLM or VTW), got "
             f"{[type(m).__name__ for m in methods]}."
+        )
+    if lazies[0].scope != "all":
+        raise ValueError(
+            "Lazy Attention scope='visual' cannot be composed with token pruning yet (pruning changes which "
+            "columns are image tokens); compose scope='all' (share='qk' or 'qkv')."
         )
     return Composed(lazies[0], pruners[0])

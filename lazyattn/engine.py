@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lazyattn.arch import decoder_layers
+from lazyattn.arch import decoder_layers, image_token_id
 from lazyattn.attention import patch_attention
 
 
@@ -124,14 +124,16 @@ class PruneEngine:
     holds none: what ``pruner.begin`` returns is kept here as ``prompt_state``.
     """
 
-    def __init__(self, model: nn.Module, pruner: "TokenPruner", anchor_of: Mapping[int, int] | None = None):
+    def __init__(self, model: nn.Module, pruner: "TokenPruner", anchor_of: Mapping[int, int] | None = None,
+                 share: str = "qk"):
         self.model = model
         self.pruner = pruner
         self.anchor_of = dict(anchor_of or {})
+        self.share = share  # what the lazy layers take from their anchors (LazyAttention.share)
         self.layers = decoder_layers(model)
         self.decoder = model.get_decoder()
         self.n_layers = len(self.layers)
-        self.image_token_id = _image_token_id(model)
+        self.image_token_id = image_token_id(model)
         self.stage_layers = pruner.stage_layers(self.n_layers)  # [(score_layer, first_layer), ...]
         text_config = model.config.get_text_config(decoder=True)
         self.impl = text_config._attn_implementation or "eager"
@@ -293,9 +295,12 @@ class PruneEngine:
     def install(self):
         """Install the pruner (and the lazy layers ``anchor_of``) on the model and yield the model;
         on exit remove every hook and forward, and clear the per-prompt state."""
-        with patch_attention(self.model, self.anchor_of, self.observers()):
+        with patch_attention(self.model, self.anchor_of, self.observers(), self.share):
             handles, patched = [], []
             try:
+                if not self.stage_layers:  # nothing to prune in this model (e.g. VTW at k = n_layers)
+                    yield self.model
+                    return
                 handles.append(self.model.register_forward_pre_hook(self._outer_pre_hook, with_kwargs=True))
                 handles.append(self.decoder.register_forward_pre_hook(self._decoder_pre_hook, with_kwargs=True))
                 first = self.stage_layers[0][1]
@@ -312,15 +317,6 @@ class PruneEngine:
                 # release the last prompt's tensors (a long evaluation must not keep them alive)
                 self.input_ids = self.step = self.base = self.last_position = self.prompt_state = None
                 self.stages, self.scores = [], {}
-
-
-def _image_token_id(model: nn.Module) -> int:
-    config = model.config
-    for name in ("image_token_id", "image_token_index"):
-        value = getattr(config, name, None)
-        if value is not None:
-            return int(value)
-    raise ValueError(f"{type(model).__name__} has no image_token_id in its config: token pruning needs one.")
 
 
 # --------------------------------------------------------------------------- the pruner base
@@ -392,8 +388,9 @@ class TokenPruner:
 
 
 @contextlib.contextmanager
-def run_pruner(model: nn.Module, pruner: TokenPruner, anchor_of: Mapping[int, int] | None = None):
-    """Install ``pruner`` on ``model``, with the lazy layers ``anchor_of`` (lazy -> anchor), if any;
-    yields the model."""
-    with PruneEngine(model, pruner, anchor_of).install():
+def run_pruner(model: nn.Module, pruner: TokenPruner, anchor_of: Mapping[int, int] | None = None,
+               share: str = "qk"):
+    """Install ``pruner`` on ``model``, with the lazy layers ``anchor_of`` (lazy -> anchor, sharing
+    ``share``), if any; yields the model."""
+    with PruneEngine(model, pruner, anchor_of, share).install():
         yield model

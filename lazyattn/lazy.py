@@ -7,6 +7,11 @@ by all layers and overwritten by the next anchor. A lazy layer computes only its
 projection and attends with ``Attn(Q_anchor, K_anchor, V_own)`` through the model's own
 attention backend, with the same mask and scaling, so its attention probabilities are the
 anchor's exactly. Its cache layer stores values only. The hooks are in ``lazyattn.attention``.
+
+Two other readings of what a lazy layer shares are fields of the same method: ``share="qkv"``
+(the anchor's keys *and* values: its attention output, through the lazy layer's own ``o_proj``;
+the cache slot stores nothing) and ``scope="visual"`` (only the attention over image-token keys
+is inherited; text keys are the layer's own, and only they are cached).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any
 from torch import nn
 
 from lazyattn.arch import attention_modules
-from lazyattn.attention import patch_attention
+from lazyattn.attention import check_reading, patch_attention
 
 
 def uniform_lazy_layers(n_layers: int, ratio: float) -> list[int]:
@@ -51,10 +56,23 @@ class LazyAttention:
     by ``uniform_lazy_layers``. At least one is required. When both are given the explicit
     ``layers`` are used and ``ratio`` only records the budget the list was chosen for (e.g. by
     calibration).
+
+    ``share``: what a lazy layer takes from its anchor. ``"qk"`` (default): the post-RoPE query
+    and keys, ``Attn(Q_a, K_a, V_own)``; its cache keeps values only, so KV falls by
+    ``n_lazy / (2 n_layers)``. ``"qkv"``: keys and values too, so its attention output is the
+    anchor's, passed through its own ``o_proj``; its cache keeps nothing, KV falls by
+    ``n_lazy / n_layers``.
+
+    ``scope``: ``"all"`` (default) inherits the attention over every key; ``"visual"`` only the
+    scores over image-token keys (anchor's query and image keys), the scores over text keys being
+    the layer's own, in one softmax; its cache keeps text-token keys and every value, so KV falls
+    by ``n_lazy * n_image / (2 n_layers * n_tokens)``. ``scope="visual"`` needs ``share="qk"``.
     """
 
     layers: Sequence[int] | None = None
     ratio: float | None = None
+    share: str = "qk"
+    scope: str = "all"
     name = "lazy"
 
     def __post_init__(self) -> None:
@@ -63,6 +81,7 @@ class LazyAttention:
                 "LazyAttention needs at least one of layers=[...] (lazy layer indices) or ratio=r; "
                 "with both, the layers are used and ratio records the budget they were chosen for."
             )
+        check_reading(self.share, self.scope)
         if self.ratio is not None:
             _check_ratio(self.ratio)
         if self.layers is not None:
@@ -80,17 +99,23 @@ class LazyAttention:
                 raise ValueError(f"lazy layer indices must be >= 1, got {sorted(self.layers)}.")
 
     def params(self) -> dict[str, Any]:
-        return {"layers": None if self.layers is None else list(self.layers), "ratio": self.ratio}
+        return {"layers": None if self.layers is None else list(self.layers), "ratio": self.ratio,
+                "share": self.share, "scope": self.scope}
+
+    def reading(self) -> str:
+        """The label suffix of a non-default reading ("" for share=qk, scope=all)."""
+        parts = [p for p, default in ((self.share, "qk"), (self.scope, "all")) if p != default]
+        return "".join(f" {p.upper() if p == 'qkv' else p}" for p in parts)
 
     def label(self, n_layers: int) -> str:
         if self.layers is None:
-            return f"Lazy r={self.ratio:g} (uniform)"
-        return f"Lazy r={len(self.layers) / n_layers:g} (explicit)"
+            return f"Lazy{self.reading()} r={self.ratio:g} (uniform)"
+        return f"Lazy{self.reading()} r={len(self.layers) / n_layers:g} (explicit)"
 
     def sort_key(self, n_layers: int) -> tuple:
-        if self.layers is None:
-            return ("uniform", self.ratio)
-        return ("explicit", len(self.layers) / n_layers)
+        base = ("uniform", self.ratio) if self.layers is None else ("explicit", len(self.layers) / n_layers)
+        # the default reading keeps its plain key; the other readings sort after it, grouped
+        return base if not self.reading() else ("variant", self.share, self.scope, *base)
 
     def lazy_layers(self, n_layers: int) -> list[int]:
         """The lazy layer indices for a model with ``n_layers`` decoder layers, validated."""
@@ -121,5 +146,5 @@ class LazyAttention:
 
     @contextlib.contextmanager
     def apply(self, model: nn.Module):
-        with patch_attention(model, self.plan(model), {}):
+        with patch_attention(model, self.plan(model), {}, self.share, self.scope):
             yield model

@@ -233,7 +233,7 @@ def test_explicit_layers_take_precedence_over_ratio():
     """With both, the layers are used; the ratio only records the budget they were chosen for."""
     method = LazyAttention(layers=(3, 1), ratio=0.5)
     assert method.lazy_layers(12) == [1, 3]
-    assert method.params() == {"layers": [3, 1], "ratio": 0.5}
+    assert method.params() == {"layers": [3, 1], "ratio": 0.5, "share": "qk", "scope": "all"}
     assert method.label(12) == "Lazy r=0.166667 (explicit)" and method.sort_key(12) == ("explicit", 2 / 12)
     uniform = LazyAttention(ratio=0.5)
     assert uniform.label(12) == "Lazy r=0.5 (uniform)" and uniform.sort_key(12) == ("uniform", 0.5)

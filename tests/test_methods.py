@@ -18,14 +18,16 @@ SPECS = {
     "fastv": {"name": "fastv", "k": 2, "ratio": 0.5, "score": "last_token"},
     "sparsevlm": {"name": "sparsevlm", "budget": None, "layers": (1, 3, 6), "keep": [40, 20, 8], "recycle": 0.3,
                   "positions": "contiguous"},
+    "vtw": {"name": "vtw", "k": 6},
     "lazy_fastv": {"name": "lazy_fastv", "lazy": {"layers": None, "ratio": 0.5}, "fastv": {"k": 3, "ratio": 0.5}},
     "lazy_sparsevlm": {"name": "lazy_sparsevlm", "lazy": {"name": "lazy", "layers": [1, 4, 5], "ratio": None},
                        "sparsevlm": {"name": "sparsevlm", "budget": 128}},
+    "lazy_vtw": {"name": "lazy_vtw", "lazy": {"ratio": 0.5, "share": "qkv"}, "vtw": {"k": 7}},
 }
 
 
 def test_registry_order_and_specs_cover_it():
-    assert list(METHODS) == ["dense", "lazy", "fastv", "sparsevlm", "lazy_fastv", "lazy_sparsevlm"]
+    assert list(METHODS) == ["dense", "lazy", "fastv", "sparsevlm", "vtw", "lazy_fastv", "lazy_sparsevlm", "lazy_vtw"]
     assert list(SPECS) == list(METHODS)
 
 
@@ -45,7 +47,7 @@ def test_build_every_method_from_a_dict(name):
 def test_build_builds_the_parts_of_composed_methods():
     method = build(SPECS["lazy_fastv"])
     assert method == Composed(LazyAttention(ratio=0.5), FastV(k=3, ratio=0.5))
-    assert method.params() == {"lazy": {"layers": None, "ratio": 0.5},
+    assert method.params() == {"lazy": {"layers": None, "ratio": 0.5, "share": "qk", "scope": "all"},
                                "fastv": {"k": 3, "ratio": 0.5, "score": "last_token"}}
     assert build(SPECS["lazy_sparsevlm"]).pruner == SparseVLM(budget=128)
     assert build({"name": "sparsevlm", "layers": (1, 3, 6), "keep": (40, 20, 8)}).params()["keep"] == [40, 20, 8]
@@ -62,7 +64,7 @@ def test_build_builds_the_parts_of_composed_methods():
          "method fastv has no setting 'bogus'"),
         ({"name": "lazy_fastv", "lazy": {"ratio": 0.5}, "fastv": {"k": 2}, "sparsevlm": {}},
          "method lazy_fastv has no setting 'sparsevlm'; its settings: lazy, fastv"),
-        ({"name": "nope"}, "unknown method 'nope'; known: dense, lazy, fastv, sparsevlm, lazy_fastv, lazy_sparsevlm"),
+        ({"name": "nope"}, "unknown method 'nope'; known: dense, lazy, fastv, sparsevlm, vtw, lazy_fastv, lazy_sparsevlm, lazy_vtw"),
         ({"ratio": 0.5}, "'name' key"),
     ],
 )
@@ -111,7 +113,7 @@ def test_composed_params_do_not_change_when_applied(tiny):
     assert method.lazy_layers(tiny.n_layers) == [1, 4, 5, 7, 9, 11]
     with method.apply(tiny.model):
         tiny.model(**shapes_inputs(tiny, n=2))
-    assert method.params() == before == {"lazy": {"layers": None, "ratio": 0.5},
+    assert method.params() == before == {"lazy": {"layers": None, "ratio": 0.5, "share": "qk", "scope": "all"},
                                          "fastv": {"k": 3, "ratio": 0.5, "score": "last_token"}}
     assert vars(method).keys() == {"lazy", "pruner"}
 
