@@ -1,13 +1,21 @@
-"""``method.layers=auto``: lazy layers chosen by ``lazyattn.calibrate`` on the task's calibration
-prompts (the shapes val split), resolved here and nowhere else.
+"""Settings chosen on the val split, resolved here and nowhere else:
 
-The choice is cached in a small JSON file (``calibration.dir``, outside the source tree) keyed by
+- ``method.layers=auto`` (Lazy Attention): lazy layers chosen by ``lazyattn.calibrate`` for the
+  budget ``method.ratio`` (or ``calibration.threshold``), by ``calibration.select``
+  (``pairwise``: the dense model's divergence matrix; ``anchor``: measured against the real
+  anchor as the set grows) with at most ``calibration.max_per_anchor`` lazy layers per anchor;
+- ``method.k=auto`` (VTW, also ``method.vtw.k=auto`` in ``lazy_vtw``): the earliest withdrawal
+  layer whose next-token distribution stays within ``calibration.kl_threshold`` (KL, nats) of
+  dense (``lazyattn.withdrawal_kl``).
+
+Each choice is cached in a small JSON file (``calibration.dir``, outside the source tree) keyed by
 the model's config and weights, the task and the calibration settings, so repeated runs and
 sweeps calibrate once, and a retrained checkpoint calibrates again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -16,28 +24,45 @@ from omegaconf import DictConfig
 from harness.config import method_spec, plain
 from harness.generate import prompt_inputs
 from harness.results import config_key, write_json_atomic
-from lazyattn import calibrate
+from lazyattn import calibrate, choose_withdrawal_layer, withdrawal_kl
 
 AUTO = "auto"
 
 
+def _auto_paths(spec: dict) -> list[tuple[str, ...]]:
+    """Where a method spec asks for a calibrated setting: ("layers",), ("k",), ("vtw", "k")."""
+    paths = []
+    if spec.get("name") == "lazy" and spec.get("layers") == AUTO:
+        paths.append(("layers",))
+    if spec.get("name") == "vtw" and spec.get("k") == AUTO:
+        paths.append(("k",))
+    vtw = spec.get("vtw")
+    if isinstance(vtw, dict) and vtw.get("k") == AUTO:
+        paths.append(("vtw", "k"))
+    lazy = spec.get("lazy")
+    if isinstance(lazy, dict) and lazy.get("layers") == AUTO:
+        raise ValueError(
+            f"method.lazy.layers=auto is not supported in {spec.get('name')}: calibrate a lazy run "
+            "(+exp=llava_lazy) and pass its layers (result.json method.lazy_layers) as method.lazy.layers=[...]."
+        )
+    return paths
+
+
 def wanted(method_cfg: DictConfig) -> bool:
-    """Whether the method asks for calibrated lazy layers (only a lazy method's ``layers`` can)."""
-    return method_cfg.get("layers") == AUTO
+    """Whether the method asks for a setting chosen on the val split (``auto``)."""
+    return bool(_auto_paths(method_spec(method_cfg)))
 
 
 def refuse(where: str) -> None:
     raise ValueError(
-        f"method.layers=auto needs the harness's calibration (python -m harness ... task=shapes); {where} takes "
-        "explicit layers: pass the chosen ones (result.json method.lazy_layers) as method.layers=[...]."
+        f"method.layers=auto and method.k=auto need the harness's calibration (python -m harness ... task=shapes); "
+        f"{where} takes explicit settings: pass the chosen ones (result.json method.lazy_layers, method.params.k)."
     )
 
 
 def weights_fingerprint(model) -> str:
     """A cheap identity of the weights: every parameter's name, shape and first values. A
     checkpoint retrained in place keeps its path and config, so those alone cannot key a cache."""
-    import hashlib
-
     digest = hashlib.sha256()
     for name, param in model.state_dict().items():
         digest.update(f"{name}{tuple(param.shape)}".encode())
@@ -45,52 +70,106 @@ def weights_fingerprint(model) -> str:
     return digest.hexdigest()[:16]
 
 
-def _key(cfg: DictConfig, spec: dict, model) -> str:
-    return config_key({
+def _cached(cfg: DictConfig, loaded, what: dict, compute) -> dict:
+    """``compute()``'s record, cached under a key of the model, weights, task and ``what``."""
+    key = config_key({
         "model": plain(cfg.model),
-        "weights": weights_fingerprint(model),
+        "weights": weights_fingerprint(loaded.model),
         "task": plain(cfg.task),
-        "ratio": spec.get("ratio"),
-        "threshold": cfg.calibration.threshold,
         "samples": int(cfg.calibration.samples),
+        **what,
     })
+    path = Path(str(cfg.calibration.dir)).expanduser() / f"{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    record = {"key": key, **compute(), "samples": int(cfg.calibration.samples), "split": "val"}
+    write_json_atomic(path, record)
+    return record
+
+
+def _lazy_record(cfg: DictConfig, loaded, batches, spec: dict) -> dict:
+    cal = cfg.calibration
+    threshold, select = cal.threshold, str(cal.get("select", "pairwise"))
+    cap = cal.get("max_per_anchor")
+    ratio = None if threshold is not None else spec.get("ratio")
+    what = {"ratio": spec.get("ratio"), "threshold": threshold}
+    if select != "pairwise" or cap is not None or spec.get("share", "qk") != "qk":
+        what.update(select=select, max_per_anchor=cap, share=spec.get("share", "qk"))  # older keys stay valid
+
+    def compute():
+        result = calibrate(loaded.model, batches(), ratio=ratio, threshold=threshold, select=select,
+                           max_per_anchor=cap, share=spec.get("share", "qk"))
+        return {
+            "lazy_layers": result.lazy_layers,
+            "select": result.select,
+            "max_per_anchor": cap,
+            "anchor_of": {str(k): v for k, v in result.anchor_of.items()},
+            "anchor_js": {str(k): v for k, v in result.anchor_js.items()},
+            "chosen_js": result.chosen_js,
+            "adjacent_js": result.adjacent,
+            "divergence": result.divergence,
+        }
+
+    record = _cached(cfg, loaded, what, compute)
+    return {**record, "ratio": spec.get("ratio"), "threshold": threshold}
+
+
+def _vtw_record(cfg: DictConfig, loaded, batches) -> dict:
+    threshold = cfg.calibration.get("kl_threshold")
+
+    def compute():
+        return {"kl": withdrawal_kl(loaded.model, batches())}
+
+    record = _cached(cfg, loaded, {"vtw_kl": True}, compute)
+    return {**record, "k": choose_withdrawal_layer(record["kl"], threshold), "kl_threshold": threshold}
 
 
 def resolve(cfg: DictConfig, loaded, task, device) -> tuple[dict, dict]:
-    """The method spec with explicit layers (its ratio kept as the budget they were chosen for),
-    and the calibration record for result.json."""
+    """The method spec with every ``auto`` setting chosen (a lazy method keeps its ratio as the
+    budget its layers were chosen for), and the calibration record for result.json."""
     spec = method_spec(cfg.method)
-    n, threshold = int(cfg.calibration.samples), cfg.calibration.threshold
-    key = _key(cfg, spec, loaded.model)
-    path = Path(str(cfg.calibration.dir)).expanduser() / f"{key}.json"
-    if path.exists():
-        record = json.loads(path.read_text())
-    else:
-        batches = [
+    n = int(cfg.calibration.samples)
+
+    def batches():
+        return [
             prompt_inputs(loaded.processor, [history], images, device, loaded.model.dtype)
             for history, images in task.calibration_prompts(n)
         ]
-        ratio = None if threshold is not None else spec.get("ratio")
-        result = calibrate(loaded.model, batches, ratio=ratio, threshold=threshold)
-        record = {
-            "key": key,
-            "lazy_layers": result.lazy_layers,
-            "adjacent_js": result.adjacent,
-            "divergence": result.divergence,
-            "samples": n,
-            "split": "val",
-        }
-        write_json_atomic(path, record)
-    spec["layers"] = list(record["lazy_layers"])
-    return spec, {**record, "ratio": spec.get("ratio"), "threshold": threshold}
+
+    record: dict = {}
+    for path in _auto_paths(spec):
+        if path == ("layers",):
+            record = _lazy_record(cfg, loaded, batches, spec)
+            spec["layers"] = list(record["lazy_layers"])
+        else:
+            vtw = _vtw_record(cfg, loaded, batches)
+            target = spec if path == ("k",) else spec["vtw"]
+            target["k"] = int(vtw["k"])
+            record = {**record, "vtw": vtw} if path != ("k",) else vtw
+    return spec, record
 
 
-def label(record: dict) -> str:
-    """The table label of a calibrated lazy run: the budget it was calibrated for."""
-    if record.get("threshold") is not None:
-        return f"Lazy JS<={record['threshold']:g} (calibrated)"
-    return f"Lazy r={record['ratio']:g} (calibrated)"
+def label(record: dict, method, n_layers: int) -> str:
+    """The table label of a run with calibrated settings: the budget or threshold they were chosen for."""
+    if "lazy_layers" in record:
+        how = "anchor-calibrated" if record.get("select") == "anchor" else "calibrated"
+        if record.get("max_per_anchor"):
+            how += f", <={record['max_per_anchor']}/anchor"
+        reading = method.reading() if hasattr(method, "reading") else ""
+        if record.get("threshold") is not None:
+            return f"Lazy{reading} JS<={record['threshold']:g} ({how})"
+        return f"Lazy{reading} r={record['ratio']:g} ({how})"
+    vtw = record.get("vtw", record)
+    chosen = f"VTW K={vtw['k']} (KL<={vtw['kl_threshold']:g})"
+    return chosen if "vtw" not in record else f"{method.label(n_layers).split(' + ')[0]} + {chosen}"
 
 
-def sort_key(record: dict) -> list:
-    return ["calibrated", record.get("ratio") or 0]
+def sort_key(record: dict, method, n_layers: int) -> list:
+    if "lazy_layers" in record:
+        reading = method.reading() if hasattr(method, "reading") else ""
+        how = "calibrated" if record.get("select", "pairwise") == "pairwise" else "calibrated-anchor"
+        if reading or record.get("max_per_anchor"):
+            return ["variant", method.share, method.scope, how, record.get("max_per_anchor") or 0,
+                    record.get("ratio") or 0]
+        return [how, record.get("ratio") or 0]
+    return list(method.sort_key(n_layers))  # VTW: its chosen k orders it among explicit ones

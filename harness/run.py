@@ -62,8 +62,8 @@ def describe_method(method, n_layers: int, calibrated: dict | None) -> dict:
         "name": method.name,
         "params": method.params(),
         "lazy_layers": method.lazy_layers(n_layers) if hasattr(method, "lazy_layers") else [],
-        "label": calibration.label(calibrated) if calibrated else method.label(n_layers),
-        "sort_key": calibration.sort_key(calibrated) if calibrated else list(method.sort_key(n_layers)),
+        "label": calibration.label(calibrated, method, n_layers) if calibrated else method.label(n_layers),
+        "sort_key": calibration.sort_key(calibrated, method, n_layers) if calibrated else list(method.sort_key(n_layers)),
         "calibration": calibrated,
     }
 
@@ -167,7 +167,7 @@ def run(cfg: DictConfig) -> Path:
 
         result["lmms_eval"] = {"version": version("lmms_eval"), **summaries}
     images = {}
-    if calibrated:
+    if calibrated and "adjacent_js" in calibrated:
         images["layer_divergence"] = figures.layer_divergence_png(
             calibrated["adjacent_js"], method_info["lazy_layers"], out_dir / "layer_divergence.png",
             f"{loaded.name}: {task.name} val",

@@ -3,9 +3,20 @@
 The dense model runs on a few batches with eager attention; every layer's attention is averaged
 over heads, and for every pair of layers (i < j) we take the Jensen-Shannon divergence between
 their attention distributions, per query row over the rows that are real tokens, averaged over
-rows and samples. Selection is greedy and deterministic: starting from all anchors, make lazy the
-layer whose change adds the least divergence between lazy layers and their anchors, until a
-budget (``ratio``) is met or the next layer's divergence to its anchor exceeds ``threshold``.
+rows and samples (``layer_divergence``; its adjacent pairs are the paper's Fig. 2).
+
+Two greedy, deterministic selections, both stopping at a budget (``ratio``) or when the next
+layer's divergence to its anchor exceeds ``threshold``, both optionally capping how many lazy
+layers one anchor serves (``max_per_anchor``):
+
+- ``select="pairwise"``: from the dense model's pairwise matrix alone, make lazy the layer whose
+  change adds the least divergence between lazy layers and their anchors;
+- ``select="anchor"``: measured in the model as it is being made lazy. At every step the model
+  runs with the lazy layers chosen so far, and a candidate costs the divergence between its own
+  attention and that of the anchor it would use (the nearest preceding non-lazy layer), as that
+  anchor attends now, times the number of layers whose attention would switch to it (the
+  candidate and the lazy layers it serves). So a lazy layer is compared with its real anchor, not
+  its neighbour, and the profile is re-measured as the set grows.
 """
 
 from __future__ import annotations
@@ -18,17 +29,45 @@ import torch
 from torch import nn
 
 from lazyattn.arch import attention_modules
+from lazyattn.lazy import LazyAttention
+
+SELECTIONS = ("pairwise", "anchor")
 
 
 @dataclasses.dataclass
 class Calibration:
     lazy_layers: list[int]
-    divergence: list[list[float]]  # n x n, symmetric, JS divergence between layers i and j (nats)
+    divergence: list[list[float]]  # n x n, symmetric, JS divergence between layers i and j (nats), dense model
+    select: str = "pairwise"
+    # per chosen lazy layer (in order of choice), its divergence to its anchor when it was chosen:
+    # from the dense matrix (pairwise) or measured in the partially lazy model (anchor)
+    chosen_js: list[float] = dataclasses.field(default_factory=list)
 
     @property
     def adjacent(self) -> list[float]:
         """JS divergence of each layer l >= 1 to layer l - 1 (the paper's Fig. 2)."""
         return [self.divergence[l - 1][l] for l in range(1, len(self.divergence))]
+
+    @property
+    def anchor_of(self) -> dict[int, int]:
+        """The anchor of every chosen lazy layer."""
+        return anchors_of(set(self.lazy_layers), len(self.divergence))
+
+    @property
+    def anchor_js(self) -> dict[int, float]:
+        """The dense model's divergence between every chosen lazy layer and its anchor."""
+        return {lazy: self.divergence[anchor][lazy] for lazy, anchor in self.anchor_of.items()}
+
+
+def anchors_of(lazy: set[int], n_layers: int) -> dict[int, int]:
+    """Lazy layer -> its anchor (the nearest preceding non-lazy layer)."""
+    out, current = {}, 0
+    for layer in range(n_layers):
+        if layer in lazy:
+            out[layer] = current
+        else:
+            current = layer
+    return out
 
 
 @contextlib.contextmanager
@@ -70,36 +109,138 @@ def layer_divergence(model: nn.Module, batches: Iterable[dict]) -> torch.Tensor:
     return total / max(rows, 1)
 
 
-def select_lazy_layers(divergence: torch.Tensor, ratio: float | None = None, threshold: float | None = None) -> list[int]:
+def _budget(n: int, ratio: float | None, threshold: float | None, max_per_anchor: int | None) -> int:
     if (ratio is None) == (threshold is None):
-        raise ValueError("select_lazy_layers takes exactly one of ratio (a budget) or threshold.")
+        raise ValueError("lazy-layer selection takes exactly one of ratio (a budget) or threshold.")
     if ratio is not None and not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio must be in [0, 1), got {ratio}.")
-    n = divergence.shape[0]
+    if max_per_anchor is not None and (isinstance(max_per_anchor, bool) or not isinstance(max_per_anchor, int)
+                                       or max_per_anchor < 1):
+        raise ValueError(f"max_per_anchor must be an integer >= 1 (lazy layers one anchor serves) or None, got {max_per_anchor!r}.")
     budget = n - 1 if ratio is None else min(int(round(ratio * n)), n - 1)
-    lazy: set[int] = set()
+    if max_per_anchor is not None:
+        most = (n * max_per_anchor) // (max_per_anchor + 1)  # anchor, c lazy, anchor, c lazy, ...
+        if ratio is not None and budget > most:
+            raise ValueError(
+                f"{budget} lazy layers of {n} cannot be placed with at most {max_per_anchor} per anchor "
+                f"(at most {most}); lower the ratio or raise max_per_anchor."
+            )
+        budget = min(budget, most)
+    return budget
 
-    def anchor_of(layer: int, lazy_set: set[int]) -> int:
-        a = layer - 1
-        while a in lazy_set:
-            a -= 1
-        return a
+
+def _most_lazy(forced: set[int], n: int, cap: int) -> int:
+    """The most lazy layers an ``n``-layer model can have with every layer in ``forced`` lazy and
+    at most ``cap`` lazy layers per anchor (-1: none), by dynamic programming over run lengths."""
+    best = {0: 0}  # length of the current run of lazy layers -> most lazy layers so far
+    for layer in range(1, n):
+        nxt: dict[int, int] = {}
+        for run, count in best.items():
+            if run + 1 <= cap:  # this layer lazy
+                nxt[run + 1] = max(nxt.get(run + 1, -1), count + 1)
+            if layer not in forced:  # this layer an anchor
+                nxt[0] = max(nxt.get(0, -1), count)
+        best = nxt
+        if not best:
+            return -1
+    return max(best.values())
+
+
+def _candidates(lazy: set[int], n: int, max_per_anchor: int | None, budget: int) -> list[tuple[int, int, int]]:
+    """(candidate, its would-be anchor, how many layers switch attention) for every layer that may
+    become lazy next: with no anchor serving more than ``max_per_anchor`` lazy layers, and the
+    budget still reachable afterwards (so the greedy never paints itself into a corner)."""
+    anchor_of = anchors_of(lazy, n)
+    served = {a: sum(1 for x in anchor_of.values() if x == a) for a in range(n)}
+    out = []
+    for layer in range(1, n):
+        if layer in lazy:
+            continue
+        anchor = anchors_of(lazy | {layer}, n)[layer]
+        switching = 1 + served[layer]
+        if max_per_anchor is not None and (
+            served[anchor] + switching > max_per_anchor or _most_lazy(lazy | {layer}, n, max_per_anchor) < budget
+        ):
+            continue
+        out.append((layer, anchor, switching))
+    return out
+
+
+def select_lazy_layers(
+    divergence: torch.Tensor, ratio: float | None = None, threshold: float | None = None,
+    max_per_anchor: int | None = None,
+) -> list[int]:
+    """``select="pairwise"``: greedy on the dense model's pairwise divergence matrix."""
+    return _select_pairwise(divergence, ratio, threshold, max_per_anchor)[0]
+
+
+def _select_pairwise(divergence, ratio, threshold, max_per_anchor):
+    n = divergence.shape[0]
+    budget = _budget(n, ratio, threshold, max_per_anchor)
+    lazy: set[int] = set()
+    chosen: list[float] = []
 
     def cost(lazy_set: set[int]) -> float:
-        return sum(float(divergence[anchor_of(l, lazy_set), l]) for l in lazy_set)
+        return sum(float(divergence[a, l]) for l, a in anchors_of(lazy_set, n).items())
 
     while len(lazy) < budget:
+        options = _candidates(lazy, n, max_per_anchor, budget if ratio is not None else 0)
+        if not options:
+            break
         base = cost(lazy)
-        candidates = [(cost(lazy | {l}) - base, l) for l in range(1, n) if l not in lazy]
-        _, layer = min(candidates)
-        if threshold is not None and float(divergence[anchor_of(layer, lazy), layer]) > threshold:
+        _, layer, anchor = min((cost(lazy | {l}) - base, l, a) for l, a, _ in options)
+        js = float(divergence[anchor, layer])
+        if threshold is not None and js > threshold:
             break
         lazy.add(layer)
-    return sorted(lazy)
+        chosen.append(js)
+    return sorted(lazy), chosen
+
+
+@torch.no_grad()
+def _anchor_costs(model, batches, lazy: set[int], options, share: str) -> dict[int, float]:
+    """Each candidate's JS divergence to its would-be anchor, measured with ``lazy`` installed."""
+    total = {layer: 0.0 for layer, _, _ in options}
+    rows = 0
+    with _eager(model), LazyAttention(layers=sorted(lazy), share=share).apply(model):
+        for batch in batches:
+            attn = model(**batch, output_attentions=True, use_cache=False).attentions
+            valid = batch["attention_mask"].bool()
+            for layer, anchor, _ in options:
+                total[layer] += float(_js(attn[layer].double().mean(1), attn[anchor].double().mean(1))[valid].sum())
+            rows += int(valid.sum())
+    return {layer: value / max(rows, 1) for layer, value in total.items()}
+
+
+def _select_anchor(model, batches, n, ratio, threshold, max_per_anchor, share):
+    budget = _budget(n, ratio, threshold, max_per_anchor)
+    lazy: set[int] = set()
+    chosen: list[float] = []
+    while len(lazy) < budget:
+        options = _candidates(lazy, n, max_per_anchor, budget if ratio is not None else 0)
+        if not options:
+            break
+        js = _anchor_costs(model, batches, lazy, options, share)
+        _, layer = min((js[l] * switching, l) for l, _, switching in options)
+        if threshold is not None and js[layer] > threshold:
+            break
+        lazy.add(layer)
+        chosen.append(js[layer])
+    return sorted(lazy), chosen
 
 
 def calibrate(
-    model: nn.Module, batches: Iterable[dict], ratio: float | None = None, threshold: float | None = None
+    model: nn.Module, batches: Iterable[dict], ratio: float | None = None, threshold: float | None = None,
+    select: str = "pairwise", max_per_anchor: int | None = None, share: str = "qk",
 ) -> Calibration:
+    """The dense divergence profile and the lazy layers chosen by ``select`` (module doc);
+    ``share`` is the reading the layers are chosen for (the model is run under it by ``anchor``)."""
+    if select not in SELECTIONS:
+        raise ValueError(f"calibration select must be one of {list(SELECTIONS)}, got {select!r}.")
+    batches = list(batches)
     div = layer_divergence(model, batches)
-    return Calibration(lazy_layers=select_lazy_layers(div, ratio, threshold), divergence=div.tolist())
+    if select == "pairwise":
+        layers, chosen = _select_pairwise(div, ratio, threshold, max_per_anchor)
+    else:
+        layers, chosen = _select_anchor(model, batches, div.shape[0], ratio, threshold, max_per_anchor, share)
+    return Calibration(lazy_layers=layers, divergence=div.tolist(), select=select, chosen_js=chosen)

@@ -64,3 +64,54 @@ def test_select_errors():
         select_lazy_layers(d)
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         select_lazy_layers(d, ratio=1.0)
+
+
+def test_anchor_selection_compares_with_the_real_anchor():
+    """Layers 2, 3, 4 attend identically, layer 5 like none of them. With 3 and 4 lazy (anchor 2),
+    the pairwise rule's next pick may stack more layers on anchor 2; the anchor rule measures each
+    candidate against the anchor it would use in the partially lazy model and still picks 3 and 4
+    first, reporting their (zero) divergence to anchor 2."""
+    model = small_llama()
+    make_identical(model, 2, [3, 4])
+    cal = calibrate(model, batches(), ratio=2 / 6, select="anchor")
+    assert cal.lazy_layers == [3, 4] and cal.select == "anchor"
+    assert cal.anchor_of == {3: 2, 4: 2}
+    assert all(js < 1e-10 for js in cal.chosen_js) and all(v < 1e-10 for v in cal.anchor_js.values())
+    assert calibrate(model, batches(), threshold=1e-8, select="anchor").lazy_layers == [3, 4]
+    assert model.config._attn_implementation == "sdpa"
+    assert not any("forward" in vars(layer.self_attn) for layer in model.model.layers)  # lazy layers removed
+
+
+def test_anchor_selection_measures_in_the_partially_lazy_model():
+    """The first pick equals the pairwise rule's (nothing is lazy yet, so the measured divergences
+    are the dense matrix's adjacent ones); from then on the costs come from the lazy model."""
+    model = small_llama(8)
+    div = layer_divergence(model, batches())
+    first = min(range(1, 8), key=lambda l: float(div[l - 1, l]))
+    cal = calibrate(model, batches(), ratio=1 / 8, select="anchor")
+    assert cal.lazy_layers == [first]
+    assert abs(cal.chosen_js[0] - float(div[first - 1, first])) < 1e-9
+    deeper = calibrate(model, batches(), ratio=0.5, select="anchor")
+    assert len(deeper.lazy_layers) == 4 and len(deeper.chosen_js) == 4
+    assert deeper == calibrate(model, batches(), ratio=0.5, select="anchor")  # deterministic
+
+
+@pytest.mark.parametrize("select", ["pairwise", "anchor"])
+def test_cap_on_lazy_layers_per_anchor(select):
+    model = small_llama(8)
+    for cap in (1, 2):
+        cal = calibrate(model, batches(), ratio=0.5, select=select, max_per_anchor=cap)
+        served = {}
+        for anchor in cal.anchor_of.values():
+            served[anchor] = served.get(anchor, 0) + 1
+        assert len(cal.lazy_layers) == 4 and max(served.values()) <= cap
+    with pytest.raises(ValueError, match="cannot be placed with at most 1 per anchor"):
+        calibrate(model, batches(), ratio=0.75, select=select, max_per_anchor=1)
+
+
+def test_calibration_errors():
+    model = small_llama(4)
+    with pytest.raises(ValueError, match="select must be one of"):
+        calibrate(model, batches(), ratio=0.5, select="adjacent")
+    with pytest.raises(ValueError, match="max_per_anchor must be an integer >= 1"):
+        calibrate(model, batches(), ratio=0.5, max_per_anchor=0)
