@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 LMMS_EVAL ?= lmms-eval==0.7.3
 LMMS_STAMP := $(VENV)/.lmms-installed
 
-.PHONY: install lmms-install run test bench gpu-check clean tiny-model sweeps sweeps-deep tables table-main table-protocol table-efficiency fig-layers fig-pareto fig-fidelity
+.PHONY: install lmms-install run test bench gpu-check clean tiny-model sweeps sweeps-readings sweeps-deep tables table-main table-protocol table-efficiency fig-layers fig-pareto fig-fidelity
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -63,6 +63,18 @@ sweeps: $(STAMP)
 	$(SWEEP) +exp=sweep_pruning method=lazy_fastv sweep_root=$(RESULTS)/lazy_fastv $(SWEEP_ARGS)
 	$(SWEEP) +exp=sweep_reencode method=dense,lazy,fastv,sparsevlm,lazy_fastv sweep_root=$(RESULTS)/reencode $(SWEEP_ARGS)
 	$(SWEEP) +exp=sweep_long method=dense,lazy,fastv,sparsevlm,lazy_fastv sweep_root=$(RESULTS)/long $(SWEEP_ARGS)
+	$(MAKE) sweeps-readings RESULTS=$(RESULTS)
+
+# The other readings of Lazy Attention, anchor-based calibration, VTW and their compositions
+# (docs/methods.md), on the same 400 test samples; part of `make sweeps`.
+sweeps-readings: $(STAMP)
+	$(SWEEP) +exp=sweep_lazy method.share=qkv method.ratio=0.25,0.5,0.7 sweep_root=$(RESULTS)/lazy_qkv $(SWEEP_ARGS)
+	$(SWEEP) +exp=sweep_lazy method.scope=visual method.ratio=0.5,0.8 sweep_root=$(RESULTS)/lazy_visual $(SWEEP_ARGS)
+	$(SWEEP) +exp=sweep_lazy calibration.select=anchor method.layers=auto sweep_root=$(RESULTS)/lazy_anchor $(SWEEP_ARGS)
+	$(SWEEP) +exp=sweep_lazy calibration.select=anchor calibration.max_per_anchor=2 method.layers=auto method.ratio=0.5,0.6,0.7 sweep_root=$(RESULTS)/lazy_anchor_cap $(SWEEP_ARGS)
+	$(SWEEP) +exp=sweep_pruning method=vtw method.k=auto,4,6,10 sweep_root=$(RESULTS)/vtw $(SWEEP_ARGS)
+	$(SWEEP) +exp=sweep_pruning method=lazy_vtw method.lazy.share=qk,qkv sweep_root=$(RESULTS)/lazy_vtw $(SWEEP_ARGS)
+	$(SWEEP) +exp=sweep_pruning method=lazy_fastv method.lazy.share=qkv sweep_root=$(RESULTS)/lazy_fastv_qkv $(SWEEP_ARGS)
 
 # The deeper shipped model (24 layers), a smaller grid: how depth changes the layer-similarity
 # profile and Lazy Attention's cost. `make tables RESULTS=results/tiny_deep` renders it into itself.

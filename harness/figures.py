@@ -11,14 +11,19 @@ matplotlib.use("Agg")  # files only; no display on these machines
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def layer_divergence_png(adjacent_js: Sequence[float], lazy_layers: Sequence[int], path: Path, title: str) -> Path:
+def layer_divergence_png(adjacent_js: Sequence[float], lazy_layers: Sequence[int], path: Path, title: str,
+                         anchor_js: dict[int, float] | None = None) -> Path:
     """JS divergence of each layer's attention to the previous layer's (cf. the paper's Fig. 2);
-    the layers made lazy are marked."""
+    the layers made lazy are marked, and (``anchor_js``) each lazy layer's divergence to its anchor."""
     layers = list(range(1, len(adjacent_js) + 1))
     lazy = set(lazy_layers)
     colours = ["tab:orange" if l in lazy else "tab:blue" for l in layers]
     fig, ax = plt.subplots(figsize=(6, 3), dpi=120)
     ax.bar(layers, adjacent_js, color=colours)
+    if anchor_js:
+        ax.scatter(list(anchor_js), list(anchor_js.values()), color="black", marker="_", s=160, zorder=3,
+                   label="JS(attn[anchor], attn[l])")
+        ax.legend(fontsize=7)
     ax.set_xlabel("layer l (orange: lazy)")
     ax.set_ylabel("JS(attn[l-1], attn[l]) / nats")
     ax.set_title(title, fontsize=9)

@@ -275,8 +275,26 @@ def write_table(name: str, header, rows, out: Path, source: str) -> list[Path]:
     return [md, tex]
 
 
+def _calibrated(results: Sequence[dict]) -> list[dict]:
+    return [r for r in results if (r["method"].get("calibration") or {}).get("adjacent_js")]
+
+
+def anchor_js(result: dict, divergence: Sequence[Sequence[float]]) -> dict[int, float]:
+    """The dense model's JS divergence between each lazy layer of ``result`` and its anchor (the
+    nearest preceding non-lazy layer), from the pairwise matrix ``divergence``."""
+    lazy, out, anchor = set(result["method"]["lazy_layers"]), {}, 0
+    for layer in range(len(divergence)):
+        if layer in lazy:
+            out[layer] = divergence[anchor][layer]
+        else:
+            anchor = layer
+    return out
+
+
 def layers_figure(results: Sequence[dict], out: Path) -> Path:
-    calibrated = [r for r in results if (r["method"].get("calibration") or {}).get("adjacent_js")]
+    # the paper's Fig. 2 with the default rule's choice (any calibrated point when there is none)
+    calibrated = [r for r in _calibrated(results) if r["method"]["calibration"].get("select", "pairwise") == "pairwise"
+                  and not r["method"]["calibration"].get("max_per_anchor")] or _calibrated(results)
     if not calibrated:
         raise ValueError("no calibrated result (method.layers=auto) found: run +exp=sweep_lazy or +exp=llava_lazy first.")
     r = min(calibrated, key=lambda r: r["method"]["calibration"].get("ratio") or r["method"]["params"].get("ratio") or 0)
@@ -285,12 +303,57 @@ def layers_figure(results: Sequence[dict], out: Path) -> Path:
     return figures.layer_divergence_png(
         cal["adjacent_js"], lazy, out / "figures" / "layer_divergence.png",
         f"{r['model']['name']}: adjacent-layer JS divergence (mean {sum(cal['adjacent_js']) / len(cal['adjacent_js']):.3f}; "
-        f"orange: lazy at {label(r)})",
+        f"orange: lazy at {label(r)}; black: JS to its anchor)",
+        anchor_js(r, cal["divergence"]) if cal.get("divergence") else None,
     )
 
 
+def calibration_table(results: Sequence[dict], task: str = "shapes") -> tuple[list[str], list[list[str]]]:
+    """Lazy layers chosen by each rule (uniform, pairwise calibration, anchor calibration, with a
+    cap) for each budget, on the main protocol (the default reading, share=qk scope=all): the layers,
+    the mean and the largest JS divergence of a lazy layer's attention to its anchor's on the dense
+    model (from any calibrated point's pairwise matrix), the paired change against dense and its
+    exact match to dense."""
+    lazy = [r for r in main_points(results) if r["method"]["name"] == "lazy"
+            and r["method"]["params"].get("share", "qk") == "qk" and r["method"]["params"].get("scope", "all") == "all"]
+    matrices = [r["method"]["calibration"]["divergence"] for r in _calibrated(lazy)
+                if r["method"]["calibration"].get("divergence")]
+    header = ["Budget", "Rule", "Lazy layers", "mean JS to anchor", "max JS to anchor", "Δ Avg", "= dense"]
+    rows = []
+
+    def rule(r):
+        cal = r["method"].get("calibration")
+        if not cal:
+            return "uniform" if r["method"]["params"].get("layers") is None else "explicit"
+        how = "anchor" if cal.get("select") == "anchor" else "pairwise"
+        return how + (f", <={cal['max_per_anchor']}/anchor" if cal.get("max_per_anchor") else "")
+
+    def budget(r):
+        return (r["method"].get("calibration") or {}).get("ratio") or r["method"]["params"].get("ratio") or 0
+
+    for r in sorted(lazy, key=lambda r: (budget(r), rule(r))):
+        js = anchor_js(r, matrices[0]) if matrices else {}
+        comp = comparison(r, results)
+        exact = (comp.get("fidelity") or {}).get("exact_match")
+        rows.append([
+            f"{budget(r):g}", rule(r), " ".join(map(str, r["method"]["lazy_layers"])),
+            "–" if not js else f"{sum(js.values()) / len(js):.3f}",
+            "–" if not js else f"{max(js.values()):.3f}",
+            _pm(comp.get("all")),
+            "–" if exact is None else f"{100 * exact:.0f} %",
+        ])
+    return header, rows
+
+
 def _series(result: dict) -> str:
+    """The figure series of a point: its method, reading and how its setting was chosen, e.g.
+    "lazy (calibrated)", "lazy qkv (uniform)", "lazy_fastv qkv"."""
     name, order = result["method"]["name"], result["method"]["sort_key"]
+    if order and order[0] == "variant":  # a non-default reading: ["variant", share, scope, how, ...]
+        reading = " ".join(x for x in order[1:3] if x not in ("qk", "all"))
+        return f"{name} {reading} ({order[3]})"
+    if order and isinstance(order[0], list) and order[0] and order[0][0] == "variant":  # composed
+        return f"{name} " + " ".join(x for x in order[0][1:3] if x not in ("qk", "all"))
     if order and isinstance(order[0], str):  # a method's own family of settings, e.g. lazy (calibrated)
         name = f"{name} ({order[0]})"
     return name
@@ -343,6 +406,8 @@ def render(what: str, results_dir: Path, out: Path) -> list[Path]:
         written += write_table("protocol", *protocol_table(results), out, str(results_dir))
     if what in ("efficiency", "all"):
         written += write_table("efficiency", *efficiency_table(results), out, str(results_dir))
+    if what in ("calibration", "all"):
+        written += write_table("calibration", *calibration_table(results), out, str(results_dir))
     if what in ("layers", "all"):
         written.append(layers_figure(results, out))
     if what in ("pareto", "all"):
@@ -354,7 +419,7 @@ def render(what: str, results_dir: Path, out: Path) -> list[Path]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Render paper tables and figures from result.json files.")
-    p.add_argument("what", choices=["main", "protocol", "efficiency", "layers", "pareto", "fidelity", "all"])
+    p.add_argument("what", choices=["main", "protocol", "efficiency", "calibration", "layers", "pareto", "fidelity", "all"])
     p.add_argument("--results", type=Path, default=Path("results/tiny"))
     p.add_argument("--out", type=Path, default=Path("results"))
     p.add_argument("--wandb", default=os.environ.get("WANDB_MODE", "disabled"),
@@ -372,7 +437,7 @@ def main(argv=None) -> None:
 
         results = collect(a.results)
         tables = {"main": main_table(results), "protocol": protocol_table(results),
-                  "efficiency": efficiency_table(results)}
+                  "efficiency": efficiency_table(results), "calibration": calibration_table(results)}
         tracking.log_report(written, tables, {"mode": a.wandb, "project": a.wandb_project, "group": "report",
                                               "dir": str(a.out)})
 

@@ -1,0 +1,85 @@
+"""The readings, VTW and anchor calibration through the harness: presets, auto settings, records,
+labels, and how tables and figures group them."""
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import cfg_for
+
+import lazyattn
+from harness import calibration, report
+from harness.config import method_spec
+from harness.run import run
+from lazyattn import choose_withdrawal_layer
+
+PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf" / "method").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_method_preset_builds_or_asks_for_calibration(preset):
+    cfg = cfg_for(f"method={preset}")
+    if calibration.wanted(cfg.method):
+        assert preset in ("lazy_calibrated", "vtw", "lazy_vtw")
+    else:
+        assert lazyattn.build(method_spec(cfg.method)).name == cfg.method.name
+
+
+def small(tmp_path, *extra):
+    return cfg_for("+exp=llava_lazy", "model=llava_tiny_random", "limit=4", "batch_size=2", f"out_dir={tmp_path}",
+                   "efficiency.enabled=false", "wandb.mode=disabled", "calibration.samples=2",
+                   f"calibration.dir={tmp_path.parent / 'calib'}", *extra)
+
+
+def test_vtw_auto_chooses_k_by_kl_and_records_it(tmp_path):
+    result = json.loads(run(small(tmp_path / "a", "method=vtw", "calibration.kl_threshold=0.5")).read_text())
+    method = result["method"]
+    kl = method["calibration"]["kl"]
+    assert len(kl) == result["model"]["n_layers"] and kl[-1] == 0.0 and min(kl[:-1]) > 0
+    k = choose_withdrawal_layer(kl, 0.5)
+    assert method["params"] == {"k": k} and method["calibration"]["k"] == k
+    assert method["label"] == f"VTW K={k} (KL<=0.5)" and method["sort_key"] == [-k]
+    # composed: lazy (qkv reading) with VTW at its auto k, which must be an anchor
+    composed = json.loads(run(small(tmp_path / "b", "method=lazy_vtw", "method.lazy.share=qkv",
+                                    "calibration.kl_threshold=0.5")).read_text())["method"]
+    assert composed["params"]["vtw"] == {"k": k} and k not in composed["lazy_layers"]
+    assert composed["label"] == f"Lazy QKV r=0.5 + VTW K={k} (KL<=0.5)"
+
+
+def test_anchor_calibration_is_recorded_and_cached_apart(tmp_path):
+    pairwise = json.loads(run(small(tmp_path / "p")).read_text())["method"]
+    anchor = json.loads(run(small(tmp_path / "a", "calibration.select=anchor",
+                                  "calibration.max_per_anchor=2")).read_text())["method"]
+    cal = anchor["calibration"]
+    assert cal["select"] == "anchor" and cal["max_per_anchor"] == 2 and cal["key"] != pairwise["calibration"]["key"]
+    assert len(anchor["lazy_layers"]) == 6 and len(cal["chosen_js"]) == 6
+    assert {int(k): v for k, v in cal["anchor_of"].items()} == lazyattn.LazyAttention(
+        layers=anchor["lazy_layers"]).anchors(12)
+    served = list(cal["anchor_of"].values())
+    assert max(served.count(a) for a in served) <= 2
+    assert anchor["label"] == "Lazy r=0.5 (anchor-calibrated, <=2/anchor)"
+    assert pairwise["label"] == "Lazy r=0.5 (calibrated)" and pairwise["calibration"]["select"] == "pairwise"
+    # the dense model's divergence of each lazy layer to its anchor, recomputed from the matrix
+    assert report.anchor_js({"method": anchor}, cal["divergence"]) == pytest.approx(
+        {int(k): v for k, v in cal["anchor_js"].items()})
+
+
+def test_readings_have_their_own_labels_and_figure_series(tmp_path):
+    qkv = json.loads(run(small(tmp_path / "q", "method=lazy", "method.share=qkv")).read_text())
+    visual = json.loads(run(small(tmp_path / "v", "method.scope=visual")).read_text())
+    assert qkv["method"]["label"] == "Lazy QKV r=0.5 (uniform)" and report._series(qkv) == "lazy qkv (uniform)"
+    assert visual["method"]["label"] == "Lazy visual r=0.5 (calibrated)"
+    assert report._series(visual) == "lazy visual (calibrated)"
+    assert qkv["kv_workload"]["reduction"] == pytest.approx(0.5)  # 6 of 12 layers keep no cache
+    assert 0 < visual["kv_workload"]["reduction"] < 0.25  # only the lazy layers' image keys go
+
+
+def test_calibration_table_compares_the_rules(tmp_path):
+    for sub, extra in (("u", ("method=lazy",)), ("p", ()), ("a", ("calibration.select=anchor",))):
+        run(small(tmp_path / "sweep" / sub, *extra, "compare_dense=true"))
+    results = report.collect(tmp_path / "sweep")
+    header, rows = report.calibration_table(results)
+    assert [row[1] for row in rows] == ["anchor", "pairwise", "uniform"]
+    assert all(row[0] == "0.5" and len(row[2].split()) == 6 for row in rows)
+    assert all(float(row[3]) <= float(row[4]) for row in rows)  # mean <= max divergence to the anchor
+    assert rows[2][2] == "1 3 5 7 9 11"
