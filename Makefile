@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 LMMS_EVAL ?= lmms-eval==0.7.3
 LMMS_STAMP := $(VENV)/.lmms-installed
 
-.PHONY: install lmms-install run test bench gpu-check clean tiny-model sweeps sweeps-readings sweeps-deep tables table-main table-protocol table-efficiency fig-layers fig-pareto fig-fidelity
+.PHONY: install lmms-install run test bench gpu-check clean tiny-model sweeps sweeps-readings sweeps-deep tables table-main table-protocol table-efficiency table-calibration fig-layers fig-pareto fig-fidelity
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -75,6 +75,10 @@ sweeps-readings: $(STAMP)
 	$(SWEEP) +exp=sweep_pruning method=vtw method.k=auto,4,6,10 sweep_root=$(RESULTS)/vtw $(SWEEP_ARGS)
 	$(SWEEP) +exp=sweep_pruning method=lazy_vtw method.lazy.share=qk,qkv sweep_root=$(RESULTS)/lazy_vtw $(SWEEP_ARGS)
 	$(SWEEP) +exp=sweep_pruning method=lazy_fastv method.lazy.share=qkv sweep_root=$(RESULTS)/lazy_fastv_qkv $(SWEEP_ARGS)
+	$(SWEEP) +exp=sweep_reencode method=vtw sweep_root=$(RESULTS)/reencode $(SWEEP_ARGS)
+	$(SWEEP) +exp=sweep_reencode method=lazy method.share=qkv sweep_root=$(RESULTS)/reencode $(SWEEP_ARGS)
+	$(SWEEP) +exp=sweep_long method=vtw sweep_root=$(RESULTS)/long $(SWEEP_ARGS)
+	$(SWEEP) +exp=sweep_long method=lazy method.share=qkv sweep_root=$(RESULTS)/long $(SWEEP_ARGS)
 
 # The deeper shipped model (24 layers), a smaller grid: how depth changes the layer-similarity
 # profile and Lazy Attention's cost. `make tables RESULTS=results/tiny_deep` renders it into itself.
@@ -102,8 +106,10 @@ fig-fidelity: $(STAMP) $(REPORT_DEPS)
 	$(REPORT) fidelity --results $(RESULTS) --out $(OUT)
 table-efficiency: $(STAMP) $(REPORT_DEPS)
 	$(REPORT) efficiency --results $(RESULTS) --out $(OUT)
+table-calibration: $(STAMP) $(REPORT_DEPS)
+	$(REPORT) calibration --results $(RESULTS) --out $(OUT)
 fig-layers: $(STAMP) $(REPORT_DEPS)
 	$(REPORT) layers --results $(RESULTS) --out $(OUT)
 fig-pareto: $(STAMP) $(REPORT_DEPS)
 	$(REPORT) pareto --results $(RESULTS) --out $(OUT)
-tables: table-main table-protocol table-efficiency fig-layers fig-pareto fig-fidelity
+tables: table-main table-protocol table-efficiency table-calibration fig-layers fig-pareto fig-fidelity

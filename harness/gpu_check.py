@@ -3,7 +3,8 @@
 On a CUDA machine, with no downloads (docs/gpu.md):
 
 1. correctness: every model family at a tiny size (LLaVA-Llama, LLaVA-Qwen2, LLaVA-Mistral,
-   LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL) x every method (dense, lazy, fastv, sparsevlm, lazy_fastv),
+   LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL) x every method (dense, lazy and its qkv and visual readings,
+   fastv, sparsevlm, vtw, lazy_fastv, lazy_vtw),
    in float16 and bfloat16: the logits of a prefill and of teacher-forced decode steps under
    ``eager`` and ``flash_attention_2`` (when flash-attn is importable) agree with ``sdpa`` within
    ``TOLERANCE`` (max |a - b| over max |sdpa|), and the KV cache holds what the formula says;
@@ -47,7 +48,7 @@ from lazyattn.arch import decoder_layers
 
 N_LAYERS = families.TINY_TEXT["layers"]
 FAMILIES = families.TINY_SHAPES
-METHODS = ("dense", "lazy", "fastv", "sparsevlm", "lazy_fastv")
+METHODS = ("dense", "lazy", "lazy_qkv", "lazy_visual", "fastv", "sparsevlm", "vtw", "lazy_fastv", "lazy_vtw")
 # max |logits - sdpa's logits| / max |sdpa's logits|, prefill and every teacher-forced decode step
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
 DECODE_STEPS = 3
@@ -62,6 +63,10 @@ def method_spec(name: str, family: str) -> dict:
         "fastv": {"name": "fastv", "k": 2, "ratio": 0.5},
         "sparsevlm": {"name": "sparsevlm", "budget": 128},
         "lazy_fastv": {"name": "lazy_fastv", "lazy": {"ratio": 0.5}, "fastv": {"k": 2, "ratio": 0.5}},
+        "lazy_qkv": {"name": "lazy", "ratio": 0.5, "share": "qkv"},
+        "lazy_visual": {"name": "lazy", "ratio": 0.5, "scope": "visual"},
+        "vtw": {"name": "vtw", "k": 3},
+        "lazy_vtw": {"name": "lazy_vtw", "lazy": {"ratio": 0.5, "share": "qkv"}, "vtw": {"k": 3}},
     }[name]
     if name == "sparsevlm" and family.startswith("qwen"):  # M-RoPE positions: no re-indexing, no merging
         spec = {**spec, "positions": "original", "recycle": 0}
@@ -112,8 +117,9 @@ def forced_run(model, inputs: dict, steps: int = DECODE_STEPS):
 
 def kv_formula(model, method, cache, inputs: dict, steps: int) -> tuple[bool, str]:
     """Dense: 2 x layers x batch x kv heads x tokens x head dim x bytes. Lazy layers hold values
-    only. Pruned layers (from the first pruned layer on) hold fewer tokens than the prompt, the
-    layers before it the whole prompt; every decode step adds one token to every layer."""
+    only (``share=qkv``: nothing; ``scope=visual``: every value and the text tokens' keys). Pruned
+    layers (from the first pruned layer on) hold fewer tokens than the prompt, the layers before
+    it the whole prompt; every decode step adds one token to every layer."""
     cfg = model.config.get_text_config(decoder=True)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     batch, prompt = inputs["input_ids"].shape
@@ -121,20 +127,32 @@ def kv_formula(model, method, cache, inputs: dict, steps: int) -> tuple[bool, st
     per_token = batch * cfg.num_key_value_heads * head_dim * elem  # one of K or V, one layer
     n = len(decoder_layers(model))
     lazy = set(method.lazy_layers(n)) if hasattr(method, "lazy_layers") else set()
+    reading = getattr(method, "lazy", method)
+    share, scope = getattr(reading, "share", "qk"), getattr(reading, "scope", "all")
+    n_image = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
     pruner = getattr(method, "pruner", method if isinstance(method, lazyattn.TokenPruner) else None)
-    first = min(pruner.first_layers(n)) if pruner is not None else n
-    lengths = []
+    first = min(pruner.first_layers(n), default=n) if pruner is not None else n
+    lengths, want = [], 0
     for i, layer in enumerate(cache.layers):
-        values = layer.values
-        lengths.append(values.shape[-2])
-        if (layer.keys is None) != (i in lazy):
-            return False, f"layer {i}: keys {'missing' if layer.keys is None else 'present'}, lazy={i in lazy}"
+        length = layer.get_seq_length()
+        lengths.append(length)
+        keys = getattr(layer, "keys", None)
+        if i in lazy and share == "qkv":
+            if keys is not None or getattr(layer, "values", None) is not None:
+                return False, f"layer {i}: a qkv lazy layer holds tensors"
+        elif i in lazy and scope == "visual":
+            if keys is None or keys.shape[-2] != length - n_image:
+                return False, f"layer {i}: a visual lazy layer should hold {length - n_image} keys"
+            want += per_token * (2 * length - n_image)
+        elif (keys is None) != (i in lazy):
+            return False, f"layer {i}: keys {'missing' if keys is None else 'present'}, lazy={i in lazy}"
+        else:
+            want += per_token * length * (1 if i in lazy else 2)
     full = prompt + steps
     if any(length != full for length in lengths[:first]):
         return False, f"layers before {first} hold {lengths[:first]} tokens, want {full}"
     if any(length >= full for length in lengths[first:]):
         return False, f"pruned layers {first}.. hold {lengths[first:]} tokens, want fewer than {full}"
-    want = sum(per_token * length * (1 if i in lazy else 2) for i, length in enumerate(lengths))
     got = kv_cache_bytes(cache)
     return got == want, f"{got} bytes, formula {want}"
 
