@@ -89,6 +89,9 @@ sweeps-deep: $(STAMP)
 	$(SWEEP) +exp=sweep_pruning method=fastv sweep_root=results/tiny_deep/fastv $(DEEP)
 	$(SWEEP) +exp=sweep_pruning method=sparsevlm method.budget=128 sweep_root=results/tiny_deep/sparsevlm $(DEEP)
 	$(SWEEP) +exp=sweep_pruning method=lazy_fastv sweep_root=results/tiny_deep/lazy_fastv $(DEEP)
+	$(SWEEP) +exp=sweep_lazy calibration.select=anchor method.layers=auto method.ratio=0.25,0.5,0.7 sweep_root=results/tiny_deep/lazy_anchor $(DEEP)
+	$(SWEEP) +exp=sweep_lazy method.share=qkv method.layers=null method.ratio=0.25,0.5 sweep_root=results/tiny_deep/lazy_qkv $(DEEP)
+	$(SWEEP) +exp=sweep_pruning method=vtw sweep_root=results/tiny_deep/vtw $(DEEP)
 
 # Tables and figures render from $(RESULTS) only. RUN=1 first runs whatever sweep points are missing.
 ifeq ($(RUN),1)
