@@ -256,3 +256,34 @@ def test_results_record_no_path_of_this_machine():
     home = Path.home()
     data = {"a": str(REPO_ROOT / "harness/assets/llava_tiny"), "b": [str(home / "lazyattn-runs/x")], "c": "/data/llava"}
     assert relative_to_repo(data) == {"a": "harness/assets/llava_tiny", "b": ["~/lazyattn-runs/x"], "c": "/data/llava"}
+
+
+RANDOM_PRESETS = sorted(p.stem for p in (CONF / "model").glob("*.yaml") if "kind: random_shape" in p.read_text())
+
+
+def test_the_default_model_is_the_trained_tiny_model(capsys):
+    from harness.models import load_model
+
+    cfg = cfg_for()
+    assert cfg.model.name == "llava_tiny" and cfg.model.kind == "hf"
+    loaded = load_model(cfg.model, "cpu")
+    assert not loaded.random_weights and "random" not in capsys.readouterr().err.lower()
+
+
+@pytest.mark.parametrize("preset", RANDOM_PRESETS)
+def test_random_weights_are_announced_for_every_random_preset(preset, capsys):
+    """Each random_shape preset, scaled down to the tiny sizes of its family, says on stderr that it is noise."""
+    from omegaconf import OmegaConf
+
+    from harness.models import families, load_model
+
+    cfg = cfg_for(f"model={preset}", "model.dtype=float32").model
+    _, text, vision = next(v for v in families.TINY_SHAPES.values()
+                           if v[0] == cfg.family and v[1].get("backbone", "llama") == cfg.text.get("backbone", "llama"))
+    cfg.text = OmegaConf.create({**text, "vocab": None})
+    cfg.vision = OmegaConf.create(vision)
+    loaded = load_model(cfg, "cpu")
+    assert loaded.random_weights
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"warning: {preset} has RANDOM weights (model.kind=random_shape): its answers are noise and its "
+                   "accuracy means nothing; for accuracy use model=llava_tiny (trained, shipped) or a real checkpoint."]

@@ -75,7 +75,7 @@ def test_same_predictions_and_scores_as_builtin(tiny, tmp_path):
 
 def test_harness_backend_lmms_eval_matches_builtin(tmp_path):
     """python -m harness task=shapes_lmms: the same result.json shape and rows as task.backend=builtin."""
-    common = ("method=lazy", "limit=8", "batch_size=4", "device=cpu", "efficiency.enabled=false", "wandb.mode=disabled")
+    common = ("model=llava_tiny_random", "method=lazy", "limit=8", "batch_size=4", "device=cpu", "efficiency.enabled=false", "wandb.mode=disabled")
     results, rows = {}, {}
     for backend in ("lmms_eval", "builtin"):
         out = tmp_path / backend
@@ -117,7 +117,7 @@ def test_cli_matches_builtin(tmp_path):
         for line in path.read_text().splitlines():
             row = json.loads(line)
             cli[ids[row["doc_id"]]] = row["filtered_resps"]
-    loaded = load_model(cfg_for().model)
+    loaded = load_model(cfg_for("model=llava_tiny_random").model)
     with LazyAttention(layers=[1, 3, 5]).apply(loaded.model):
         builtin = evaluate(loaded.model, loaded.processor, task, samples, 2, "cpu")
     assert cli == {s.id: p for s, p in zip(samples, builtin)}

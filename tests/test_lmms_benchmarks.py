@@ -171,6 +171,7 @@ def test_benchmarks_run_end_to_end_from_local_data(tmp_path):
     fake_gqa(data)
     out = tmp_path / "out"
     path = run(cfg_for("task=benchmarks", "task.lmms_tasks=[pope,gqa]", f"task.data_dir={data}", "method=lazy",
+                       "model=llava_tiny_random",
                        "method.layers=[1,3,5]", "task.max_new_tokens=6", "batch_size=2", "device=cpu", f"out_dir={out}",
                        "efficiency.batch_size=1", "efficiency.repeats=1", "efficiency.warmup=0",
                        "efficiency.new_tokens=2", "wandb.mode=disabled"))
@@ -247,7 +248,7 @@ def test_data_parallel_cli_equals_single_process(tmp_path):
             parallel[ids[row["doc_id"]]] = row["filtered_resps"]
     assert len(parallel) == 10  # both ranks' documents, each once (padding requests are dropped)
 
-    loaded = load_model(cfg_for().model)
+    loaded = load_model(cfg_for("model=llava_tiny_random").model)
     single, scores, summary = evaluate_shapes(task, loaded, LazyAttention(layers=[1, 3, 5]), samples, 4, "cpu",
                                               tmp_path / "single")
     assert parallel == {s.id: p for s, p in zip(samples, single)}

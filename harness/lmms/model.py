@@ -3,7 +3,7 @@
 From the command line (registered through the ``lmms_eval.models`` entry point)::
 
     python -m lmms_eval --model lazyattn \\
-        --model_args model=llava_tiny_random,method=lazy,method.ratio=0.5 \\
+        --model_args model=llava_tiny,method=lazy,method.ratio=0.5 \\
         --tasks lazyattn_shapes --include_path harness/lmms/tasks --batch_size 4
 
 ``model_args``: ``model=<conf/model preset>`` and ``method=<conf/method preset>`` plus any Hydra
@@ -117,7 +117,7 @@ class LazyAttnLMM(lmms):
 
     def __init__(
         self,
-        model: str = "llava_tiny_random",
+        model: str = "llava_tiny",
         method: str = "dense",
         device: str | None = None,
         batch_size: int | str = 1,
