@@ -138,6 +138,37 @@ def test_bad_run_settings_name_their_key_before_any_model_loads(tmp_path, monkey
         run(cfg_for("model=llava_tiny_random", "method=lazy_fastv", f"out_dir={tmp_path}", override))
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["limt=16"], "error: unknown setting 'limt' (in 'limt=16'); did you mean 'limit'? the settings: model,"),
+        (["+limt=16"], "error: unknown setting 'limt' (in '+limt=16'); did you mean 'limit'?"),
+        (["efficiency.new_tokns=3"], "error: unknown setting 'efficiency.new_tokns' (in 'efficiency.new_tokns=3'); "
+                                     "did you mean 'efficiency.new_tokens'? efficiency has: enabled,"),
+        (["method=fastv", "method.layers=[2,3]"],
+         "error: method fastv has no setting 'layers' (in 'method.layers=[2,3]'); its settings: k, ratio, score."),
+        (["method=fastv", "+method.foo=1"], "error: method fastv has no setting 'foo' (in '+method.foo=1'); its settings: k,"),
+        (["-m", "method=fastv,lazy", "method.k=3"], "error: method lazy has no setting 'k' (in 'method.k=3'); its settings:"),
+        (["method=lazy_fastv", "method.lazy.ratoi=0.3"],
+         "error: method lazy_fastv has no setting 'lazy.ratoi' (in 'method.lazy.ratoi=0.3'); did you mean 'lazy.ratio'?"),
+        (["method=fastvv"], "error: unknown method preset 'fastvv' (in 'method=fastvv'); did you mean 'fastv'? the presets:"),
+        (["limit=0"], "error: limit must be an integer >= 1 or null, got 0"),
+        (["device=tpu"], "error: device must be auto, cpu or cuda, got 'tpu'."),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+)
+def test_bad_command_lines_are_one_line(tmp_path, args, message):
+    """From the command line: exit status 2, one line on stderr, no traceback, nothing run."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "harness", *args, "model=llava_tiny_random", f"out_dir={tmp_path}/r"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(message), proc.stderr
+    assert not (tmp_path / "r" / "result.json").exists()
+
+
 def test_hf_path_loads_a_saved_checkpoint(tmp_path, tiny):
     ckpt = tmp_path / "ckpt"
     tiny.model.save_pretrained(ckpt)
@@ -287,3 +318,29 @@ def test_random_weights_are_announced_for_every_random_preset(preset, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"warning: {preset} has RANDOM weights (model.kind=random_shape): its answers are noise and its "
                    "accuracy means nothing; for accuracy use model=llava_tiny (trained, shipped) or a real checkpoint."]
+
+
+def documented_command_lines():
+    """Every ``python -m harness`` / ``python -m harness.bench`` line of the README and docs (continuations
+    joined; lines with placeholders such as ``$M`` or ``...`` left out): (config name, overrides)."""
+    import re
+    import shlex
+
+    out = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = re.sub(r"\\\n\s*", " ", doc.read_text())
+        for match in re.finditer(r"^python -m (harness|harness\.bench) (.*)$", text, flags=re.M):
+            line = match.group(2).split(" #")[0]
+            if "$" not in line and "..." not in line:
+                out.append(("config" if match.group(1) == "harness" else "bench",
+                            [a for a in shlex.split(line) if a not in ("-m", "--multirun")]))
+    return out
+
+
+def test_documented_command_lines_pass_the_key_check():
+    from harness.config import check_overrides
+
+    lines = documented_command_lines()
+    assert len(lines) >= 15
+    for config_name, overrides in lines:
+        check_overrides(overrides, config_name)  # raises RunError on an unknown key or preset
