@@ -344,3 +344,24 @@ def test_documented_command_lines_pass_the_key_check():
     assert len(lines) >= 15
     for config_name, overrides in lines:
         check_overrides(overrides, config_name)  # raises RunError on an unknown key or preset
+
+
+def test_wandb_group_is_per_model_in_sweeps_and_the_users_choice():
+    assert cfg_for("+exp=sweep_lazy").wandb.group == "llava_tiny-sweeps"
+    assert cfg_for("+exp=sweep_pruning").wandb.group == cfg_for("+exp=sweep_dense").wandb.group  # one comparison
+    assert cfg_for("+exp=sweep_lazy", "wandb.group=mine").wandb.group == "mine"
+    assert cfg_for("wandb.group=mine").wandb.group == "mine"
+
+
+def test_documented_wandb_commands_exist_in_the_installed_wandb():
+    """docs/results.md says how to read offline runs; each command it names is accepted by this wandb."""
+    import re
+
+    text = (ROOT / "docs" / "results.md").read_text()
+    commands = sorted(set(re.findall(r"`(wandb (?:beta )?(?:leet|sync))\b", text)))
+    assert {"wandb leet", "wandb sync"} <= set(commands)
+    wandb_cli = Path(sys.executable).with_name("wandb")
+    for command in commands:
+        proc = subprocess.run([str(wandb_cli), *command.split()[1:], "--help"], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, (command, proc.stderr[-1000:])
