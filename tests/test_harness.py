@@ -334,6 +334,9 @@ def documented_command_lines():
             if "$" not in line and "..." not in line:
                 out.append(("config" if match.group(1) == "harness" else "bench",
                             [a for a in shlex.split(line) if a not in ("-m", "--multirun")]))
+    makefile = (ROOT / "Makefile").read_text()  # the sweeps: $(SWEEP) +exp=... with make's variables left out
+    for match in re.finditer(r"^\t\$\(SWEEP\) (.*)$", makefile, flags=re.M):
+        out.append(("config", [a for a in shlex.split(match.group(1)) if "$(" not in a]))
     return out
 
 
@@ -341,7 +344,7 @@ def test_documented_command_lines_pass_the_key_check():
     from harness.config import check_overrides
 
     lines = documented_command_lines()
-    assert len(lines) >= 15
+    assert len(lines) >= 25
     for config_name, overrides in lines:
         check_overrides(overrides, config_name)  # raises RunError on an unknown key or preset
 
