@@ -5,7 +5,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from harness.config import RunError, output_dir
+from harness.config import RunError, check_command_line, output_dir
 from harness.results import SampleLog
 from harness.run import run
 
@@ -27,4 +27,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line()
     main()

@@ -34,7 +34,7 @@ from omegaconf import DictConfig
 
 import lazyattn
 from harness import calibration, measure, tracking
-from harness.config import CONF_DIR, RunError, compose, method_spec, plain, relative_to_repo, setup
+from harness.config import CONF_DIR, RunError, check_command_line, compose, method_spec, plain, relative_to_repo, setup
 from harness.generate import conversation, prompt_inputs
 from harness.models import load_model
 from harness.results import SCHEMA_VERSION, config_key, device_info, env_info, write_json_atomic
@@ -567,4 +567,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line("bench")
     main()

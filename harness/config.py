@@ -134,3 +134,111 @@ def relative_to_repo(data: Any, root: Path = REPO_ROOT) -> Any:
     if isinstance(data, str) and home not in ("/", "") and data.startswith(home + "/"):
         return "~" + data[len(home) :]  # the user's own folders (runs_root, caches): no machine's name
     return data
+
+
+def _leaves(node: Any, prefix: str = "") -> list[str]:
+    """The dotted paths of a config node's settings (a dict's keys, recursively; lists are leaves)."""
+    if not isinstance(node, DictConfig):
+        return [prefix]
+    out: list[str] = []
+    for key in node.keys():
+        out += _leaves(node._get_node(key), f"{prefix}{key}.") if isinstance(node._get_node(key), DictConfig) \
+            else [f"{prefix}{key}"]
+    return [p.rstrip(".") for p in out]
+
+
+def _has(cfg: DictConfig, key: str) -> bool:
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, DictConfig):
+            return True  # below a list or a leaf: Hydra judges it
+        if part not in node.keys():
+            return False
+        node = node._get_node(part)
+    return True
+
+
+def _closest(word: str, choices: Sequence[str]) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"did you mean {match[0]!r}? " if match else ""
+
+
+def check_overrides(overrides: Sequence[str], config_name: str = "config") -> None:
+    """Every preset a command line picks exists and every key it sets (``key=``, ``+key=``) is a
+    setting of the composed config, or a RunError of one line naming the key and the closest
+    known one. Hydra itself would advise ``+limt=16`` for a typo ``limt=16`` and then ignore the
+    new key; a method's unknown key (``method=fastv method.layers=[2,3]``) names the method and
+    its settings. Hydra's own overrides (``hydra.*``, ``hydra/launcher=``) are left to Hydra."""
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except Exception:  # a syntax error: Hydra's own message points at it
+        return
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra"}
+    prefix = {OverrideType.ADD: "+", OverrideType.FORCE_ADD: "++"}
+    choices, keys = [], []
+    for o in parsed:
+        if o.is_hydra_override() or o.type == OverrideType.DEL:
+            continue
+        if o.key_or_group not in groups:
+            keys.append(o)
+            continue
+        try:
+            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
+        except Exception:  # glob or range sweeps of a group: Hydra expands them
+            continue
+        presets = sorted(p.stem for p in (CONF_DIR / o.key_or_group).glob("*.yaml") if not p.stem.startswith("_"))
+        for value in values:
+            if not isinstance(value, str) or not (CONF_DIR / o.key_or_group / f"{value}.yaml").is_file():
+                raise RunError(f"unknown {o.key_or_group} preset {value!r} (in {o.input_line!r}); "
+                               f"{_closest(str(value), presets)}the presets: {', '.join(presets)} "
+                               f"(conf/{o.key_or_group}/).")
+        choices.append([f"{prefix.get(o.type, '')}{o.key_or_group}={v}" for v in values])
+    if not keys:
+        return
+    for combo in itertools.islice(itertools.product(*choices), 64):  # each group choice of a sweep
+        try:
+            cfg = compose(list(combo), config_name=config_name)
+        except Exception:  # a preset that does not compose, a group this config has not: Hydra says so
+            return
+        known = list(cfg.keys())
+        for o in keys:
+            key = o.key_or_group
+            top, _, rest = key.partition(".")
+            if top not in cfg.keys():
+                raise RunError(f"unknown setting {top!r} (in {o.input_line!r}); {_closest(top, known)}"
+                               f"the settings: {', '.join(known)} (conf/{config_name}.yaml).")
+            if _has(cfg, key):
+                continue
+            if top == "method" and "name" in cfg.method:
+                settings = [s for s in _leaves(cfg.method) if s.rsplit(".", 1)[-1] != "name"]
+                raise RunError(f"method {cfg.method.name} has no setting {rest!r} (in {o.input_line!r}); "
+                               f"{_closest(rest, settings)}its settings: {', '.join(settings)}.")
+            parent = key.rsplit(".", 1)[0]
+            node = OmegaConf.select(cfg, parent)
+            siblings = [f"{parent}.{k}" for k in node.keys()] if isinstance(node, DictConfig) else []
+            where = f"{parent} has: {', '.join(k.rsplit('.', 1)[1] for k in siblings)}" if siblings \
+                else f"{parent} holds no settings"
+            raise RunError(f"unknown setting {key!r} (in {o.input_line!r}); {_closest(key, siblings)}{where}.")
+
+
+def check_command_line(config_name: str = "config") -> None:
+    """Refuse unknown presets and keys on the command line (one line, exit 2) before Hydra runs."""
+    from hydra._internal.utils import get_args_parser
+
+    args, _ = get_args_parser().parse_known_args()
+    if args.shell_completion:
+        return
+    try:
+        check_overrides(args.overrides, config_name)
+    except RunError as err:
+        import sys
+
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -110,9 +110,7 @@ def run(cfg: DictConfig) -> Path:
         lazyattn.build(method_spec(cfg.method))  # bad method settings fail before the model loads
     device = setup(cfg)
 
-    loaded = load_model(cfg.model, device)
-    if loaded.random_weights:
-        print(f"note: {loaded.name} has random weights: its answers are noise (accuracy means nothing).", file=sys.stderr)
+    loaded = load_model(cfg.model, device)  # says so on stderr when the weights are random
     spec, calibrated = calibration.resolve(cfg, loaded, task, device) if auto else (method_spec(cfg.method), None)
     method = lazyattn.build(spec)
     method_info = describe_method(method, loaded.n_layers, calibrated)  # validates the layers for this model

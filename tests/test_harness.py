@@ -138,6 +138,37 @@ def test_bad_run_settings_name_their_key_before_any_model_loads(tmp_path, monkey
         run(cfg_for("model=llava_tiny_random", "method=lazy_fastv", f"out_dir={tmp_path}", override))
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["limt=16"], "error: unknown setting 'limt' (in 'limt=16'); did you mean 'limit'? the settings: model,"),
+        (["+limt=16"], "error: unknown setting 'limt' (in '+limt=16'); did you mean 'limit'?"),
+        (["efficiency.new_tokns=3"], "error: unknown setting 'efficiency.new_tokns' (in 'efficiency.new_tokns=3'); "
+                                     "did you mean 'efficiency.new_tokens'? efficiency has: enabled,"),
+        (["method=fastv", "method.layers=[2,3]"],
+         "error: method fastv has no setting 'layers' (in 'method.layers=[2,3]'); its settings: k, ratio, score."),
+        (["method=fastv", "+method.foo=1"], "error: method fastv has no setting 'foo' (in '+method.foo=1'); its settings: k,"),
+        (["-m", "method=fastv,lazy", "method.k=3"], "error: method lazy has no setting 'k' (in 'method.k=3'); its settings:"),
+        (["method=lazy_fastv", "method.lazy.ratoi=0.3"],
+         "error: method lazy_fastv has no setting 'lazy.ratoi' (in 'method.lazy.ratoi=0.3'); did you mean 'lazy.ratio'?"),
+        (["method=fastvv"], "error: unknown method preset 'fastvv' (in 'method=fastvv'); did you mean 'fastv'? the presets:"),
+        (["limit=0"], "error: limit must be an integer >= 1 or null, got 0"),
+        (["device=tpu"], "error: device must be auto, cpu or cuda, got 'tpu'."),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+)
+def test_bad_command_lines_are_one_line(tmp_path, args, message):
+    """From the command line: exit status 2, one line on stderr, no traceback, nothing run."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "harness", *args, "model=llava_tiny_random", f"out_dir={tmp_path}/r"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(message), proc.stderr
+    assert not (tmp_path / "r" / "result.json").exists()
+
+
 def test_hf_path_loads_a_saved_checkpoint(tmp_path, tiny):
     ckpt = tmp_path / "ckpt"
     tiny.model.save_pretrained(ckpt)
@@ -256,3 +287,84 @@ def test_results_record_no_path_of_this_machine():
     home = Path.home()
     data = {"a": str(REPO_ROOT / "harness/assets/llava_tiny"), "b": [str(home / "lazyattn-runs/x")], "c": "/data/llava"}
     assert relative_to_repo(data) == {"a": "harness/assets/llava_tiny", "b": ["~/lazyattn-runs/x"], "c": "/data/llava"}
+
+
+RANDOM_PRESETS = sorted(p.stem for p in (CONF / "model").glob("*.yaml") if "kind: random_shape" in p.read_text())
+
+
+def test_the_default_model_is_the_trained_tiny_model(capsys):
+    from harness.models import load_model
+
+    cfg = cfg_for()
+    assert cfg.model.name == "llava_tiny" and cfg.model.kind == "hf"
+    loaded = load_model(cfg.model, "cpu")
+    assert not loaded.random_weights and "random" not in capsys.readouterr().err.lower()
+
+
+@pytest.mark.parametrize("preset", RANDOM_PRESETS)
+def test_random_weights_are_announced_for_every_random_preset(preset, capsys):
+    """Each random_shape preset, scaled down to the tiny sizes of its family, says on stderr that it is noise."""
+    from omegaconf import OmegaConf
+
+    from harness.models import families, load_model
+
+    cfg = cfg_for(f"model={preset}", "model.dtype=float32").model
+    _, text, vision = next(v for v in families.TINY_SHAPES.values()
+                           if v[0] == cfg.family and v[1].get("backbone", "llama") == cfg.text.get("backbone", "llama"))
+    cfg.text = OmegaConf.create({**text, "vocab": None})
+    cfg.vision = OmegaConf.create(vision)
+    loaded = load_model(cfg, "cpu")
+    assert loaded.random_weights
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"warning: {preset} has RANDOM weights (model.kind=random_shape): its answers are noise and its "
+                   "accuracy means nothing; for accuracy use model=llava_tiny (trained, shipped) or a real checkpoint."]
+
+
+def documented_command_lines():
+    """Every ``python -m harness`` / ``python -m harness.bench`` line of the README and docs (continuations
+    joined; lines with placeholders such as ``$M`` or ``...`` left out): (config name, overrides)."""
+    import re
+    import shlex
+
+    out = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = re.sub(r"\\\n\s*", " ", doc.read_text())
+        for match in re.finditer(r"^python -m (harness|harness\.bench) (.*)$", text, flags=re.M):
+            line = match.group(2).split(" #")[0]
+            if "$" not in line and "..." not in line:
+                out.append(("config" if match.group(1) == "harness" else "bench",
+                            [a for a in shlex.split(line) if a not in ("-m", "--multirun")]))
+    makefile = (ROOT / "Makefile").read_text()  # the sweeps: $(SWEEP) +exp=... with make's variables left out
+    for match in re.finditer(r"^\t\$\(SWEEP\) (.*)$", makefile, flags=re.M):
+        out.append(("config", [a for a in shlex.split(match.group(1)) if "$(" not in a]))
+    return out
+
+
+def test_documented_command_lines_pass_the_key_check():
+    from harness.config import check_overrides
+
+    lines = documented_command_lines()
+    assert len(lines) >= 25
+    for config_name, overrides in lines:
+        check_overrides(overrides, config_name)  # raises RunError on an unknown key or preset
+
+
+def test_wandb_group_is_per_model_in_sweeps_and_the_users_choice():
+    assert cfg_for("+exp=sweep_lazy").wandb.group == "llava_tiny-sweeps"
+    assert cfg_for("+exp=sweep_pruning").wandb.group == cfg_for("+exp=sweep_dense").wandb.group  # one comparison
+    assert cfg_for("+exp=sweep_lazy", "wandb.group=mine").wandb.group == "mine"
+    assert cfg_for("wandb.group=mine").wandb.group == "mine"
+
+
+def test_documented_wandb_commands_exist_in_the_installed_wandb():
+    """docs/results.md says how to read offline runs; each command it names is accepted by this wandb."""
+    import re
+
+    text = (ROOT / "docs" / "results.md").read_text()
+    commands = sorted(set(re.findall(r"`(wandb (?:beta )?(?:leet|sync))\b", text)))
+    assert {"wandb leet", "wandb sync"} <= set(commands)
+    wandb_cli = Path(sys.executable).with_name("wandb")
+    for command in commands:
+        proc = subprocess.run([str(wandb_cli), *command.split()[1:], "--help"], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, (command, proc.stderr[-1000:])

@@ -75,7 +75,7 @@ def test_same_predictions_and_scores_as_builtin(tiny, tmp_path):
 
 def test_harness_backend_lmms_eval_matches_builtin(tmp_path):
     """python -m harness task=shapes_lmms: the same result.json shape and rows as task.backend=builtin."""
-    common = ("method=lazy", "limit=8", "batch_size=4", "device=cpu", "efficiency.enabled=false", "wandb.mode=disabled")
+    common = ("model=llava_tiny_random", "method=lazy", "limit=8", "batch_size=4", "device=cpu", "efficiency.enabled=false", "wandb.mode=disabled")
     results, rows = {}, {}
     for backend in ("lmms_eval", "builtin"):
         out = tmp_path / backend
@@ -117,7 +117,7 @@ def test_cli_matches_builtin(tmp_path):
         for line in path.read_text().splitlines():
             row = json.loads(line)
             cli[ids[row["doc_id"]]] = row["filtered_resps"]
-    loaded = load_model(cfg_for().model)
+    loaded = load_model(cfg_for("model=llava_tiny_random").model)
     with LazyAttention(layers=[1, 3, 5]).apply(loaded.model):
         builtin = evaluate(loaded.model, loaded.processor, task, samples, 2, "cpu")
     assert cli == {s.id: p for s, p in zip(samples, builtin)}
@@ -167,3 +167,109 @@ def test_pip_check_accepts_only_documented_skips():
         "lmms-eval 0.7.3 requires accelerate, which is not installed.",
         "evaluate 0.4.6 requires datasets, which is not installed.",
     ]
+
+
+def test_an_exported_task_dir_has_relative_data_paths_and_moves(tmp_path):
+    """The YAMLs name their parquet relative to themselves (lmms-eval resolves it against the YAML's
+    folder), so a moved folder still loads, with the same documents."""
+    import shutil
+
+    from lmms_eval.tasks import TaskManager, get_task_dict
+
+    task = shapes_lmms()
+    samples = task.samples(10)
+    names = write_task_dir(samples, task.qtypes, task.image_size, tmp_path / "a", task.max_new_tokens)
+    for name in names[:-1]:
+        text = (tmp_path / "a" / f"{name}.yaml").read_text()
+        assert str(tmp_path) not in text and "test: shapes.parquet" in text
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    tasks = get_task_dict(["lazyattn_shapes"], TaskManager("WARNING", include_path=str(tmp_path / "b"),
+                                                           include_defaults=False))
+    docs = {name: t.dataset["test"]["id"] for group in tasks.values() for name, t in group.items()}
+    assert docs == {f"lazyattn_shapes_{q}": [s.id for s in samples if s.qtype == q] for q in task.qtypes}
+
+
+def test_a_row_the_model_cannot_read_is_named(tiny):
+    """The harness path (from_loaded): a document whose image does not decode is a RunError naming the row."""
+    import io
+    from types import SimpleNamespace
+
+    import datasets
+    from PIL import Image
+
+    from harness.config import RunError
+    from lazyattn import Dense
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    docs = datasets.Dataset.from_dict(
+        {"id": ["a", "b"], "image": [{"bytes": png.getvalue(), "path": None}, {"bytes": b"not a png", "path": None}]},
+        features=datasets.Features({"id": datasets.Value("string"), "image": datasets.Image()}),
+    )
+    lmm = LazyAttnLMM.from_loaded(tiny, Dense(), "cpu")
+    lmm.task_dict = {"mytask": {"test": docs}}
+    ask = lambda doc: [{"role": "user", "content": [{"type": "image", "url": doc["image"]}]}]  # noqa: E731
+    with pytest.raises(RunError, match=r"^mytask \(test split\) doc 1 \(id b\): its prompt or image cannot be read "
+                                       r"\(UnidentifiedImageError"):
+        lmm.generate_until([SimpleNamespace(args=("", ask, {"max_new_tokens": 1}, i, "mytask", "test")) for i in (0, 1)])
+
+
+def _broken(kind: str, tasks_dir: Path, samples) -> None:
+    """Spoil an exported task dir: no parquet, or the image of the third sample not an image."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parquet = tasks_dir / "shapes.parquet"
+    if kind == "no parquet":
+        parquet.unlink()
+    elif kind == "corrupt image":
+        table = pq.read_table(parquet)
+        rows = table.to_pylist()
+        rows[2]["image"] = {"bytes": b"not a png", "path": None}
+        pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), parquet)
+
+
+def _corrupt_row(samples):
+    from harness.lmms.export_shapes import task_name
+
+    s = samples[2]
+    doc = [x.id for x in samples if x.qtype == s.qtype].index(s.id)
+    return f"error: {task_name(s.qtype)} (test split) doc {doc} (sample {s.id}): its image cannot be decoded"
+
+
+@pytest.mark.parametrize(
+    "case, model_args, device, message",
+    [
+        ("no parquet", "model=llava_tiny", "cpu", lambda s: "error: lazyattn_shapes_"),
+        ("corrupt image", "model=llava_tiny", "cpu", _corrupt_row),
+        ("ok", "model=hf,model.path=/nope", "cpu", lambda s: "error: the lazyattn model: model.path '/nope' does not exist"),
+        ("ok", "model=llava_tiny", "cuda", lambda s: "error: the lazyattn model: device=cuda but no CUDA device is visible"),
+        ("ok", "model=llava_tiny,method=fastv,method.layers=[2]", "cpu",
+         lambda s: "error: the lazyattn model: method fastv has no setting 'layers' (in 'method.layers=[2]'); its settings:"),
+    ],
+    ids=["no parquet", "corrupt image", "no model.path", "cuda without CUDA", "unknown method key"],
+)
+def test_lmms_eval_cli_failures_exit_2_with_one_error_line(tmp_path, case, model_args, device, message):
+    """lmms-eval's CLI prints any exception of a model or task and exits 0: ours exit 2 with one error line."""
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    task = shapes_lmms()
+    samples = task.samples(5)
+    tasks_dir = tmp_path / "tasks"
+    write_task_dir(samples, task.qtypes, task.image_size, tasks_dir, task.max_new_tokens)
+    _broken(case, tasks_dir, samples)
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", "lazyattn", "--model_args", model_args,
+           "--tasks", "lazyattn_shapes", "--include_path", str(tasks_dir), "--batch_size", "4", "--device", device,
+           "--output_path", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
+                          env={**os.environ, **OFFLINE, "HF_DATASETS_CACHE": str(tmp_path / "hf")})
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and proc.stderr.strip().splitlines()[-1] == errors[0], proc.stderr[-2000:]
+    assert errors[0].startswith(message(samples)), errors[0]
+    if case == "no parquet":
+        assert "shapes.parquet (beside the task YAML) is not there" in errors[0]
+    assert not list((tmp_path / "out").rglob("*_results.json"))

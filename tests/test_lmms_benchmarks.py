@@ -158,9 +158,30 @@ def test_missing_dataset_is_one_clear_error_before_the_model_loads(tmp_path, mon
     proc = subprocess.run([sys.executable, "-m", "harness", "task=paper", f"task.data_dir={tmp_path / 'empty'}",
                            f"out_dir={tmp_path / 'cli'}", "device=cpu"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env={**os.environ, **OFFLINE})
-    assert proc.returncode == 2
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
-    assert proc.stderr.startswith("error: gqa (GQA test-dev balanced) needs the HF dataset lmms-lab-encoder/GQA")
+    assert proc.stderr.startswith(f"error: 8 of 8 benchmarks have no usable local data under {tmp_path / 'empty'} "
+                                  f"({', '.join(benchmarks.PAPER)}): ")
+    for task in benchmarks.PAPER:  # every missing dataset is named, each once
+        what = f"{task} ({benchmarks.BENCHMARKS[task].title}) needs the HF dataset"
+        assert proc.stderr.count(what) == 1, task
+    assert "hf download --repo-type dataset D --local-dir" in proc.stderr
+
+
+def test_several_missing_datasets_are_named_in_one_error(tmp_path):
+    data = tmp_path / "data"
+    fake_pope(data)
+    fake_gqa(data, with_images=False)
+    with pytest.raises(benchmarks.MissingDataset) as err:
+        benchmarks.check(["pope", "mme", "gqa", "textvqa_val"], data)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"3 of 4 benchmarks have no usable local data under {data} (mme, gqa, textvqa_val): ")
+    assert "pope (POPE)" not in message  # its data are there
+    assert f"mme (MME) needs the HF dataset lmms-lab-encoder/MME (split test), not found at {data / 'lmms-lab-encoder/MME'}" in message
+    assert "gqa (GQA test-dev balanced) needs the HF dataset lmms-lab-encoder/GQA (config testdev_balanced_images" in message
+    assert "textvqa_val (TextVQA val)" in message
+    assert "lmms-lab-encoder/MME, lmms-lab-encoder/textvqa" in message and message.endswith("then copy it there.")
 
 
 def test_benchmarks_run_end_to_end_from_local_data(tmp_path):
@@ -171,6 +192,7 @@ def test_benchmarks_run_end_to_end_from_local_data(tmp_path):
     fake_gqa(data)
     out = tmp_path / "out"
     path = run(cfg_for("task=benchmarks", "task.lmms_tasks=[pope,gqa]", f"task.data_dir={data}", "method=lazy",
+                       "model=llava_tiny_random",
                        "method.layers=[1,3,5]", "task.max_new_tokens=6", "batch_size=2", "device=cpu", f"out_dir={out}",
                        "efficiency.batch_size=1", "efficiency.repeats=1", "efficiency.warmup=0",
                        "efficiency.new_tokens=2", "wandb.mode=disabled"))
@@ -247,7 +269,7 @@ def test_data_parallel_cli_equals_single_process(tmp_path):
             parallel[ids[row["doc_id"]]] = row["filtered_resps"]
     assert len(parallel) == 10  # both ranks' documents, each once (padding requests are dropped)
 
-    loaded = load_model(cfg_for().model)
+    loaded = load_model(cfg_for("model=llava_tiny_random").model)
     single, scores, summary = evaluate_shapes(task, loaded, LazyAttention(layers=[1, 3, 5]), samples, 4, "cpu",
                                               tmp_path / "single")
     assert parallel == {s.id: p for s, p in zip(samples, single)}

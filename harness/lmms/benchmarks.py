@@ -46,7 +46,12 @@ PAPER = ("gqa", "mmbench_en_dev_static", "mme", "pope", "scienceqa_img", "vqav2_
 
 
 class MissingDataset(FileNotFoundError):
-    """A benchmark's local dataset is not where the run looks for it (one line, says what to put where)."""
+    """A benchmark's local dataset is not where the run looks for it (one line, says what to put where).
+    ``problem``: the message less the download hint; ``dataset``: the HF dataset to download."""
+
+    def __init__(self, message: str, problem: str | None = None, dataset: str | None = None) -> None:
+        super().__init__(message)
+        self.problem, self.dataset = problem or message, dataset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +153,8 @@ def locate(bench: Benchmark, data_dir: Path, config: str | None = None, split: s
         f" (config {config}, split {split})" if config else f" (split {split})"
     )
     if not root.is_dir():
-        raise MissingDataset(f"{what}, not found at {root}; {download_hint(src.dataset_path, Path(data_dir))}.")
+        problem = f"{what}, not found at {root}"
+        raise MissingDataset(f"{problem}; {download_hint(src.dataset_path, Path(data_dir))}.", problem, src.dataset_path)
     for saved in ([root / config] if config else []) + [root]:
         if (saved / "dataset_dict.json").is_file():
             splits = yaml.safe_load((saved / "dataset_dict.json").read_text()).get("splits", [])
@@ -161,8 +167,9 @@ def locate(bench: Benchmark, data_dir: Path, config: str | None = None, split: s
         builder = datasets.load_dataset_builder(str(root), config)
     except Exception as err:  # a config the README does not name, no data files, ...
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        problem = f"{what}; {root} is not a usable copy of it ({first})"
         raise MissingDataset(
-            f"{what}; {root} is not a usable copy of it ({first}); {download_hint(src.dataset_path, Path(data_dir))}."
+            f"{problem}; {download_hint(src.dataset_path, Path(data_dir))}.", problem, src.dataset_path
         ) from err
     files = builder.config.data_files or {}
     if split not in files:
@@ -194,15 +201,33 @@ def check(names: Sequence[str], data_dir: str | Path | None) -> dict[str, Local 
     ``data_dir=None``: lmms-eval's own loading (HF cache or hub, as the environment says); only
     the judge is checked."""
     found: dict[str, Local | None] = {}
-    for task in expand(names):
+    missing: dict[str, MissingDataset] = {}  # every benchmark whose data are not there, named in one error
+    tasks = expand(names)
+    for task in tasks:
         bench = BENCHMARKS[task]
         check_judge(bench)
         if data_dir is None:
             found[task] = None
             continue
-        found[task] = locate(bench, Path(data_dir))
-        for config in bench.extra_configs:
-            locate(bench, Path(data_dir), config=config)
+        for config in (None, *bench.extra_configs):
+            try:
+                local = locate(bench, Path(data_dir), config=config)
+            except MissingDataset as err:
+                missing[task] = err  # its first problem (the other configs live in the same copy)
+                break
+            if config is None:
+                found[task] = local
+    if len(missing) == 1:
+        raise next(iter(missing.values()))
+    if missing:
+        root = Path(data_dir).expanduser().resolve()
+        downloads = sorted({err.dataset for err in missing.values() if err.dataset})
+        hint = (f"; on a machine with internet, for each HF dataset D of {', '.join(downloads)}: `hf download "
+                f"--repo-type dataset D --local-dir {root}/D`, then copy it there") if downloads else ""
+        raise MissingDataset(
+            f"{len(missing)} of {len(tasks)} benchmarks have no usable local data under {root} "
+            f"({', '.join(missing)}): " + " | ".join(err.problem for err in missing.values()) + hint + "."
+        )
     return found
 
 

@@ -4,7 +4,7 @@
     python -m harness.lmms.export_shapes --out DIR --n 40     # DIR/shapes.parquet + task YAMLs
 
 With ``--out DIR`` the directory also gets task YAMLs (each includes the shipped one and points
-at DIR's parquet) and a ``lazyattn_shapes`` group over the question types present, so
+at DIR's parquet by a path relative to itself, so DIR can be moved) and a ``lazyattn_shapes`` group over the question types present, so
 ``--include_path DIR`` serves exactly those samples. Single-turn question types only: lmms-eval
 gets no multiturn samples from here.
 """
@@ -81,7 +81,9 @@ def write_task_dir(
     out_dir = Path(out_dir).resolve()
     parquet = write_parquet(samples, qtypes, image_size, out_dir / "shapes.parquet")
     present = [q for q in SINGLE_TURN if any(s.qtype == q for s in samples)]
-    dataset_kwargs: dict = {"data_files": {"test": str(parquet)}}
+    # relative to the YAML: lmms-eval resolves data_files of a parquet task against the YAML's folder, so
+    # the folder can be moved or copied as a whole
+    dataset_kwargs: dict = {"data_files": {"test": parquet.name}}
     if cache_dir is not None:
         dataset_kwargs["cache_dir"] = str(Path(cache_dir).resolve())
     for qtype in present:

@@ -3,7 +3,7 @@
 From the command line (registered through the ``lmms_eval.models`` entry point)::
 
     python -m lmms_eval --model lazyattn \\
-        --model_args model=llava_tiny_random,method=lazy,method.ratio=0.5 \\
+        --model_args model=llava_tiny,method=lazy,method.ratio=0.5 \\
         --tasks lazyattn_shapes --include_path harness/lmms/tasks --batch_size 4
 
 ``model_args``: ``model=<conf/model preset>`` and ``method=<conf/method preset>`` plus any Hydra
@@ -25,6 +25,7 @@ device and lmms-eval shards the documents by rank and gathers the results (``_da
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from collections.abc import Sequence
 
@@ -34,7 +35,7 @@ from PIL import Image
 
 import lazyattn
 from harness import calibration
-from harness.config import compose, method_spec, resolve_device
+from harness.config import RunError, check_overrides, compose, method_spec, resolve_device
 from harness.generate import generate_batch
 from harness.models import Loaded, load_model
 from lazyattn import Method
@@ -117,7 +118,7 @@ class LazyAttnLMM(lmms):
 
     def __init__(
         self,
-        model: str = "llava_tiny_random",
+        model: str = "llava_tiny",
         method: str = "dense",
         device: str | None = None,
         batch_size: int | str = 1,
@@ -132,6 +133,7 @@ class LazyAttnLMM(lmms):
                 "device=, batch_size=, max_new_tokens=."
             )
         overrides = [f"model={model}", f"method={method}", *(_override(k, v) for k, v in overrides.items())]
+        check_overrides(overrides)  # an unknown preset or key: one line naming it
         cfg = compose(overrides)
         if calibration.wanted(cfg.method):
             calibration.refuse("the lazyattn lmms-eval model")
@@ -143,6 +145,31 @@ class LazyAttnLMM(lmms):
             self.accelerator = accelerator
             self._rank = accelerator.process_index
             self._world_size = accelerator.num_processes
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> LazyAttnLMM:
+        """What lmms-eval's CLI calls (``--model_args``, ``--device``, ``--batch_size``): a bad setting,
+        a missing ``model.path`` or an absent CUDA device is one line and exit status 2, and so is any
+        later failure of this model (``_fail``)."""
+        try:
+            self = super().create_from_arg_string(arg_string, additional_config)
+        except (RunError, ValueError, FileNotFoundError) as err:
+            cls._exit(f"the lazyattn model: {err}")
+        self._cli = True
+        return self
+
+    @staticmethod
+    def _exit(message: str):
+        """One line on stderr and exit status 2. lmms-eval's CLI catches every ``Exception`` around the
+        model and the tasks, prints its traceback and exits 0 (retried loads also wrap it in a
+        ``RetryError``); ``SystemExit`` is no ``Exception``, so it ends the process as it should."""
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+    def _fail(self, message: str):
+        if getattr(self, "_cli", False):
+            self._exit(message)
+        raise RunError(message)  # the harness (from_loaded) prints it as its own one-line error
 
     @classmethod
     def from_loaded(
@@ -192,7 +219,18 @@ class LazyAttnLMM(lmms):
 
     def _prepare(self, request):
         _ctx, doc_to_messages, gen_kwargs, doc_id, task, split = request.args
-        history, images = to_history(doc_to_messages(self.task_dict[task][split][doc_id]))
+        try:
+            history, images = to_history(doc_to_messages(self.task_dict[task][split][doc_id]))
+        except NotImplementedError:
+            raise
+        except Exception as err:  # a corrupt image, a row the task's functions cannot read: name the row
+            docs = self.task_dict[task][split]
+            row = f"doc {doc_id}"
+            if "id" in getattr(docs, "column_names", []):
+                row += f" (id {docs.select_columns(['id'])[doc_id]['id']})"
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            self._fail(f"{task} ({split} split) {row}: its prompt or image cannot be read "
+                       f"({type(err).__name__}: {first}); fix or re-export that row.")
         gen_kwargs = gen_kwargs or {}
         until = gen_kwargs.get("until") or []
         return history, images, self._budget(gen_kwargs), [until] if isinstance(until, str) else until

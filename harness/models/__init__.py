@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -59,9 +61,17 @@ def _hf(cfg: DictConfig, device) -> Loaded:
     )
 
 
+def random_weights_warning(name: str) -> str:
+    return (f"warning: {name} has RANDOM weights (model.kind=random_shape): its answers are noise and its accuracy "
+            "means nothing; for accuracy use model=llava_tiny (trained, shipped) or a real checkpoint.")
+
+
 def load_model(cfg: DictConfig, device: torch.device | str | None = None) -> Loaded:
-    """The model a ``model=`` preset names, on ``device``, in eval mode."""
+    """The model a ``model=`` preset names, on ``device``, in eval mode. Every entry point loads
+    through here, so a model with random weights is announced on stderr wherever it runs."""
     loaded = KINDS.get(str(cfg.kind))(cfg, device)
+    if loaded.random_weights:
+        print(random_weights_warning(loaded.name), file=sys.stderr)
     if device is not None:
         loaded.model.to(device)
     return loaded

@@ -7,7 +7,52 @@ the ``qtypes`` it was drawn with. Scoring rebuilds that very sample from the see
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+from lmms_eval.api.task import ConfigurableMessagesTask
+
 from harness.tasks import shapes
+
+
+def _exit(message: str):
+    """One line on stderr, exit status 2: lmms-eval's CLI turns any ``Exception`` of a task into a
+    traceback and exit status 0 (a failed load, retried for up to a minute, into a ``RetryError``);
+    ``SystemExit`` is no ``Exception``."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+class ShapesTask(ConfigurableMessagesTask):
+    """lmms-eval's chat task (``class:`` in the template) that checks its data as it loads them: a
+    missing parquet, or a row whose image cannot be decoded (named by task, doc index and sample
+    id), is one line on stderr and exit status 2."""
+
+    def __init__(self, config=None, **kwargs):
+        super().__init__(config={k: v for k, v in (config or {}).items() if k != "class"}, **kwargs)
+
+    def download(self, dataset_kwargs=None) -> None:
+        files = (dataset_kwargs or {}).get("data_files") or {}
+        paths = list(files.values()) if isinstance(files, dict) else [files] if isinstance(files, str) else list(files)
+        missing = [str(p) for p in paths if isinstance(p, str) and not Path(p).is_file()]
+        if missing:
+            where = missing[0] if Path(missing[0]).is_absolute() else f"{missing[0]} (beside the task YAML)"
+            _exit(f"{self.config.task}: its data {where} is not there; write it with `python -m "
+                  "harness.lmms.export_shapes` (the shipped tasks) or `python -m harness.lmms.export_shapes --out DIR` "
+                  "and pass --include_path DIR.")
+        super().download(dataset_kwargs)
+        for split, docs in self.dataset.items():  # after process_docs: an index here is lmms-eval's doc id
+            if "image" not in docs.column_names:
+                continue
+            images = docs.select_columns([c for c in ("image", "id") if c in docs.column_names])
+            for index in range(len(images)):
+                try:
+                    images[index]["image"].load()
+                except Exception as err:
+                    sample = images.select_columns(["id"])[index]["id"] if "id" in images.column_names else "?"
+                    _exit(f"{self.config.task} ({split} split) doc {index} (sample {sample}): its image cannot be "
+                          f"decoded ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}); "
+                          "re-export the parquet with `python -m harness.lmms.export_shapes`.")
 
 
 def doc_to_visual(doc):
@@ -46,8 +91,8 @@ def process_results(doc, results):
 
 
 def _only(qtype):
-    def select(dataset):
-        return dataset.filter(lambda doc: doc["qtype"] == qtype)
+    def select(dataset):  # reads the qtype column only: no image is decoded here (a bad one is named later, by row)
+        return dataset.filter(lambda q: q == qtype, input_columns=["qtype"])
 
     select.__name__ = f"{qtype}_docs"
     return select
