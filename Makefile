@@ -66,7 +66,8 @@ sweeps: $(STAMP)
 	$(MAKE) sweeps-readings RESULTS=$(RESULTS)
 
 # The other readings of Lazy Attention, anchor-based calibration, VTW and their compositions
-# (docs/methods.md), on the same 400 test samples; part of `make sweeps`.
+# (docs/methods.md), on the same 400 test samples; part of `make sweeps`. VTW's long point takes the
+# main sweep's auto k=8: on long-answer prompts the first-token KL criterion picks k=1.
 sweeps-readings: $(STAMP)
 	$(SWEEP) +exp=sweep_lazy method.share=qkv method.ratio=0.25,0.5,0.7 sweep_root=$(RESULTS)/lazy_qkv $(SWEEP_ARGS)
 	$(SWEEP) +exp=sweep_lazy method.scope=visual method.ratio=0.5,0.8 sweep_root=$(RESULTS)/lazy_visual $(SWEEP_ARGS)
@@ -77,7 +78,7 @@ sweeps-readings: $(STAMP)
 	$(SWEEP) +exp=sweep_pruning method=lazy_fastv method.lazy.share=qkv sweep_root=$(RESULTS)/lazy_fastv_qkv $(SWEEP_ARGS)
 	$(SWEEP) +exp=sweep_reencode method=vtw sweep_root=$(RESULTS)/reencode $(SWEEP_ARGS)
 	$(SWEEP) +exp=sweep_reencode method=lazy method.share=qkv sweep_root=$(RESULTS)/reencode $(SWEEP_ARGS)
-	$(SWEEP) +exp=sweep_long method=vtw sweep_root=$(RESULTS)/long $(SWEEP_ARGS)
+	$(SWEEP) +exp=sweep_long method=vtw method.k=8 sweep_root=$(RESULTS)/long $(SWEEP_ARGS)
 	$(SWEEP) +exp=sweep_long method=lazy method.share=qkv sweep_root=$(RESULTS)/long $(SWEEP_ARGS)
 
 # The deeper shipped model (24 layers), a smaller grid: how depth changes the layer-similarity

@@ -167,9 +167,10 @@ def label(record: dict, method, n_layers: int) -> str:
 def sort_key(record: dict, method, n_layers: int) -> list:
     if "lazy_layers" in record:
         reading = method.reading() if hasattr(method, "reading") else ""
-        how = "calibrated" if record.get("select", "pairwise") == "pairwise" else "calibrated-anchor"
+        how = "calibrated" if record.get("select", "pairwise") == "pairwise" else "anchor-calibrated"
+        if record.get("max_per_anchor"):
+            how += f", <={record['max_per_anchor']}/anchor"
         if reading or record.get("max_per_anchor"):
-            return ["variant", method.share, method.scope, how, record.get("max_per_anchor") or 0,
-                    record.get("ratio") or 0]
+            return ["variant", method.share, method.scope, how, record.get("ratio") or 0]
         return [how, record.get("ratio") or 0]
     return list(method.sort_key(n_layers))  # VTW: its chosen k orders it among explicit ones

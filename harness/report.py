@@ -297,13 +297,14 @@ def layers_figure(results: Sequence[dict], out: Path) -> Path:
                   and not r["method"]["calibration"].get("max_per_anchor")] or _calibrated(results)
     if not calibrated:
         raise ValueError("no calibrated result (method.layers=auto) found: run +exp=sweep_lazy or +exp=llava_lazy first.")
-    r = min(calibrated, key=lambda r: r["method"]["calibration"].get("ratio") or r["method"]["params"].get("ratio") or 0)
+    # the budget nearest one half: lazy layers stacked on one anchor show their JS to it
+    r = min(calibrated, key=lambda r: abs((r["method"]["calibration"].get("ratio") or 0) - 0.5))
     cal = r["method"]["calibration"]
     lazy = r["method"]["lazy_layers"]
     return figures.layer_divergence_png(
         cal["adjacent_js"], lazy, out / "figures" / "layer_divergence.png",
-        f"{r['model']['name']}: adjacent-layer JS divergence (mean {sum(cal['adjacent_js']) / len(cal['adjacent_js']):.3f}; "
-        f"orange: lazy at {label(r)}; black: JS to its anchor)",
+        f"{r['model']['name']}: adjacent-layer JS divergence (mean {sum(cal['adjacent_js']) / len(cal['adjacent_js']):.3f})\n"
+        f"orange: lazy at {label(r)}; black: each lazy layer's JS to its anchor",
         anchor_js(r, cal["divergence"]) if cal.get("divergence") else None,
     )
 
@@ -349,9 +350,9 @@ def _series(result: dict) -> str:
     """The figure series of a point: its method, reading and how its setting was chosen, e.g.
     "lazy (calibrated)", "lazy qkv (uniform)", "lazy_fastv qkv"."""
     name, order = result["method"]["name"], result["method"]["sort_key"]
-    if order and order[0] == "variant":  # a non-default reading: ["variant", share, scope, how, ...]
-        reading = " ".join(x for x in order[1:3] if x not in ("qk", "all"))
-        return f"{name} {reading} ({order[3]})"
+    if order and order[0] == "variant":  # a non-default reading or rule: ["variant", share, scope, how, ...]
+        reading = "".join(f" {x}" for x in order[1:3] if x not in ("qk", "all"))
+        return f"{name}{reading} ({order[3]})"
     if order and isinstance(order[0], list) and order[0] and order[0][0] == "variant":  # composed
         return f"{name} " + " ".join(x for x in order[0][1:3] if x not in ("qk", "all"))
     if order and isinstance(order[0], str):  # a method's own family of settings, e.g. lazy (calibrated)
@@ -397,6 +398,20 @@ def fidelity_figure(results: Sequence[dict], out: Path, qtype: str = "long", max
                                  f"{qtype} answers{forced}: agreement with dense as generation grows")
 
 
+def versus(results: Sequence[dict], a: str, b: str) -> dict:
+    """Method ``a`` against method ``b`` (table labels), sample by sample on the samples both scored
+    under the same protocol: the paired change of the per-sample score, ``a - b``, with its 95 %
+    interval (for claims such as "qkv beats qk at equal KV", which no dense comparison settles)."""
+    points = {label(r): r for r in main_points(results)}
+    missing = [x for x in (a, b) if x not in points]
+    if missing:
+        raise ValueError(f"no main-protocol point labelled {missing}; labels: {', '.join(points)}.")
+    if config_key(protocol(points[a])) != config_key(protocol(points[b])):
+        raise ValueError(f"{a!r} and {b!r} were run under different protocols (model, task, limit or seed).")
+    pairs = compare.paired(rows_of(points[a]), rows_of(points[b]))
+    return compare.paired_delta([primary(x) for x, _ in pairs], [primary(y) for _, y in pairs])
+
+
 def render(what: str, results_dir: Path, out: Path) -> list[Path]:
     results = collect(results_dir)
     written: list[Path] = []
@@ -419,13 +434,28 @@ def render(what: str, results_dir: Path, out: Path) -> list[Path]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Render paper tables and figures from result.json files.")
-    p.add_argument("what", choices=["main", "protocol", "efficiency", "calibration", "layers", "pareto", "fidelity", "all"])
+    p.add_argument("what", choices=["main", "protocol", "efficiency", "calibration", "layers", "pareto", "fidelity", "all",
+                                    "versus"])
+    p.add_argument("labels", nargs="*", help="versus: the two table labels to compare, A then B (A - B)")
     p.add_argument("--results", type=Path, default=Path("results/tiny"))
     p.add_argument("--out", type=Path, default=Path("results"))
     p.add_argument("--wandb", default=os.environ.get("WANDB_MODE", "disabled"),
                    help="log the figures and tables to W&B: offline | online | disabled (default: $WANDB_MODE or disabled)")
     p.add_argument("--wandb-project", default="lazyattn-harness")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
+    if a.what == "versus":
+        if len(a.labels) != 2:
+            raise SystemExit("error: versus takes two table labels, e.g. versus 'Lazy QKV r=0.25 (calibrated)' "
+                             "'Lazy r=0.5 (calibrated)'.")
+        try:
+            d = versus(collect(a.results), *a.labels)
+        except (FileNotFoundError, ValueError) as err:
+            raise SystemExit(f"error: {err}") from None
+        lo, hi = d["delta_ci95"]
+        verdict = "the interval excludes 0" if lo > 0 or hi < 0 else "the interval includes 0: no difference shown"
+        print(f"{a.labels[0]} - {a.labels[1]}: {100 * d['delta']:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}] "
+              f"(paired, n={d['n']}; {verdict})")
+        return
     try:
         written = render(a.what, a.results, a.out)
     except (FileNotFoundError, ValueError) as err:

@@ -83,3 +83,13 @@ def test_calibration_table_compares_the_rules(tmp_path):
     assert all(row[0] == "0.5" and len(row[2].split()) == 6 for row in rows)
     assert all(float(row[3]) <= float(row[4]) for row in rows)  # mean <= max divergence to the anchor
     assert rows[2][2] == "1 3 5 7 9 11"
+    # method against method, sample by sample: the mean of the per-sample differences
+    by_rule = {row[1]: row for row in rows}
+    labels = {r["method"]["label"]: r for r in results}
+    a, b = "Lazy r=0.5 (anchor-calibrated)", "Lazy r=0.5 (uniform)"
+    d = report.versus(results, a, b)
+    score = {lab: {row["id"]: report.primary(row) for row in report.rows_of(labels[lab])} for lab in (a, b)}
+    assert d["n"] == 4 and d["delta"] == pytest.approx(sum(score[a][i] - score[b][i] for i in score[a]) / 4)
+    assert d["delta_ci95"][0] <= d["delta"] <= d["delta_ci95"][1] and by_rule["anchor"]
+    with pytest.raises(ValueError, match="no main-protocol point labelled"):
+        report.versus(results, a, "Lazy r=0.9 (uniform)")
