@@ -23,7 +23,8 @@ from pathlib import Path
 
 from harness import compare, figures
 from harness.results import config_key
-from lazyattn import METHODS
+from lazyattn import METHODS, anchors_of
+
 
 
 
@@ -282,13 +283,8 @@ def _calibrated(results: Sequence[dict]) -> list[dict]:
 def anchor_js(result: dict, divergence: Sequence[Sequence[float]]) -> dict[int, float]:
     """The dense model's JS divergence between each lazy layer of ``result`` and its anchor (the
     nearest preceding non-lazy layer), from the pairwise matrix ``divergence``."""
-    lazy, out, anchor = set(result["method"]["lazy_layers"]), {}, 0
-    for layer in range(len(divergence)):
-        if layer in lazy:
-            out[layer] = divergence[anchor][layer]
-        else:
-            anchor = layer
-    return out
+    anchor_of = anchors_of(result["method"]["lazy_layers"], len(divergence))
+    return {lazy: divergence[anchor][lazy] for lazy, anchor in anchor_of.items()}
 
 
 def layers_figure(results: Sequence[dict], out: Path) -> Path:

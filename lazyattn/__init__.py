@@ -20,7 +20,7 @@ from lazyattn.calibrate import Calibration, calibrate, layer_divergence, select_
 from lazyattn.compose import Composed, compose
 from lazyattn.engine import PruneEngine, TokenPruner
 from lazyattn.fastv import FastV
-from lazyattn.lazy import LazyAttention, uniform_lazy_layers
+from lazyattn.lazy import LazyAttention, anchors_of, uniform_lazy_layers
 from lazyattn.sparsevlm import SparseVLM
 from lazyattn.vtw import VTW, choose_withdrawal_layer, withdrawal_kl
 
@@ -93,6 +93,7 @@ def build(spec: Mapping[str, Any]) -> Method:
 
 __all__ = [
     "METHODS",
+    "anchors_of",
     "Calibration",
     "Composed",
     "Dense",

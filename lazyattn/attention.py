@@ -188,6 +188,16 @@ def _split_heads(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.view(*x.shape[:-1], -1, module.head_dim).transpose(1, 2)
 
 
+def _projections(module, family: AttentionFamily, hidden_states, position_embeddings):
+    """The family's query, keys and values of these tokens, RoPE applied to query and keys."""
+    query = _split_heads(module, module.q_proj(hidden_states))
+    key = _split_heads(module, module.k_proj(hidden_states))
+    value = _split_heads(module, module.v_proj(hidden_states))
+    cos, sin = position_embeddings
+    query, key = family.rotary(query, key, cos, sin)
+    return query, key, value
+
+
 def _attention(module, family: AttentionFamily, query, key, value, attention_mask, kwargs):
     """The model's attention backend on these tensors: (B, T, H * d_v) before ``o_proj``, and the
     probabilities where the backend gives them (eager)."""
@@ -224,11 +234,7 @@ def _anchor_forward(
 
     def forward(hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, cache=None, **kwargs):
         past_key_values = cache if cache is not None else past_key_values
-        query = _split_heads(module, module.q_proj(hidden_states))
-        key = _split_heads(module, module.k_proj(hidden_states))
-        value = _split_heads(module, module.v_proj(hidden_states))
-        cos, sin = position_embeddings
-        query, key = family.rotary(query, key, cos, sin)
+        query, key, value = _projections(module, family, hidden_states, position_embeddings)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, module.layer_idx)
         for observe in observers:
@@ -309,11 +315,7 @@ def _lazy_visual_forward(
 
     def forward(hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, cache=None, **kwargs):
         past_key_values = cache if cache is not None else past_key_values
-        query = _split_heads(module, module.q_proj(hidden_states))
-        key = _split_heads(module, module.k_proj(hidden_states))
-        value = _split_heads(module, module.v_proj(hidden_states))
-        cos, sin = position_embeddings
-        query, key = family.rotary(query, key, cos, sin)
+        query, key, value = _projections(module, family, hidden_states, position_embeddings)
         if past_key_values is not None:
             slot = _lazy_slot(past_key_values, module.layer_idx, TextKeyLayer)
             image = flags.of_last(hidden_states.shape[1], prefill=slot.get_seq_length() == 0)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from lazyattn.arch import attention_modules
-from lazyattn.lazy import LazyAttention
+from lazyattn.lazy import LazyAttention, anchors_of
 
 SELECTIONS = ("pairwise", "anchor")
 
@@ -57,17 +57,6 @@ class Calibration:
     def anchor_js(self) -> dict[int, float]:
         """The dense model's divergence between every chosen lazy layer and its anchor."""
         return {lazy: self.divergence[anchor][lazy] for lazy, anchor in self.anchor_of.items()}
-
-
-def anchors_of(lazy: set[int], n_layers: int) -> dict[int, int]:
-    """Lazy layer -> its anchor (the nearest preceding non-lazy layer)."""
-    out, current = {}, 0
-    for layer in range(n_layers):
-        if layer in lazy:
-            out[layer] = current
-        else:
-            current = layer
-    return out
 
 
 @contextlib.contextmanager

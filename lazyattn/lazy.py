@@ -43,6 +43,18 @@ def uniform_lazy_layers(n_layers: int, ratio: float) -> list[int]:
     return [layer for layer in range(n_layers) if layer not in anchors]
 
 
+def anchors_of(lazy: Sequence[int] | set[int], n_layers: int) -> dict[int, int]:
+    """Lazy layer -> its anchor (the nearest preceding non-lazy layer), for any set of lazy layers."""
+    lazy = set(lazy)
+    out, current = {}, 0
+    for layer in range(n_layers):
+        if layer in lazy:
+            out[layer] = current
+        else:
+            current = layer
+    return out
+
+
 def _check_ratio(ratio: float) -> None:
     if not (isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0 and math.isfinite(ratio)):
         raise ValueError(f"ratio must be a number in [0, 1) (the fraction of lazy layers), got {ratio!r}.")
@@ -131,14 +143,7 @@ class LazyAttention:
 
     def anchors(self, n_layers: int) -> dict[int, int]:
         """Map each lazy layer to its anchor (the nearest preceding non-lazy layer)."""
-        lazy = set(self.lazy_layers(n_layers))
-        anchor_of, current = {}, 0
-        for layer in range(n_layers):
-            if layer in lazy:
-                anchor_of[layer] = current
-            else:
-                current = layer
-        return anchor_of
+        return anchors_of(self.lazy_layers(n_layers), n_layers)
 
     def plan(self, model: nn.Module) -> dict[int, int]:
         """The anchor of every lazy layer of ``model``, validated against its depth."""
