@@ -26,8 +26,6 @@ from harness.results import config_key
 from lazyattn import METHODS, anchors_of
 
 
-
-
 def collect(results_dir: str | Path) -> list[dict]:
     """Every finished result under ``results_dir`` (recursively), with its path."""
     root = Path(results_dir)
