@@ -167,7 +167,8 @@ def label(record: dict, method, n_layers: int) -> str:
 def sort_key(record: dict, method, n_layers: int) -> list:
     if "lazy_layers" in record:
         reading = method.reading() if hasattr(method, "reading") else ""
-        how = "calibrated" if record.get("select", "pairwise") == "pairwise" else "anchor-calibrated"
+        # "calibrated+anchor" sorts right after the default rule's "calibrated", before "uniform"
+        how = "calibrated" if record.get("select", "pairwise") == "pairwise" else "calibrated+anchor"
         if record.get("max_per_anchor"):
             how += f", <={record['max_per_anchor']}/anchor"
         if reading or record.get("max_per_anchor"):

@@ -221,18 +221,64 @@ def protocol_table(results: Sequence[dict], task: str = "shapes") -> tuple[list[
     return header, rows
 
 
+SPEEDUPS = (("decode_speedup", "decode_tokens_per_s"), ("e2e_speedup", "e2e_tokens_per_s"),
+            ("prefill_speedup", "prefill_ms"))
+DRIFT = 0.10  # dense timed against itself beyond this: the machine was not steady
+
+
+def ratio_spread(eff: dict, speedup: str, measure_key: str) -> float | None:
+    """The spread of an in-process speed-up: the ratio times the sum of the two medians' relative
+    half-IQRs (method and dense, over the interleaved repeats); None when the IQRs were not kept."""
+    m, d = eff["method"], eff.get("dense") or {}
+    if eff.get(speedup) is None or m.get(f"{measure_key}_iqr") is None or d.get(f"{measure_key}_iqr") is None:
+        return None
+    rel = m[f"{measure_key}_iqr"] / (2 * m[measure_key]) + d[f"{measure_key}_iqr"] / (2 * d[measure_key])
+    return eff[speedup] * rel
+
+
+def _x(eff: dict, speedup: str, measure_key: str) -> str:
+    if eff.get(speedup) is None:
+        return "–"
+    spread = ratio_spread(eff, speedup, measure_key)
+    return f"{eff[speedup]:.2f}" + ("" if spread is None else f" ± {spread:.2f}")
+
+
+def timing_drift(results: Sequence[dict]) -> list[str]:
+    """Warnings for every dense point whose dense-against-dense speed-ups (the same model timed
+    twice, interleaved, in one process) are off 1 by more than ``DRIFT`` and their spread: on such
+    a machine, method ratios of that size mean nothing."""
+    out = []
+    for r in results:
+        eff = r.get("efficiency")
+        if r["method"]["name"] != "dense" or not eff:
+            continue
+        for speedup, measure_key in SPEEDUPS:
+            value = eff.get(speedup)
+            spread = ratio_spread(eff, speedup, measure_key) or 0.0
+            if value is not None and abs(value - 1) > max(DRIFT, spread):
+                out.append(f"warning: {r['_path']}: dense timed against itself gave {speedup} {value:.2f} "
+                           f"(± {spread:.2f}); the machine was not steady, ratios within that are noise.")
+    return out
+
+
 def efficiency_table(results: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
     """KV MB, device memory, prefill ms, decode and end-to-end tokens/s of each method, and its
-    speed-ups over dense measured in the same run (method over dense, higher is better). Results
-    written before end-to-end throughput and device memory were measured show "–" there."""
+    speed-ups over dense measured in the same run (method over dense, higher is better), each with
+    its spread (``ratio_spread``). Absolute numbers come from each point's own process; compare
+    methods by the in-process ratios. A dense point timed against itself that drifts by more than
+    10 % is named on stderr (``timing_drift``). Results written before end-to-end throughput and
+    device memory were measured show "–" there."""
     header = ["Method", "KV MB", "KV cut", "Mem GB", "Prefill ms", "Decode tok/s", "E2E tok/s",
               "Decode ×", "E2E ×", "Prefill ×", "Device"]
     rows = []
-    for r in [r for r in main_points(results) if r.get("efficiency")]:
+    chosen = [r for r in main_points(results) if r.get("efficiency")]
+    for warning in timing_drift(chosen):
+        print(warning, file=sys.stderr)
+    for r in chosen:
         eff = r["efficiency"]
         m = eff["method"]
         mem = m.get("peak_memory_bytes")
-        e2e, e2e_x = m.get("e2e_tokens_per_s"), eff.get("e2e_speedup")
+        e2e = m.get("e2e_tokens_per_s")
         rows.append([
             label(r),
             f"{m['kv_cache_bytes'] / 2**20:.3f}",
@@ -241,9 +287,7 @@ def efficiency_table(results: Sequence[dict]) -> tuple[list[str], list[list[str]
             f"{m['prefill_ms']:.1f}",
             f"{m['decode_tokens_per_s']:.0f}",
             "–" if e2e is None else f"{e2e:.0f}",
-            f"{eff['decode_speedup']:.2f}",
-            "–" if e2e_x is None else f"{e2e_x:.2f}",
-            f"{eff['prefill_speedup']:.2f}",
+            *[_x(eff, speedup, key) for speedup, key in SPEEDUPS],
             f"{eff['device']} b={eff['batch_size']} L={eff['prompt_tokens']}",
         ])
     return header, rows

@@ -1,0 +1,37 @@
+"""The efficiency table's in-process ratios: each with its spread, and a warning when dense timed
+against itself drifts."""
+
+import pytest
+
+from harness import report
+
+
+def efficiency(speedup, method_tps, method_iqr, dense_tps, dense_iqr):
+    side = lambda tps, iqr: {"decode_tokens_per_s": tps, "decode_tokens_per_s_iqr": iqr,  # noqa: E731
+                              "e2e_tokens_per_s": tps, "e2e_tokens_per_s_iqr": iqr,
+                              "prefill_ms": 10.0, "prefill_ms_iqr": 0.0, "kv_cache_bytes": 2**20,
+                              "peak_memory_bytes": None}
+    return {"method": side(method_tps, method_iqr), "dense": side(dense_tps, dense_iqr), "decode_speedup": speedup,
+            "e2e_speedup": speedup, "prefill_speedup": 1.0, "kv_reduction": 0.0, "device": "cpu",
+            "batch_size": 4, "prompt_tokens": 20}
+
+
+def test_ratio_spread_combines_both_sides_relative_half_iqrs():
+    eff = efficiency(1.5, 150.0, 30.0, 100.0, 10.0)
+    # 1.5 x (30 / (2 * 150) + 10 / (2 * 100)) = 1.5 x 0.15
+    assert report.ratio_spread(eff, "decode_speedup", "decode_tokens_per_s") == pytest.approx(0.225)
+    assert report._x(eff, "decode_speedup", "decode_tokens_per_s") == "1.50 ± 0.23"
+    old = {**eff, "method": {k: v for k, v in eff["method"].items() if not k.endswith("_iqr")}}
+    assert report.ratio_spread(old, "decode_speedup", "decode_tokens_per_s") is None  # results without IQRs
+    assert report._x(old, "decode_speedup", "decode_tokens_per_s") == "1.50"
+
+
+def test_dense_against_itself_that_drifts_is_named(capsys):
+    steady = {"_path": "a/result.json", "method": {"name": "dense"}, "efficiency": efficiency(1.02, 100, 2, 98, 2)}
+    drifting = {"_path": "b/result.json", "method": {"name": "dense"}, "efficiency": efficiency(1.89, 189, 4, 100, 4)}
+    method = {"_path": "c/result.json", "method": {"name": "lazy"}, "efficiency": efficiency(1.89, 189, 4, 100, 4)}
+    warnings = report.timing_drift([steady, drifting, method])
+    assert len(warnings) == 2  # decode and e2e of the drifting dense point; a method may differ from dense
+    assert all(w.startswith("warning: b/result.json: dense timed against itself gave") for w in warnings)
+    noisy = {**drifting, "efficiency": efficiency(1.2, 120, 60, 100, 60)}  # within its own (huge) spread
+    assert report.timing_drift([noisy]) == []
