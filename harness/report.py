@@ -154,17 +154,50 @@ def main_points(results: Sequence[dict]) -> list[dict]:
     return _unique([r for r in carry if len(protocol(r)["task"].get("qtypes") or []) == widest])
 
 
+def with_in_run_dense(points: Sequence[dict], task: str) -> list[dict]:
+    """``points`` plus, for every protocol that has no dense point, a "Dense (in-run)" row made from
+    the ``tasks_dense`` of the first point that scored dense beside itself (``compare_dense=true``)."""
+    have = {config_key(protocol(r)) for r in points if r["method"]["name"] == "dense"}
+    out = list(points)
+    for r in points:
+        key = config_key(protocol(r))
+        if key in have or task not in (r.get("tasks_dense") or {}):
+            continue
+        have.add(key)
+        out.append({**r, "tasks": r["tasks_dense"], "efficiency": None, "_in_run_dense": True,
+                    "method": {"name": "dense", "label": "Dense (in-run)", "sort_key": [], "params": {}}})
+    return sorted(out, key=_sort_key)
+
+
+def unpaired(points: Sequence[dict], results: Sequence[dict]) -> list[str]:
+    """A note for every method point with no dense rows of its own protocol (its Δ stays blank),
+    naming what differs from the dense points there are (model, task settings, limit or seed)."""
+    notes = []
+    dense = [protocol(r) for r in results if r["method"]["name"] == "dense"]
+    for r in points:
+        if r["method"]["name"] == "dense" or dense_rows(r, results):
+            continue
+        mine = protocol(r)
+        differs = sorted({k for d in dense for k in mine if mine[k] != d[k]}) if dense else []
+        why = f"the dense points differ in {', '.join(differs)}" if differs else "there is no dense point"
+        notes.append(f"note: {label(r)} ({r['_path']}) has no dense baseline of the same protocol ({why}): "
+                     "its Δ is left blank; run dense with the same settings (+exp=sweep_dense) or compare_dense=true.")
+    return notes
+
+
 def main_table(results: Sequence[dict], task: str = "shapes") -> tuple[list[str], list[list[str]]]:
     """Score (%) per question type (describe and long: F1), their mean, its paired change against
     dense on the same samples (± half of the 95 % interval; * when the interval excludes 0), the
     KV cut on the evaluated workload and how often the method's output equals dense's. Rows use
     the carried-cache protocol when there is one."""
     results = [r for r in results if task in r["tasks"]]
-    chosen = main_points(results)
+    chosen = with_in_run_dense(main_points(results), task)
     cols = _task_columns(chosen, task)
     header = ["Method", "n", *[c + (" F1" if c in ("describe", "long") else "") for c in cols], "Avg",
               "Δ Avg", "KV cut", "= dense"]
     rows = []
+    for note in unpaired(chosen, results):
+        print(note, file=sys.stderr)
     for r in chosen:
         scores = r["tasks"][task]
         values = [100 * _metric(scores[c]) if c in scores else None for c in cols]
@@ -403,7 +436,7 @@ def pareto_figure(results: Sequence[dict], out: Path, task: str = "shapes") -> P
     for results that have no per-sample KV)."""
     points: dict[str, list[tuple[float, float, str]]] = {}
     header, rows = main_table(results, task)
-    by_label = {label(r): r for r in results}
+    by_label = {label(r): r for r in with_in_run_dense([r for r in results if task in r["tasks"]], task)}
     for row in rows:
         r = by_label[row[0]]
         cut = row[header.index("KV cut")]

@@ -35,3 +35,29 @@ def test_dense_against_itself_that_drifts_is_named(capsys):
     assert all(w.startswith("warning: b/result.json: dense timed against itself gave") for w in warnings)
     noisy = {**drifting, "efficiency": efficiency(1.2, 120, 60, 100, 60)}  # within its own (huge) spread
     assert report.timing_drift([noisy]) == []
+
+
+def test_tables_use_an_in_run_dense_row_and_name_points_without_a_baseline(tmp_path, capsys):
+    """A single compare_dense=true run keeps its dense row ("Dense (in-run)"); a method point whose
+    only dense point has another limit gets a blank Δ and a note naming the difference."""
+    from helpers import cfg_for
+
+    from harness.run import run
+
+    def point(sub, *extra):
+        run(cfg_for("model=llava_tiny_random", "batch_size=2", "efficiency.enabled=false", "wandb.mode=disabled",
+                    f"out_dir={tmp_path / sub}", *extra))
+
+    point("single/lazy", "method=lazy", "limit=2", "compare_dense=true")
+    header, rows = report.main_table(report.collect(tmp_path / "single"))
+    assert [row[0] for row in rows] == ["Dense (in-run)", "Lazy r=0.5 (uniform)"]
+    assert rows[0][1] == rows[1][1] == "2" and rows[1][header.index("Δ Avg")] not in ("", "–")
+
+    point("mixed/dense", "method=dense", "limit=4")
+    point("mixed/fastv", "method=fastv", "limit=2", "compare_dense=false")
+    capsys.readouterr()
+    header, rows = report.main_table(report.collect(tmp_path / "mixed"))
+    fastv = next(row for row in rows if row[0].startswith("FastV"))
+    assert fastv[1] == "2" and fastv[header.index("Δ Avg")] == "–"
+    err = capsys.readouterr().err
+    assert "note: FastV K=2 R=0.5" in err and "the dense points differ in limit" in err
