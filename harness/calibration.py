@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from harness.config import method_spec, plain
 from harness.generate import prompt_inputs
 from harness.results import config_key, write_json_atomic
-from lazyattn import calibrate, choose_withdrawal_layer, withdrawal_kl
+from lazyattn import build, calibrate, choose_withdrawal_layer, withdrawal_kl
 
 AUTO = "auto"
 
@@ -51,6 +51,16 @@ def _auto_paths(spec: dict) -> list[tuple[str, ...]]:
 def wanted(method_cfg: DictConfig) -> bool:
     """Whether the method asks for a setting chosen on the val split (``auto``)."""
     return bool(_auto_paths(method_spec(method_cfg)))
+
+
+def check(method_cfg: DictConfig) -> None:
+    """Build the method with stand-ins for its ``auto`` settings, so that every other setting is
+    checked (one line, before the model loads), as a method without ``auto`` is."""
+    spec = method_spec(method_cfg)
+    for path in _auto_paths(spec):
+        target = spec if len(path) == 1 else spec[path[0]]
+        target[path[-1]] = [] if path[-1] == "layers" else 1
+    build(spec)
 
 
 def refuse(where: str) -> None:

@@ -87,6 +87,13 @@ def check_run(cfg: DictConfig) -> None:
         positive_int(eff.new_tokens, "efficiency.new_tokens")
         positive_int(eff.repeats, "efficiency.repeats")
         positive_int(eff.warmup, "efficiency.warmup", minimum=0)
+    cal = cfg.calibration
+    if cal.get("select", "pairwise") not in ("pairwise", "anchor"):
+        raise RunError(f"calibration.select must be pairwise or anchor, got {cal.select!r}.")
+    positive_int(cal.get("max_per_anchor"), "calibration.max_per_anchor", allow_none=True)
+    kl = cal.get("kl_threshold")
+    if isinstance(kl, bool) or not isinstance(kl, (int, float)) or kl < 0:
+        raise RunError(f"calibration.kl_threshold must be a number >= 0 (nats), got {kl!r}; e.g. calibration.kl_threshold=0.05.")
     resolve_device(str(cfg.device))
 
 

@@ -106,6 +106,7 @@ def run(cfg: DictConfig) -> Path:
     auto = calibration.wanted(cfg.method)
     if auto:
         task.calibration_prompts(0)  # a task that cannot calibrate says so before the model loads
+        calibration.check(cfg.method)  # and so do the method's other settings
     else:
         lazyattn.build(method_spec(cfg.method))  # bad method settings fail before the model loads
     device = setup(cfg)

@@ -9,7 +9,7 @@ from helpers import cfg_for
 
 import lazyattn
 from harness import calibration, report
-from harness.config import method_spec
+from harness.config import RunError, method_spec
 from harness.run import run
 from lazyattn import choose_withdrawal_layer
 
@@ -93,3 +93,28 @@ def test_calibration_table_compares_the_rules(tmp_path):
     assert d["delta_ci95"][0] <= d["delta"] <= d["delta_ci95"][1] and by_rule["anchor"]
     with pytest.raises(ValueError, match="no main-protocol point labelled"):
         report.versus(results, a, "Lazy r=0.9 (uniform)")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("+exp=llava_lazy", "method.share=v"), "share must be one of"),
+    (("+exp=llava_lazy", "method.share=qkv", "method.scope=visual"), "has no scope='visual' reading"),
+    (("method=lazy_vtw", "method.lazy.scope=visual"), "cannot be composed with token pruning"),
+    (("method=vtw", "method.k=0"), "VTW k must be an integer >= 1"),
+    (("+exp=llava_lazy", "calibration.select=adjacent"), "calibration.select must be pairwise or anchor"),
+    (("+exp=llava_lazy", "calibration.max_per_anchor=0"), "calibration.max_per_anchor must be an integer >= 1"),
+    (("method=vtw", "calibration.kl_threshold=-1"), "calibration.kl_threshold must be a number >= 0"),
+    (("+exp=llava_lazy", "method.share=qkv"), None),  # valid settings get as far as the model
+])
+def test_bad_reading_settings_fail_before_the_model_loads(tmp_path, monkeypatch, overrides, message):
+    import harness.run
+
+    monkeypatch.setattr(harness.run, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    cfg = cfg_for(*overrides, "limit=2", "wandb.mode=disabled", f"out_dir={tmp_path}",
+                  f"calibration.dir={tmp_path / 'calib'}")
+    if message is None:
+        with pytest.raises(AssertionError, match="loaded"):
+            run(cfg)
+        return
+    with pytest.raises((ValueError, RunError), match=message) as err:
+        run(cfg)
+    assert "\n" not in str(err.value)
