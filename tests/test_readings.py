@@ -292,3 +292,45 @@ def test_vtw_out_of_range(tiny):
         with VTW(k=13).apply(tiny.model):
             pass
     assert not any("forward" in vars(layer) for layer in decoder_layers(tiny.model))
+
+
+@pytest.mark.parametrize("kind", ["qkv", "visual", "vtw"])
+@torch.no_grad()
+def test_batched_carried_second_turn_equals_the_hand_written_forward(tiny, kind):
+    """Three left-padded conversations answered from one carried cache: the logits of the second
+    turn's first answer token equal the hand-written forward over each whole conversation so far
+    (every chunk the model was fed, with the masks and positions it was fed them with)."""
+    model, processor = tiny.model, tiny.processor
+    samples = [s for s in multiturn_task().samples(12) if len(s.questions) == 2][:3]
+    method = VTW(k=5) if kind == "vtw" else _method(kind)
+    calls = []
+
+    def record(module, args, kwargs, output):
+        calls.append({k: kwargs[k] for k in ("input_ids", "attention_mask", "position_ids")} | {"logits": output.logits.clone()})  # decoding edits them
+
+    gen = Generator(model, processor, "cpu")
+    handle = model.register_forward_hook(record, with_kwargs=True)
+    try:
+        with method.apply(model):
+            dialogue, firsts = gen.first_turn([conversation(s.questions[:1], []) for s in samples],
+                                              [s.image(64) for s in samples], [4] * len(samples))
+            n_first = len(calls)
+            continuations = [gen.continuation(dialogue, i, s.questions, [gen.text(f)], f)
+                             for i, (s, f) in enumerate(zip(samples, firsts))]
+            gen.next_turn(dialogue, continuations, [2] * len(samples))
+    finally:
+        handle.remove()
+    fed = calls[: n_first + 1]  # turn 1 (prefill and decode steps) and turn 2's continuation chunk
+    assert (fed[0]["attention_mask"] == 0).any(), "turn 1 must be left padded"
+    ids = torch.cat([c["input_ids"] for c in fed], dim=1)
+    mask = fed[-1]["attention_mask"]
+    positions = torch.cat([c["position_ids"] for c in fed], dim=1)
+    assert mask.shape == ids.shape
+    pixels = processor.image_processor(images=[s.image(64) for s in samples], return_tensors="pt")["pixel_values"]
+    if kind == "vtw":
+        plan = {"keep_from": (5, ids != model.config.image_token_id)}
+    else:
+        plan = {"anchor_of": method.anchors(tiny.n_layers), "reading": kind}
+    ref = reference_logits(model, ids, mask, pixels, positions, **plan)[:, -1]
+    carried = fed[-1]["logits"][:, -1].double()
+    assert torch.allclose(carried, ref, atol=1e-4, rtol=1e-4), (carried - ref).abs().max()
