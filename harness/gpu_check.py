@@ -53,7 +53,8 @@ METHODS = ("dense", "lazy", "lazy_qkv", "lazy_visual", "fastv", "sparsevlm", "vt
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
 DECODE_STEPS = 3
 INIT_RANGE = 0.1  # larger than the default 0.02, so that the attention pattern matters to the logits
-BENCH_METHODS = ["lazy ratio=0.5", "lazy ratio=0.7", "fastv ratio=0.5", "sparsevlm budget=128", "lazy_fastv"]
+BENCH_METHODS = ["lazy ratio=0.5", "lazy ratio=0.7", "lazy ratio=0.35 share=qkv", "fastv ratio=0.5",
+                 "sparsevlm budget=128", "vtw k=16", "lazy_fastv"]
 
 
 def method_spec(name: str, family: str) -> dict:
