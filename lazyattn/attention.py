@@ -166,7 +166,12 @@ def patch_attention(
                 if share == "qkv":
                     attn.forward = _lazy_qkv_forward(attn, qcache, anchor_idx, last, watch)
                 elif scope == "visual":
-                    attn.forward = _lazy_visual_forward(attn, family, qcache, anchor_idx, last, flags, watch)
+                    if watch:
+                        raise ValueError(
+                            f"layer {idx} is lazy with scope='visual' and also a token pruner's scoring layer: "
+                            "scope='visual' cannot be composed with token pruning yet."
+                        )
+                    attn.forward = _lazy_visual_forward(attn, family, qcache, anchor_idx, last, flags)
                 else:
                     attn.forward = _lazy_forward(attn, family, qcache, anchor_idx, last, watch)
             elif idx in last_dependant or watch:
@@ -247,14 +252,25 @@ def _anchor_forward(
     return forward
 
 
+def _take_anchor(module: nn.Module, qcache: QCache, anchor_idx: int, last: bool, value: torch.Tensor):
+    """The anchor's query and keys from the Q Cache, checked to cover as many tokens as this layer's
+    values; the anchor's last dependant empties the slot, so the Q Cache holds nothing between
+    forwards (its key reference would otherwise keep a replaced cache tensor alive)."""
+    query, key = qcache.get(anchor_idx)
+    if key.shape[-2] != value.shape[-2]:
+        raise RuntimeError(
+            f"lazy layer {module.layer_idx} has {value.shape[-2]} cached values but its anchor "
+            f"{anchor_idx} has {key.shape[-2]} keys: the cache was not built under this method."
+        )
+    if last:
+        qcache.clear()
+    return query, key
+
+
 def _lazy_forward(
     module: nn.Module, family: AttentionFamily, qcache: QCache, anchor_idx: int, last: bool, observers=()
 ):
-    """Value projection only; attention with the anchor's query and keys from the Q Cache.
-
-    The anchor's last dependant empties the slot, so the Q Cache holds nothing between forwards
-    (its key reference would otherwise keep a replaced cache tensor alive).
-    """
+    """Value projection only; attention with the anchor's query and keys from the Q Cache."""
 
     def forward(hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, cache=None, **kwargs):
         past_key_values = cache if cache is not None else past_key_values
@@ -262,14 +278,7 @@ def _lazy_forward(
         if past_key_values is not None:
             _lazy_slot(past_key_values, module.layer_idx, ValueOnlyLayer)
             _, value = past_key_values.update(None, value, module.layer_idx)
-        query, key = qcache.get(anchor_idx)
-        if key.shape[-2] != value.shape[-2]:
-            raise RuntimeError(
-                f"lazy layer {module.layer_idx} has {value.shape[-2]} cached values but its anchor "
-                f"{anchor_idx} has {key.shape[-2]} keys: the cache was not built under this method."
-            )
-        if last:
-            qcache.clear()
+        query, key = _take_anchor(module, qcache, anchor_idx, last, value)
         for observe in observers:
             observe(module, query, key)
         return _attend(module, family, query, key, value, attention_mask, kwargs)
@@ -298,8 +307,7 @@ def _lazy_qkv_forward(module: nn.Module, qcache: QCache, anchor_idx: int, last: 
 
 
 def _lazy_visual_forward(
-    module: nn.Module, family: AttentionFamily, qcache: QCache, anchor_idx: int, last: bool, flags: ImageFlags,
-    observers=(),
+    module: nn.Module, family: AttentionFamily, qcache: QCache, anchor_idx: int, last: bool, flags: ImageFlags
 ):
     """Own query, keys and values; the scores over image-token keys are the anchor's (its query
     against its keys), the scores over text keys this layer's own, in one softmax.
@@ -324,21 +332,12 @@ def _lazy_visual_forward(
             image = flags.of_last(hidden_states.shape[1], prefill=True)
             text_key = key.transpose(1, 2)[~image].view(key.shape[0], -1, *key.shape[1:2], key.shape[-1])
             text_key = text_key.transpose(1, 2)
-        anchor_query, anchor_key = qcache.get(anchor_idx)
-        if anchor_key.shape[-2] != value.shape[-2]:
-            raise RuntimeError(
-                f"lazy layer {module.layer_idx} has {value.shape[-2]} cached values but its anchor "
-                f"{anchor_idx} has {anchor_key.shape[-2]} keys: the cache was not built under this method."
-            )
-        if last:
-            qcache.clear()
+        anchor_query, anchor_key = _take_anchor(module, qcache, anchor_idx, last, value)
         own_key = anchor_key.new_zeros(anchor_key.shape)
         own_key.transpose(1, 2)[~image] = text_key.transpose(1, 2).reshape(-1, *text_key.shape[1:2], text_key.shape[-1])
         image_key = anchor_key * image[:, None, :, None].to(anchor_key.dtype)
         joint_query = torch.cat([anchor_query, query], dim=-1)
         joint_key = torch.cat([image_key, own_key], dim=-1)
-        for observe in observers:
-            observe(module, query, own_key)
         d_v = value.shape[-1]
         if module.config._attn_implementation.startswith("flash"):  # flash kernels need one head size
             value = torch.cat([value, value.new_zeros(value.shape)], dim=-1)
