@@ -328,13 +328,12 @@ def _lazy_visual_forward(
             slot = _lazy_slot(past_key_values, module.layer_idx, TextKeyLayer)
             image = flags.of_last(hidden_states.shape[1], prefill=slot.get_seq_length() == 0)
             text_key, value, image = slot.update(key, value, image)
+            own_key = text_key.new_zeros(value.shape[:-1] + text_key.shape[-1:])  # the text keys at their columns
+            own_key.transpose(1, 2)[~image] = text_key.transpose(1, 2).reshape(-1, *text_key.shape[1:2], text_key.shape[-1])
         else:
             image = flags.of_last(hidden_states.shape[1], prefill=True)
-            text_key = key.transpose(1, 2)[~image].view(key.shape[0], -1, *key.shape[1:2], key.shape[-1])
-            text_key = text_key.transpose(1, 2)
+            own_key = key * (~image)[:, None, :, None].to(key.dtype)
         anchor_query, anchor_key = _take_anchor(module, qcache, anchor_idx, last, value)
-        own_key = anchor_key.new_zeros(anchor_key.shape)
-        own_key.transpose(1, 2)[~image] = text_key.transpose(1, 2).reshape(-1, *text_key.shape[1:2], text_key.shape[-1])
         image_key = anchor_key * image[:, None, :, None].to(anchor_key.dtype)
         joint_query = torch.cat([anchor_query, query], dim=-1)
         joint_key = torch.cat([image_key, own_key], dim=-1)

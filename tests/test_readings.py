@@ -108,12 +108,14 @@ def test_prefill_equals_the_hand_written_forward(tiny, reading):
     positions = _positions(inputs["attention_mask"])
     with method.apply(tiny.model):
         got = tiny.model(**inputs, position_ids=positions).logits.double()
+        uncached = tiny.model(**inputs, position_ids=positions, use_cache=False).logits.double()
     ref = reference_logits(tiny.model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
                            positions, method.anchors(tiny.n_layers), reading)
     dense = tiny.model(**inputs, position_ids=positions).logits.double()
     real = inputs["attention_mask"].bool()
     assert (got[real] - dense[real]).abs().max() > 1e-2, "the reading must change the model"
     assert torch.allclose(got[real], ref[real], atol=1e-4, rtol=1e-4), (got[real] - ref[real]).abs().max()
+    assert torch.allclose(uncached[real], ref[real], atol=1e-4, rtol=1e-4)  # no cache: its own path
 
 
 def _generate(model, inputs, n_new):
