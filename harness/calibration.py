@@ -103,8 +103,10 @@ def _lazy_record(cfg: DictConfig, loaded, batches, spec: dict) -> dict:
     cap = cal.get("max_per_anchor")
     ratio = None if threshold is not None else spec.get("ratio")
     what = {"ratio": spec.get("ratio"), "threshold": threshold}
-    if select != "pairwise" or cap is not None or spec.get("share", "qk") != "qk":
-        what.update(select=select, max_per_anchor=cap, share=spec.get("share", "qk"))  # older keys stay valid
+    if select != "pairwise" or cap is not None:  # the default rule keeps its older keys
+        what.update(select=select, max_per_anchor=cap)
+    if select == "anchor":  # only the anchor rule runs the model under the reading; pairwise is the same for all
+        what.update(share=spec.get("share", "qk"))
 
     def compute():
         result = calibrate(loaded.model, batches(), ratio=ratio, threshold=threshold, select=select,

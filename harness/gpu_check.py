@@ -27,7 +27,6 @@ checks pass (1 when one fails).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import re

@@ -118,6 +118,9 @@ class ImageFlags:
         return ids == self.token_id if prefill else torch.zeros_like(ids, dtype=torch.bool)
 
 
+Observer = Callable[[nn.Module, torch.Tensor, torch.Tensor], None]
+
+
 def check_reading(share: str, scope: str) -> None:
     """Refuse an unknown or impossible reading of what a lazy layer shares, in one line."""
     if share not in SHARES:
