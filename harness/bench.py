@@ -195,7 +195,11 @@ def check_settings(cfg: DictConfig) -> dict:
         "new_tokens": _int(cfg.new_tokens, "new_tokens", 1),
         "repeats": _int(cfg.repeats, "repeats", 1),
         "warmup": _int(cfg.warmup, "warmup", 0),
+        "cache": str(cfg.get("cache", "static")),
     }
+    from harness.config import check_cache
+
+    check_cache(settings["cache"])
     b = cfg.budget
     if b.enabled:
         kind = b.get("kind", "kv")
@@ -243,7 +247,8 @@ TIMINGS = ("prefill_ms", "decode_tokens_per_s", "e2e_tokens_per_s")
 def _figures(summary: dict) -> dict:
     """A variant's figures as a row keeps them: medians with their IQRs, KV, memory, bandwidth."""
     keys = [k for t in TIMINGS for k in (t, f"{t}_iqr")] + [
-        "kv_cache_bytes", "peak_memory_bytes", "decode_bandwidth_bytes_per_s", "bandwidth_utilisation"]
+        "kv_cache_bytes", "peak_memory_bytes", "decode_step_bytes", "decode_weight_bytes", "decode_kv_read_bytes",
+        "decode_bandwidth_bytes_per_s", "bandwidth_utilisation"]
     return {k: summary.get(k) for k in keys}
 
 
@@ -270,7 +275,10 @@ def _row(variant: Variant, res: dict, context: dict, dev: dict) -> dict:
             "e2e_speedup": res["e2e_speedup"],
             "prefill_speedup": res["prefill_speedup"],
         },
-        "predicted_decode_ceiling": res.get("predicted_decode_ceiling"),
+        # bytes per decode step (weights touched + KV read), dense over method: what the bytes allow
+        "predicted_decode_speedup": res.get("predicted_decode_speedup"),
+        "decode_speedup_of_predicted": res.get("decode_speedup_of_predicted"),
+        "cache": res.get("cache"),
         "repeats": m["repeats"],
         "order": res.get("order"),
         "device": dev["device"],
@@ -286,10 +294,10 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _peak(model, variant: Variant, inputs: dict, new_tokens: int, kind: str = "kv") -> int:
+def _peak(model, variant: Variant, inputs: dict, new_tokens: int, kind: str = "kv", cache: str = "static") -> int:
     """The variant's peak KV bytes (``kv``) or peak allocated device memory (``memory``) in one run."""
     with variant.method.apply(model):
-        run = measure.generate_once(model, inputs, new_tokens)
+        run = measure.generate_once(model, inputs, new_tokens, cache)
     value = run["kv_cache_bytes"] if kind == "kv" else run["peak_memory_bytes"]
     if value is None:
         raise BenchError("budget.kind=memory needs a CUDA device (peak device memory is not measured on CPU); "
@@ -297,29 +305,29 @@ def _peak(model, variant: Variant, inputs: dict, new_tokens: int, kind: str = "k
     return int(value)
 
 
-def _peak_kv(model, variant: Variant, inputs: dict, new_tokens: int) -> int:
-    return _peak(model, variant, inputs, new_tokens, "kv")
+def _peak_kv(model, variant: Variant, inputs: dict, new_tokens: int, cache: str = "static") -> int:
+    return _peak(model, variant, inputs, new_tokens, "kv", cache)
 
 
 def budget_plan(model, prompts: Prompts, context: dict, variants: list[Variant], cfg: DictConfig, new_tokens: int,
-                dev: dict) -> dict:
+                dev: dict, cache: str = "static") -> dict:
     """The budget and every variant's cost per sequence (and fixed cost, for device memory),
     measured at batch 1 (and 2); fails fast when the budget cannot hold one sequence of some variant."""
     kind = str(cfg.get("kind", "kv"))
     what = "KV" if kind == "kv" else "device memory"
     words = context["extra_words"]
     one = prompts.inputs(words, 1)
-    at_one = {v.label: _peak(model, v, one, new_tokens, kind) for v in variants}
+    at_one = {v.label: _peak(model, v, one, new_tokens, kind, cache) for v in variants}
     if kind == "memory":
         two = prompts.inputs(words, 2)
-        at_two = {v.label: _peak(model, v, two, new_tokens, kind) for v in variants}
+        at_two = {v.label: _peak(model, v, two, new_tokens, kind, cache) for v in variants}
         per_sample = {k: max(1, at_two[k] - at_one[k]) for k in at_one}
         fixed = {k: at_one[k] - per_sample[k] for k in at_one}
     else:
         per_sample, fixed = at_one, {k: 0 for k in at_one}
     if cfg.bytes is None:
         ref = int(cfg.reference_batch)
-        budget = _peak(model, variants[0], prompts.inputs(words, ref), new_tokens, kind)
+        budget = _peak(model, variants[0], prompts.inputs(words, ref), new_tokens, kind, cache)
         source = f"dense peak {what} at batch {ref}"
     else:
         budget, ref, source = int(float(cfg.bytes)), None, "budget.bytes"
@@ -341,6 +349,7 @@ def budget_plan(model, prompts: Prompts, context: dict, variants: list[Variant],
         "max_batch_cap": int(cfg.max_batch),
         "device": dev["device"],
         "device_name": dev["name"],
+        "cache": cache,
         "complete": False,
         "entries": [
             {"label": v.label, "method": v.config, "per_sample_bytes": per_sample[v.label],
@@ -356,6 +365,7 @@ def run_budget(model, prompts: Prompts, context: dict, variants: list[Variant], 
     budget, cap = plan["bytes"], plan["max_batch_cap"]
     new_tokens = plan.get("new_tokens", settings["new_tokens"])
     kind = plan.get("kind", "kv")
+    cache = plan.get("cache", "dynamic")
     words = context["extra_words"]
     timed = {}
     for v, entry in zip(variants, plan["entries"]):
@@ -365,7 +375,7 @@ def run_budget(model, prompts: Prompts, context: dict, variants: list[Variant], 
         while batch >= 1:
             inputs = prompts.inputs(words, batch)
             try:
-                used = _peak(model, v, inputs, new_tokens, kind)
+                used = _peak(model, v, inputs, new_tokens, kind, cache)
             except torch.OutOfMemoryError:
                 _free(device)
                 batch, limited_by, steps, used = batch - 1, "device_memory", steps + 1, None
@@ -382,7 +392,7 @@ def run_budget(model, prompts: Prompts, context: dict, variants: list[Variant], 
         timed[v.label] = (inputs, lambda v=v: v.method.apply(model))  # the inputs of the verified batch
         del inputs
     summaries = measure.interleaved(
-        model, timed, new_tokens=new_tokens, repeats=settings["repeats"], warmup=settings["warmup"]
+        model, timed, new_tokens=new_tokens, repeats=settings["repeats"], warmup=settings["warmup"], cache=cache
     )
     dense = summaries[variants[0].label]
     dense_batch = plan["entries"][0]["max_batch"]
@@ -397,7 +407,10 @@ def run_budget(model, prompts: Prompts, context: dict, variants: list[Variant], 
             batch_ratio=entry["max_batch"] / dense_batch,
             decode_speedup=s["decode_tokens_per_s"] / dense["decode_tokens_per_s"],
             e2e_speedup=s["e2e_tokens_per_s"] / dense["e2e_tokens_per_s"],
+            predicted_decode_speedup=measure.predicted_decode_speedup(dense, s, dense_batch, entry["max_batch"]),
         )
+        if entry["predicted_decode_speedup"]:
+            entry["decode_speedup_of_predicted"] = entry["decode_speedup"] / entry["predicted_decode_speedup"]
     plan.update(repeats=summaries[variants[0].label]["repeats"], complete=True)
     return plan
 
@@ -470,7 +483,8 @@ def run_bench(cfg: DictConfig) -> Path:
         budget_context = prompts.fit(target)  # lengths are cached, so a swept context costs nothing again
         variants_b = [dense, *(v for v in variants if v.label != "dense")]
         budget_tokens = cfg.budget.get("new_tokens") or settings["new_tokens"]
-        result["budget"] = budget_plan(model, prompts, budget_context, variants_b, cfg.budget, budget_tokens, dev)
+        result["budget"] = budget_plan(model, prompts, budget_context, variants_b, cfg.budget, budget_tokens, dev,
+                                       settings["cache"])
     save()
 
     for v, context, batch in grid:
@@ -481,6 +495,7 @@ def run_bench(cfg: DictConfig) -> Path:
         res = measure.compare(
             model, inputs, lambda v=v: v.method.apply(model),
             new_tokens=settings["new_tokens"], repeats=settings["repeats"], warmup=settings["warmup"], method=v.method,
+            cache=settings["cache"],
         )
         done[point] = _row(v, res, context, dev)
         save()
@@ -490,8 +505,8 @@ def run_bench(cfg: DictConfig) -> Path:
         x = r["ratios"]
         print(
             f"{v.label:<22} B={batch:<3} prompt={r['prompt_tokens']:<5} new={r['new_tokens']:<4} "
-            f"kv x{x['kv_fraction']:.4f} decode x{x['decode_speedup']:.3f} e2e x{x['e2e_speedup']:.3f} "
-            f"prefill x{x['prefill_speedup']:.3f} (speed-ups: method over dense)",
+            f"kv x{x['kv_fraction']:.4f} decode x{x['decode_speedup']:.3f} (predicted x{r['predicted_decode_speedup'] or 0:.3f}) "
+            f"e2e x{x['e2e_speedup']:.3f} prefill x{x['prefill_speedup']:.3f} (speed-ups: method over dense)",
             flush=True,
         )
 
@@ -511,27 +526,36 @@ def _mb(value) -> str:
     return "-" if value is None else f"{value / 2**20:.1f}"
 
 
+def _x(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
 def format_table(result: dict) -> str:
     """The rows and the budget as text. Every "x" is a speed-up of the method over dense (higher
     is better), except KV (method / dense bytes); "±" is the IQR over repeats."""
     dev = result["device"]
     lines = [
-        f"{result['model']['name']} ({result['model']['dtype']}) on {dev['device']} [{dev['name']}]: method vs dense, "
-        "same process, ABBA order; x = speed-up over dense (higher is better), KV x = method/dense bytes",
+        f"{result['model']['name']} ({result['model']['dtype']}) on {dev['device']} [{dev['name']}], "
+        f"{(result.get('config') or {}).get('cache', 'dynamic')} KV cache: method vs dense, "
+        "same process, ABBA order; x = speed-up over dense (higher is better), KV x = method/dense bytes; "
+        "pred x = decode speed-up the bytes per step allow (weights touched + KV read), of pred = achieved share",
         f"{'method':<24}{'B':>4}{'prompt':>7}{'new':>5}{'prefill ms':>16}{'x':>7}{'decode tok/s':>18}{'x':>7}"
-        f"{'e2e tok/s':>11}{'x':>7}{'KV MB':>10}{'KV x':>8}{'mem MB':>9}{'ceiling w/kv':>14}",
+        f"{'e2e tok/s':>11}{'x':>7}{'KV MB':>10}{'KV x':>8}{'mem MB':>9}{'pred x':>8}{'of pred':>8}",
     ]
     for r in result["rows"]:
         x = r["ratios"]
-        c = r.get("predicted_decode_ceiling") or {}
-        ceiling = f"{c['weight_bound']:.2f}/{c['kv_bound']:.2f}" if c.get("lazy_layers") else "-"
+        pred, frac = r.get("predicted_decode_speedup"), r.get("decode_speedup_of_predicted")
         prefill = f"{r['prefill_ms']:.1f}±{r.get('prefill_ms_iqr') or 0:.1f}"
         decode = f"{r['decode_tokens_per_s']:.1f}±{r.get('decode_tokens_per_s_iqr') or 0:.1f}"
         lines.append(
             f"{r['label']:<24}{r['batch_size']:>4}{r['prompt_tokens']:>7}{r['new_tokens']:>5}{prefill:>16}"
             f"{x['prefill_speedup']:>7.3f}{decode:>18}{x['decode_speedup']:>7.3f}{r['e2e_tokens_per_s']:>11.1f}"
             f"{x['e2e_speedup']:>7.3f}{r['kv_cache_bytes'] / 2**20:>10.2f}{x['kv_fraction']:>8.4f}"
-            f"{_mb(r.get('peak_memory_bytes')):>9}{ceiling:>14}"
+            f"{_mb(r.get('peak_memory_bytes')):>9}{_x(pred):>8}{_pct(frac):>8}"
         )
     if any(r.get("host_sync") for r in result["rows"]):
         lines.append("note: " + next(r["host_sync"] for r in result["rows"] if r.get("host_sync")))
@@ -543,7 +567,7 @@ def format_table(result: dict) -> str:
             f"{what} budget {b['bytes']} bytes ({b['bytes'] / 2**20:.1f} MB; {b['source']}), prompt {b['prompt_tokens']} + "
             f"{b['new_tokens']} new tokens, on {b['device']} [{b['device_name']}]",
             f"{'method':<24}{'MB/seq':>9}{'max B':>7}{'x':>7}{'KV MB':>10}{'mem MB':>9}{'decode tok/s':>14}{'x':>7}"
-            f"{'e2e tok/s':>11}{'x':>7}",
+            f"{'e2e tok/s':>11}{'x':>7}{'pred x':>8}{'of pred':>8}",
         ]
         for e in b["entries"]:
             per = e.get("per_sample_bytes", e.get("per_sample_kv_bytes"))
@@ -552,6 +576,7 @@ def format_table(result: dict) -> str:
                 f"{e['kv_cache_bytes'] / 2**20:>10.1f}{_mb(e.get('peak_memory_bytes')):>9}"
                 f"{e['decode_tokens_per_s']:>14.1f}{e.get('decode_speedup', e.get('throughput_ratio', 0)):>7.3f}"
                 f"{(e.get('e2e_tokens_per_s') or 0):>11.1f}{(e.get('e2e_speedup') or 0):>7.3f}"
+                f"{_x(e.get('predicted_decode_speedup')):>8}{_pct(e.get('decode_speedup_of_predicted')):>8}"
             )
     return "\n".join(lines)
 

@@ -94,7 +94,16 @@ def check_run(cfg: DictConfig) -> None:
     kl = cal.get("kl_threshold")
     if isinstance(kl, bool) or not isinstance(kl, (int, float)) or kl < 0:
         raise RunError(f"calibration.kl_threshold must be a number >= 0 (nats), got {kl!r}; e.g. calibration.kl_threshold=0.05.")
+    check_cache(cfg.get("cache", "static"))
     resolve_device(str(cfg.device))
+
+
+def check_cache(cache) -> None:
+    from lazyattn.cache import CACHE_KINDS
+
+    if cache not in CACHE_KINDS:
+        raise RunError(f"cache must be static (preallocated, written in place) or dynamic (transformers' "
+                       f"concatenating DynamicCache), got {cache!r}.")
 
 
 def resolve_device(name: str) -> torch.device:

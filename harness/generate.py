@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from transformers import DynamicCache
 
+from lazyattn.cache import CACHE_KINDS, new_cache
+
 MULTITURN_MODES = ("carry", "reencode")
 
 
@@ -80,19 +82,36 @@ class Dialogue:
     mask: torch.Tensor  # (B, cached tokens): 1 for real tokens
     next_position: torch.Tensor  # (B,): the position of each row's next real token
     pending: list[list[int]]  # per row: generated answer tokens not yet fed to the cache
+    holes: bool = False  # whether the mask has a 0 (known on the host: no device read to decide)
 
 
 class Generator:
-    """Greedy decoding for one batch with a KV cache the caller may carry across turns."""
+    """Greedy decoding for one batch with a KV cache the caller may carry across turns.
 
-    def __init__(self, model, processor, device, min_new_tokens: int = 0):
+    This is the one decode loop of the harness: the evaluation answers with it and the efficiency
+    measurement (``harness.measure.generate_once``) times it. ``cache`` picks the KV cache
+    (``lazyattn.cache.CACHE_KINDS``): ``static`` preallocates each layer for its prompt plus the
+    turn's budget and writes in place, ``dynamic`` is transformers' concatenating cache.
+
+    The loop reads the device only when it must: the greedy tokens are kept on the device, and
+    fetched to the host at a step only where some row may end on its stop token there (so a
+    forced-length generation, ``min_new_tokens`` at least every budget, never waits on the device
+    until it is done); the mask goes to the model only when it has a hole (padding or a finished
+    row), which the host knows without asking the device.
+    """
+
+    def __init__(self, model, processor, device, min_new_tokens: int = 0, cache: str = "static"):
+        if cache not in CACHE_KINDS:
+            raise ValueError(f"cache must be one of {list(CACHE_KINDS)}, got {cache!r}.")
         self.model, self.processor, self.device = model, processor, device
+        self.cache_kind = cache
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.cache_arg = cache_kwarg(model)
         self.eos = model.generation_config.eos_token_id
         self.eos = self.eos[0] if isinstance(self.eos, list) else self.eos
         self.pad = model.generation_config.pad_token_id
         self.pad = self.eos if self.pad is None else self.pad
+        self.pad = 0 if self.pad is None else self.pad
         # An image placeholder in an answer would break the next turn's prompt: never generate one.
         self.suppress = getattr(model.config, "image_token_id", None)
         # M-RoPE models (Qwen2-VL) place their tokens themselves from the image grid: no explicit
@@ -101,6 +120,7 @@ class Generator:
         rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
         self.mrope = "mrope_section" in rope
         self.min_new_tokens = int(min_new_tokens)
+        self._masks: dict[tuple, torch.Tensor] = {}
 
     def _forward(self, dialogue: Dialogue, ids: torch.Tensor, new_mask: torch.Tensor, **extra) -> torch.Tensor:
         """Feed ``ids`` (B, n) with their mask; returns the next-token logits (B, vocab)."""
@@ -111,57 +131,89 @@ class Generator:
         if not self.mrope:
             extra["position_ids"] = positions
         out = self.model(
-            input_ids=ids, attention_mask=dialogue.mask, use_cache=True, logits_to_keep=1,
-            **{self.cache_arg: dialogue.cache}, **extra,
+            input_ids=ids, attention_mask=dialogue.mask if dialogue.holes else None, use_cache=True,
+            logits_to_keep=1, **{self.cache_arg: dialogue.cache}, **extra,
         )
         return out.logits[:, -1].float()
 
-    def _decode(self, dialogue: Dialogue, logits: torch.Tensor, budgets: Sequence[int]) -> list[list[int]]:
-        """Greedy tokens per row until its stop token (not before ``min_new_tokens``) or its budget."""
+    def _feed_mask(self, active: tuple[bool, ...], dtype) -> torch.Tensor:
+        """The (B, 1) mask of one decode step, built once per pattern of active rows."""
+        key = (active, dtype)
+        if key not in self._masks:
+            self._masks[key] = torch.tensor(active, device=self.device, dtype=dtype)[:, None]
+        return self._masks[key]
+
+    def _decode(self, dialogue: Dialogue, logits: torch.Tensor, budgets: Sequence[int],
+                on_step: Callable[[Dialogue], None] | None = None) -> list[list[int]]:
+        """Greedy tokens per row until its stop token (not before ``min_new_tokens``) or its budget.
+        ``on_step(dialogue)`` is called after every decode forward (the measurement counts bytes there)."""
         batch = logits.shape[0]
-        answers: list[list[int]] = [[] for _ in range(batch)]
+        lengths = [0] * batch
         done = [budget <= 0 for budget in budgets]
+        steps: list[tuple[torch.Tensor, tuple[bool, ...]]] = []
         while True:
             if self.suppress is not None:
                 logits[:, self.suppress] = float("-inf")
+            active = tuple(not d for d in done)
+            if self.eos is not None:
+                held = [i for i in range(batch) if active[i] and lengths[i] < self.min_new_tokens]
+                if held:
+                    logits[held, self.eos] = float("-inf")
+            tokens = logits.argmax(dim=-1)
+            # the host needs this step's tokens only if a row may end on its stop token here
+            may_stop = self.eos is not None and any(a and n >= self.min_new_tokens for a, n in zip(active, lengths))
+            host = tokens.tolist() if may_stop else None
             for i in range(batch):
-                if self.eos is not None and len(answers[i]) < self.min_new_tokens:
-                    logits[i, self.eos] = float("-inf")
-            tokens = logits.argmax(dim=-1).tolist()
-            feed, feed_mask = [], []
-            for i in range(batch):
-                if done[i]:
-                    feed.append(self.pad)
-                    feed_mask.append(0)
-                    continue
-                answers[i].append(tokens[i])
-                done[i] = tokens[i] == self.eos or len(answers[i]) >= budgets[i]
-                feed.append(tokens[i])
-                feed_mask.append(1)
-            if all(done):  # the tokens of this last step were never fed: they are the rows' pending tails
-                dialogue.pending = [[answers[i][-1]] if feed_mask[i] else [] for i in range(batch)]
+                if active[i]:
+                    lengths[i] += 1
+                    done[i] = (host is not None and host[i] == self.eos) or lengths[i] >= budgets[i]
+            steps.append((tokens, active))
+            if all(done):
                 break
-            ids = torch.tensor(feed, device=self.device)[:, None]
-            mask = torch.tensor(feed_mask, device=self.device, dtype=dialogue.mask.dtype)[:, None]
+            if not all(active):
+                dialogue.holes = True
+            mask = self._feed_mask(active, dialogue.mask.dtype)
+            ids = tokens[:, None] if all(active) else torch.where(mask.bool(), tokens[:, None], self.pad)
             logits = self._forward(dialogue, ids, mask)
+            if on_step is not None:
+                on_step(dialogue)
+        table = torch.stack([t for t, _ in steps], dim=1).tolist()  # (B, steps): one device read
+        answers = [[table[i][s] for s, (_, active) in enumerate(steps) if active[i]] for i in range(batch)]
+        # the tokens of the last step were never fed: they are the rows' pending tails
+        last_active = steps[-1][1]
+        dialogue.pending = [[answers[i][-1]] if last_active[i] else [] for i in range(batch)]
         return answers
+
+    def new_dialogue(self, batch: int, reserve: int) -> Dialogue:
+        """An empty dialogue with a fresh cache of the generator's kind (``reserve``: the tokens to
+        preallocate beyond each layer's first chunk)."""
+        return Dialogue(
+            cache=new_cache(self.cache_kind, self.model.config, reserve),
+            mask=torch.zeros(batch, 0, dtype=torch.long, device=self.device),
+            next_position=torch.zeros(batch, dtype=torch.long, device=self.device),
+            pending=[[] for _ in range(batch)],
+        )
+
+    def prefill(self, inputs: dict, reserve: int) -> tuple[Dialogue, torch.Tensor]:
+        """Prefill processed prompt ``inputs`` (left-padded ids, mask, image tensors) into a fresh
+        cache; returns the dialogue and the next-token logits."""
+        inputs = dict(inputs)
+        ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+        dialogue = self.new_dialogue(ids.shape[0], reserve)
+        dialogue.mask = mask[:, :0]
+        dialogue.holes = not bool(mask.all())
+        # prompt positions are those of the padded sequence (0 .. L-1), as `generate` gives them
+        dialogue.next_position = (ids.shape[1] - mask.sum(dim=1)).long()
+        return dialogue, self._forward(dialogue, ids, mask, **inputs)
 
     def first_turn(self, histories, images, budgets) -> tuple[Dialogue, list[list[int]]]:
         """Prefill the prompts (with their images) into a fresh cache and answer them."""
         inputs = prompt_inputs(self.processor, histories, images, self.device, self.model.dtype)
-        ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
-        dialogue = Dialogue(
-            cache=DynamicCache(config=self.model.config),
-            mask=mask[:, :0],
-            next_position=torch.zeros(ids.shape[0], dtype=torch.long, device=self.device),
-            pending=[[] for _ in range(ids.shape[0])],
-        )
         if self.mrope:  # Qwen2-VL positions its tokens from the image grid: let `generate` drive it
+            ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+            dialogue = self.new_dialogue(ids.shape[0], max(budgets))
             return self._generate(dialogue, ids, mask, inputs, budgets)
-        # prompt positions are those of the padded sequence (0 .. L-1), as `generate` gives them
-        padded = ids.shape[1] - mask.sum(dim=1)
-        dialogue.next_position = padded.long()
-        logits = self._forward(dialogue, ids, mask, **inputs)
+        dialogue, logits = self.prefill(inputs, max(budgets))
         return dialogue, self._decode(dialogue, logits, budgets)
 
     def _generate(self, dialogue: Dialogue, ids, mask, inputs, budgets) -> tuple[Dialogue, list[list[int]]]:
@@ -198,6 +250,8 @@ class Generator:
             if tokens:
                 ids[i, width - len(tokens) :] = torch.tensor(tokens, device=self.device)
                 mask[i, width - len(tokens) :] = 1
+        if any(c is None or len(c) < width for c in continuations):
+            dialogue.holes = True
         logits = self._forward(dialogue, ids, mask.to(dialogue.mask.dtype))
         return self._decode(dialogue, logits, [b if c is not None else 0 for b, c in zip(budgets, continuations)])
 
@@ -226,9 +280,9 @@ class Generator:
 
 
 @torch.inference_mode()
-def generate_batch(model, processor, histories, images, budgets: Sequence[int], device) -> list[str]:
+def generate_batch(model, processor, histories, images, budgets: Sequence[int], device, cache: str = "static") -> list[str]:
     """One greedy answer per history (each with its images), each cut to its own budget."""
-    gen = Generator(model, processor, device)
+    gen = Generator(model, processor, device, cache=cache)
     _, out = gen.first_turn(histories, images, budgets)
     return [gen.text(tokens) for tokens in out]
 
@@ -264,11 +318,11 @@ class Answer:
 
 
 def answer(model, processor, task, samples: Sequence, batch_size: int, device, multiturn: str = "carry",
-           min_new_tokens: int = 0) -> Iterator[Answer]:
+           min_new_tokens: int = 0, cache: str = "static") -> Iterator[Answer]:
     """Every sample's answers, batch by batch, in order."""
     if multiturn not in MULTITURN_MODES:
         raise ValueError(f"task.multiturn must be one of {list(MULTITURN_MODES)}, got {multiturn!r}.")
-    gen = Generator(model, processor, device, min_new_tokens)
+    gen = Generator(model, processor, device, min_new_tokens, cache=cache)
     keys = [image_token_count(model, processor, task, s) for s in samples] if batch_size > 1 else [0] * len(samples)
     finished: dict[int, Answer] = {}
     next_out = 0
@@ -315,13 +369,13 @@ def _answer_batch(gen: Generator, task, batch: Sequence, multiturn: str) -> list
 
 
 def evaluate(model, processor, task, samples, batch_size, device, on_sample: Callable | None = None, done=None,
-             multiturn: str = "carry", min_new_tokens: int = 0):
+             multiturn: str = "carry", min_new_tokens: int = 0, cache: str = "static"):
     """Predictions for every sample; ``done`` maps sample ids to predictions finished earlier.
     ``on_sample(answer)`` sees each new ``Answer`` as soon as its batch is done."""
     done = done or {}
     todo = [s for s in samples if s.id not in done]
     predictions = dict(done)
-    for ans in answer(model, processor, task, todo, batch_size, device, multiturn, min_new_tokens):
+    for ans in answer(model, processor, task, todo, batch_size, device, multiturn, min_new_tokens, cache):
         predictions[ans.sample.id] = ans.prediction
         if on_sample is not None:
             on_sample(ans)

@@ -24,17 +24,15 @@ throughput ratios, ``prefill_speedup`` is dense's latency over the method's.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
-from transformers import DynamicCache
-
-from lazyattn import kv_cache_bytes
+from harness.generate import Generator
 from lazyattn.arch import decoder_layers
+from lazyattn.cache import NoKVLayer, TextKeyLayer, ValueOnlyLayer, kv_allocated_bytes, kv_cache_bytes, kv_read_bytes
 
 MIN_CUDA_REPEATS = 5
 # Peak memory bandwidth (bytes/s) by device name (the first pattern found in
@@ -68,45 +66,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _cache_kwarg(model) -> str:
-    """transformers 5.24 renamed forward's ``past_key_values`` to ``cache``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _keep_kwarg(model) -> dict:
-    """``logits_to_keep=1`` where the model takes it (every supported family does), as generate."""
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-
-
 def _bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def qk_weight_share(model: nn.Module) -> float:
-    """The q_proj + k_proj share of the decoder layers' weight bytes (about 0.166 on LLaVA-1.5-7B)."""
+# The projections a lazy layer skips, by the kind of its cache slot (what it keeps says what it computes):
+# values only (share="qk"): no q_proj, k_proj; nothing (share="qkv"): no q_proj, k_proj, v_proj;
+# a text-key slot (scope="visual") computes all of them.
+SKIPPED_PROJECTIONS = {ValueOnlyLayer: ("q_proj", "k_proj"), NoKVLayer: ("q_proj", "k_proj", "v_proj"),
+                       TextKeyLayer: ()}
+
+
+def decode_weight_bytes(model: nn.Module, cache) -> int:
+    """Weight bytes one decode step reads: every decoder layer less the projections its lazy
+    layers skip (``SKIPPED_PROJECTIONS``, from the kind of each layer's slot in ``cache``), the
+    final norm and the LM head. The vision tower is not run when decoding."""
     layers = decoder_layers(model)
     total = sum(_bytes(layer) for layer in layers)
-    qk = sum(_bytes(layer.self_attn.q_proj) + _bytes(layer.self_attn.k_proj) for layer in layers)
-    return qk / total
-
-
-def predicted_ceilings(model: nn.Module, n_lazy: int) -> dict:
-    """The decode speed-up a lazy fraction ``f`` of layers can give at most: weight-bound (a lazy
-    layer skips q_proj and k_proj: ``1 / (1 - s f)``, ``s`` the q/k share of decoder weights) and
-    KV-bound (a lazy layer keeps no keys: ``1 / (1 - f / 2)``)."""
-    n_layers = len(decoder_layers(model))
-    f = n_lazy / n_layers
-    share = qk_weight_share(model)
-    return {"lazy_layers": n_lazy, "lazy_fraction": f, "qk_weight_share": share,
-            "weight_bound": 1 / (1 - share * f), "kv_bound": 1 / (1 - f / 2)}
-
-
-def decode_weight_bytes(model: nn.Module, lazy: set[int]) -> int:
-    """Weight bytes one decode step reads: every decoder layer (less q_proj and k_proj in the
-    ``lazy`` layers), the final norm and the LM head. The vision tower is not run when decoding."""
-    layers = decoder_layers(model)
-    total = sum(_bytes(layer) for layer in layers)
-    total -= sum(_bytes(layers[i].self_attn.q_proj) + _bytes(layers[i].self_attn.k_proj) for i in lazy)
+    slots = getattr(cache, "layers", [])
+    for i, slot in enumerate(slots[: len(layers)]):
+        for name in SKIPPED_PROJECTIONS.get(type(slot), ()):
+            total -= _bytes(getattr(layers[i].self_attn, name))
     decoder = model.get_decoder()
     norm = getattr(decoder, "norm", None)
     head = model.get_output_embeddings()
@@ -114,54 +94,57 @@ def decode_weight_bytes(model: nn.Module, lazy: set[int]) -> int:
 
 
 def lazy_cache_layers(cache) -> set[int]:
-    """The layers whose cache holds values only (Lazy Attention's layers)."""
+    """The layers whose cache holds no keys (Lazy Attention's ``share="qk"`` and ``"qkv"`` layers)."""
     layers = getattr(cache, "layers", [])
-    return {i for i, layer in enumerate(layers) if getattr(layer, "keys", 0) is None}
+    return {i for i, layer in enumerate(layers) if isinstance(layer, (ValueOnlyLayer, NoKVLayer))}
 
 
 @torch.inference_mode()
-def generate_once(model, inputs: dict, new_tokens: int) -> dict:
-    """One timed prefill + decode, as ``generate`` runs them. Returns seconds, the peak KV bytes,
-    the peak device memory (None off CUDA), the bytes the decode steps read, and the lazy layers.
+def generate_once(model, inputs: dict, new_tokens: int, cache: str = "static") -> dict:
+    """One timed prefill + ``new_tokens`` decode forwards of the harness's own decode loop
+    (``harness.generate.Generator``, the loop that answers), forced to that length (no early
+    stop). Returns seconds, the peak KV bytes, the peak device memory (None off CUDA), the KV
+    bytes the decode forwards read (``lazyattn.cache.kv_read_bytes``, summed over steps), the
+    decoder weight bytes a step reads, and the lazy layers.
 
-    Decode steps pass the attention mask only when the prompt is padded: without one, every
-    model places the new token itself (positions continue from the cache length; Qwen2-VL adds
-    its M-RoPE offset), whereas a full-length mask would make Qwen2-VL compute positions for the
-    whole sequence. The efficiency prompts are one prompt repeated, so they are never padded.
+    The prefill forward computes the logits of the last position only; a decode forward feeds
+    the greedy token. The mask goes to the model only when the prompt is padded (the efficiency
+    prompts are one prompt repeated, so never): without one every model places the new token
+    itself. No device read happens between the two synchronisations of the decode loop.
     """
     device = inputs["input_ids"].device
     cuda = device.type == "cuda"
-    cache = DynamicCache(config=model.config)
-    mask = inputs["attention_mask"]
-    padded = not bool(mask.all())
-    cache_arg = _cache_kwarg(model)
+    gen = Generator(model, None, device, min_new_tokens=new_tokens + 1, cache=cache)
+    budgets = [new_tokens + 1] * inputs["input_ids"].shape[0]  # the prefill's token, then one per decode forward
+    totals = {"kv_read": 0, "peak": 0, "steps": 0}
+
+    def on_step(dialogue) -> None:  # tensor sizes only: no device sync
+        totals["kv_read"] += kv_read_bytes(dialogue.cache)
+        totals["peak"] = max(totals["peak"], kv_cache_bytes(dialogue.cache))
+        totals["steps"] += 1
+
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
     t0 = time.perf_counter()
-    out = model(**inputs, **{cache_arg: cache}, use_cache=True, **_keep_kwarg(model))
-    token = out.logits[:, -1:].argmax(-1)
+    dialogue, logits = gen.prefill(inputs, reserve=new_tokens)
     _sync(device)
     t1 = time.perf_counter()
-    peak = kv_cache_bytes(cache)
-    kv_read = 0
-    for _ in range(new_tokens):
-        if padded:  # an unpadded prompt decodes without a mask
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        out = model(input_ids=token, attention_mask=mask if padded else None, **{cache_arg: cache}, use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
-        kv = kv_cache_bytes(cache)  # tensor sizes only: no device sync
-        kv_read += kv  # the step attends over the whole cache, its own token included
-        peak = max(peak, kv)
+    totals["peak"] = kv_cache_bytes(dialogue.cache)
+    gen._decode(dialogue, logits, budgets, on_step=on_step)
     _sync(device)
     t2 = time.perf_counter()
     return {
         "prefill_s": t1 - t0,
         "decode_s": t2 - t1,
-        "kv_cache_bytes": peak,
+        "decode_steps": totals["steps"],
+        "kv_cache_bytes": totals["peak"],
+        "kv_allocated_bytes": kv_allocated_bytes(dialogue.cache),
         "peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)) if cuda else None,
-        "kv_read_bytes": kv_read,
-        "lazy_layers": sorted(lazy_cache_layers(cache)),
+        "kv_read_bytes": totals["kv_read"],
+        "weight_read_bytes": decode_weight_bytes(model, dialogue.cache),
+        "lazy_layers": sorted(lazy_cache_layers(dialogue.cache)),
+        "cache": cache,
     }
 
 
@@ -181,7 +164,7 @@ def e2e_tokens_per_s(batch_size: int, new_tokens: int, prefill_s: float, decode_
 
 def summarise(runs: list[dict], batch_size: int, new_tokens: int, model=None, peak_bw: float | None = None) -> dict:
     prefill = [1e3 * r["prefill_s"] for r in runs]
-    decode = [batch_size * new_tokens / r["decode_s"] for r in runs]
+    decode = [batch_size * r.get("decode_steps", new_tokens) / r["decode_s"] for r in runs]
     e2e = [e2e_tokens_per_s(batch_size, new_tokens, r["prefill_s"], r["decode_s"]) for r in runs]
     memory = [r.get("peak_memory_bytes") for r in runs]
     out = {
@@ -195,15 +178,23 @@ def summarise(runs: list[dict], batch_size: int, new_tokens: int, model=None, pe
         "e2e_tokens_per_s_iqr": iqr(e2e),
         "repeats": len(runs),
     }
-    if model is not None and "kv_read_bytes" in runs[0]:
-        lazy = set(runs[0].get("lazy_layers") or [])
-        step_bytes = decode_weight_bytes(model, lazy) + runs[0]["kv_read_bytes"] / new_tokens
-        bandwidth = statistics.median(step_bytes * new_tokens / r["decode_s"] for r in runs)
+    if "cache" in runs[0]:
+        out["cache"] = runs[0]["cache"]
+    if "kv_read_bytes" in runs[0]:
+        steps = runs[0].get("decode_steps", new_tokens)
+        kv_step = runs[0]["kv_read_bytes"] / max(1, steps)
+        weights = runs[0].get("weight_read_bytes")
+        if weights is None and model is not None:  # a run recorded without it: every layer's weights
+            weights = decode_weight_bytes(model, None)
+        step_bytes = weights + kv_step
+        bandwidth = statistics.median(step_bytes * steps / r["decode_s"] for r in runs)
         out.update(
             decode_step_bytes=int(step_bytes),
+            decode_weight_bytes=int(weights),
+            decode_kv_read_bytes=int(kv_step),
             decode_bandwidth_bytes_per_s=bandwidth,
             bandwidth_utilisation=bandwidth / peak_bw if peak_bw else None,
-            lazy_layers=sorted(lazy),
+            lazy_layers=sorted(runs[0].get("lazy_layers") or []),
         )
     return out
 
@@ -231,21 +222,23 @@ def interleaved(
     new_tokens: int = 32,
     repeats: int = 3,
     warmup: int = 1,
+    cache: str = "static",
 ) -> dict[str, dict]:
     """Several variants, each ``name -> (inputs, context factory)``, timed in ABBA order in this
-    process (``abba_order``); each variant's summary over its own inputs' batch size."""
+    process (``abba_order``) on the KV cache ``cache``; each variant's summary over its own
+    inputs' batch size."""
     device = next(iter(variants.values()))[0]["input_ids"].device
     repeats = repeats_for(device, repeats)
     peak_bw = peak_bandwidth(device_name(device))
     for _ in range(warmup):
         for inputs, ctx in variants.values():
             with ctx():
-                generate_once(model, inputs, min(new_tokens, 4))
+                generate_once(model, inputs, min(new_tokens, 4), cache)
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     for name in abba_order(list(variants), repeats):
         inputs, ctx = variants[name]
         with ctx():
-            runs[name].append(generate_once(model, inputs, new_tokens))
+            runs[name].append(generate_once(model, inputs, new_tokens, cache))
     return {
         name: summarise(runs[name], inputs["input_ids"].shape[0], new_tokens, model, peak_bw)
         for name, (inputs, _) in variants.items()
@@ -258,14 +251,28 @@ def uses_sparsevlm(method) -> bool:
     return isinstance(method, SparseVLM) or isinstance(getattr(method, "pruner", None), SparseVLM)
 
 
+def predicted_decode_speedup(dense: dict, method: dict, dense_batch: int = 1, method_batch: int = 1) -> float | None:
+    """The decode throughput ratio the bytes allow, if a step's time were its bytes over the
+    bandwidth: tokens per step (the batch) over bytes per step (weights touched plus KV read),
+    method over dense. None where the summaries carry no byte counts."""
+    if not dense.get("decode_step_bytes") or not method.get("decode_step_bytes"):
+        return None
+    return (method_batch / method["decode_step_bytes"]) / (dense_batch / dense["decode_step_bytes"])
+
+
 def speedups(dense: dict, method: dict) -> dict:
-    """Method over dense, higher is better."""
-    return {
+    """Method over dense, higher is better; the predicted decode speed-up from bytes per step and
+    the fraction of it achieved."""
+    out = {
         "kv_reduction": 1.0 - method["kv_cache_bytes"] / dense["kv_cache_bytes"],
         "decode_speedup": method["decode_tokens_per_s"] / dense["decode_tokens_per_s"],
         "e2e_speedup": method["e2e_tokens_per_s"] / dense["e2e_tokens_per_s"],
         "prefill_speedup": dense["prefill_ms"] / method["prefill_ms"],
     }
+    predicted = predicted_decode_speedup(dense, method)
+    out["predicted_decode_speedup"] = predicted
+    out["decode_speedup_of_predicted"] = None if predicted is None else out["decode_speedup"] / predicted
+    return out
 
 
 def compare(
@@ -276,6 +283,7 @@ def compare(
     repeats: int = 3,
     warmup: int = 1,
     method=None,
+    cache: str = "static",
 ) -> dict:
     """Dense vs method on identical inputs: both figures and the speed-ups (method over dense).
     ``method``, when given, adds the notes that concern it (``host_sync`` for SparseVLM)."""
@@ -285,6 +293,7 @@ def compare(
         new_tokens=new_tokens,
         repeats=repeats,
         warmup=warmup,
+        cache=cache,
     )
     dense, method_summary = summaries["dense"], summaries["method"]
     device = inputs["input_ids"].device
@@ -295,11 +304,11 @@ def compare(
         "prompt_tokens": int(inputs["input_ids"].shape[1]),
         "new_tokens": new_tokens,
         "order": "abba",
+        "cache": cache,
         "peak_bandwidth_bytes_per_s": peak_bandwidth(device_name(device)),
         "dense": dense,
         "method": method_summary,
         **speedups(dense, method_summary),
-        "predicted_decode_ceiling": predicted_ceilings(model, len(method_summary.get("lazy_layers", []))),
     }
     if method is not None and uses_sparsevlm(method):
         out["host_sync"] = SPARSEVLM_HOST_SYNC

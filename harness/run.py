@@ -130,6 +130,7 @@ def run(cfg: DictConfig) -> Path:
             loaded, m, limit=cfg.limit, batch_size=int(cfg.batch_size), device=device,
             work_dir=out_dir / "lmms_eval" / variant, finished=earlier[variant],
             on_row=lambda row, variant=variant: log.append({"variant": variant, **row}),
+            cache=str(cfg.cache),
         )
 
     efficiency = None
@@ -142,6 +143,7 @@ def run(cfg: DictConfig) -> Path:
         efficiency = measure.compare(
             loaded.model, inputs, lambda: method.apply(loaded.model), new_tokens=int(cfg.efficiency.new_tokens),
             repeats=int(cfg.efficiency.repeats), warmup=int(cfg.efficiency.warmup), method=method,
+            cache=str(cfg.cache),
         )
 
     rows = {v: e.rows for v, e in evaluations.items()}
@@ -231,12 +233,10 @@ def print_summary(result: dict) -> None:
             f"(method over dense, higher is better; medians ± IQR; {eff['device']}; one synthetic batch: the "
             "first prompt repeated)"
         )
-        ceiling = eff.get("predicted_decode_ceiling") or {}
-        if ceiling.get("lazy_layers"):
+        if eff.get("predicted_decode_speedup"):
             print(
-                f"predicted decode ceiling ({ceiling['lazy_layers']} lazy layers, f={ceiling['lazy_fraction']:.3f}, "
-                f"q/k weight share {ceiling['qk_weight_share']:.3f}): weight-bound x{ceiling['weight_bound']:.3f}, "
-                f"KV-bound x{ceiling['kv_bound']:.3f}"
+                f"predicted decode speed-up from bytes per step (weights touched + KV read; {eff.get('cache', 'dynamic')} "
+                f"cache): x{eff['predicted_decode_speedup']:.3f}; achieved {eff['decode_speedup_of_predicted']:.0%} of it"
             )
         if eff.get("host_sync"):
             print(f"note: {eff['host_sync']}")

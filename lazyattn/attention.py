@@ -55,7 +55,7 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from lazyattn.arch import AttentionFamily, attention_family, attention_modules, image_token_id
-from lazyattn.cache import NoKVLayer, TextKeyLayer, ValueOnlyLayer
+from lazyattn.cache import NoKVLayer, PreallocatedLayer, TextKeyLayer, ValueOnlyLayer, cache_reserve
 
 
 SHARES = ("qk", "qkv")
@@ -64,17 +64,19 @@ SCOPES = ("all", "visual")
 
 class QCache:
     """The layer-shared Q Cache: one slot holding an anchor's query and keys for this forward
-    (and, for ``share="qkv"``, its attention output before ``o_proj``).
+    (and, for ``share="qkv"``, its attention output before ``o_proj``; for a short query under
+    ``share="qk"``, its attention probabilities).
 
-    It never grows with the sequence: the query and output cover only the current step's tokens
-    and the keys are the anchor's own cache tensor (a reference, not a copy).
+    It never grows with the sequence: the query, output and probabilities cover only the current
+    step's tokens and the keys are the anchor's own cache tensor (a reference, not a copy).
     """
 
     def __init__(self) -> None:
         self.clear()
 
-    def put(self, anchor: int, query: torch.Tensor, key: torch.Tensor, output: torch.Tensor | None = None) -> None:
-        self.anchor, self.query, self.key, self.output = anchor, query, key, output
+    def put(self, anchor: int, query: torch.Tensor, key: torch.Tensor, output: torch.Tensor | None = None,
+            probs: torch.Tensor | None = None) -> None:
+        self.anchor, self.query, self.key, self.output, self.probs = anchor, query, key, output, probs
 
     def _check(self, anchor: int) -> None:
         if self.anchor != anchor:
@@ -92,7 +94,7 @@ class QCache:
         return self.output
 
     def clear(self) -> None:
-        self.anchor = self.query = self.key = self.output = None
+        self.anchor = self.query = self.key = self.output = self.probs = None
 
 
 class ImageFlags:
@@ -179,7 +181,8 @@ def patch_attention(
                     attn.forward = _lazy_forward(attn, family, qcache, anchor_idx, last, watch)
             elif idx in last_dependant or watch:
                 publish = qcache if idx in last_dependant else None
-                attn.forward = _anchor_forward(attn, family, publish, watch, with_output=share == "qkv")
+                attn.forward = _anchor_forward(attn, family, publish, watch, with_output=share == "qkv",
+                                               with_probs=share == "qk" and scope == "all")
             else:
                 continue
             installed.append(attn)
@@ -230,12 +233,93 @@ def _attend(module, family: AttentionFamily, query, key, value, attention_mask, 
     return module.o_proj(out), weights
 
 
+def inherits(module: nn.Module, query: torch.Tensor) -> bool:
+    """Whether an anchor publishes its attention probabilities for this forward, so that its
+    ``share="qk"`` lazy layers multiply them by their own values and read no keys.
+
+    Only where that moves fewer bytes than recomputing: the probabilities of ``q`` queries
+    (``B x H x q x T``) are written once by the anchor and read by each lazy layer, where a
+    recomputing lazy layer reads the anchor's keys (``B x H_kv x T x d``). One lazy layer already
+    gains when ``2 q H <= H_kv d``: every decode step (``q = 1``) and short continuations, such
+    as a carried conversation's next user turn (up to 64 tokens on LLaVA-1.5-7B, 8 on the tiny
+    models). Prefill (long queries) keeps the model's attention backend (flash-compatible).
+    Backends or settings whose probabilities we do not reproduce exactly (dropout in training,
+    sliding windows, logit softcapping, flex attention) always recompute.
+    """
+    q_len, n_heads, head_dim = query.shape[-2], query.shape[1], query.shape[-1]
+    n_kv = getattr(module.config, "num_key_value_heads", None) or n_heads
+    if 2 * q_len * n_heads > n_kv * head_dim or module.training:
+        return False
+    window = getattr(module, "sliding_window", getattr(module.config, "sliding_window", None))
+    if window is not None and getattr(module.config, "use_sliding_window", True) is not False:
+        return False
+    if getattr(module.config, "attn_logit_softcapping", None):
+        return False
+    return not module.config._attn_implementation.startswith("flex")
+
+
+def _allowed(attention_mask, q_len: int, kv_len: int, device) -> torch.Tensor | None:
+    """The mask as the backend applies it, as a bool (B or 1, 1, q, T) tensor (True attends) or an
+    additive float one; None when every query sees every key."""
+    if attention_mask is None or attention_mask.dim() == 2:  # no mask, or flash's 2D padding mask
+        allowed = None
+        if q_len > 1:  # causal, bottom-right aligned (the queries are the last q_len tokens)
+            cols = torch.arange(kv_len, device=device)
+            rows = torch.arange(q_len, device=device) + (kv_len - q_len)
+            allowed = (cols[None, :] <= rows[:, None])[None, None]
+        if attention_mask is not None:
+            pad = attention_mask[:, None, None, -kv_len:].bool()
+            allowed = pad if allowed is None else allowed & pad
+        return allowed
+    return attention_mask[..., -kv_len:]
+
+
+def explicit_attention(module: nn.Module, query, key, value, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with its probabilities formed explicitly, as transformers' eager attention forms
+    them (scores in the model's dtype, softmax in float32, cast back), with the mask the backend
+    was given and the module's scaling; grouped-query heads read their shared key and value
+    heads without repeating them. Returns the output (B, q, H * d_v) before ``o_proj`` and the
+    probabilities (B, H_kv, groups, q, T)."""
+    batch, n_heads, q_len, d = query.shape
+    n_kv, kv_len = key.shape[1], key.shape[-2]
+    groups = n_heads // n_kv
+    q = query.reshape(batch, n_kv, groups * q_len, d)
+    scores = torch.matmul(q, key.transpose(-1, -2)).view(batch, n_kv, groups, q_len, kv_len) * module.scaling
+    allowed = _allowed(attention_mask, q_len, kv_len, query.device)
+    if allowed is not None:
+        allowed = allowed[:, :, None]  # (B, 1, 1, q, T) against (B, H_kv, groups, q, T)
+        if allowed.dtype == torch.bool:
+            scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + allowed
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return _inherit(probs, value), probs
+
+
+def _inherit(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``probs @ value`` for probabilities (B, H_kv, groups, q, T) and values (B, H_kv, T, d_v):
+    (B, q, H * d_v), the layout the attention backends return before ``o_proj``."""
+    batch, n_kv, groups, q_len, kv_len = probs.shape
+    out = torch.matmul(probs.reshape(batch, n_kv, groups * q_len, kv_len), value)
+    out = out.view(batch, n_kv * groups, q_len, value.shape[-1]).transpose(1, 2)
+    return out.reshape(batch, q_len, -1)
+
+
+def _weights(module: nn.Module, probs: torch.Tensor):
+    """The probabilities as (B, H, q, T) where the backend returns them (eager), else None."""
+    if module.config._attn_implementation != "eager":
+        return None
+    return probs.reshape(probs.shape[0], -1, *probs.shape[-2:])
+
+
 def _anchor_forward(
-    module: nn.Module, family: AttentionFamily, qcache: QCache | None, observers=(), with_output: bool = False
+    module: nn.Module, family: AttentionFamily, qcache: QCache | None, observers=(), with_output: bool = False,
+    with_probs: bool = False,
 ):
     """The family's attention forward, which also leaves its query and keys in the Q Cache
     (when it has lazy dependants; with ``with_output`` its attention output before ``o_proj``
-    too) and shows them to the observers.
+    too; with ``with_probs``, for a short query (``inherits``), its attention probabilities,
+    formed explicitly) and shows them to the observers.
 
     transformers up to 5.23 passes the cache as ``past_key_values``, 5.24 as ``cache``: take either.
     """
@@ -247,19 +331,26 @@ def _anchor_forward(
             key, value = past_key_values.update(key, value, module.layer_idx)
         for observe in observers:
             observe(module, query, key)
-        out, weights = _attention(module, family, query, key, value, attention_mask, kwargs)
+        probs = None
+        if with_probs and qcache is not None and inherits(module, query):
+            out, probs = explicit_attention(module, query, key, value, attention_mask)
+            weights = _weights(module, probs)
+        else:
+            out, weights = _attention(module, family, query, key, value, attention_mask, kwargs)
         if qcache is not None:
-            qcache.put(module.layer_idx, query, key, out if with_output else None)
+            qcache.put(module.layer_idx, query, key, out if with_output else None, probs)
         return module.o_proj(out), weights
 
     return forward
 
 
 def _take_anchor(module: nn.Module, qcache: QCache, anchor_idx: int, last: bool, value: torch.Tensor):
-    """The anchor's query and keys from the Q Cache, checked to cover as many tokens as this layer's
-    values; the anchor's last dependant empties the slot, so the Q Cache holds nothing between
-    forwards (its key reference would otherwise keep a replaced cache tensor alive)."""
+    """The anchor's query, keys and probabilities (None unless published) from the Q Cache, checked
+    to cover as many tokens as this layer's values; the anchor's last dependant empties the slot,
+    so the Q Cache holds nothing between forwards (its key reference would otherwise keep a
+    replaced cache tensor alive)."""
     query, key = qcache.get(anchor_idx)
+    probs = qcache.probs
     if key.shape[-2] != value.shape[-2]:
         raise RuntimeError(
             f"lazy layer {module.layer_idx} has {value.shape[-2]} cached values but its anchor "
@@ -267,23 +358,34 @@ def _take_anchor(module: nn.Module, qcache: QCache, anchor_idx: int, last: bool,
         )
     if last:
         qcache.clear()
-    return query, key
+    return query, key, probs
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 def _lazy_forward(
     module: nn.Module, family: AttentionFamily, qcache: QCache, anchor_idx: int, last: bool, observers=()
 ):
-    """Value projection only; attention with the anchor's query and keys from the Q Cache."""
+    """Value projection only. With the anchor's probabilities in the Q Cache (short queries:
+    decode), ``P_anchor @ V_own``, reading no keys; otherwise attention with the anchor's query
+    and keys through the model's backend (same mask, same scaling)."""
 
     def forward(hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, cache=None, **kwargs):
         past_key_values = cache if cache is not None else past_key_values
         value = _split_heads(module, module.v_proj(hidden_states))
+        slot = None
         if past_key_values is not None:
-            _lazy_slot(past_key_values, module.layer_idx, ValueOnlyLayer)
+            slot = _lazy_slot(past_key_values, module.layer_idx, ValueOnlyLayer)
             _, value = past_key_values.update(None, value, module.layer_idx)
-        query, key = _take_anchor(module, qcache, anchor_idx, last, value)
+        query, key, probs = _take_anchor(module, qcache, anchor_idx, last, value)
         for observe in observers:
             observe(module, query, key)
+        if slot is not None:  # what this layer read beyond its own values
+            slot.extra_read_bytes = _nbytes(probs) if probs is not None else _nbytes(key)
+        if probs is not None:
+            return module.o_proj(_inherit(probs, value)), _weights(module, probs)
         return _attend(module, family, query, key, value, attention_mask, kwargs)
 
     return forward
@@ -336,7 +438,9 @@ def _lazy_visual_forward(
         else:
             image = flags.of_last(hidden_states.shape[1], prefill=True)
             own_key = key * (~image)[:, None, :, None].to(key.dtype)
-        anchor_query, anchor_key = _take_anchor(module, qcache, anchor_idx, last, value)
+        anchor_query, anchor_key, _ = _take_anchor(module, qcache, anchor_idx, last, value)
+        if past_key_values is not None:  # the anchor's keys are read again, for the image columns
+            slot.extra_read_bytes = _nbytes(anchor_key)
         image_key = anchor_key * image[:, None, :, None].to(anchor_key.dtype)
         joint_query = torch.cat([anchor_query, query], dim=-1)
         joint_key = torch.cat([image_key, own_key], dim=-1)
@@ -355,18 +459,21 @@ def _lazy_visual_forward(
 
 
 def _lazy_slot(cache: Cache, layer_idx: int, kind: type) -> DynamicLayer:
-    """Give a lazy layer its own kind of slot (``kind``) in the cache the model is running with."""
+    """Give a lazy layer its own kind of slot (``kind``) in the cache the model is running with;
+    it grows the way the cache's other layers do (preallocated with the cache's ``reserve``, or by
+    concatenation)."""
     if not isinstance(cache, DynamicCache) or getattr(cache, "offloading", False):
         raise ValueError(
-            f"Lazy Attention needs a DynamicCache without offloading (the default cache of generate); got "
-            f"{type(cache).__name__}. Static, quantized and offloaded caches are not supported."
+            f"Lazy Attention needs a DynamicCache or lazyattn's PreallocatedCache, without offloading; got "
+            f"{type(cache).__name__}. Quantized and offloaded caches are not supported."
         )
+    reserve = cache_reserve(cache)
     while len(cache.layers) <= layer_idx:
-        cache.layers.append(DynamicLayer())
+        cache.layers.append(DynamicLayer() if reserve is None else PreallocatedLayer(reserve))
     layer = cache.layers[layer_idx]
     if type(layer) is kind:
         return layer
-    if type(layer) is not DynamicLayer:
+    if type(layer) not in (DynamicLayer, PreallocatedLayer):
         raise ValueError(
             f"layer {layer_idx}'s cache is a {type(layer).__name__}; lazy layers support full-attention "
             "DynamicLayer slots only (sliding-window layers cannot be lazy yet), built under one method."
@@ -376,5 +483,5 @@ def _lazy_slot(cache: Cache, layer_idx: int, kind: type) -> DynamicLayer:
             f"layer {layer_idx}'s cache already holds keys from a forward outside Lazy Attention; "
             "start generation with a fresh cache inside `with method.apply(model):`."
         )
-    cache.layers[layer_idx] = kind()
+    cache.layers[layer_idx] = kind(reserve)
     return cache.layers[layer_idx]

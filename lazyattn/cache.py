@@ -1,71 +1,231 @@
-"""Cache pieces: the cache layers of lazy attention layers (values only; nothing; text keys and
-all values), and an honest byte count of a cache."""
+"""Cache pieces: a preallocated KV cache, the cache layers of lazy attention layers (values only;
+nothing; text keys and all values), and honest byte counts of what a cache holds and what a decode
+step reads from it.
+
+Two ways to grow a layer's tensors along the token axis, picked per cache:
+
+- **dynamic** (transformers' ``DynamicCache`` and our layers with ``reserve=None``): every update
+  concatenates, so every decode step copies the whole layer. This is what transformers does by
+  default; it stays available (``cache=dynamic``) for comparison.
+- **preallocated** (``PreallocatedCache`` and our layers with ``reserve=n``): the first update
+  allocates storage for its tokens plus ``n`` more (the generation budget) and every later update
+  writes in place; attention runs over the valid prefix, a view of the storage (no copy). A chunk
+  that overflows the storage re-allocates it once with room to spare (a carried conversation's
+  later turns), so the tokens a layer holds never depend on the storage. Masks and positions are
+  those of a ``DynamicCache`` of the same tokens, so answers do not change with the cache kind.
+
+A layer's ``keys`` and ``values`` are always the valid tokens (a view under preallocation), so
+``kv_cache_bytes`` counts the tokens held, whichever way they are stored. Each layer also says
+how many bytes outside its own tensors its attention read in the last forward
+(``extra_read_bytes``: a lazy layer's anchor keys or anchor probabilities), which
+``kv_read_bytes`` adds to the layers' own tensors: the KV traffic of a decode step.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+CACHE_KINDS = ("static", "dynamic")
 
 
-class ValueOnlyLayer(DynamicLayer):
-    """A dynamic cache layer for a lazy attention layer: it keeps values and no keys.
+class Growing:
+    """A tensor growing along dimension ``dim``: by concatenation (``reserve=None``) or written in
+    place into storage allocated with ``reserve`` spare tokens (``reserve`` an int)."""
+
+    def __init__(self, dim: int, reserve: int | None) -> None:
+        self.dim, self.reserve = dim, reserve
+        self.storage: torch.Tensor | None = None
+        self.view: torch.Tensor | None = None
+        self.length = 0
+
+    def start(self, like: torch.Tensor) -> torch.Tensor:
+        """An empty tensor shaped like ``like`` with no tokens (as ``DynamicLayer`` starts)."""
+        shape = list(like.shape)
+        shape[self.dim] = 0
+        self.view = like.new_empty(shape)
+        return self.view
+
+    def append(self, new: torch.Tensor) -> torch.Tensor:
+        if self.view is None:
+            self.start(new)
+        n = new.shape[self.dim]
+        if self.reserve is None:
+            self.view = torch.cat([self.view, new], dim=self.dim)
+            self.length += n
+            return self.view
+        need = self.length + n
+        capacity = 0 if self.storage is None else self.storage.shape[self.dim]
+        if need > capacity:  # the first chunk, or one that overflows: allocate once, with room to spare
+            spare = self.reserve if self.storage is None else max(self.reserve, capacity // 2)
+            shape = list(new.shape)
+            shape[self.dim] = need + spare
+            storage = new.new_empty(shape)
+            if self.length:
+                storage.narrow(self.dim, 0, self.length).copy_(self.view)
+            self.storage = storage
+        self.storage.narrow(self.dim, self.length, n).copy_(new)
+        self.length = need
+        self.view = self.storage.narrow(self.dim, 0, need)
+        return self.view
+
+    def apply(self, fn) -> None:
+        """Apply a batch-wise ``fn`` (select, repeat, reorder) to the held tokens."""
+        if self.view is None or self.length == 0:
+            return
+        if self.reserve is None:
+            self.view = fn(self.view)
+        else:
+            self.storage = fn(self.storage)
+            self.view = self.storage.narrow(self.dim, 0, self.length)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove, as DynamicLayer.crop does.")
+        if tokens_to_remove and self.view is not None:
+            self.length = max(0, self.length + tokens_to_remove)
+            self.view = self.view.narrow(self.dim, 0, self.length)
+
+    def allocated_bytes(self) -> int:
+        tensor = self.storage if self.storage is not None else self.view
+        return 0 if tensor is None else tensor.numel() * tensor.element_size()
+
+
+class GrowingLayer(DynamicLayer):
+    """A cache layer whose tensors (``FIELDS``: attribute name -> growth dimension) grow by
+    ``Growing``; ``reserve=None`` concatenates, an int preallocates. The attributes always hold
+    the valid tokens."""
+
+    FIELDS: dict[str, int] = {}
+
+    def __init__(self, reserve: int | None = None) -> None:
+        super().__init__()
+        for name in self.FIELDS:
+            setattr(self, name, None)
+        self.reserve = reserve
+        self.extra_read_bytes = 0
+        self._grow: dict[str, Growing] = {}
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        like = value_states if value_states is not None else key_states
+        self.dtype, self.device = like.dtype, like.device
+        self._grow = {name: Growing(dim, self.reserve) for name, dim in self.FIELDS.items()}
+        self.is_initialized = True
+
+    def _append(self, **new: torch.Tensor) -> None:
+        for name, tensor in new.items():
+            setattr(self, name, self._grow[name].append(tensor))
+
+    def get_seq_length(self) -> int:
+        if not self.is_initialized:
+            return 0
+        first = next(iter(self._grow.values()))
+        return first.length
+
+    def allocated_bytes(self) -> int:
+        return sum(g.allocated_bytes() for g in self._grow.values())
+
+    def _each(self, fn) -> None:
+        for name, grow in self._grow.items():
+            grow.apply(fn)
+            if grow.view is not None:
+                setattr(self, name, grow.view)
+
+    def reset(self) -> None:
+        for name in self.FIELDS:
+            setattr(self, name, None)
+        self._grow = {}
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove, as DynamicLayer.crop does.")
+        for name, grow in self._grow.items():
+            grow.crop(tokens_to_remove)
+            if grow.view is not None:
+                setattr(self, name, grow.view)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._each(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._each(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._each(lambda t: t[indices, ...])
+
+    def offload(self):
+        raise ValueError(f"{type(self).__name__} cannot be offloaded.")
+
+    def prefetch(self):
+        pass
+
+
+class PreallocatedLayer(GrowingLayer):
+    """A full-attention layer's keys and values, preallocated (what ``DynamicLayer`` holds,
+    written in place)."""
+
+    FIELDS = {"keys": -2, "values": -2}
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._append(keys=key_states, values=value_states)
+        return self.keys, self.values
+
+
+class PreallocatedCache(DynamicCache):
+    """A ``DynamicCache`` whose full-attention layers write in place into storage allocated at
+    their first update, with ``reserve`` spare tokens (the generation budget). Sliding-window
+    layers keep transformers' own kind. Lazy layers' slots (``lazyattn.attention``) take the same
+    ``reserve``."""
+
+    def __init__(self, config, reserve: int) -> None:
+        if config is None:
+            raise ValueError("PreallocatedCache needs the model's config (to know its layers).")
+        if not isinstance(reserve, int) or reserve < 0:
+            raise ValueError(f"reserve must be a number of tokens >= 0, got {reserve!r}.")
+        super().__init__(config=config)
+        self.reserve = reserve
+        self.layers = [PreallocatedLayer(reserve) if type(layer) is DynamicLayer else layer for layer in self.layers]
+
+
+def new_cache(kind: str, config, reserve: int) -> DynamicCache:
+    """A fresh cache of ``kind`` (``CACHE_KINDS``): ``static`` preallocates ``reserve`` tokens beyond
+    each layer's first chunk, ``dynamic`` is transformers' concatenating ``DynamicCache``."""
+    if kind == "static":
+        return PreallocatedCache(config, int(reserve))
+    if kind == "dynamic":
+        return DynamicCache(config=config)
+    raise ValueError(f"cache must be one of {list(CACHE_KINDS)}, got {kind!r}.")
+
+
+def cache_reserve(cache: Cache) -> int | None:
+    """The spare tokens a cache's layers preallocate (None: they concatenate)."""
+    return getattr(cache, "reserve", None)
+
+
+class ValueOnlyLayer(GrowingLayer):
+    """The cache layer of a lazy attention layer: it keeps values and no keys.
 
     ``update(None, values)`` appends values and returns ``(None, all_values)``; the keys a lazy
     layer attends with are its anchor's, which the anchor's own cache layer already holds.
     """
 
-    def lazy_initialization(self, key_states, value_states) -> None:
-        self.dtype, self.device = value_states.dtype, value_states.device
-        self.values = value_states.new_empty((*value_states.shape[:-2], 0, value_states.shape[-1]))
-        self.is_initialized = True
+    FIELDS = {"values": -2}
 
     def update(self, key_states, value_states, *args, **kwargs):
         if key_states is not None:
             raise ValueError("ValueOnlyLayer stores values only; call update(None, values).")
         if not self.is_initialized:
             self.lazy_initialization(None, value_states)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        self._append(values=value_states)
         return None, self.values
 
-    def get_seq_length(self) -> int:
-        if not self.is_initialized:
-            return 0
-        return self.values.shape[-2]
 
-    def reset(self) -> None:
-        self.values = None
-        self.is_initialized = False
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:
-            raise ValueError("crop takes a negative number of tokens to remove, as DynamicLayer.crop does.")
-        if tokens_to_remove and self.is_initialized:
-            self.values = self.values[..., :tokens_to_remove, :]
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.get_seq_length() > 0:
-            self.values = self.values.index_select(0, beam_idx.to(self.values.device))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.get_seq_length() > 0:
-            self.values = self.values.repeat_interleave(repeats, dim=0)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.get_seq_length() > 0:
-            self.values = self.values[indices, ...]
-
-    def offload(self):
-        if self.is_initialized:
-            self.values = self.values.to("cpu", non_blocking=True)
-
-    def prefetch(self):
-        if self.is_initialized and self.values.device != self.device:
-            self.values = self.values.to(self.device, non_blocking=True)
-
-
-class NoKVLayer(DynamicLayer):
+class NoKVLayer(GrowingLayer):
     """The cache layer of a lazy layer that shares its anchor's keys *and* values (``share="qkv"``):
     it stores no tensor, only how many tokens it has seen (so masks and lengths stay right)."""
 
@@ -84,33 +244,14 @@ class NoKVLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length if self.is_initialized else 0
 
-    def reset(self) -> None:
-        self.keys = self.values = None
-        self.is_initialized = False
-
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
             raise ValueError("crop takes a negative number of tokens to remove, as DynamicLayer.crop does.")
         if self.is_initialized:
             self.length = max(0, self.length + tokens_to_remove)
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        pass
 
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        pass
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        pass
-
-    def offload(self):
-        pass
-
-    def prefetch(self):
-        pass
-
-
-class TextKeyLayer(ValueOnlyLayer):
+class TextKeyLayer(GrowingLayer):
     """The cache layer of a lazy layer that inherits only the attention over image tokens
     (``scope="visual"``): values of every token, keys of the text tokens only.
 
@@ -119,10 +260,13 @@ class TextKeyLayer(ValueOnlyLayer):
     image tokens, so the text keys of a batch form one tensor.
     """
 
+    FIELDS = {"values": -2, "keys": -2, "image": 1}
+
     def lazy_initialization(self, key_states, value_states) -> None:
         super().lazy_initialization(key_states, value_states)
-        self.keys = key_states.new_empty((*key_states.shape[:-2], 0, key_states.shape[-1]))
-        self.image = torch.zeros(key_states.shape[0], 0, dtype=torch.bool, device=key_states.device)
+        self.keys = self._grow["keys"].start(key_states)
+        self.image = self._grow["image"].start(torch.zeros(key_states.shape[0], 0, dtype=torch.bool,
+                                                           device=key_states.device))
 
     def update(self, key_states, value_states, image=None, *args, **kwargs):
         """Append the new tokens (``image``: (B, n) bool, their image flags); returns the text keys,
@@ -138,34 +282,11 @@ class TextKeyLayer(ValueOnlyLayer):
             )
         text = key_states.transpose(1, 2)[~image]  # (B * n_text, H, d), row-major over (B, n)
         text = text.view(key_states.shape[0], -1, *text.shape[-2:]).transpose(1, 2)
-        self.keys = torch.cat([self.keys, text], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        self.image = torch.cat([self.image, image], dim=1)
+        self._append(keys=text, values=value_states, image=image)
         return self.keys, self.values, self.image
-
-    def reset(self) -> None:
-        super().reset()
-        self.keys = self.image = None
 
     def crop(self, tokens_to_remove: int) -> None:
         raise ValueError("a text-key cache layer cannot be cropped (its keys are not aligned with its tokens).")
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.get_seq_length() > 0:
-            super().reorder_cache(beam_idx)
-            self.keys = self.keys.index_select(0, beam_idx.to(self.keys.device))
-            self.image = self.image.index_select(0, beam_idx.to(self.image.device))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.get_seq_length() > 0:
-            super().batch_repeat_interleave(repeats)
-            self.keys = self.keys.repeat_interleave(repeats, dim=0)
-            self.image = self.image.repeat_interleave(repeats, dim=0)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.get_seq_length() > 0:
-            super().batch_select_indices(indices)
-            self.keys, self.image = self.keys[indices, ...], self.image[indices, ...]
 
 
 def _cache_tensors(cache: Cache | Iterable) -> Iterable[torch.Tensor]:
@@ -179,11 +300,16 @@ def _cache_tensors(cache: Cache | Iterable) -> Iterable[torch.Tensor]:
                 yield tensor
 
 
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
 def kv_cache_bytes(cache: Cache) -> int:
-    """Bytes held by a cache's key and value tensors, counting each tensor once.
+    """Bytes of the tokens a cache's key and value tensors hold, counting each tensor once.
 
     Two layers that hold the same tensor (shared KV) count it once: tensors are keyed by their
-    data pointer, shape and strides, so equal views of one buffer are not counted twice.
+    data pointer, shape and strides, so equal views of one buffer are not counted twice. Under
+    preallocation this is the valid tokens, not the spare storage (``kv_allocated_bytes``).
     """
     seen: set[tuple] = set()
     total = 0
@@ -192,5 +318,32 @@ def kv_cache_bytes(cache: Cache) -> int:
         if key in seen:
             continue
         seen.add(key)
-        total += tensor.numel() * tensor.element_size()
+        total += _nbytes(tensor)
+    return total
+
+
+def kv_allocated_bytes(cache: Cache) -> int:
+    """Bytes the cache's storage occupies (valid tokens plus preallocated room)."""
+    total = 0
+    for layer in cache.layers:
+        if isinstance(layer, GrowingLayer):
+            total += layer.allocated_bytes()
+        else:
+            total += sum(_nbytes(t) for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+                         if isinstance(t, torch.Tensor))
+    return total
+
+
+def kv_read_bytes(cache: Cache) -> int:
+    """The KV bytes the last forward's attention read: every layer's own keys and values (a pruned
+    layer's kept tokens, a lazy layer's values, a ``share="qkv"`` layer nothing) plus what a layer
+    read from another (``extra_read_bytes``: a recomputing lazy layer re-reads its anchor's keys,
+    an inheriting one reads its anchor's probabilities)."""
+    total = 0
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor):
+                total += _nbytes(tensor)
+        total += getattr(layer, "extra_read_bytes", 0)
     return total

@@ -64,8 +64,12 @@ def test_bench_rows_and_budget(tmp_path, capsys):
             # exactly: method * 2n == dense * (2n - n_lazy), in integer bytes
             assert row["kv_cache_bytes"] * 2 * n == row["dense"]["kv_cache_bytes"] * (2 * n - n_lazy)
             assert row["ratios"]["kv_fraction"] == pytest.approx(1 - n_lazy / (2 * n), rel=0, abs=1e-15)
-            ceiling = row["predicted_decode_ceiling"]
-            assert ceiling["lazy_layers"] == n_lazy and ceiling["kv_bound"] == pytest.approx(1 / (1 - n_lazy / n / 2))
+            # bytes-based prediction: dense's bytes per decode step over the method's (weights touched + KV read)
+            d, m = row["dense"], row
+            assert m["decode_kv_read_bytes"] < d["decode_kv_read_bytes"] and m["decode_weight_bytes"] < d["decode_weight_bytes"]
+            assert row["predicted_decode_speedup"] == pytest.approx(d["decode_step_bytes"] / m["decode_step_bytes"], rel=1e-6)
+            assert row["decode_speedup_of_predicted"] == pytest.approx(x["decode_speedup"] / row["predicted_decode_speedup"])
+            assert row["cache"] == "static"
         else:
             assert row["kv_cache_bytes"] < row["dense"]["kv_cache_bytes"]
     one, two = result["rows"][0], result["rows"][1]
@@ -133,7 +137,7 @@ def test_budget_steps_down_when_the_prediction_overshoots(monkeypatch):
         def inputs(self, words, batch):
             return {"batch": batch}
 
-    monkeypatch.setattr(bench, "_peak", lambda model, v, inputs, n, kind: 100 * inputs["batch"] + 50 * (inputs["batch"] > 3))
+    monkeypatch.setattr(bench, "_peak", lambda model, v, inputs, n, kind, cache="static": 100 * inputs["batch"] + 50 * (inputs["batch"] > 3))
     monkeypatch.setattr(
         bench.measure, "interleaved",
         lambda model, variants, **kw: {k: {"kv_cache_bytes": 100 * inp["batch"], "prefill_ms": 1.0, "repeats": 1,
@@ -158,7 +162,7 @@ def test_memory_budget_counts_the_fixed_part(monkeypatch):
             return {"batch": batch}
 
     memory = {"dense": (1000, 100), "lazy": (1000, 50)}  # (fixed, per sequence)
-    monkeypatch.setattr(bench, "_peak", lambda model, v, inputs, n, kind: memory[v.label][0] + memory[v.label][1] * inputs["batch"])
+    monkeypatch.setattr(bench, "_peak", lambda model, v, inputs, n, kind, cache="static": memory[v.label][0] + memory[v.label][1] * inputs["batch"])
     monkeypatch.setattr(
         bench.measure, "interleaved",
         lambda model, variants, **kw: {k: {"kv_cache_bytes": 1, "peak_memory_bytes": 5, "prefill_ms": 1.0, "repeats": 5,

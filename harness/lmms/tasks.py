@@ -170,7 +170,9 @@ class LmmsShapes(ShapesTask):
         require_lmms_eval()
         export_shapes.check_qtypes(self.qtypes)
 
-    def evaluate(self, loaded, method, *, limit, batch_size, device, work_dir, finished, on_row) -> Evaluation:
+    def evaluate(self, loaded, method, *, limit, batch_size, device, work_dir, finished, on_row,
+                 cache: str = "static") -> Evaluation:
+        _static_only(cache)
         samples = self.samples(limit)
         predictions, scores, summary = evaluate_shapes(self, loaded, method, samples, batch_size, device, work_dir)
         ours = self.score(samples, predictions)  # the same scorer: its 95 % intervals go beside lmms-eval's numbers
@@ -184,6 +186,12 @@ class LmmsShapes(ShapesTask):
             on_row(row)
         efficiency_prompt = (conversation(samples[0].questions[:1], []), [self.image(samples[0])])
         return Evaluation({self.name: scores}, rows, efficiency_prompt, summary)
+
+
+def _static_only(cache: str) -> None:
+    if cache != "static":
+        raise ValueError(f"cache={cache} is available with the built-in task=shapes only; the lmms-eval tasks "
+                         "generate on the preallocated cache (cache=static).")
 
 
 @dataclasses.dataclass
@@ -209,7 +217,9 @@ class LmmsBenchmarks:
             "chosen layers (result.json method.lazy_layers) as method.layers=[...] here."
         )
 
-    def evaluate(self, loaded, method, *, limit, batch_size, device, work_dir, finished, on_row) -> Evaluation:
+    def evaluate(self, loaded, method, *, limit, batch_size, device, work_dir, finished, on_row,
+                 cache: str = "static") -> Evaluation:
+        _static_only(cache)
         run = evaluate_benchmarks(self, loaded, method, limit, batch_size, device, work_dir)
         for row in run.rows:
             on_row(row)

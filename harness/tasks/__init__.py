@@ -130,7 +130,8 @@ class ShapesTask:
             "kv_bytes": kv_bytes,
         }
 
-    def evaluate(self, loaded, method, *, limit, batch_size, device, work_dir, finished, on_row) -> Evaluation:
+    def evaluate(self, loaded, method, *, limit, batch_size, device, work_dir, finished, on_row,
+                 cache: str = "static") -> Evaluation:
         """Greedy answers for every sample (those in ``finished`` are kept, not asked again);
         each new row goes to ``on_row`` as soon as its sample is done."""
         samples = self.samples(limit)
@@ -144,7 +145,7 @@ class ShapesTask:
             predictions = evaluate(
                 loaded.model, loaded.processor, self, samples, batch_size, device, on_sample=record,
                 done={sid: row["prediction"] for sid, row in finished.items()},
-                multiturn=self.multiturn, min_new_tokens=self.min_new_tokens,
+                multiturn=self.multiturn, min_new_tokens=self.min_new_tokens, cache=cache,
             )
         return Evaluation(
             scores={self.name: self.score(samples, predictions)},
