@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 LMMS_EVAL ?= lmms-eval==0.7.3
 LMMS_STAMP := $(VENV)/.lmms-installed
 
-.PHONY: install lmms-install run test bench gpu-check clean tiny-model sweeps sweeps-readings sweeps-deep tables table-main table-protocol table-efficiency table-calibration fig-layers fig-pareto fig-fidelity
+.PHONY: install lmms-install run test bench bench-kv gpu-check clean tiny-model sweeps sweeps-readings sweeps-deep tables table-main table-protocol table-efficiency table-calibration fig-layers fig-pareto fig-fidelity
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,6 +33,11 @@ run: $(STAMP)
 
 bench: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python -m harness.bench $(ARGS)
+
+# The KV-bound preset (conf/preset/kv.yaml): dense vs Lazy Attention (every reading) and FastV where a
+# decode step reads ~5x more KV than weights, both KV caches, dense's KV budget; about 15 min on 2 cores.
+bench-kv: $(STAMP)
+	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python -m harness.bench +preset=kv out_dir=results/bench/llava_kv_random $(ARGS)
 
 # Validate every method on CUDA and measure throughput on LLaVA-1.5-7B shapes (docs/gpu.md);
 # results/gpu/<device>/, resumable. Without CUDA: the CPU checks only, one line, exit 0.

@@ -39,6 +39,7 @@ from harness.generate import conversation, prompt_inputs
 from harness.models import load_model
 from harness.results import SCHEMA_VERSION, config_key, device_info, env_info, write_json_atomic
 from harness.tasks import shapes
+from lazyattn.cache import CACHE_KINDS
 RESULT = "bench.json"
 QUESTION = "describe the image ."
 # Extra words that lengthen the prompt; all in the tiny tokenizer's vocabulary.
@@ -415,6 +416,31 @@ def run_budget(model, prompts: Prompts, context: dict, variants: list[Variant], 
     return plan
 
 
+def compare_caches(model, prompts: Prompts, context: dict, variants: list[Variant], settings: dict) -> dict:
+    """Each variant on the preallocated and on the concatenating cache, in one ABBA set at the
+    largest batch: what the copying costs (static over dynamic, higher is better)."""
+    batch = max(settings["batch_sizes"])
+    inputs = prompts.inputs(context["extra_words"], batch)
+    timed = {}
+    for v in variants:
+        for kind in CACHE_KINDS:
+            timed[f"{v.label} {kind}"] = (inputs, lambda v=v: v.method.apply(model), kind)
+    summaries = measure.interleaved(model, timed, new_tokens=settings["new_tokens"], repeats=settings["repeats"],
+                                    warmup=settings["warmup"])
+    entries = []
+    for v in variants:
+        s, d = summaries[f"{v.label} static"], summaries[f"{v.label} dynamic"]
+        entries.append({
+            "label": v.label, "static": _figures(s), "dynamic": _figures(d),
+            "decode_speedup": s["decode_tokens_per_s"] / d["decode_tokens_per_s"],
+            "e2e_speedup": s["e2e_tokens_per_s"] / d["e2e_tokens_per_s"],
+        })
+        print(f"{v.label:<22} B={batch:<3} static cache over dynamic: decode x{entries[-1]['decode_speedup']:.3f} "
+              f"e2e x{entries[-1]['e2e_speedup']:.3f}", flush=True)
+    return {"batch_size": batch, "prompt_tokens": context["prompt_tokens"], "new_tokens": settings["new_tokens"],
+            "repeats": summaries[f"{variants[0].label} static"]["repeats"], "entries": entries}
+
+
 def run_bench(cfg: DictConfig) -> Path:
     out_dir = Path(cfg.out_dir)
     path = out_dir / RESULT
@@ -473,6 +499,9 @@ def run_bench(cfg: DictConfig) -> Path:
         print(f"resuming {path}: {len(done)} finished point(s) kept")
     grid = [(v, c, b) for v in variants for c in contexts for b in settings["batch_sizes"]]
 
+    if previous and previous.get("caches"):
+        result["caches"] = previous["caches"]
+
     def save() -> None:
         result["rows"] = [done[k] for k in ((v.label, b, c["context_length"]) for v, c, b in grid) if k in done]
         write_json_atomic(path, result)
@@ -509,6 +538,10 @@ def run_bench(cfg: DictConfig) -> Path:
             f"e2e x{x['e2e_speedup']:.3f} prefill x{x['prefill_speedup']:.3f} (speed-ups: method over dense)",
             flush=True,
         )
+
+    if cfg.get("compare_caches") and result.get("caches") is None:
+        result["caches"] = compare_caches(model, prompts, contexts[-1], [dense, *variants[:1]], settings)
+        save()
 
     if budget_context is not None:
         result["budget"] = run_budget(model, prompts, budget_context, variants_b, result["budget"], settings, device)
@@ -559,6 +592,15 @@ def format_table(result: dict) -> str:
         )
     if any(r.get("host_sync") for r in result["rows"]):
         lines.append("note: " + next(r["host_sync"] for r in result["rows"] if r.get("host_sync")))
+    c = result.get("caches")
+    if c:
+        lines += ["", f"preallocated (static) vs concatenating (dynamic) KV cache at batch {c['batch_size']}, prompt "
+                  f"{c['prompt_tokens']} + {c['new_tokens']} new tokens (x = static over dynamic)",
+                  f"{'method':<24}{'static decode':>15}{'dynamic decode':>16}{'x':>7}{'static e2e':>12}{'dynamic e2e':>13}{'x':>7}"]
+        for e in c["entries"]:
+            lines.append(f"{e['label']:<24}{e['static']['decode_tokens_per_s']:>15.1f}{e['dynamic']['decode_tokens_per_s']:>16.1f}"
+                         f"{e['decode_speedup']:>7.3f}{e['static']['e2e_tokens_per_s']:>12.1f}"
+                         f"{e['dynamic']['e2e_tokens_per_s']:>13.1f}{e['e2e_speedup']:>7.3f}")
     b = result.get("budget")
     if b and b.get("complete"):
         what = "KV" if b.get("kind", "kv") == "kv" else "device memory"

@@ -218,30 +218,33 @@ def device_name(device: torch.device) -> str | None:
 
 def interleaved(
     model,
-    variants: dict[str, tuple[dict, Callable[[], contextlib.AbstractContextManager]]],
+    variants: dict[str, tuple],
     new_tokens: int = 32,
     repeats: int = 3,
     warmup: int = 1,
     cache: str = "static",
 ) -> dict[str, dict]:
-    """Several variants, each ``name -> (inputs, context factory)``, timed in ABBA order in this
-    process (``abba_order``) on the KV cache ``cache``; each variant's summary over its own
-    inputs' batch size."""
+    """Several variants, each ``name -> (inputs, context factory[, cache kind])``, timed in ABBA
+    order in this process (``abba_order``) on the KV cache ``cache`` (or the variant's own); each
+    variant's summary over its own inputs' batch size."""
     device = next(iter(variants.values()))[0]["input_ids"].device
     repeats = repeats_for(device, repeats)
     peak_bw = peak_bandwidth(device_name(device))
+
+    def once(name: str, tokens: int) -> dict:
+        inputs, ctx, *own = variants[name]  # a third element: this variant's own cache kind
+        with ctx():
+            return generate_once(model, inputs, tokens, own[0] if own else cache)
+
     for _ in range(warmup):
-        for inputs, ctx in variants.values():
-            with ctx():
-                generate_once(model, inputs, min(new_tokens, 4), cache)
+        for name in variants:
+            once(name, min(new_tokens, 4))
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     for name in abba_order(list(variants), repeats):
-        inputs, ctx = variants[name]
-        with ctx():
-            runs[name].append(generate_once(model, inputs, new_tokens, cache))
+        runs[name].append(once(name, new_tokens))
     return {
-        name: summarise(runs[name], inputs["input_ids"].shape[0], new_tokens, model, peak_bw)
-        for name, (inputs, _) in variants.items()
+        name: summarise(runs[name], spec[0]["input_ids"].shape[0], new_tokens, model, peak_bw)
+        for name, spec in variants.items()
     }
 
 
