@@ -192,7 +192,9 @@ def cap_log(path: Path, cap: int = LOG_CAP) -> None:
 def step_done(out: Path, phase: str, tier: int, slug: str) -> bool:
     """A step is finished when its phase file says its tier is complete on this device."""
     data = read_json(out / f"{phase}.json")
-    return (phase != "env" and data.get("device_slug") == slug and tier in data.get("complete_tiers", [])
+    plan = data.get("plan", [])
+    complete = tier in data.get("complete_tiers", []) or (plan and tier not in {p.get("tier") for p in plan})
+    return (phase != "env" and data.get("device_slug") == slug and bool(complete)
             and data.get("status") in ("done", "skipped", "partial"))
 
 
@@ -487,6 +489,29 @@ def _points(data: dict, tier: int) -> str:
     return f"{done} / {len(plan)}"
 
 
+def check_folder(out: Path) -> list[str]:
+    """What in ``out`` would not come back from the device (``LIMITS``), and a missing summary."""
+    problems, files = [], []
+    for path in out.rglob("*"):
+        depth = len(path.relative_to(out).parts) - 1  # folders above the file inside out
+        if not NAME_OK.match(path.name):
+            problems.append(f"odd name: {path.relative_to(out)}")
+        if path.is_symlink() or not (path.is_file() or path.is_dir()):
+            problems.append(f"not a plain file: {path.relative_to(out)}")
+        elif path.is_file():
+            files.append(path)
+            if depth > LIMITS["depth"]:
+                problems.append(f"too deep: {path.relative_to(out)}")
+            if path.stat().st_size > LIMITS["file_bytes"]:
+                problems.append(f"over {LIMITS['file_bytes']} bytes: {path.relative_to(out)}")
+    if len(files) > LIMITS["files"]:
+        problems.append(f"{len(files)} files, more than {LIMITS['files']}")
+    for name in ("README.md", "summary.json"):
+        if not (out / name).is_file():
+            problems.append(f"no {name}")
+    return problems
+
+
 def collect(source: Path, dest_root: Path) -> Path:
     """``make gpu-collect``: the returned files into ``dest_root/<device slug>/`` (README re-rendered)."""
     summary = read_json(source / "summary.json")
@@ -500,6 +525,16 @@ def collect(source: Path, dest_root: Path) -> Path:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--check":  # make gpu-dryrun: the limits, the summary, no failed step
+        folder = Path(sys.argv[2])
+        problems = check_folder(folder)
+        done = read_json(folder / "summary.json")
+        steps = done.get("steps", [])
+        problems += [f"step {s['step']} failed: {s.get('note')}" for s in steps if s["status"] == "failed"]
+        problems += [] if done.get("finished") else ["summary not finished: " + str(done.get("error"))]
+        print(f"{folder}: {len(list(folder.iterdir()))} files, " + ", ".join(f"{s['step']} {s['status']}" for s in steps)
+              + (f"; PROBLEMS: {problems}" if problems else "; within the device's return limits"))
+        sys.exit(1 if problems else 0)
     if len(sys.argv) > 1 and sys.argv[1] == "--collect":
         print(collect(Path(sys.argv[2]), Path(sys.argv[3] if len(sys.argv) > 3 else ROOT / "results" / "gpu")))
         sys.exit(0)
