@@ -194,28 +194,30 @@ def step_done(out: Path, phase: str, tier: int, slug: str) -> bool:
     data = read_json(out / f"{phase}.json")
     plan = data.get("plan", [])
     complete = tier in data.get("complete_tiers", []) or (plan and tier not in {p.get("tier") for p in plan})
-    return (phase != "env" and data.get("device_slug") == slug and bool(complete)
-            and data.get("status") in ("done", "skipped", "partial"))
+    return phase != "env" and data.get("device_slug") == slug and bool(complete)  # points are saved when finished
 
 
 def run_step(cmd: list[str], env: dict, timeout: float, log: Path) -> tuple[str, int | None, float]:
-    """Run ``cmd`` in its own process group; kill the group at ``timeout``. (how, exit code, seconds)."""
+    """Run ``cmd`` in its own process group and be back within ``timeout``: at ``timeout`` less a
+    grace the group gets SIGTERM, half the grace later SIGKILL; a process that still does not go (stuck
+    in a driver call, say) is left behind rather than waited for. (how, exit code, seconds)."""
     start = time.time()
+    grace = min(3.0, max(0.2, 0.1 * timeout))
     with open(log, "ab") as f:
         f.write(f"\n==== {' '.join(cmd[2:])} (timeout {timeout:.0f} s) ====\n".encode())
         f.flush()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            code = proc.wait(timeout=timeout)
+            code = proc.wait(timeout=max(0.1, timeout - grace))
             return "exited", code, time.time() - start
         except subprocess.TimeoutExpired:
-            for sig, wait in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
+            for sig in (signal.SIGTERM, signal.SIGKILL):
                 try:
                     os.killpg(proc.pid, sig)
                 except ProcessLookupError:
                     break
                 try:
-                    proc.wait(timeout=wait)
+                    proc.wait(timeout=grace / 2)
                     break
                 except subprocess.TimeoutExpired:
                     continue
@@ -274,10 +276,16 @@ def main(argv: list[str] | None = None, steps: list | None = None) -> int:
         summary["phases"] = {ph: read_json(out / f"{ph}.json") for ph in PHASES if (out / f"{ph}.json").exists()}
         summary["not_run"] = not_run(summary)
         summary["moved_out"] = sorted(set(summary["moved_out"]) | set(enforce_limits(out, scratch)))
-        write_atomic(out / "README.md", render(summary))
         phases = summary.pop("phases")
         write_atomic(out / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
         summary["phases"] = phases
+        try:
+            text = render(summary)
+        except Exception as err:  # a malformed phase file must not cost the README: the steps at least
+            text = (f"# Device call ({summary['device_slug']})\n\nRendering failed ({type(err).__name__}: {err}); "
+                    "summary.json holds everything.\n\n" + "\n".join(
+                        f"- {s['step']}: {s['status']} {s.get('note') or ''}" for s in summary["steps"]) + "\n")
+        write_atomic(out / "README.md", text)
         if log.exists():
             cap_log(log)
 
@@ -430,6 +438,8 @@ def render(summary: dict) -> str:
     if budget and budget.get("points"):
         rows = []
         for key, b in budget["points"].items():
+            if not isinstance(b, dict):
+                continue
             if "error" in b:
                 rows.append([key, "ERROR", b["error"][:120], "", "", "", "", "", ""])
                 continue
@@ -444,7 +454,7 @@ def render(summary: dict) -> str:
                   table(["Group", "Budget", "Variant", "Max B", "Batch ×", "Decode tok/s", "Decode ×", "E2E tok/s",
                          "Mem GiB"], rows)]
     corr = phases.get("correctness")
-    if corr and corr.get("points"):
+    if corr and corr.get("points") and isinstance(corr["points"].get("checks", {}), dict):
         parts += [f"## Correctness ({corr.get('status')}, profile {corr.get('profile')})", ""]
         checks = corr["points"].get("checks", {})
         parts += [f"Checks: " + ", ".join(f"{k} {'ok' if v.get('ok') else 'FAILED'}" for k, v in checks.items()
@@ -452,7 +462,7 @@ def render(summary: dict) -> str:
         kernels = (corr.get("matrix") or {}).get("kernels", {})
         groups: dict = {}
         for key, c in corr["points"].items():
-            if key == "checks":
+            if key == "checks" or "dtype" not in c:
                 continue
             for impl in set(c.get("errors", {})) | set(c.get("impl_errors", {})):
                 g = groups.setdefault((c["dtype"], impl), [0, 0, 0.0])
@@ -465,7 +475,7 @@ def render(summary: dict) -> str:
         parts += [table(["dtype", "Compared with sdpa", "Kernel", "Within tolerance", "Max rel. error"],
                         [[d, i, kernels.get(i, i), f"{g[0]} / {g[1]}", _f(g[2], "{:.1e}")]
                          for (d, i), g in sorted(groups.items())])]
-        cells = [c for k, c in corr["points"].items() if k != "checks"]
+        cells = [c for k, c in corr["points"].items() if k != "checks" and "key" in c]
         bad = [c for c in cells if not c.get("ok")]
         parts += [f"{len(cells) - len(bad)} / {len(cells)} cells pass (KV formula, finite logits, every kernel within "
                   "tolerance)." + (" Failing:" if bad else ""), ""]
