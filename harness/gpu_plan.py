@@ -43,6 +43,7 @@ from pathlib import Path
 PHASES = ("env", "throughput", "correctness", "pruning", "budget")
 MODEL_7B = "model=llava15_7b_random"
 PROMPT_7B = 584  # 576 image tokens and the question
+LOAD_S = 30  # estimated: a phase's imports, CUDA start and the 7B model built on the GPU
 NEW_TOKENS = 128
 REPEATS, WARMUP = 5, 1
 LAZY_VARIANTS = ["lazy ratio=0.5", "lazy ratio=0.7", "lazy ratio=0.35 share=qkv"]
@@ -371,7 +372,7 @@ def _timing_phase(ph: Phase, entries: list[str], points: list[tuple[int, int | N
     by_key = {point_key(b, c): (b, c) for b, c, _ in pts}
     batch, ctx = by_key[ph.todo()[0]]
     first = estimate_point_s(1 + len(entries), batch, ctx or PROMPT_7B)
-    if not ph.fits(first):  # before the model is built: leave the time to the next phase
+    if not ph.fits(LOAD_S + first):  # before the model is built: leave the time to the next phase
         ph.data.setdefault("stopped", {})[ph.todo()[0]] = f"estimated {first:.0f} s, {ph.left():.0f} s left"
         return "partial"
     loaded, device = _load(ph.profile, threads=None if gpu else 1)
@@ -433,7 +434,7 @@ def phase_budget(ph: Phase) -> str:
     repeats, warmup = (REPEATS, WARMUP) if gpu else (CPU["repeats"], CPU["warmup"])
     estimates = {name: estimate_budget_s(1 + len(entries)) for name, entries, _ in BUDGET_GROUPS}
     first = ph.todo()[0]
-    if gpu and not ph.fits(estimates[first]):  # before the model is built: give the time to the next phase
+    if gpu and not ph.fits(LOAD_S + estimates[first]):  # before the model is built: give the time to the next phase
         ph.data.setdefault("stopped", {})[first] = f"estimated {estimates[first]:.0f} s, {ph.left():.0f} s left"
         return "partial"
     loaded, device = _load(ph.profile, threads=None if gpu else 1)
