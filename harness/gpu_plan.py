@@ -95,7 +95,8 @@ def estimate_run_s(batch: int, prompt: int, new_tokens: int) -> float:
 def estimate_point_s(n_variants: int, batch: int, prompt: int, new_tokens: int = NEW_TOKENS,
                      repeats: int = REPEATS, warmup: int = WARMUP) -> float:
     """All variants of one point in one ABBA set: ``repeats`` timed runs and ``warmup`` short ones each."""
-    return n_variants * (repeats * estimate_run_s(batch, prompt, new_tokens) + warmup * estimate_run_s(batch, prompt, 4))
+    run, short = estimate_run_s(batch, prompt, new_tokens), estimate_run_s(batch, prompt, 4)
+    return n_variants * (repeats * run + warmup * short)
 
 
 def estimate_budget_s(n_variants: int, prompt: int = BUDGET_CONTEXT, new_tokens: int = NEW_TOKENS) -> float:
@@ -449,7 +450,8 @@ def phase_budget(ph: Phase) -> str:
     groups = {name: entries for name, entries, _ in BUDGET_GROUPS}
     for key in ph.todo():
         if not ph.fits(estimates[key]):
-            ph.data.setdefault("stopped", {})[key] = f"estimated {estimates[key] * ph.factor:.0f} s, {ph.left():.0f} s left"
+            wanted = estimates[key] * ph.factor
+            ph.data.setdefault("stopped", {})[key] = f"estimated {wanted:.0f} s, {ph.left():.0f} s left"
             break
         known = next((p["bytes"] for p in ph.data["points"].values() if p.get("bytes")), None)
         cfg = OmegaConf.create({"kind": ph.data["settings"]["kind"], "bytes": known,
@@ -574,7 +576,8 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         ph.finish("failed", f"{type(err).__name__}: {str(err)[:500]}")
         return 1
-    print(f"{args.phase} (tier {args.tier}, {profile}): {ph.data['status']} in {time.time() - ph.started:.1f} s", flush=True)
+    seconds = time.time() - ph.started
+    print(f"{args.phase} (tier {args.tier}, {profile}): {ph.data['status']} in {seconds:.1f} s", flush=True)
     return 1 if ph.data["status"] == "failed" else 0
 
 

@@ -267,7 +267,8 @@ def main(argv: list[str] | None = None, steps: list | None = None) -> int:
         "git_sha": git_sha(), "device_slug": slug, "deadline_s": args.deadline, "started": time.strftime(
             "%Y-%m-%dT%H:%M:%SZ", time.gmtime(start)), "resumed_from": str(source) if source else None,
         "calls": previous.get("calls", []), "install": None,
-        "steps": [{"step": s, "phase": ph, "tier": t, "status": "not run", "note": "not reached"} for s, ph, t, _ in steps],
+        "steps": [{"step": s, "phase": ph, "tier": t, "status": "not run", "note": "not reached"}
+                  for s, ph, t, _ in steps],
         "limits": LIMITS, "moved_out": [], "finished": False,
     }
 
@@ -380,7 +381,8 @@ def timing_rows(data: dict) -> list[list[str]]:
             ceiling = f"{c['weight_bound']:.2f} / {c['kv_bound']:.2f}" if c.get("weight_bound") else "–"
             mem = r.get("peak_memory_bytes")
             rows.append([key, str(point.get("prompt_tokens")), label,
-                         f"{_f(r.get('decode_tokens_per_s'), '{:.0f}')} ± {_f(r.get('decode_tokens_per_s_iqr'), '{:.0f}')}",
+                         f"{_f(r.get('decode_tokens_per_s'), '{:.0f}')} ± "
+                         f"{_f(r.get('decode_tokens_per_s_iqr'), '{:.0f}')}",
                          _f(r.get("decode_speedup")),
                          f"{_f(r.get('e2e_tokens_per_s'), '{:.0f}')} ± {_f(r.get('e2e_tokens_per_s_iqr'), '{:.0f}')}",
                          _f(r.get("e2e_speedup")), _f(r.get("prefill_ms"), "{:.1f}"),
@@ -424,10 +426,11 @@ def render(summary: dict) -> str:
                   f"{tf.get('version')} from `{tf.get('path')}`, Python {env.get('python')}; flash-attn 2: "
                   f"{env.get('flash_attn_2_available')}; {env.get('nvidia_smi', '')}", ""]
         if readings:
+            bw, mm = readings.get("copy_fraction_of_peak_bandwidth"), readings.get("matmul_fraction_of_peak")
             parts += [f"Device-to-device copy {_f(readings.get('copy_tb_per_s'))} TB/s (read + written; "
-                      f"{_f(readings.get('copy_fraction_of_peak_bandwidth') and 100 * readings['copy_fraction_of_peak_bandwidth'], '{:.0f}')} % "
-                      f"of peak); bf16 8192³ matmul {_f(readings.get('matmul_bf16_tflops'), '{:.0f}')} TFLOP/s "
-                      f"({_f(readings.get('matmul_fraction_of_peak') and 100 * readings['matmul_fraction_of_peak'], '{:.0f}')} % of peak).", ""]
+                      f"{_f(bw and 100 * bw, '{:.0f}')} % of peak); bf16 8192³ matmul "
+                      f"{_f(readings.get('matmul_bf16_tflops'), '{:.0f}')} TFLOP/s ({_f(mm and 100 * mm, '{:.0f}')} % "
+                      "of peak).", ""]
     for ph, title in (("throughput", "Throughput: LLaVA-1.5-7B shape, float16, dense vs Lazy Attention"),
                       ("pruning", "Pruning methods at batch 8")):
         data = phases.get(ph)
@@ -542,7 +545,8 @@ if __name__ == "__main__":
         steps = done.get("steps", [])
         problems += [f"step {s['step']} failed: {s.get('note')}" for s in steps if s["status"] == "failed"]
         problems += [] if done.get("finished") else ["summary not finished: " + str(done.get("error"))]
-        print(f"{folder}: {len(list(folder.iterdir()))} files, " + ", ".join(f"{s['step']} {s['status']}" for s in steps)
+        print(f"{folder}: {len(list(folder.iterdir()))} files, "
+              + ", ".join(f"{s['step']} {s['status']}" for s in steps)
               + (f"; PROBLEMS: {problems}" if problems else "; within the device's return limits"))
         sys.exit(1 if problems else 0)
     if len(sys.argv) > 1 and sys.argv[1] == "--collect":

@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         {"git_sha": sha, "wheels": wheels, "downloaded": DOWNLOAD, "built_from_sdist": BUILD,
          "requires_from_image": REQUIRES_FROM_IMAGE}, indent=1) + "\n")
     size, tracked = size_check(dest, args.limit_mib)
-    print(f"gpu-wheels: {len(wheels)} wheels, {size / 2**20:.1f} MiB in {dest} + tracked tree {tracked / 2**20:.1f} MiB "
+    print(f"gpu-wheels: {len(wheels)} wheels, {size / 2**20:.1f} MiB in {dest} + tracked tree "
+          f"{tracked / 2**20:.1f} MiB "
           f"= {(size + tracked) / 2**20:.1f} MiB (limit {args.limit_mib:g}); git {sha}")
     for name in wheels.values():
         print(f"  {name}  {(dest / name).stat().st_size / 2**20:.2f} MiB")
