@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 LMMS_EVAL ?= lmms-eval==0.7.3
 LMMS_STAMP := $(VENV)/.lmms-installed
 
-.PHONY: install lmms-install run test bench bench-kv gpu-check clean tiny-model sweeps sweeps-readings sweeps-deep tables table-main table-protocol table-efficiency table-calibration fig-layers fig-pareto fig-fidelity
+.PHONY: install lmms-install run test bench bench-kv gpu-check gpu-wheels gpu-dryrun gpu-collect clean tiny-model sweeps sweeps-readings sweeps-deep tables table-main table-protocol table-efficiency table-calibration fig-layers fig-pareto fig-fidelity
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -44,6 +44,38 @@ bench-kv: $(STAMP)
 # ARGS="--quick" for a smaller bench grid, "--skip-bench" for correctness only.
 gpu-check: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-disabled} $(BIN)/python -m harness.gpu_check $(ARGS)
+
+# The one GPU command's inputs and its rehearsal (docs/gpu.md). gpu-wheels: the wheels the GPU image
+# lacks (hydra-core, omegaconf, antlr4 built from its sdist, the tested transformers) into the ignored
+# .whl/, with .whl/GIT_SHA; fails when .whl/ plus the tracked tree is over 60 MiB. Needs PyPI only.
+gpu-wheels:
+	$(PY) tools/gpu_wheels.py
+
+# gpu-dryrun: the exact device command on this CPU, in a fresh venv holding only the GPU image's Python
+# packages (the CPU torch wheel, transformers at the image's 5.17.0, numpy, pillow, safetensors, tokenizers,
+# huggingface_hub, accelerate and what they need) plus .whl/; a short deadline; then the same command
+# again resuming from the first call's folder. Both must write their summary and exit 0.
+DRYRUN ?= .gpu-dryrun
+DRYRUN_DEADLINE ?= 240
+DRYRUN_PKGS = torch==2.13.0 transformers==5.17.0 numpy pillow safetensors==0.8.0 tokenizers==0.23.2 \
+	huggingface_hub==1.33.0 accelerate==1.15.0 jinja2 pyyaml regex tqdm typer packaging filelock
+$(DRYRUN)/.installed:
+	rm -rf $(DRYRUN)/venv
+	$(PY) -m venv $(DRYRUN)/venv
+	$(DRYRUN)/venv/bin/python -m pip install -q $(DRYRUN_PKGS)
+	touch $@
+
+gpu-dryrun: $(DRYRUN)/.installed
+	test -f .whl/GIT_SHA || $(MAKE) gpu-wheels
+	rm -rf $(DRYRUN)/call1 $(DRYRUN)/call2
+	$(DRYRUN)/venv/bin/python tools/gpu_call.py --out $(DRYRUN)/call1 --deadline $(DRYRUN_DEADLINE)
+	$(DRYRUN)/venv/bin/python tools/gpu_call.py --check $(DRYRUN)/call1
+	$(DRYRUN)/venv/bin/python tools/gpu_call.py --out $(DRYRUN)/call2 --deadline 60 --resume $(DRYRUN)/call1
+	$(DRYRUN)/venv/bin/python tools/gpu_call.py --check $(DRYRUN)/call2
+
+# The files a device call returned (FROM=the folder they came back in) into results/gpu/<device>/.
+gpu-collect:
+	$(PY) tools/gpu_call.py --collect $(FROM) results/gpu
 
 test: $(STAMP) $(LMMS_STAMP)
 	WANDB_MODE=offline $(BIN)/python -m pytest tests $(PYTEST_ARGS)

@@ -88,12 +88,12 @@ def layer_divergence(model: nn.Module, batches: Iterable[dict]) -> torch.Tensor:
         for batch in batches:
             out = model(**batch, output_attentions=True, use_cache=False)
             attn = torch.stack([a.double().mean(1) for a in out.attentions])  # [n, B, T, T]
-            valid = batch["attention_mask"].bool()  # rows of real tokens only
+            valid = batch["attention_mask"].bool().to(attn.device)  # rows of real tokens only
+            pairs = torch.zeros(n, n, dtype=torch.float64, device=attn.device)  # on the model's device
             for i in range(n):
                 for j in range(i + 1, n):
-                    d = _js(attn[i], attn[j])[valid].sum()
-                    total[i, j] += d
-                    total[j, i] += d
+                    pairs[i, j] = _js(attn[i], attn[j])[valid].sum()
+            total += (pairs + pairs.T).cpu()  # one copy per batch into the CPU accumulator
             rows += int(valid.sum())
     return total / max(rows, 1)
 

@@ -82,7 +82,7 @@ def withdrawal_kl(model: nn.Module, batches: Iterable[dict]) -> list[float]:
         for k in range(1, n_layers):
             with VTW(k=k).apply(model):
                 withdrawn = _next_token_log_probs(model, batch)
-            total[k - 1] += (dense.exp() * (dense - withdrawn)).sum()
+            total[k - 1] += (dense.exp() * (dense - withdrawn)).sum().item()  # a CUDA scalar into a CPU sum
         count += dense.shape[0]
     return (total / max(count, 1)).tolist()
 
