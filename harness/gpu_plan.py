@@ -214,46 +214,38 @@ def _variants(entries: list[str], profile: str = "gpu"):
             *(bench.make_variant(e) for e in entries)]
 
 
-def _ceiling(model, summary: dict):
-    """The lazy-layer speed-up ceilings ``harness.measure`` predicts (whatever it offers today)."""
-    from harness import measure
-
-    if not summary.get("lazy_layers"):
-        return None
-    try:
-        return measure.predicted_ceilings(model, len(summary["lazy_layers"]))
-    except Exception as err:  # the accounting is being rewritten; a point must not fail on it
-        return {"error": f"{type(err).__name__}: {err}"}
-
-
 FIGURES = ("prefill_ms", "prefill_ms_iqr", "decode_tokens_per_s", "decode_tokens_per_s_iqr", "e2e_tokens_per_s",
            "e2e_tokens_per_s_iqr", "kv_cache_bytes", "peak_memory_bytes", "decode_bandwidth_bytes_per_s",
-           "bandwidth_utilisation", "lazy_layers", "repeats")
+           "bandwidth_utilisation", "decode_step_bytes", "decode_weight_bytes", "decode_kv_read_bytes", "lazy_layers",
+           "repeats", "cache")
 
 
 def time_point(model, prompts, variants, batch: int, context: dict, new_tokens: int, repeats: int,
                warmup: int) -> dict:
-    """Every variant of one point (dense first) in one ABBA set; figures and ratios to dense."""
+    """Every variant of one point (dense first) in one ABBA set, on the preallocated cache, and dense
+    once more on transformers' concatenating cache (``dense dynamic``: what the copying costs);
+    figures, ratios to dense and the speed-up the bytes per step predict."""
     import torch
 
     from harness import measure
 
     inputs = prompts.inputs(context["extra_words"], batch)
-    timed = {v.label: (inputs, (lambda v=v: v.method.apply(model))) for v in variants}
+    timed = {v.label: (inputs, (lambda v=v: v.method.apply(model)), "static") for v in variants}
+    timed["dense dynamic"] = (inputs, lambda: variants[0].method.apply(model), "dynamic")
     start = time.time()
     summaries = measure.interleaved(model, timed, new_tokens=new_tokens, repeats=repeats, warmup=warmup)
     seconds = time.time() - start
     dense = summaries[variants[0].label]
     rows = {}
-    for v in variants:
-        s = summaries[v.label]
+    for label in [v.label for v in variants] + ["dense dynamic"]:
+        v = next((x for x in variants if x.label == label), variants[0])
+        s = summaries[label]
         row = {k: s.get(k) for k in FIGURES}
-        if v is not variants[0]:
+        if label != variants[0].label:
             row.update(measure.speedups(dense, s))
             row["kv_fraction"] = s["kv_cache_bytes"] / dense["kv_cache_bytes"]
             if s.get("peak_memory_bytes") and dense.get("peak_memory_bytes"):
                 row["memory_fraction"] = s["peak_memory_bytes"] / dense["peak_memory_bytes"]
-            row["predicted_decode_ceiling"] = _ceiling(model, s)
             if measure.uses_sparsevlm(v.method):
                 row["host_sync"] = True
         rows[v.label] = row
@@ -390,7 +382,7 @@ def _timing_phase(ph: Phase, entries: list[str], points: list[tuple[int, int | N
     for key in ph.todo():
         batch, ctx = by_key[key]
         context = prompts.fit(ctx)
-        estimate = estimate_point_s(len(variants), batch, context["prompt_tokens"], new_tokens, repeats, warmup)
+        estimate = estimate_point_s(len(variants) + 1, batch, context["prompt_tokens"], new_tokens, repeats, warmup)
         if not ph.fits(estimate):
             ph.data.setdefault("stopped", {})[key] = f"estimated {estimate * ph.factor:.0f} s, {ph.left():.0f} s left"
             break

@@ -377,8 +377,8 @@ def timing_rows(data: dict) -> list[list[str]]:
             rows.append([key, "ERROR", point["error"][:120], *[""] * 9])
             continue
         for label, r in point.get("rows", {}).items():
-            c = r.get("predicted_decode_ceiling") or {}
-            ceiling = f"{c['weight_bound']:.2f} / {c['kv_bound']:.2f}" if c.get("weight_bound") else "–"
+            pred, frac = r.get("predicted_decode_speedup"), r.get("decode_speedup_of_predicted")
+            ceiling = f"{pred:.2f} ({frac:.0%})" if pred and frac else "–"
             mem = r.get("peak_memory_bytes")
             rows.append([key, str(point.get("prompt_tokens")), label,
                          f"{_f(r.get('decode_tokens_per_s'), '{:.0f}')} ± "
@@ -392,7 +392,7 @@ def timing_rows(data: dict) -> list[list[str]]:
 
 
 TIMING_HEADER = ["Point", "Prompt", "Variant", "Decode tok/s", "Decode ×", "E2E tok/s", "E2E ×", "Prefill ms",
-                 "KV MiB", "KV ×", "Mem GiB", "Ceiling w / kv"]
+                 "KV MiB", "KV ×", "Mem GiB", "Predicted × (achieved)"]
 
 
 def render(summary: dict) -> str:
