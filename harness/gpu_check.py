@@ -48,7 +48,7 @@ from lazyattn.arch import decoder_layers
 
 N_LAYERS = families.TINY_TEXT["layers"]
 FAMILIES = families.TINY_SHAPES
-METHODS = ("dense", "lazy", "lazy_qkv", "lazy_visual", "fastv", "sparsevlm", "vtw", "lazy_fastv", "lazy_vtw")
+METHODS = ("dense", "lazy", "lazy_qkv", "lazy_visual", "lazy_visual_scores", "fastv", "sparsevlm", "vtw", "lazy_fastv", "lazy_vtw")
 # max |logits - sdpa's logits| / max |sdpa's logits|, prefill and every teacher-forced decode step
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
 # The pruned stages' logits without a mask against those with the explicit one: the same relative
@@ -79,6 +79,7 @@ def method_spec(name: str, family: str) -> dict:
         "lazy_fastv": {"name": "lazy_fastv", "lazy": {"ratio": 0.5}, "fastv": {"k": 2, "ratio": 0.5}},
         "lazy_qkv": {"name": "lazy", "ratio": 0.5, "share": "qkv"},
         "lazy_visual": {"name": "lazy", "ratio": 0.5, "scope": "visual"},
+        "lazy_visual_scores": {"name": "lazy", "ratio": 0.5, "scope": "visual_scores"},
         "vtw": {"name": "vtw", "k": 3},
         "lazy_vtw": {"name": "lazy_vtw", "lazy": {"ratio": 0.5, "share": "qkv"}, "vtw": {"k": 3}},
     }[name]
@@ -181,7 +182,7 @@ def kv_formula(model, method, cache, inputs: dict, steps: int) -> tuple[bool, st
         if i in lazy and share == "qkv":
             if keys is not None or getattr(layer, "values", None) is not None:
                 return False, f"layer {i}: a qkv lazy layer holds tensors"
-        elif i in lazy and scope == "visual":
+        elif i in lazy and scope in ("visual", "visual_scores"):
             if keys is None or keys.shape[-2] != length - n_image:
                 return False, f"layer {i}: a visual lazy layer should hold {length - n_image} keys"
             want += per_token * (2 * length - n_image)

@@ -72,7 +72,7 @@ def _bytes(module: nn.Module) -> int:
 
 # The projections a lazy layer skips, by the kind of its cache slot (what it keeps says what it computes):
 # values only (share="qk"): no q_proj, k_proj; nothing (share="qkv"): no q_proj, k_proj, v_proj;
-# a text-key slot (scope="visual") computes all of them.
+# a text-key slot (scope="visual" or "visual_scores") computes all of them.
 SKIPPED_PROJECTIONS = {ValueOnlyLayer: ("q_proj", "k_proj"), NoKVLayer: ("q_proj", "k_proj", "v_proj"),
                        TextKeyLayer: ()}
 

@@ -59,7 +59,8 @@ from lazyattn.cache import NoKVLayer, PreallocatedLayer, TextKeyLayer, ValueOnly
 
 
 SHARES = ("qk", "qkv")
-SCOPES = ("all", "visual")
+SCOPES = ("all", "visual", "visual_scores")
+VISUAL_SCOPES = ("visual", "visual_scores")
 
 
 class QCache:
@@ -129,10 +130,10 @@ def check_reading(share: str, scope: str) -> None:
         raise ValueError(f"Lazy Attention share must be one of {list(SHARES)}, got {share!r}.")
     if scope not in SCOPES:
         raise ValueError(f"Lazy Attention scope must be one of {list(SCOPES)}, got {scope!r}.")
-    if share == "qkv" and scope == "visual":
+    if share == "qkv" and scope in VISUAL_SCOPES:
         raise ValueError(
-            "Lazy Attention share='qkv' inherits the anchor's whole attention output, so it has no scope='visual' "
-            "reading; use share='qk' with scope='visual', or share='qkv' with scope='all'."
+            f"Lazy Attention share='qkv' inherits the anchor's whole attention output, so it has no scope='{scope}' "
+            f"reading; use share='qk' with scope='{scope}', or share='qkv' with scope='all'."
         )
 
 
@@ -158,7 +159,7 @@ def patch_attention(
     installed, handles = [], []
     try:
         flags = None
-        if scope == "visual" and anchor_of:
+        if scope in VISUAL_SCOPES and anchor_of:
             flags = ImageFlags(image_token_id(model))
             handles.append(model.register_forward_pre_hook(flags.hook, with_kwargs=True))
         last_dependant = {anchor_idx: lazy_idx for lazy_idx, anchor_idx in sorted(anchor_of.items())}
@@ -170,13 +171,14 @@ def patch_attention(
                 last = last_dependant[anchor_idx] == idx
                 if share == "qkv":
                     attn.forward = _lazy_qkv_forward(attn, qcache, anchor_idx, last, watch)
-                elif scope == "visual":
+                elif scope in VISUAL_SCOPES:
                     if watch:
                         raise ValueError(
-                            f"layer {idx} is lazy with scope='visual' and also a token pruner's scoring layer: "
-                            "scope='visual' cannot be composed with token pruning yet."
+                            f"layer {idx} is lazy with scope='{scope}' and also a token pruner's scoring layer: "
+                            f"scope='{scope}' cannot be composed with token pruning yet."
                         )
-                    attn.forward = _lazy_visual_forward(attn, family, qcache, anchor_idx, last, flags)
+                    make = _lazy_vla_forward if scope == "visual" else _lazy_visual_forward
+                    attn.forward = make(attn, family, qcache, anchor_idx, last, flags)
                 else:
                     attn.forward = _lazy_forward(attn, family, qcache, anchor_idx, last, watch)
             elif idx in last_dependant or watch:
@@ -411,10 +413,50 @@ def _lazy_qkv_forward(module: nn.Module, qcache: QCache, anchor_idx: int, last: 
     return forward
 
 
+def _own_text_keys(slot, hidden_states, key, value, flags, past_key_values):
+    """This layer's keys at the text columns of every cached token (zeros at image columns), all its
+    values, and the image flags of every cached token: from its text-key slot, or, without a cache,
+    from this forward's tokens."""
+    if past_key_values is not None:
+        image = flags.of_last(hidden_states.shape[1], prefill=slot.get_seq_length() == 0)
+        text_key, value, image = slot.update(key, value, image)
+        own_key = text_key.new_zeros(value.shape[:-1] + text_key.shape[-1:])  # the text keys at their columns
+        own_key.transpose(1, 2)[~image] = text_key.transpose(1, 2).reshape(-1, *text_key.shape[1:2], text_key.shape[-1])
+        return own_key, value, image
+    image = flags.of_last(hidden_states.shape[1], prefill=True)
+    return key * (~image)[:, None, :, None].to(key.dtype), value, image
+
+
+def _lazy_vla_forward(
+    module: nn.Module, family: AttentionFamily, qcache: QCache, anchor_idx: int, last: bool, flags: ImageFlags
+):
+    """VLA (``scope="visual"``): the image tokens' post-RoPE queries and keys are the anchor's, the
+    text tokens' the layer's own; values are the layer's own. One attention call through the
+    model's backend over the mixed queries and keys (same head size: flash-compatible), with the
+    layer's mask and scaling. The cache keeps text-token keys and every value; the image keys are
+    read from the anchor's cache. In decode the new (text) token's own query meets the anchor's
+    image keys and this layer's own text keys."""
+
+    def forward(hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, cache=None, **kwargs):
+        past_key_values = cache if cache is not None else past_key_values
+        query, key, value = _projections(module, family, hidden_states, position_embeddings)
+        slot = _lazy_slot(past_key_values, module.layer_idx, TextKeyLayer) if past_key_values is not None else None
+        own_key, value, image = _own_text_keys(slot, hidden_states, key, value, flags, past_key_values)
+        anchor_query, anchor_key, _ = _take_anchor(module, qcache, anchor_idx, last, value)
+        if slot is not None:  # the anchor's keys are read again, for the image columns
+            slot.extra_read_bytes = _nbytes(anchor_key)
+        rows = image[:, -query.shape[-2]:][:, None, :, None]  # this forward's tokens
+        mixed_query = torch.where(rows, anchor_query, query)
+        mixed_key = torch.where(image[:, None, :, None], anchor_key, own_key)
+        return _attend(module, family, mixed_query, mixed_key, value, attention_mask, kwargs)
+
+    return forward
+
+
 def _lazy_visual_forward(
     module: nn.Module, family: AttentionFamily, qcache: QCache, anchor_idx: int, last: bool, flags: ImageFlags
 ):
-    """Own query, keys and values; the scores over image-token keys are the anchor's (its query
+    """``scope="visual_scores"`` (our reading before VLA was known): own query, keys and values; the scores over image-token keys are the anchor's (its query
     against its keys), the scores over text keys this layer's own, in one softmax.
 
     One softmax over both sets of scores is one attention call over keys and queries that carry
@@ -429,17 +471,10 @@ def _lazy_visual_forward(
     def forward(hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, cache=None, **kwargs):
         past_key_values = cache if cache is not None else past_key_values
         query, key, value = _projections(module, family, hidden_states, position_embeddings)
-        if past_key_values is not None:
-            slot = _lazy_slot(past_key_values, module.layer_idx, TextKeyLayer)
-            image = flags.of_last(hidden_states.shape[1], prefill=slot.get_seq_length() == 0)
-            text_key, value, image = slot.update(key, value, image)
-            own_key = text_key.new_zeros(value.shape[:-1] + text_key.shape[-1:])  # the text keys at their columns
-            own_key.transpose(1, 2)[~image] = text_key.transpose(1, 2).reshape(-1, *text_key.shape[1:2], text_key.shape[-1])
-        else:
-            image = flags.of_last(hidden_states.shape[1], prefill=True)
-            own_key = key * (~image)[:, None, :, None].to(key.dtype)
+        slot = _lazy_slot(past_key_values, module.layer_idx, TextKeyLayer) if past_key_values is not None else None
+        own_key, value, image = _own_text_keys(slot, hidden_states, key, value, flags, past_key_values)
         anchor_query, anchor_key, _ = _take_anchor(module, qcache, anchor_idx, last, value)
-        if past_key_values is not None:  # the anchor's keys are read again, for the image columns
+        if slot is not None:  # the anchor's keys are read again, for the image columns
             slot.extra_read_bytes = _nbytes(anchor_key)
         image_key = anchor_key * image[:, None, :, None].to(anchor_key.dtype)
         joint_query = torch.cat([anchor_query, query], dim=-1)

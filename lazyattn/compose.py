@@ -97,7 +97,7 @@ def compose(*methods) -> Composed:
         )
     if lazies[0].scope != "all":
         raise ValueError(
-            "Lazy Attention scope='visual' cannot be composed with token pruning yet (pruning changes which "
+            f"Lazy Attention scope='{lazies[0].scope}' cannot be composed with token pruning yet (pruning changes which "
             "columns are image tokens); compose scope='all' (share='qk' or 'qkv')."
         )
     return Composed(lazies[0], pruners[0])

@@ -10,8 +10,10 @@ anchor's exactly. Its cache layer stores values only. The hooks are in ``lazyatt
 
 Two other readings of what a lazy layer shares are fields of the same method: ``share="qkv"``
 (the anchor's keys *and* values: its attention output, through the lazy layer's own ``o_proj``;
-the cache slot stores nothing) and ``scope="visual"`` (only the attention over image-token keys
-is inherited; text keys are the layer's own, and only they are cached).
+the cache slot stores nothing), ``scope="visual"`` (the paper's VLA: only the image tokens' queries
+and keys are the anchor's; text tokens' are the layer's own, and only their keys are cached) and
+``scope="visual_scores"`` (our earlier reading: the scores over image-token keys come from the
+anchor's query and keys, also for text queries).
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from torch import nn
 
 from lazyattn.arch import attention_modules
 from lazyattn.attention import check_reading, patch_attention
+
+
+READING_LABELS = {"qkv": "QKV", "visual": "VLA", "visual_scores": "visual-scores"}
 
 
 def uniform_lazy_layers(n_layers: int, ratio: float) -> list[int]:
@@ -75,10 +80,13 @@ class LazyAttention:
     anchor's, passed through its own ``o_proj``; its cache keeps nothing, KV falls by
     ``n_lazy / n_layers``.
 
-    ``scope``: ``"all"`` (default) inherits the attention over every key; ``"visual"`` only the
-    scores over image-token keys (anchor's query and image keys), the scores over text keys being
-    the layer's own, in one softmax; its cache keeps text-token keys and every value, so KV falls
-    by ``n_lazy * n_image / (2 n_layers * n_tokens)``. ``scope="visual"`` needs ``share="qk"``.
+    ``scope``: ``"all"`` (default; the paper's GLA) inherits the attention over every key;
+    ``"visual"`` (the paper's VLA) takes the anchor's post-RoPE queries and keys for the image tokens
+    only, text tokens using their own, with the layer's own values, in one attention call;
+    ``"visual_scores"`` takes only the scores over image-token keys (anchor's query and image keys,
+    for every query), the scores over text keys being the layer's own, in one softmax. Both visual
+    scopes cache text-token keys and every value, so KV falls by
+    ``n_lazy * n_image / (2 n_layers * n_tokens)``, and need ``share="qk"``.
     """
 
     layers: Sequence[int] | None = None
@@ -117,7 +125,7 @@ class LazyAttention:
     def reading(self) -> str:
         """The label suffix of a non-default reading ("" for share=qk, scope=all)."""
         parts = [p for p, default in ((self.share, "qk"), (self.scope, "all")) if p != default]
-        return "".join(f" {p.upper() if p == 'qkv' else p}" for p in parts)
+        return "".join(f" {READING_LABELS.get(p, p)}" for p in parts)
 
     def label(self, n_layers: int) -> str:
         if self.layers is None:

@@ -14,7 +14,7 @@ from lazyattn import VTW, FastV, LazyAttention, PruneEngine, choose_withdrawal_l
 from lazyattn.arch import decoder_layers
 
 LAYERS = [1, 3, 4, 7, 8, 9]  # anchors 0, 2, 5, 6, 10, 11: one anchor serves three lazy layers (7, 8, 9)
-READINGS = {"qkv": {"share": "qkv"}, "visual": {"scope": "visual"}, "qk": {}}
+READINGS = {"qkv": {"share": "qkv"}, "visual": {"scope": "visual"}, "visual_scores": {"scope": "visual_scores"}, "qk": {}}
 
 
 def _rms(x, norm):
@@ -35,9 +35,10 @@ def reference_logits(model, ids, mask, pixels, positions, anchor_of=(), reading=
     """Logits (B, T, V) of the whole sequence ``ids`` computed layer by layer here.
 
     ``anchor_of`` (lazy layer -> anchor) with ``reading`` "qk" (P_anchor V_own), "qkv" (the
-    anchor's attention output through the lazy layer's o_proj) or "visual" (scores on image
-    columns from the anchor's query and keys, on text columns the layer's own; one softmax; own
-    values). ``keep_from=(k, cols)``: layers k.. attend only to the columns ``cols`` (B, T).
+    anchor's attention output through the lazy layer's o_proj), "visual" (VLA: the image tokens'
+    queries and keys are the anchor's, the text tokens' the layer's own; own values) or
+    "visual_scores" (scores on image columns from the anchor's query and keys, on text columns
+    the layer's own; one softmax; own values). ``keep_from=(k, cols)``: layers k.. attend only to the columns ``cols`` (B, T).
     """
     anchor_of = dict(anchor_of)
     lm = model.model.language_model
@@ -69,14 +70,18 @@ def reference_logits(model, ids, mask, pixels, positions, anchor_of=(), reading=
         anchor = anchor_of.get(idx)
         if anchor is not None and reading == "qk":
             scores = own[anchor]["scores"]
-        elif anchor is not None and reading == "visual":
+        elif anchor is not None and reading == "visual_scores":
             scores = torch.where(image[:, None, None, :], own[anchor]["scores"], scores)
+        elif anchor is not None and reading == "visual":  # VLA: image rows and columns take the anchor's q and k
+            q_mixed = torch.where(image[:, None, :, None], own[anchor]["q"], q)
+            k_mixed = torch.where(image[:, None, :, None], own[anchor]["k"], k)
+            scores = q_mixed @ k_mixed.transpose(-1, -2) * d**-0.5
         probs = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).nan_to_num(0.0)
         out = (probs @ v).transpose(1, 2).reshape(b, t, -1)
         if anchor is not None and reading == "qkv":
             out = own[anchor]["out"]
         if anchor is None:
-            own[idx] = {"scores": scores, "out": out}
+            own[idx] = {"scores": scores, "out": out, "q": q, "k": k}
         x = x + _lin(out, attn.o_proj)
         h = _rms(x, layer.post_attention_layernorm)
         mlp = layer.mlp
@@ -100,7 +105,7 @@ def _method(reading, layers=LAYERS):
     return LazyAttention(layers=layers, **READINGS[reading])
 
 
-@pytest.mark.parametrize("reading", ["qkv", "visual", "qk"])
+@pytest.mark.parametrize("reading", ["qkv", "visual", "visual_scores", "qk"])
 @torch.no_grad()
 def test_prefill_equals_the_hand_written_forward(tiny, reading):
     inputs = padded_inputs(tiny)
@@ -139,7 +144,7 @@ def _comparable(tiny, *logits):
     return logits
 
 
-@pytest.mark.parametrize("reading", ["qkv", "visual"])
+@pytest.mark.parametrize("reading", ["qkv", "visual", "visual_scores"])
 @torch.no_grad()
 def test_cached_decode_equals_the_hand_written_forward(tiny, reading):
     inputs = padded_inputs(tiny)
@@ -191,7 +196,7 @@ def test_lazy_vtw_and_lazy_qkv_fastv_equal_the_hand_written_forward(tiny):
     assert torch.allclose(got[:, -1], ref[:, -1], atol=1e-4, rtol=1e-4), (got[:, -1] - ref[:, -1]).abs().max()
 
 
-@pytest.mark.parametrize("kind", ["qkv", "visual", "vtw"])
+@pytest.mark.parametrize("kind", ["qkv", "visual", "visual_scores", "vtw"])
 @torch.no_grad()
 def test_carried_second_turn_equals_the_hand_written_forward(tiny, kind):
     model, processor = tiny.model, tiny.processor
@@ -223,6 +228,7 @@ def test_nothing_to_do_equals_dense(tiny):
     inputs = padded_inputs(tiny)
     dense = tiny.model(**inputs).logits
     nothing = [LazyAttention(layers=[], share="qkv"), LazyAttention(layers=[], scope="visual"),
+               LazyAttention(layers=[], scope="visual_scores"),
                LazyAttention(ratio=0.0, share="qkv"), VTW(k=tiny.n_layers),
                compose(LazyAttention(layers=[], share="qkv"), VTW(k=tiny.n_layers))]
     for method in nothing:
@@ -253,8 +259,9 @@ def test_kv_bytes_equal_each_formula(tiny, layers):
     qkv, cache = kv(LazyAttention(layers=layers, share="qkv"))
     assert qkv == dense * (n - len(layers)) // n  # n_lazy / n_layers of the cache
     assert all(cache.layers[i].keys is None and cache.layers[i].values is None for i in layers)
-    visual, cache = kv(LazyAttention(layers=layers, scope="visual"))
-    assert visual == dense - len(layers) * n_image * per_token  # the image keys of every lazy layer
+    for scope in ("visual", "visual_scores"):
+        visual, cache = kv(LazyAttention(layers=layers, scope=scope))
+        assert visual == dense - len(layers) * n_image * per_token  # the image keys of every lazy layer
     assert all(cache.layers[i].keys.shape[-2] == seq - n_image for i in layers)
     k = 12 - len(layers)  # VTW from a layer as deep as the lazy layers are many
     vtw = kv(VTW(k=k))[0]
@@ -277,7 +284,7 @@ def test_withdrawal_layer_choice():
     "make, message",
     [
         (lambda: LazyAttention(ratio=0.5, share="v"), "share must be one of ['qk', 'qkv']"),
-        (lambda: LazyAttention(ratio=0.5, scope="text"), "scope must be one of ['all', 'visual']"),
+        (lambda: LazyAttention(ratio=0.5, scope="text"), "scope must be one of ['all', 'visual', 'visual_scores']"),
         (lambda: LazyAttention(ratio=0.5, share="qkv", scope="visual"), "has no scope='visual' reading"),
         (lambda: VTW(k=0), "VTW k must be an integer >= 1"),
         (lambda: compose(LazyAttention(ratio=0.5, scope="visual"), FastV()), "cannot be composed with token pruning"),
@@ -296,7 +303,7 @@ def test_vtw_out_of_range(tiny):
     assert not any("forward" in vars(layer) for layer in decoder_layers(tiny.model))
 
 
-@pytest.mark.parametrize("kind", ["qkv", "visual", "vtw"])
+@pytest.mark.parametrize("kind", ["qkv", "visual", "visual_scores", "vtw"])
 @torch.no_grad()
 def test_batched_carried_second_turn_equals_the_hand_written_forward(tiny, kind):
     """Three left-padded conversations answered from one carried cache: the logits of the second
