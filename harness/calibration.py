@@ -164,7 +164,7 @@ def resolve(cfg: DictConfig, loaded, task, device) -> tuple[dict, dict]:
 def label(record: dict, method, n_layers: int) -> str:
     """The table label of a run with calibrated settings: the budget or threshold they were chosen for."""
     if "lazy_layers" in record:
-        how = "anchor-calibrated" if record.get("select") == "anchor" else "calibrated"
+        how = {"anchor": "anchor-calibrated", "blocks": "block-calibrated"}.get(record.get("select"), "calibrated")
         if record.get("max_per_anchor"):
             how += f", <={record['max_per_anchor']}/anchor"
         reading = method.reading() if hasattr(method, "reading") else ""
@@ -180,7 +180,8 @@ def sort_key(record: dict, method, n_layers: int) -> list:
     if "lazy_layers" in record:
         reading = method.reading() if hasattr(method, "reading") else ""
         # "calibrated+anchor" sorts right after the default rule's "calibrated", before "uniform"
-        how = "calibrated" if record.get("select", "pairwise") == "pairwise" else "calibrated+anchor"
+        select = record.get("select", "pairwise")
+        how = "calibrated" if select == "pairwise" else f"calibrated+{select}"
         if record.get("max_per_anchor"):
             how += f", <={record['max_per_anchor']}/anchor"
         if reading or record.get("max_per_anchor"):

@@ -88,8 +88,11 @@ def check_run(cfg: DictConfig) -> None:
         positive_int(eff.repeats, "efficiency.repeats")
         positive_int(eff.warmup, "efficiency.warmup", minimum=0)
     cal = cfg.calibration
-    if cal.get("select", "pairwise") not in ("pairwise", "anchor"):
-        raise RunError(f"calibration.select must be pairwise or anchor, got {cal.select!r}.")
+    if cal.get("select", "pairwise") not in ("pairwise", "anchor", "blocks"):
+        raise RunError(f"calibration.select must be pairwise, anchor or blocks (the paper's rule), got {cal.select!r}.")
+    if cal.get("select") == "blocks" and cal.get("max_per_anchor") is not None:
+        raise RunError("calibration.select=blocks takes no calibration.max_per_anchor (it merges every layer below "
+                       "epsilon into its block); drop one of them.")
     positive_int(cal.get("max_per_anchor"), "calibration.max_per_anchor", allow_none=True)
     kl = cal.get("kl_threshold")
     if isinstance(kl, bool) or not isinstance(kl, (int, float)) or kl < 0:

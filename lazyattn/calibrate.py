@@ -16,7 +16,13 @@ layers one anchor serves (``max_per_anchor``):
   attention and that of the anchor it would use (the nearest preceding non-lazy layer), as that
   anchor attends now, times the number of layers whose attention would switch to it (the
   candidate and the lazy layers it serves). So a lazy layer is compared with its real anchor, not
-  its neighbour, and the profile is re-measured as the set grows.
+  its neighbour, and the profile is re-measured as the set grows;
+- ``select="blocks"`` (the paper's rule, as its summary describes it): the divergence of adjacent
+  layers on the **last row** only (the last prompt token's attention), and every layer whose
+  divergence to the layer before it is below a threshold epsilon joins that layer's block (is
+  lazy, its anchor the block's first layer). With a budget instead of epsilon, the layers with the
+  smallest adjacent last-row divergence are made lazy (ties to the lower index), which is the
+  same rule at the epsilon that yields the budget.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from torch import nn
 from lazyattn.arch import attention_modules
 from lazyattn.lazy import LazyAttention, anchors_of
 
-SELECTIONS = ("pairwise", "anchor")
+SELECTIONS = ("pairwise", "anchor", "blocks")
 
 
 @dataclasses.dataclass
@@ -80,22 +86,29 @@ def _js(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def layer_divergence(model: nn.Module, batches: Iterable[dict]) -> torch.Tensor:
+def layer_divergence(model: nn.Module, batches: Iterable[dict], rows: str = "all") -> torch.Tensor:
+    """The n x n JS divergence matrix (nats) averaged over query rows: every real token's row
+    (``rows="all"``) or each prompt's last row only (``rows="last"``, the paper's measure)."""
+    if rows not in ("all", "last"):
+        raise ValueError(f"rows must be all or last, got {rows!r}.")
     n = len(attention_modules(model))
     total = torch.zeros(n, n, dtype=torch.float64)
-    rows = 0
+    counted = 0
     with _eager(model):
         for batch in batches:
             out = model(**batch, output_attentions=True, use_cache=False)
             attn = torch.stack([a.double().mean(1) for a in out.attentions])  # [n, B, T, T]
             valid = batch["attention_mask"].bool().to(attn.device)  # rows of real tokens only
+            if rows == "last":  # left-padded prompts: every sample's last position is its last real token
+                valid = torch.zeros_like(valid)
+                valid[:, -1] = True
             pairs = torch.zeros(n, n, dtype=torch.float64, device=attn.device)  # on the model's device
             for i in range(n):
                 for j in range(i + 1, n):
                     pairs[i, j] = _js(attn[i], attn[j])[valid].sum()
             total += (pairs + pairs.T).cpu()  # one copy per batch into the CPU accumulator
-            rows += int(valid.sum())
-    return total / max(rows, 1)
+            counted += int(valid.sum())
+    return total / max(counted, 1)
 
 
 def _budget(n: int, ratio: float | None, threshold: float | None, max_per_anchor: int | None) -> int:
@@ -201,6 +214,23 @@ def _anchor_costs(model, batches, lazy: set[int], options, share: str) -> dict[i
     return {layer: value / max(rows, 1) for layer, value in total.items()}
 
 
+def _select_blocks(last_row: torch.Tensor, ratio, threshold, max_per_anchor):
+    """``select="blocks"``: a layer joins the block of the layer before it when their last-row
+    divergence is below ``threshold`` (epsilon), or, for a budget, the ``budget`` layers with the
+    smallest such divergence."""
+    if max_per_anchor is not None:
+        raise ValueError("calibration.select=blocks merges every layer below epsilon into its block; it takes no "
+                         "max_per_anchor (use select=pairwise or anchor for a cap).")
+    n = last_row.shape[0]
+    budget = _budget(n, ratio, threshold, None)
+    adjacent = {layer: float(last_row[layer - 1, layer]) for layer in range(1, n)}
+    if threshold is not None:
+        lazy = [layer for layer, js in adjacent.items() if js < threshold]
+    else:
+        lazy = sorted(sorted(adjacent, key=lambda layer: (adjacent[layer], layer))[:budget])
+    return sorted(lazy), [adjacent[layer] for layer in sorted(lazy)]
+
+
 def _select_anchor(model, batches, n, ratio, threshold, max_per_anchor, share):
     budget = _budget(n, ratio, threshold, max_per_anchor)
     lazy: set[int] = set()
@@ -227,6 +257,10 @@ def calibrate(
     if select not in SELECTIONS:
         raise ValueError(f"calibration select must be one of {list(SELECTIONS)}, got {select!r}.")
     batches = list(batches)
+    if select == "blocks":  # the paper's measure: the last row only; the matrix recorded is that one
+        div = layer_divergence(model, batches, rows="last")
+        layers, chosen = _select_blocks(div, ratio, threshold, max_per_anchor)
+        return Calibration(lazy_layers=layers, divergence=div.tolist(), select=select, chosen_js=chosen)
     div = layer_divergence(model, batches)
     if select == "pairwise":
         layers, chosen = _select_pairwise(div, ratio, threshold, max_per_anchor)

@@ -115,3 +115,29 @@ def test_calibration_errors():
         calibrate(model, batches(), ratio=0.5, select="adjacent")
     with pytest.raises(ValueError, match="max_per_anchor must be an integer >= 1"):
         calibrate(model, batches(), ratio=0.5, max_per_anchor=0)
+
+
+def test_blocks_rule_merges_adjacent_layers_by_last_row_divergence():
+    """The paper's rule: a layer joins the block of the layer before it when their last-row JS is
+    below epsilon; a budget takes the smallest ones. Checked on a hand-made matrix and on a model."""
+    from lazyattn.calibrate import _select_blocks
+
+    adjacent = [0.30, 0.01, 0.02, 0.50, 0.015, 0.40]  # layer l's JS to layer l - 1, l = 1..6
+    div = torch.zeros(7, 7, dtype=torch.float64)
+    for layer, js in enumerate(adjacent, start=1):
+        div[layer - 1, layer] = div[layer, layer - 1] = js
+    assert _select_blocks(div, None, 0.025, None)[0] == [2, 3, 5]  # blocks {1,2,3}, {4,5}: layers 2, 3, 5 lazy
+    assert _select_blocks(div, 2 / 7, None, None)[0] == [2, 5]  # the two smallest
+    with pytest.raises(ValueError, match="takes no max_per_anchor"):
+        _select_blocks(div, 0.3, None, 2)
+
+
+def test_last_row_divergence_uses_only_the_last_row():
+    model, data = small_llama(), batches()
+    last = layer_divergence(model, data, rows="last")
+    every = layer_divergence(model, data)
+    assert last.shape == every.shape and not torch.allclose(last, every)
+    result = calibrate(model, data, ratio=0.5, select="blocks")
+    adjacent = [last[l - 1, l].item() for l in range(1, last.shape[0])]
+    chosen = sorted(range(1, last.shape[0]), key=lambda l: (adjacent[l - 1], l))[: len(result.lazy_layers)]
+    assert result.lazy_layers == sorted(chosen) and result.select == "blocks"
