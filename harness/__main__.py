@@ -5,7 +5,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from harness.config import RunError, check_command_line, output_dir
+from harness.config import RunError, check_command_line, clean_refused, output_dir
 from harness.results import SampleLog
 from harness.run import run
 
@@ -16,6 +16,10 @@ def main(cfg: DictConfig) -> None:
         path = run(cfg)
     except (RunError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
+        try:
+            clean_refused(output_dir(cfg))  # no .hydra/ or empty log left behind by a refused run
+        except (RunError, OSError):
+            pass
         sys.exit(2)
     except KeyboardInterrupt:
         out_dir = output_dir(cfg)

@@ -368,3 +368,69 @@ def test_documented_wandb_commands_exist_in_the_installed_wandb():
         proc = subprocess.run([str(wandb_cli), *command.split()[1:], "--help"], capture_output=True, text=True,
                               timeout=120)
         assert proc.returncode == 0, (command, proc.stderr[-1000:])
+
+
+def _cli(tmp_path, *args):
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["out_dir=/proc/lazyattn-no/r"], "error: out_dir /proc/lazyattn-no/r cannot be written"),
+        (["out_dir={tmp}/a_file/r"], "error: out_dir {tmp}/a_file/r cannot be made: {tmp}/a_file is a file"),
+        (["-m", "method=lazy", "method.ratio=0.25,0.5", "sweep_root=/proc/lazyattn-no"],
+         "error: sweep_root /proc/lazyattn-no cannot be written"),
+        (["model=hf", "model.path={tmp}/ckpt", "out_dir={tmp}/r"],
+         "error: {tmp}/ckpt has no processor files (one of preprocessor_config.json, processor_config.json) and no "
+         "tokenizer files"),
+        (["method=lazy", "method.ratio=1.5", "out_dir={tmp}/r"], "error: ratio must be a number in [0, 1)"),
+        (["task.qtypes=[colour,smell]", "out_dir={tmp}/r"], "error: task.qtypes ['smell'] unknown"),
+    ],
+    ids=["proc", "file", "sweep_root", "no-processor", "method", "task"],
+)
+def test_refused_runs_are_one_line_and_leave_nothing_behind(tmp_path, args, message, monkeypatch):
+    """A folder that cannot be written, a checkpoint without processor or tokenizer files (refused from
+    its files, before any weights load) and bad settings: exit 2, one line, no traceback, and no
+    out_dir/.hydra or empty log left behind (refused before Hydra writes, or cleaned after)."""
+    (tmp_path / "a_file").write_text("x")
+    ckpt = tmp_path / "ckpt"  # a model saved without its processor: config.json and weights only
+    ckpt.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (ckpt / name).write_bytes((ROOT / "harness/assets/llava_tiny" / name).read_bytes())
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = _cli(tmp_path, *[a.format(tmp=tmp_path) for a in args], "model=llava_tiny_random"
+                if "model=hf" not in args else "model.dtype=float32")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(message.format(tmp=tmp_path)), proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no out_dir, .hydra or __main__.log
+
+
+def test_a_refused_run_keeps_an_earlier_runs_folder(tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "samples.partial.jsonl").write_text("")
+    proc = _cli(tmp_path, "model=llava_tiny_random", "task.qtypes=[colour,smell]", f"out_dir={out}")
+    assert proc.returncode == 2 and (out / "samples.partial.jsonl").exists()
+
+
+def test_the_console_first_lines_say_what_ran(tmp_path):
+    proc = _cli(tmp_path, "+exp=llava_lazy", "method.layers=[2,3,5]", "limit=8", "batch_size=8",
+                "efficiency.new_tokens=2", "efficiency.repeats=1", "efficiency.warmup=0", f"out_dir={tmp_path}/r")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("model: llava_tiny (12 layers, ") and "trained weights" in lines[0]
+    assert lines[1] == ("method: Lazy r=0.25 (explicit) [lazy]: lazy layers 2 3 5 (anchors 2<-1 3<-1 5<-4; share=qk "
+                        "scope=all)")
+    assert lines[2].startswith("task: shapes, n=8 (limit); split=test; 8 question types (colour,")
+    assert "multiturn=carry; seed=0; dense scored beside it" in lines[2]
+    result = json.loads((tmp_path / "r" / "result.json").read_text())
+    kv_lines = [line for line in lines if "kv_cut" in line or "KV" in line]
+    assert any(f"kv_cut_workload={result['headline']['kv_cut_workload']:.4f}" in line for line in kv_lines)
+    assert any(f"kv_cut_timing_batch={result['headline']['kv_cut_timing_batch']:.4f}" in line for line in kv_lines)
+    assert not any("reduction" in line and "kv_cut" not in line for line in lines)  # no unnamed KV figure
+    long = next(line for line in lines if line.strip().startswith("long "))
+    assert "† dense below 10%" in long and result["headline"]["dense_below_floor"] == ["long"]
