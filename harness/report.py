@@ -505,8 +505,10 @@ def pareto_figure(results: Sequence[dict], out: Path, task: str = "shapes") -> P
     points: dict[str, list[tuple[float, float, str]]] = {}
     for r, head in zip(chosen, heads):
         if head["kv_cut_workload"] is None or head[y_key] is None:
-            print(f"note: the Pareto figure leaves out {label(r)} [{r['model']['name']}] ({r['_path']}): no "
-                  "kv_cut_workload (no dense of its protocol).", file=sys.stderr)
+            why = ("no kv_cut_workload (no dense of its protocol)" if head["kv_cut_workload"] is None
+                   else f"no {y_key} (dense is below the floor on every type)")
+            print(f"note: the Pareto figure leaves out {label(r)} [{r['model']['name']}] ({r['_path']}): {why}.",
+                  file=sys.stderr)
             continue
         series = _series(r)
         if len(protocols) > 1:
@@ -575,6 +577,11 @@ def render(what: str, results_dir: Path, out: Path) -> list[Path]:
 
 
 def main(argv=None) -> None:
+    a = parser().parse_intermixed_args(argv)
+    _main(a)
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Render paper tables and figures from result.json files.")
     p.add_argument("what", choices=["main", "protocol", "efficiency", "calibration", "layers", "pareto", "fidelity", "all",
                                     "versus"])
@@ -584,7 +591,10 @@ def main(argv=None) -> None:
     p.add_argument("--wandb", default=os.environ.get("WANDB_MODE", "disabled"),
                    help="log the figures and tables to W&B: offline | online | disabled (default: $WANDB_MODE or disabled)")
     p.add_argument("--wandb-project", default="lazyattn-harness")
-    a = p.parse_intermixed_args(argv)
+    return p
+
+
+def _main(a) -> None:
     if a.what == "versus":
         if len(a.labels) != 2:
             raise SystemExit("error: versus takes two table labels, e.g. versus 'Lazy QKV r=0.25 (calibrated)' "

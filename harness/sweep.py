@@ -99,13 +99,17 @@ class SweepSummary(Callback):
                   file=sys.stderr)
 
 
-def main(argv=None) -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Summarize a finished sweep folder: a table and a W&B summary run.")
     p.add_argument("sweep_dir", type=Path)
     p.add_argument("--wandb", default=os.environ.get("WANDB_MODE", "offline"), help="offline | online | disabled")
     p.add_argument("--wandb-project", default="lazyattn-harness")
     p.add_argument("--wandb-group", default=None)
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> None:
+    a = parser().parse_args(argv)
     try:
         summarize(a.sweep_dir, {"mode": a.wandb, "project": a.wandb_project, "group": a.wandb_group},
                   a.sweep_dir.name)

@@ -357,17 +357,57 @@ def test_wandb_group_is_per_model_in_sweeps_and_the_users_choice():
 
 
 def test_documented_wandb_commands_exist_in_the_installed_wandb():
-    """docs/results.md says how to read offline runs; each command it names is accepted by this wandb."""
+    """docs/results.md says how to read offline runs; each command it names is accepted by this wandb,
+    and every ``wandb ...`` command line of its code blocks parses (its options are known)."""
     import re
+    import shlex
 
     text = (ROOT / "docs" / "results.md").read_text()
-    commands = sorted(set(re.findall(r"`(wandb (?:beta )?(?:leet|sync))\b", text)))
-    assert {"wandb leet", "wandb sync"} <= set(commands)
+    commands = sorted(set(re.findall(r"`(wandb (?:beta )?(?:leet inspect|leet|sync))\b", text)))
+    assert {"wandb leet inspect", "wandb sync"} <= set(commands)
     wandb_cli = Path(sys.executable).with_name("wandb")
     for command in commands:
         proc = subprocess.run([str(wandb_cli), *command.split()[1:], "--help"], capture_output=True, text=True,
                               timeout=120)
         assert proc.returncode == 0, (command, proc.stderr[-1000:])
+    lines = re.findall(r"^(wandb (?:leet|sync) .*?)\s+#", text, flags=re.M)
+    assert any(line.startswith("wandb leet inspect --summary --json") for line in lines)
+    for line in lines:  # options known to the installed wandb (--help with them parses them first)
+        args = shlex.split(line)[1:]
+        options = [a for a in args if a.startswith("-")]
+        words = [a for a in args if not a.startswith("-") and not a.startswith("runs/")]
+        help_text = subprocess.run([str(wandb_cli), *words, "--help"], capture_output=True, text=True,
+                                   timeout=120).stdout
+        assert all(o in help_text for o in options), (line, options)
+
+
+def test_the_readme_table_is_the_rendered_main_table():
+    """README's results table is results/tables/main.md byte for byte (make tables renders it), footnote included."""
+    rendered = (ROOT / "results" / "tables" / "main.md").read_text().split("\n", 1)[1]
+    assert rendered in (ROOT / "README.md").read_text()
+    assert "| long F1 † |" in rendered and "Avg w/o †" in rendered  # the flagged type, said in the caption too
+    assert "`long` is marked `†`" in (ROOT / "README.md").read_text()
+
+
+def test_documented_report_and_sweep_lines_parse():
+    """``python -m harness.report`` / ``harness.sweep`` lines of the docs and the Makefile's report targets parse
+    with those modules' own argument parsers (the harness and bench lines pass the key check above)."""
+    import re
+    import shlex
+
+    from harness import report, sweep
+
+    found = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = re.sub(r"\\\n\s*", " ", doc.read_text())
+        for match in re.finditer(r"python -m harness\.(report|sweep) ([^`#\n]*)", text):
+            found.append((match.group(1), shlex.split(match.group(2).strip())))
+    assert len(found) >= 3
+    for module, args in found:
+        if "..." in args or any("LABEL" in a for a in args):
+            continue
+        parse = {"report": report.parser, "sweep": sweep.parser}[module]()
+        parse.parse_intermixed_args(args)  # SystemExit on a bad line
 
 
 def _cli(tmp_path, *args):
