@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 
 from harness.config import RunError, check_command_line, clean_refused, output_dir
 from harness.results import SampleLog
-from harness.run import run
+from harness.run import preflight, run
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -31,5 +31,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_command_line()
+    check_command_line(preflight=preflight)
     main()

@@ -257,37 +257,8 @@ def writable_dir(path: Path, key: str) -> None:
                        f"choose another {key}=DIR.") from None
 
 
-# out_dir -> whether it existed before Hydra ran (filled by ``preflight``, read by ``clean_refused``)
+# out_dir -> whether it existed before Hydra ran (filled by ``harness.run.preflight``, read by ``clean_refused``)
 PREEXISTING: dict[str, bool] = {}
-
-
-def preflight(cfg: DictConfig, multirun: bool = False) -> None:
-    """What can be refused before Hydra writes anything (its ``.hydra`` folder and log go into the
-    run's folder): a folder that cannot be written, a finished out_dir, the run-level settings, the
-    method's settings and a local checkpoint's files. Each a RunError or ValueError of one line."""
-    if multirun:
-        writable_dir(Path(str(cfg.sweep_root)), "sweep_root")
-        return
-    if cfg.get("out_dir"):
-        out_dir = Path(str(cfg.out_dir))
-        PREEXISTING[str(out_dir)] = out_dir.exists()
-        writable_dir(out_dir, "out_dir")
-        if (out_dir / "result.json").exists() and not cfg.overwrite and not cfg.get("skip_finished"):
-            raise RunError(f"{out_dir} already holds a finished run; pass overwrite=true or choose another out_dir=DIR.")
-    else:
-        writable_dir(Path(str(cfg.runs_root)), "runs_root")
-    check_run(cfg)
-    import lazyattn
-    from harness import calibration
-
-    if calibration.wanted(cfg.method):
-        calibration.check(cfg.method)
-    else:
-        lazyattn.build(method_spec(cfg.method))
-    if str(cfg.model.get("kind")) == "hf":
-        from harness.models.local import check_checkpoint
-
-        check_checkpoint(cfg.model.get("path"), cfg.model.get("model_type"))
 
 
 def clean_refused(out_dir: Path) -> None:
@@ -308,9 +279,10 @@ def clean_refused(out_dir: Path) -> None:
         out_dir.rmdir()
 
 
-def check_command_line(config_name: str = "config") -> None:
-    """Refuse unknown presets and keys on the command line, and whatever ``preflight`` can refuse
-    (one line, exit 2), before Hydra runs and writes anything."""
+def check_command_line(config_name: str = "config", preflight=None) -> None:
+    """Refuse unknown presets and keys on the command line, and whatever ``preflight(cfg,
+    multirun)`` refuses in the composed config (``harness.run.preflight`` for ``python -m
+    harness``), in one line with exit status 2, before Hydra runs and writes anything."""
     import sys
 
     from hydra._internal.utils import get_args_parser
@@ -320,8 +292,8 @@ def check_command_line(config_name: str = "config") -> None:
         return
     try:
         check_overrides(args.overrides, config_name)
-        cfg = _compose_plain_point(args.overrides, config_name) if config_name == "config" else None
-        if cfg is not None:  # python -m harness (the bench checks its own settings)
+        cfg = _compose_plain_point(args.overrides, config_name) if preflight is not None else None
+        if cfg is not None:
             preflight(cfg, multirun=bool(args.multirun))
     except (RunError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

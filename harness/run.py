@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 import lazyattn
 from harness import calibration, compare, figures, headline, measure, tracking
 from harness.config import (
+    PREEXISTING,
     RunError,
     check_run,
     method_spec,
@@ -26,11 +27,38 @@ from harness.config import (
     relative_to_repo,
     result_key,
     setup,
+    writable_dir,
 )
 from harness.generate import prompt_inputs
 from harness.models import load_model
 from harness.results import SCHEMA_VERSION, SampleLog, env_info, write_json_atomic
 from harness.tasks import ShapesTask, shapes_task
+
+
+def preflight(cfg: DictConfig, multirun: bool = False) -> None:
+    """What can be refused before Hydra writes anything (its ``.hydra`` folder and log go into the
+    run's folder): a folder that cannot be written, a finished out_dir, the run-level settings, the
+    method's settings and a local checkpoint's files. Each a RunError or ValueError of one line."""
+    if multirun:
+        writable_dir(Path(str(cfg.sweep_root)), "sweep_root")
+        return
+    if cfg.get("out_dir"):
+        out_dir = Path(str(cfg.out_dir))
+        PREEXISTING[str(out_dir)] = out_dir.exists()
+        writable_dir(out_dir, "out_dir")
+        if (out_dir / "result.json").exists() and not cfg.overwrite and not cfg.get("skip_finished"):
+            raise RunError(f"{out_dir} already holds a finished run; pass overwrite=true or choose another out_dir=DIR.")
+    else:
+        writable_dir(Path(str(cfg.runs_root)), "runs_root")
+    check_run(cfg)
+    if calibration.wanted(cfg.method):
+        calibration.check(cfg.method)
+    else:
+        lazyattn.build(method_spec(cfg.method))
+    if str(cfg.model.get("kind")) == "hf":
+        from harness.models.local import check_checkpoint
+
+        check_checkpoint(cfg.model.get("path"), cfg.model.get("model_type"))
 
 
 def build_task(cfg: DictConfig):

@@ -18,9 +18,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-COLUMNS = ["model", "seed", "label", "method", "n", "limit", "multiturn", "acc_mean_types", "acc_mean_types_capable",
-           "dense_below_floor", "acc_samples", "delta_score", "kv_cut_workload", "kv_cut_timing_batch",
-           "decode_speedup_timing_batch", "decode_tokens_per_s_timing_batch", "path"]
+from harness.tracking import SWEEP_COLUMNS as COLUMNS
 SHOWN = ["model", "label", "n", "acc_mean_types", "acc_mean_types_capable", "delta_score", "kv_cut_workload",
          "kv_cut_timing_batch", "decode_speedup_timing_batch"]
 

@@ -165,6 +165,11 @@ def log_bench(result: dict, wandb_cfg: dict, out_dir: Path, name: str) -> str | 
         run.finish()
 
 
+SWEEP_COLUMNS = ["model", "seed", "label", "method", "n", "limit", "multiturn", "acc_mean_types",
+                 "acc_mean_types_capable", "dense_below_floor", "acc_samples", "delta_score", "kv_cut_workload",
+                 "kv_cut_timing_batch", "decode_speedup_timing_batch", "decode_tokens_per_s_timing_batch", "path"]
+
+
 def _scatter(wandb, rows: list[dict], x: str, y: str, title: str):
     """W&B's own scatter chart of ``y`` against ``x`` over ``rows`` (points without both left out)."""
     columns = ["label", x, y]
@@ -174,11 +179,9 @@ def _scatter(wandb, rows: list[dict], x: str, y: str, title: str):
 
 def log_sweep(points: list[dict], wandb_cfg: dict, sweep_dir: Path, name: str) -> str | None:
     """Log a sweep's summary run (job type ``sweep-summary``): the table ``sweep/points`` (one row per
-    point, ``harness.sweep.COLUMNS``) and, per model, W&B scatter charts of acc_mean_types and
+    point, ``SWEEP_COLUMNS``) and, per model, W&B scatter charts of acc_mean_types and
     acc_mean_types_capable against kv_cut_workload, and of decode_speedup_timing_batch against
     kv_cut_timing_batch (each chart names the keys it plots). Returns the run's local directory."""
-    from harness.sweep import COLUMNS
-
     models = sorted({p["model"] for p in points})
     tags = list(wandb_cfg.get("tags") or []) + ["sweep-summary", *(f"model:{m}" for m in models)]
     run = _start(wandb_cfg, dir=str(sweep_dir), name=f"sweep {name}", tags=tags, job_type="sweep-summary",
@@ -188,7 +191,8 @@ def log_sweep(points: list[dict], wandb_cfg: dict, sweep_dir: Path, name: str) -
     import wandb
 
     try:
-        run.log({"sweep/points": wandb.Table(columns=COLUMNS, data=[[p.get(c) for c in COLUMNS] for p in points])})
+        run.log({"sweep/points": wandb.Table(columns=SWEEP_COLUMNS, data=[[p.get(c) for c in SWEEP_COLUMNS]
+                                                                          for p in points])})
         charts = {}
         for model in models:
             mine = [p for p in points if p["model"] == model]
