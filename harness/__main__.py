@@ -5,9 +5,9 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from harness.config import RunError, check_command_line, output_dir
+from harness.config import RunError, check_command_line, clean_refused, output_dir
 from harness.results import SampleLog
-from harness.run import run
+from harness.run import preflight, run
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -16,6 +16,10 @@ def main(cfg: DictConfig) -> None:
         path = run(cfg)
     except (RunError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
+        try:
+            clean_refused(output_dir(cfg))  # no .hydra/ or empty log left behind by a refused run
+        except (RunError, OSError):
+            pass
         sys.exit(2)
     except KeyboardInterrupt:
         out_dir = output_dir(cfg)
@@ -27,5 +31,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_command_line()
+    check_command_line(preflight=preflight)
     main()

@@ -247,17 +247,79 @@ def check_overrides(overrides: Sequence[str], config_name: str = "config") -> No
             raise RunError(f"unknown setting {key!r} (in {o.input_line!r}); {_closest(key, siblings)}{where}.")
 
 
-def check_command_line(config_name: str = "config") -> None:
-    """Refuse unknown presets and keys on the command line (one line, exit 2) before Hydra runs."""
+def writable_dir(path: Path, key: str) -> None:
+    """A RunError of one line unless ``path`` can be created and written: its nearest existing
+    ancestor is a folder in which a file can be made (tried and removed at once, so a read-only
+    file system or a folder of another user is caught, even for root)."""
+    import os
+    import tempfile
+
+    target = Path(path).expanduser().absolute()
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RunError(f"{key} {target} cannot be made: {existing} is a file, not a folder; choose another {key}=DIR.")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=existing, prefix=".lazyattn-write-check-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        raise RunError(f"{key} {target} cannot be written ({existing}: {err.strerror or err}); "
+                       f"choose another {key}=DIR.") from None
+
+
+# out_dir -> whether it existed before Hydra ran (filled by ``harness.run.preflight``, read by ``clean_refused``)
+PREEXISTING: dict[str, bool] = {}
+
+
+def clean_refused(out_dir: Path) -> None:
+    """After a refused run: remove what Hydra wrote for it (``.hydra/`` and an empty log) when the
+    folder holds nothing else, and the folder itself when this run made it."""
+    import shutil
+
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return
+    logs = [p for p in out_dir.glob("*.log") if p.is_file() and p.stat().st_size == 0]
+    if {p.name for p in out_dir.iterdir()} - {".hydra", *(p.name for p in logs)}:
+        return  # an earlier run's files: leave the folder as it is
+    shutil.rmtree(out_dir / ".hydra", ignore_errors=True)
+    for log in logs:
+        log.unlink(missing_ok=True)
+    if not PREEXISTING.get(str(out_dir), False) and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+
+
+def check_command_line(config_name: str = "config", preflight=None) -> None:
+    """Refuse unknown presets and keys on the command line, and whatever ``preflight(cfg,
+    multirun)`` refuses in the composed config (``harness.run.preflight`` for ``python -m
+    harness``), in one line with exit status 2, before Hydra runs and writes anything."""
+    import sys
+
     from hydra._internal.utils import get_args_parser
 
     args, _ = get_args_parser().parse_known_args()
-    if args.shell_completion:
+    if args.shell_completion or args.help or args.hydra_help or args.cfg or args.info:
         return
     try:
         check_overrides(args.overrides, config_name)
-    except RunError as err:
-        import sys
-
+        cfg = _compose_plain_point(args.overrides, config_name) if preflight is not None else None
+        if cfg is not None:
+            preflight(cfg, multirun=bool(args.multirun))
+    except (RunError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def _compose_plain_point(overrides: Sequence[str], config_name: str) -> DictConfig | None:
+    """The config of the command line without its sweeps (a multirun's shared settings), or None
+    when it does not compose here (Hydra then reports it) or names Hydra's own settings."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+        plain_overrides = [o.input_line for o in parsed if not o.is_sweep_override() and not o.is_hydra_override()]
+        return compose(plain_overrides, config_name=config_name)
+    except Exception:  # noqa: BLE001 - Hydra's own parser and composer say what is wrong
+        return None

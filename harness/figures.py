@@ -31,16 +31,18 @@ def layer_divergence_png(adjacent_js: Sequence[float], lazy_layers: Sequence[int
     return _save(fig, path)
 
 
-def pareto_png(points: dict[str, list[tuple[float, float, str]]], path: Path, title: str) -> Path:
-    """Accuracy against KV cache reduction, one marker series per method (each point a setting)."""
+def pareto_png(points: dict[str, list[tuple[float, float, str]]], path: Path, title: str,
+               xlabel: str = "KV cache reduction (%)", ylabel: str = "accuracy (%)") -> Path:
+    """Accuracy against KV cache reduction, one marker series per method (each point a setting);
+    the axis labels name the headline keys plotted (harness.headline)."""
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     markers = "os^Dvx*P"
     for i, (name, pts) in enumerate(sorted(points.items())):
         pts = sorted(pts)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)], label=name,
                 linestyle="-" if len(pts) > 1 else "none")
-    ax.set_xlabel("KV cache reduction (%)")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

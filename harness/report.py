@@ -21,7 +21,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from harness import compare, figures
+from harness import compare, figures, headline
 from harness.results import config_key
 from lazyattn import METHODS, anchors_of
 
@@ -53,7 +53,7 @@ def _sort_key(result: dict):
     method's own setting order (``method.sort_key``), then the label."""
     name = result["method"]["name"]
     rank = list(METHODS).index(name) if name in METHODS else len(METHODS)
-    return (rank, result["method"]["sort_key"], label(result))
+    return (result["model"]["name"], rank, result["method"]["sort_key"], label(result))
 
 
 def protocol(result: dict) -> dict:
@@ -83,6 +83,8 @@ def _unique(results: Sequence[dict]) -> list[dict]:
 
 
 def rows_of(result: dict, variant: str = "method") -> list[dict]:
+    if result.get("_in_run_dense") and variant == "method":  # the "Dense (in-run)" row: the run's dense variant
+        variant = "dense"
     path = Path(result["_path"]).parent / "samples.jsonl"
     if not path.exists():
         return []
@@ -100,6 +102,29 @@ def dense_rows(result: dict, results: Sequence[dict]) -> list[dict]:
         if other["method"]["name"] == "dense" and config_key(protocol(other)) == key:
             return rows_of(other)
     return []
+
+
+def dense_scores(result: dict, results: Sequence[dict], task: str) -> dict | None:
+    """Dense's scores of ``task`` on the same protocol: the run's own ``tasks_dense`` or a dense
+    point with equal settings (a dense result is its own); None when there is none."""
+    if result["method"]["name"] == "dense":
+        return result["tasks"].get(task)
+    own = (result.get("tasks_dense") or {}).get(task)
+    if own:
+        return own
+    key = config_key(protocol(result))
+    for other in results:
+        if other["method"]["name"] == "dense" and config_key(protocol(other)) == key and task in other["tasks"]:
+            return other["tasks"][task]
+    return None
+
+
+def headline_of(result: dict, results: Sequence[dict], task: str | None = None) -> dict:
+    """``harness.headline.compute`` for a result among ``results``: paired with its own dense
+    variant or a dense point of the same protocol, as every table pairs it."""
+    task = task or next(iter(result["tasks"]))
+    return headline.compute(result, rows_of(result), dense_rows(result, results), dense_scores(result, results, task),
+                            task)
 
 
 def _task_columns(results: Sequence[dict], task: str) -> list[str]:
@@ -146,12 +171,26 @@ def comparison(result: dict, results: Sequence[dict]) -> dict:
     }
 
 
-def main_points(results: Sequence[dict]) -> list[dict]:
+def main_points(results: Sequence[dict], notes: bool = False) -> list[dict]:
     """The points of the main comparison: the carried-cache protocol (when there is one) on the
-    widest set of question types, one per label."""
+    widest set of question types, one per label and protocol. With ``notes``, every point left out
+    is named on stderr with the reason."""
     carry = [r for r in results if multiturn_mode(r) == "carry"] or list(results)
     widest = max((len(protocol(r)["task"].get("qtypes") or []) for r in carry), default=0)
-    return _unique([r for r in carry if len(protocol(r)["task"].get("qtypes") or []) == widest])
+    chosen = [r for r in carry if len(protocol(r)["task"].get("qtypes") or []) == widest]
+    if notes:
+        for r in results:
+            if any(r is c for c in chosen):
+                continue
+            t = protocol(r)["task"]
+            why = (f"multiturn={t['multiturn']}, not carry" if multiturn_mode(r) != "carry" and len(carry) < len(results)
+                   else f"its question types ({', '.join(t.get('qtypes') or [])}) are not the widest set ({widest} types)")
+            extra = f", min_new_tokens={t['min_new_tokens']}" if t.get("min_new_tokens") else ""
+            qtypes = t.get("qtypes") or []
+            shown = "multiturn" in qtypes or ("long" in qtypes and t.get("min_new_tokens"))
+            print(f"note: main table leaves out {label(r)} [{r['model']['name']}] ({r['_path']}): {why}{extra}"
+                  + ("; it is in the protocol table." if shown else "."), file=sys.stderr)
+    return _unique(chosen)
 
 
 def with_in_run_dense(points: Sequence[dict], task: str) -> list[dict]:
@@ -185,34 +224,48 @@ def unpaired(points: Sequence[dict], results: Sequence[dict]) -> list[str]:
     return notes
 
 
+FLAG = "†"
+FLAG_NOTE = (f"{FLAG} dense scores below {headline.DENSE_FLOOR:.0%} on this question type (a type dense cannot do): it "
+             f"counts in `Avg` (acc_mean_types) and is left out of `Avg w/o {FLAG}` (acc_mean_types_capable).")
+
+
 def main_table(results: Sequence[dict], task: str = "shapes") -> tuple[list[str], list[list[str]]]:
-    """Score (%) per question type (describe and long: F1), their mean, its paired change against
-    dense on the same samples (± half of the 95 % interval; * when the interval excludes 0), the
-    KV cut on the evaluated workload and how often the method's output equals dense's. Rows use
-    the carried-cache protocol when there is one."""
+    """Score (%) per question type (describe and long: F1); ``Avg`` (``acc_mean_types``: the mean
+    over question types) and, when dense is below ``headline.DENSE_FLOOR`` on a type (marked †),
+    ``Avg w/o †`` (``acc_mean_types_capable``); ``Δ Avg`` (``delta_score``: the paired change of the
+    per-sample score against dense, ± half of the 95 % interval, * when the interval excludes 0);
+    ``KV cut`` (``kv_cut_workload``) and how often the method's output equals dense's. Every
+    number is ``harness.headline``'s, the one result.json, the console and W&B show. A Model
+    column always, a Seed column when the points have more than one seed. Rows use the
+    carried-cache protocol when there is one; the points left out are named on stderr."""
     results = [r for r in results if task in r["tasks"]]
-    chosen = with_in_run_dense(main_points(results), task)
+    chosen = with_in_run_dense(main_points(results, notes=True), task)
     cols = _task_columns(chosen, task)
-    header = ["Method", "n", *[c + (" F1" if c in ("describe", "long") else "") for c in cols], "Avg",
-              "Δ Avg", "KV cut", "= dense"]
+    heads = [headline_of(r, results, task) for r in chosen]
+    flagged = {t for h in heads for t in (h.get("dense_below_floor") or [])}
+    seeds = len({protocol(r)["seed"] for r in chosen}) > 1
+    header = ["Method", "Model", *(["Seed"] if seeds else []), "n",
+              *[c + (" F1" if c in ("describe", "long") else "") + (f" {FLAG}" if c in flagged else "") for c in cols],
+              "Avg", *([f"Avg w/o {FLAG}"] if flagged else []), "Δ Avg", "KV cut workload", "= dense"]
     rows = []
     for note in unpaired(chosen, results):
         print(note, file=sys.stderr)
-    for r in chosen:
+    for r, head in zip(chosen, heads):
         scores = r["tasks"][task]
-        values = [100 * _metric(scores[c]) if c in scores else None for c in cols]
-        present = [v for v in values if v is not None]
-        avg = sum(present) / len(present) if present else float("nan")
-        comp = comparison(r, results)
-        kv = comp.get("kv") or {}
-        if r["method"]["name"] == "dense":
-            cut, same = "0 %", ""
-        else:
-            cut = "–" if kv.get("reduction") is None else f"{100 * kv['reduction']:.1f} %"
-            same = "–" if not comp else f"{100 * comp['fidelity']['exact_match']:.0f} %"
-        rows.append([label(r), str(scores["n"]), *["–" if v is None else f"{v:.1f}" for v in values],
-                     f"{avg:.1f}", "" if r["method"]["name"] == "dense" else _pm(comp.get("all")), cut, same])
+        values = [headline.primary(scores[c]) if c in scores else None for c in cols]
+        dense = r["method"]["name"] == "dense"
+        cut = "0 %" if dense else ("–" if head["kv_cut_workload"] is None else f"{100 * head['kv_cut_workload']:.1f} %")
+        same = "" if dense else ("–" if head["exact_match"] is None else f"{100 * head['exact_match']:.0f} %")
+        delta = "" if dense else _pm({"delta": head["delta_score"], "delta_ci95": head["delta_score_ci95"]})
+        rows.append([label(r), r["model"]["name"], *([str(protocol(r)["seed"])] if seeds else []), str(scores["n"]),
+                     *[headline.percent(v) for v in values], headline.percent(head["acc_mean_types"]),
+                     *([headline.percent(head["acc_mean_types_capable"])] if flagged else []), delta, cut, same])
     return header, rows
+
+
+def table_notes(header: Sequence[str]) -> list[str]:
+    """The footnotes a table's header calls for (the † of a type dense cannot do)."""
+    return [FLAG_NOTE] if any(FLAG in h for h in header) else []
 
 
 def protocol_table(results: Sequence[dict], task: str = "shapes") -> tuple[list[str], list[list[str]]]:
@@ -222,8 +275,8 @@ def protocol_table(results: Sequence[dict], task: str = "shapes") -> tuple[list[
     and the KV cut on that workload (generated tokens dominate it)."""
     results = [r for r in results if task in r["tasks"]]
 
-    def points(keep) -> dict[str, dict]:
-        return {label(r): r for r in _unique([r for r in results if keep(protocol(r)["task"])])}
+    def points(keep) -> dict[tuple[str, str], dict]:
+        return {(label(r), r["model"]["name"]): r for r in _unique([r for r in results if keep(protocol(r)["task"])])}
 
     def has(t, qtype):
         return qtype in (t.get("qtypes") or [])
@@ -231,7 +284,7 @@ def protocol_table(results: Sequence[dict], task: str = "shapes") -> tuple[list[
     carry = points(lambda t: t["multiturn"] == "carry" and has(t, "multiturn") and not t.get("min_new_tokens"))
     reencode = points(lambda t: t["multiturn"] == "reencode" and has(t, "multiturn"))
     forced = points(lambda t: has(t, "long") and (t.get("min_new_tokens") or 0) > 0)
-    header = ["Method", "multiturn carry", "multiturn re-encode", "dialogue carry", "dialogue re-encode",
+    header = ["Method", "Model", "multiturn carry", "multiturn re-encode", "dialogue carry", "dialogue re-encode",
               "long = dense", "long prefix agr.", "long 1st divergence", "long KV cut"]
     rows = []
     for name in dict.fromkeys([*carry, *reencode, *forced]):
@@ -240,7 +293,7 @@ def protocol_table(results: Sequence[dict], task: str = "shapes") -> tuple[list[
             continue
         comps = {key: comparison(group[name], results) if name in group else {}
                  for key, group in (("carry", carry), ("reencode", reencode), ("forced", forced))}
-        cells = [name]
+        cells = [name[0], name[1]]
         for qtype in ("multiturn", "dialogue"):
             for key in ("carry", "reencode"):
                 cells.append(_pm((comps[key].get("by_qtype") or {}).get(qtype)))
@@ -301,7 +354,7 @@ def efficiency_table(results: Sequence[dict]) -> tuple[list[str], list[list[str]
     methods by the in-process ratios. A dense point timed against itself that drifts by more than
     10 % is named on stderr (``timing_drift``). Results written before end-to-end throughput and
     device memory were measured show "–" there."""
-    header = ["Method", "KV MB", "KV cut", "Mem GB", "Prefill ms", "Decode tok/s", "E2E tok/s",
+    header = ["Method", "Model", "KV MB", "KV cut timing batch", "Mem GB", "Prefill ms", "Decode tok/s", "E2E tok/s",
               "Decode ×", "E2E ×", "Prefill ×", "Device"]
     rows = []
     chosen = [r for r in main_points(results) if r.get("efficiency")]
@@ -314,6 +367,7 @@ def efficiency_table(results: Sequence[dict]) -> tuple[list[str], list[list[str]
         e2e = m.get("e2e_tokens_per_s")
         rows.append([
             label(r),
+            r["model"]["name"],
             f"{m['kv_cache_bytes'] / 2**20:.3f}",
             f"{100 * eff['kv_reduction']:.1f} %",
             "–" if mem is None else f"{mem / 2**30:.2f}",
@@ -334,7 +388,8 @@ def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def latex(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     def esc(text: str) -> str:
-        return text.replace("%", r"\%").replace("_", r"\_").replace("Δ", r"$\Delta$").replace("×", r"$\times$")
+        return (text.replace("%", r"\%").replace("_", r"\_").replace("Δ", r"$\Delta$").replace("×", r"$\times$")
+                .replace("†", r"$^\dagger$"))
 
     lines = [r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule", " & ".join(map(esc, header)) + r" \\", r"\midrule"]
     lines += [" & ".join(map(esc, row)) + r" \\" for row in rows]
@@ -346,8 +401,11 @@ def write_table(name: str, header, rows, out: Path, source: str) -> list[Path]:
     folder = out / "tables"
     folder.mkdir(parents=True, exist_ok=True)
     md, tex = folder / f"{name}.md", folder / f"{name}.tex"
-    md.write_text(f"<!-- rendered by `python -m harness.report` from {source}; do not edit -->\n" + markdown(header, rows))
-    tex.write_text(f"% rendered by `python -m harness.report` from {source}\n" + latex(header, rows))
+    notes = table_notes(header)
+    md.write_text(f"<!-- rendered by `python -m harness.report` from {source}; do not edit -->\n" + markdown(header, rows)
+                  + "".join(f"\n{n}\n" for n in notes))
+    tex.write_text(f"% rendered by `python -m harness.report` from {source}\n" + latex(header, rows)
+                   + "".join(f"% {n}\n" for n in notes))
     return [md, tex]
 
 
@@ -388,9 +446,9 @@ def calibration_table(results: Sequence[dict], task: str = "shapes") -> tuple[li
     exact match to dense."""
     lazy = [r for r in main_points(results) if r["method"]["name"] == "lazy"
             and r["method"]["params"].get("share", "qk") == "qk" and r["method"]["params"].get("scope", "all") == "all"]
-    matrices = [r["method"]["calibration"]["divergence"] for r in _calibrated(lazy)
+    matrices = [(r["method"]["calibration"]["divergence"], r["model"]["name"]) for r in _calibrated(lazy)
                 if r["method"]["calibration"].get("divergence")]
-    header = ["Budget", "Rule", "Lazy layers", "mean JS to anchor", "max JS to anchor", "Δ Avg", "= dense"]
+    header = ["Model", "Budget", "Rule", "Lazy layers", "mean JS to anchor", "max JS to anchor", "Δ Avg", "= dense"]
     rows = []
 
     def rule(r):
@@ -403,12 +461,13 @@ def calibration_table(results: Sequence[dict], task: str = "shapes") -> tuple[li
     def budget(r):
         return (r["method"].get("calibration") or {}).get("ratio") or r["method"]["params"].get("ratio") or 0
 
-    for r in sorted(lazy, key=lambda r: (budget(r), rule(r))):
-        js = anchor_js(r, matrices[0]) if matrices else {}
+    for r in sorted(lazy, key=lambda r: (r["model"]["name"], budget(r), rule(r))):
+        mine = [m for m, x in matrices if x == r["model"]["name"]]
+        js = anchor_js(r, mine[0]) if mine else {}
         comp = comparison(r, results)
         exact = (comp.get("fidelity") or {}).get("exact_match")
         rows.append([
-            f"{budget(r):g}", rule(r), " ".join(map(str, r["method"]["lazy_layers"])),
+            r["model"]["name"], f"{budget(r):g}", rule(r), " ".join(map(str, r["method"]["lazy_layers"])),
             "–" if not js else f"{sum(js.values()) / len(js):.3f}",
             "–" if not js else f"{max(js.values()):.3f}",
             _pm(comp.get("all")),
@@ -432,22 +491,36 @@ def _series(result: dict) -> str:
 
 
 def pareto_figure(results: Sequence[dict], out: Path, task: str = "shapes") -> Path:
-    """Mean score against the KV cut on the evaluated workload (the synthetic timing batch's cut
-    for results that have no per-sample KV)."""
+    """``acc_mean_types_capable`` (``acc_mean_types`` when dense can do every type) against
+    ``kv_cut_workload``, the numbers of the main table's rows. A point without a workload KV cut
+    (no dense of its protocol) is left out and named on stderr, never replaced by the timing
+    batch's cut. Points of different protocols (model, task settings, limit, seed) are never
+    joined: each series is one method family under one protocol."""
+    results = [r for r in results if task in r["tasks"]]
+    chosen = with_in_run_dense(main_points(results), task)
+    heads = [headline_of(r, results, task) for r in chosen]
+    capable = any(h.get("dense_below_floor") for h in heads)
+    y_key = "acc_mean_types_capable" if capable else "acc_mean_types"
+    protocols = {config_key(protocol(r)) for r in chosen}
     points: dict[str, list[tuple[float, float, str]]] = {}
-    header, rows = main_table(results, task)
-    by_label = {label(r): r for r in with_in_run_dense([r for r in results if task in r["tasks"]], task)}
-    for row in rows:
-        r = by_label[row[0]]
-        cut = row[header.index("KV cut")]
-        if cut == "–":
-            if not r.get("efficiency"):
-                continue
-            kv = 100 * r["efficiency"]["kv_reduction"]
-        else:
-            kv = float(cut.rstrip(" %"))
-        points.setdefault(_series(r), []).append((kv, float(row[header.index("Avg")]), label(r)))
-    return figures.pareto_png(points, out / "figures" / "pareto.png", f"{task}: mean score vs KV cache reduction")
+    for r, head in zip(chosen, heads):
+        if head["kv_cut_workload"] is None or head[y_key] is None:
+            why = ("no kv_cut_workload (no dense of its protocol)" if head["kv_cut_workload"] is None
+                   else f"no {y_key} (dense is below the floor on every type)")
+            print(f"note: the Pareto figure leaves out {label(r)} [{r['model']['name']}] ({r['_path']}): {why}.",
+                  file=sys.stderr)
+            continue
+        series = _series(r)
+        if len(protocols) > 1:
+            p = protocol(r)
+            series += f" [{p['model']}, n={r['tasks'][task]['n']}, limit={p['limit']}, seed={p['seed']}]"
+        points.setdefault(series, []).append((100 * head["kv_cut_workload"], 100 * head[y_key], label(r)))
+    flagged = sorted({t for h in heads for t in (h.get("dense_below_floor") or [])})
+    without = f" (without {', '.join(flagged)}: dense below {headline.DENSE_FLOOR:.0%})" if capable else ""
+    return figures.pareto_png(points, out / "figures" / "pareto.png",
+                              f"{task}: {y_key} vs kv_cut_workload (each line: one method, one protocol)",
+                              xlabel="kv_cut_workload: KV cache reduction on the scored samples (%)",
+                              ylabel=f"{y_key} (%){without}")
 
 
 def fidelity_figure(results: Sequence[dict], out: Path, qtype: str = "long", max_tokens: int = 120) -> Path:
@@ -504,6 +577,11 @@ def render(what: str, results_dir: Path, out: Path) -> list[Path]:
 
 
 def main(argv=None) -> None:
+    a = parser().parse_intermixed_args(argv)
+    _main(a)
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Render paper tables and figures from result.json files.")
     p.add_argument("what", choices=["main", "protocol", "efficiency", "calibration", "layers", "pareto", "fidelity", "all",
                                     "versus"])
@@ -513,7 +591,10 @@ def main(argv=None) -> None:
     p.add_argument("--wandb", default=os.environ.get("WANDB_MODE", "disabled"),
                    help="log the figures and tables to W&B: offline | online | disabled (default: $WANDB_MODE or disabled)")
     p.add_argument("--wandb-project", default="lazyattn-harness")
-    a = p.parse_intermixed_args(argv)
+    return p
+
+
+def _main(a) -> None:
     if a.what == "versus":
         if len(a.labels) != 2:
             raise SystemExit("error: versus takes two table labels, e.g. versus 'Lazy QKV r=0.25 (calibrated)' "

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-SCHEMA_VERSION = 2  # 2: method.label and method.sort_key; repo-relative paths
+SCHEMA_VERSION = 3  # 2: method.label and method.sort_key; repo-relative paths; 3: headline (harness.headline)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

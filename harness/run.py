@@ -16,8 +16,9 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 import lazyattn
-from harness import calibration, compare, figures, measure, tracking
+from harness import calibration, compare, figures, headline, measure, tracking
 from harness.config import (
+    PREEXISTING,
     RunError,
     check_run,
     method_spec,
@@ -26,11 +27,38 @@ from harness.config import (
     relative_to_repo,
     result_key,
     setup,
+    writable_dir,
 )
 from harness.generate import prompt_inputs
 from harness.models import load_model
 from harness.results import SCHEMA_VERSION, SampleLog, env_info, write_json_atomic
 from harness.tasks import ShapesTask, shapes_task
+
+
+def preflight(cfg: DictConfig, multirun: bool = False) -> None:
+    """What can be refused before Hydra writes anything (its ``.hydra`` folder and log go into the
+    run's folder): a folder that cannot be written, a finished out_dir, the run-level settings, the
+    method's settings and a local checkpoint's files. Each a RunError or ValueError of one line."""
+    if multirun:
+        writable_dir(Path(str(cfg.sweep_root)), "sweep_root")
+        return
+    if cfg.get("out_dir"):
+        out_dir = Path(str(cfg.out_dir))
+        PREEXISTING[str(out_dir)] = out_dir.exists()
+        writable_dir(out_dir, "out_dir")
+        if (out_dir / "result.json").exists() and not cfg.overwrite and not cfg.get("skip_finished"):
+            raise RunError(f"{out_dir} already holds a finished run; pass overwrite=true or choose another out_dir=DIR.")
+    else:
+        writable_dir(Path(str(cfg.runs_root)), "runs_root")
+    check_run(cfg)
+    if calibration.wanted(cfg.method):
+        calibration.check(cfg.method)
+    else:
+        lazyattn.build(method_spec(cfg.method))
+    if str(cfg.model.get("kind")) == "hf":
+        from harness.models.local import check_checkpoint
+
+        check_checkpoint(cfg.model.get("path"), cfg.model.get("model_type"))
 
 
 def build_task(cfg: DictConfig):
@@ -93,6 +121,55 @@ def compare_to_dense(rows: dict[str, list[dict]], scores: dict, processor) -> di
     return out
 
 
+def schedule(method, n_layers: int) -> str:
+    """What the method changes, in one phrase: its lazy layers and their anchors, or its pruning
+    schedule, or both for a composition."""
+    parts = []
+    lazy = getattr(method, "lazy", method if isinstance(method, lazyattn.LazyAttention) else None)
+    if lazy is not None:
+        layers = lazy.lazy_layers(n_layers)
+        anchors = lazyattn.anchors_of(layers, n_layers)
+        params = lazy.params()
+        parts.append(f"lazy layers {' '.join(map(str, layers)) or 'none'} "
+                     f"(anchors {' '.join(f'{l}<-{a}' for l, a in anchors.items()) or 'none'}; "
+                     f"share={params.get('share')} scope={params.get('scope')})")
+    pruner = getattr(method, "pruner", None) or (None if lazy is not None or method.name == "dense" else method)
+    if isinstance(pruner, lazyattn.FastV):
+        parts.append(f"FastV: after layer {pruner.k - 1} drop {pruner.ratio:.0%} of the image tokens "
+                     f"(ranked by {pruner.score} attention)")
+    elif isinstance(pruner, lazyattn.VTW):
+        parts.append(f"VTW: image tokens withdrawn from layer {pruner.k} on")
+    elif pruner is not None:
+        parts.append(f"{pruner.name}: " + " ".join(f"{k}={v}" for k, v in pruner.params().items()))
+    return "; ".join(parts) or "nothing changed (the reference)"
+
+
+def describe_run(cfg: DictConfig, loaded, method_info: dict, method, task) -> list[str]:
+    """The console's first lines: model, method label and schedule, task, n and protocol."""
+    weights = "RANDOM weights" if loaded.random_weights else "trained weights"
+    t = cfg.task
+    n = cfg.limit if cfg.limit is not None else getattr(task, "n", None)
+    qtypes = list(t.get("qtypes") or [])
+    protocol = [f"split={t.get('split')}"] if t.get("split") else []
+    if qtypes:
+        protocol.append(f"{len(qtypes)} question types ({', '.join(qtypes)})")
+    if t.get("lmms_tasks"):
+        protocol.append(f"lmms-eval tasks {', '.join(t.lmms_tasks)}")
+    if t.get("multiturn"):
+        protocol.append(f"multiturn={t.multiturn}")
+    if t.get("min_new_tokens"):
+        protocol.append(f"min_new_tokens={t.min_new_tokens}")
+    protocol.append(f"seed={cfg.seed}")
+    dense = "dense scored beside it on the same samples" if cfg.compare_dense and method.name != "dense" \
+        else "no dense in this run"
+    return [
+        f"model: {loaded.name} ({loaded.n_layers} layers, {loaded.n_params / 1e6:.2f} M parameters, {weights})",
+        f"method: {method_info['label']} [{method.name}]: {schedule(method, loaded.n_layers)}",
+        f"task: {t.name}, n={n if n is not None else 'the task default'} "
+        f"({'limit' if cfg.limit is not None else 'task default'}); {'; '.join(protocol)}; {dense}",
+    ]
+
+
 def run(cfg: DictConfig) -> Path:
     out_dir = output_dir(cfg)
     result_path = out_dir / "result.json"
@@ -115,6 +192,8 @@ def run(cfg: DictConfig) -> Path:
     spec, calibrated = calibration.resolve(cfg, loaded, task, device) if auto else (method_spec(cfg.method), None)
     method = lazyattn.build(spec)
     method_info = describe_method(method, loaded.n_layers, calibrated)  # validates the layers for this model
+    for line in describe_run(cfg, loaded, method_info, method, task):
+        print(line, flush=True)
 
     variants = {"method": method}
     if cfg.compare_dense and method.name != "dense":
@@ -154,6 +233,7 @@ def run(cfg: DictConfig) -> Path:
         "model": {"name": loaded.name, "n_layers": loaded.n_layers, "n_params": loaded.n_params,
                   "random_weights": loaded.random_weights},
         "method": method_info,
+        "headline": None,  # below: harness.headline, the numbers console, W&B and tables share
         "tasks": evaluations["method"].scores,
         "efficiency": efficiency,
         **comparison,
@@ -162,6 +242,12 @@ def run(cfg: DictConfig) -> Path:
     }
     if "dense" in evaluations:
         result["tasks_dense"] = evaluations["dense"].scores
+    first_task = next(iter(result["tasks"]), None)
+    result["headline"] = {
+        "task": first_task,
+        **headline.compute(result, rows["method"], rows.get("dense"),
+                           (result.get("tasks_dense") or {}).get(first_task)),
+    }
     summaries = {v: e.summary for v, e in evaluations.items() if e.summary is not None}
     if summaries:
         from importlib.metadata import version
@@ -188,7 +274,17 @@ def _ci(interval) -> str:
     return f"[{interval[0]:.2f}, {interval[1]:.2f}]" if interval else ""
 
 
+def _num(value, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, list):
+        return "[" + ", ".join(_num(v, digits) for v in value) + "]"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
 def print_summary(result: dict) -> None:
+    head = result.get("headline") or {}
+    flagged = set(head.get("dense_below_floor") or [])
     for name, scores in result["tasks"].items():
         dense = result.get("tasks_dense", {}).get(name, {})
         print(f"task {name}: n={scores['n']}")
@@ -199,12 +295,16 @@ def print_summary(result: dict) -> None:
                 metrics = {k: v for k, v in value.items() if isinstance(v, (int, float)) and k != "n"}
                 print(f"  {key:<10} " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
                 continue
-            line = f"  {key:<10} {metric}: method {value[metric]:.3f} {_ci(value.get(metric + '_ci95'))}"
+            shown = "all (over samples)" if key == "all" else key
+            line = f"  {shown:<10} {metric}: method {value[metric]:.3f} {_ci(value.get(metric + '_ci95'))}"
             d = dense.get(metric) if key == "all" else dense.get(key, {}).get(metric)
             if d is not None:
                 line += f"  dense {d:.3f}"
             if value.get("delta") is not None:
                 line += f"  delta {value['delta']:+.3f} {_ci(value['delta_ci95'])}"
+            if key in flagged and name == head.get("task"):
+                line += (f"  † dense below {headline.DENSE_FLOOR:.0%}: a type dense cannot do "
+                         "(left out of acc_mean_types_capable)")
             print(line)
     if result.get("fidelity"):
         f = result["fidelity"]
@@ -212,31 +312,39 @@ def print_summary(result: dict) -> None:
               f"first divergence (median token) {f['first_divergence_median']}")
     if result.get("kv_workload"):
         k = result["kv_workload"]
-        line = f"workload KV per sample: method {k['method_bytes_mean']:.0f} bytes"
+        line = f"KV, workload (the scored samples, every turn): method {k['method_bytes_mean']:.0f} bytes per sample"
         if k["reduction"] is not None:
-            line += f", dense {k['dense_bytes_mean']:.0f} bytes, reduction {k['reduction']:.4f}"
+            line += f", dense {k['dense_bytes_mean']:.0f}: kv_cut_workload={k['reduction']:.4f}"
         print(line)
     eff = result["efficiency"]
     if eff:
+        print(f"timing batch (one synthetic batch: the first prompt x{eff.get('batch_size')}, "
+              f"{eff.get('prompt_tokens')} prompt tokens, {eff.get('new_tokens')} new; {eff['device']}; "
+              "medians ± IQR, dense and method interleaved):")
         for variant in ("dense", "method"):
             e = eff[variant]
             mem = e.get("peak_memory_bytes")
             print(
-                f"{variant:<6} kv_cache_bytes={e['kv_cache_bytes']} peak_memory_bytes={mem} "
+                f"  {variant:<6} kv_cache_bytes={e['kv_cache_bytes']} peak_memory_bytes={mem} "
                 f"prefill_ms={e['prefill_ms']:.1f}±{e.get('prefill_ms_iqr', 0):.1f} "
                 f"decode_tokens_per_s={e['decode_tokens_per_s']:.1f}±{e.get('decode_tokens_per_s_iqr', 0):.1f} "
                 f"e2e_tokens_per_s={e.get('e2e_tokens_per_s', float('nan')):.1f}"
             )
         print(
-            f"kv_reduction={eff['kv_reduction']:.4f} decode_speedup={eff['decode_speedup']:.3f} "
+            f"  kv_cut_timing_batch={eff['kv_reduction']:.4f} decode_speedup={eff['decode_speedup']:.3f} "
             f"e2e_speedup={eff.get('e2e_speedup', float('nan')):.3f} prefill_speedup={eff['prefill_speedup']:.3f} "
-            f"(method over dense, higher is better; medians ± IQR; {eff['device']}; one synthetic batch: the "
-            "first prompt repeated)"
+            "(method over dense, higher is better)"
         )
         if eff.get("predicted_decode_speedup"):
             print(
-                f"predicted decode speed-up from bytes per step (weights touched + KV read; {eff.get('cache', 'dynamic')} "
+                f"  predicted decode speed-up from bytes per step (weights touched + KV read; {eff.get('cache', 'dynamic')} "
                 f"cache): x{eff['predicted_decode_speedup']:.3f}; achieved {eff['decode_speedup_of_predicted']:.0%} of it"
             )
         if eff.get("host_sync"):
-            print(f"note: {eff['host_sync']}")
+            print(f"  note: {eff['host_sync']}")
+    if head:
+        print(f"headline ({head.get('task')}; result.json 'headline', W&B 'headline/*', the tables; "
+              "docs/results.md#headline-numbers):")
+        keys = [k for k in headline.KEYS if head.get(k) is not None]
+        for i in range(0, len(keys), 4):
+            print("  " + "  ".join(f"{k}={_num(head[k])}" for k in keys[i:i + 4]))

@@ -1,7 +1,11 @@
-"""W&B logging of a finished result: the same dict as result.json, plus a samples table.
+"""W&B logging: each run's result (the same dict as result.json, its ``headline/*`` keys, a
+per-type scores table and a samples table) and, at the end of a sweep (Hydra multirun), a summary
+run with a table of its points and W&B's own accuracy-vs-KV-cut and throughput-vs-KV-cut charts,
+one per model.
 
 Nothing depends on W&B to be read back: result.json is written first, and a W&B failure is
-reported without touching it. The mode is offline by default (no account needed).
+reported without touching it. The mode is offline by default (no account needed); offline runs
+stay in ``<dir>/wandb/offline-run-*`` for ``wandb sync``.
 """
 
 from __future__ import annotations
@@ -41,21 +45,44 @@ def _start(wandb_cfg: dict, **init):
 
 
 def headline(result: dict) -> dict[str, Any]:
-    """The same few keys in every run, whatever the method or task, for cross-run charts:
-    ``headline/acc`` (first task), ``headline/kv_reduction``, ``headline/decode_speedup``, ..."""
-    first = next(iter(result["tasks"].values()), {})
-    eff = result.get("efficiency") or {}
-    method = eff.get("method") or {}
-    return {
-        "headline/acc": first.get("acc"),
-        "headline/kv_reduction": eff.get("kv_reduction"),
-        "headline/decode_speedup": eff.get("decode_speedup"),
-        "headline/prefill_speedup": eff.get("prefill_speedup"),
-        "headline/kv_cache_bytes": method.get("kv_cache_bytes"),
-        "headline/decode_tokens_per_s": method.get("decode_tokens_per_s"),
+    """The same keys in every run, whatever the method or task, for cross-run charts:
+    ``headline/<key>`` for every key of ``harness.headline.KEYS`` (result.json's ``headline``,
+    the numbers the console and the tables show), plus model, method, label and task."""
+    from harness import headline as hl
+
+    head = result.get("headline") or hl.compute(result)  # results from before schema 3: what they hold
+    out = {f"headline/{key}": head.get(key) for key in hl.KEYS}
+    out.update({
+        "headline/task": head.get("task") or next(iter(result["tasks"]), None),
         "headline/method": result["method"]["name"],
+        "headline/label": result["method"].get("label"),
         "headline/model": result["model"]["name"],
-    }
+    })
+    return out
+
+
+SCORE_COLUMNS = ["task", "type", "metric", "score", "ci95_lo", "ci95_hi", "dense", "delta", "delta_lo", "delta_hi",
+                 "dense_below_floor"]
+
+
+def score_rows(result: dict) -> list[list]:
+    """One row per task and question type (and ``all``): the score with its 95 % interval, dense's
+    score, the paired change and its interval, and whether dense is below the floor there."""
+    flagged = set((result.get("headline") or {}).get("dense_below_floor") or [])
+    rows = []
+    for task, scores in result["tasks"].items():
+        dense = (result.get("tasks_dense") or {}).get(task) or {}
+        entries = [(k, v) for k, v in scores.items() if isinstance(v, dict)] + [("all", scores)]
+        for key, value in entries:
+            metric = "f1" if "f1" in value else "acc" if "acc" in value else None
+            if metric is None:
+                continue
+            ci = value.get(f"{metric}_ci95") or [None, None]
+            d = dense if key == "all" else dense.get(key) or {}
+            dci = value.get("delta_ci95") or [None, None]
+            rows.append([task, key, metric, value[metric], ci[0], ci[1], d.get(metric), value.get("delta"),
+                         dci[0], dci[1], key in flagged])
+    return rows
 
 
 def log_report(files: list[Path], tables: dict[str, tuple[list[str], list[list[str]]]], wandb_cfg: dict) -> None:
@@ -101,6 +128,7 @@ def log_run(
     try:
         run.summary.update(flatten({k: v for k, v in result.items() if k != "config"}))
         run.summary.update(headline(result))
+        run.log({"scores": wandb.Table(columns=SCORE_COLUMNS, data=score_rows(result))})
         if samples:
             columns = list(samples[0])
             table = wandb.Table(columns=columns, data=[[str(row.get(c)) for c in columns] for row in samples])
@@ -132,6 +160,51 @@ def log_bench(result: dict, wandb_cfg: dict, out_dir: Path, name: str) -> str | 
         if rows:
             columns = list(rows[0])
             run.log({"bench": wandb.Table(columns=columns, data=[[str(r.get(c)) for c in columns] for r in rows])})
+        return run.dir
+    finally:
+        run.finish()
+
+
+SWEEP_COLUMNS = ["model", "seed", "label", "method", "n", "limit", "multiturn", "acc_mean_types",
+                 "acc_mean_types_capable", "dense_below_floor", "acc_samples", "delta_score", "kv_cut_workload",
+                 "kv_cut_timing_batch", "decode_speedup_timing_batch", "decode_tokens_per_s_timing_batch", "path"]
+
+
+def _scatter(wandb, rows: list[dict], x: str, y: str, title: str):
+    """W&B's own scatter chart of ``y`` against ``x`` over ``rows`` (points without both left out)."""
+    columns = ["label", x, y]
+    data = [[r["label"], r[x], r[y]] for r in rows if r.get(x) is not None and r.get(y) is not None]
+    return wandb.plot.scatter(wandb.Table(columns=columns, data=data), x, y, title=title) if data else None
+
+
+def log_sweep(points: list[dict], wandb_cfg: dict, sweep_dir: Path, name: str) -> str | None:
+    """Log a sweep's summary run (job type ``sweep-summary``): the table ``sweep/points`` (one row per
+    point, ``SWEEP_COLUMNS``) and, per model, W&B scatter charts of acc_mean_types and
+    acc_mean_types_capable against kv_cut_workload, and of decode_speedup_timing_batch against
+    kv_cut_timing_batch (each chart names the keys it plots). Returns the run's local directory."""
+    models = sorted({p["model"] for p in points})
+    tags = list(wandb_cfg.get("tags") or []) + ["sweep-summary", *(f"model:{m}" for m in models)]
+    run = _start(wandb_cfg, dir=str(sweep_dir), name=f"sweep {name}", tags=tags, job_type="sweep-summary",
+                 config={"sweep_dir": str(sweep_dir), "models": models})
+    if run is None:
+        return None
+    import wandb
+
+    try:
+        run.log({"sweep/points": wandb.Table(columns=SWEEP_COLUMNS, data=[[p.get(c) for c in SWEEP_COLUMNS]
+                                                                          for p in points])})
+        charts = {}
+        for model in models:
+            mine = [p for p in points if p["model"] == model]
+            for x, y, what in (("kv_cut_workload", "acc_mean_types", "accuracy"),
+                               ("kv_cut_workload", "acc_mean_types_capable", "accuracy"),
+                               ("kv_cut_timing_batch", "decode_speedup_timing_batch", "throughput")):
+                chart = _scatter(wandb, mine, x, y, f"{model}: {y} vs {x} ({what})")
+                if chart is not None:
+                    charts[f"charts/{model}/{y}_vs_{x}"] = chart
+        if charts:
+            run.log(charts)
+        run.summary.update({"sweep/n_points": len(points), "sweep/models": models})
         return run.dir
     finally:
         run.finish()

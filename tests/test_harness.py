@@ -357,14 +357,120 @@ def test_wandb_group_is_per_model_in_sweeps_and_the_users_choice():
 
 
 def test_documented_wandb_commands_exist_in_the_installed_wandb():
-    """docs/results.md says how to read offline runs; each command it names is accepted by this wandb."""
+    """docs/results.md says how to read offline runs; each command it names is accepted by this wandb,
+    and every ``wandb ...`` command line of its code blocks parses (its options are known)."""
     import re
+    import shlex
 
     text = (ROOT / "docs" / "results.md").read_text()
-    commands = sorted(set(re.findall(r"`(wandb (?:beta )?(?:leet|sync))\b", text)))
-    assert {"wandb leet", "wandb sync"} <= set(commands)
+    commands = sorted(set(re.findall(r"`(wandb (?:beta )?(?:leet inspect|leet|sync))\b", text)))
+    assert {"wandb leet inspect", "wandb sync"} <= set(commands)
     wandb_cli = Path(sys.executable).with_name("wandb")
     for command in commands:
         proc = subprocess.run([str(wandb_cli), *command.split()[1:], "--help"], capture_output=True, text=True,
                               timeout=120)
         assert proc.returncode == 0, (command, proc.stderr[-1000:])
+    lines = re.findall(r"^(wandb (?:leet|sync) .*?)\s+#", text, flags=re.M)
+    assert any(line.startswith("wandb leet inspect --summary --json") for line in lines)
+    for line in lines:  # options known to the installed wandb (--help with them parses them first)
+        args = shlex.split(line)[1:]
+        options = [a for a in args if a.startswith("-")]
+        words = [a for a in args if not a.startswith("-") and not a.startswith("runs/")]
+        help_text = subprocess.run([str(wandb_cli), *words, "--help"], capture_output=True, text=True,
+                                   timeout=120).stdout
+        assert all(o in help_text for o in options), (line, options)
+
+
+def test_the_readme_table_is_the_rendered_main_table():
+    """README's results table is results/tables/main.md byte for byte (make tables renders it), footnote included."""
+    rendered = (ROOT / "results" / "tables" / "main.md").read_text().split("\n", 1)[1]
+    assert rendered in (ROOT / "README.md").read_text()
+    assert "| long F1 † |" in rendered and "Avg w/o †" in rendered  # the flagged type, said in the caption too
+    assert "`long` is marked `†`" in (ROOT / "README.md").read_text()
+
+
+def test_documented_report_and_sweep_lines_parse():
+    """``python -m harness.report`` / ``harness.sweep`` lines of the docs and the Makefile's report targets parse
+    with those modules' own argument parsers (the harness and bench lines pass the key check above)."""
+    import re
+    import shlex
+
+    from harness import report, sweep
+
+    found = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = re.sub(r"\\\n\s*", " ", doc.read_text())
+        for match in re.finditer(r"python -m harness\.(report|sweep) ([^`#\n]*)", text):
+            found.append((match.group(1), shlex.split(match.group(2).strip())))
+    assert len(found) >= 3
+    for module, args in found:
+        if "..." in args or any("LABEL" in a for a in args):
+            continue
+        parse = {"report": report.parser, "sweep": sweep.parser}[module]()
+        parse.parse_intermixed_args(args)  # SystemExit on a bad line
+
+
+def _cli(tmp_path, *args):
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["out_dir=/proc/lazyattn-no/r"], "error: out_dir /proc/lazyattn-no/r cannot be written"),
+        (["out_dir={tmp}/a_file/r"], "error: out_dir {tmp}/a_file/r cannot be made: {tmp}/a_file is a file"),
+        (["-m", "method=lazy", "method.ratio=0.25,0.5", "sweep_root=/proc/lazyattn-no"],
+         "error: sweep_root /proc/lazyattn-no cannot be written"),
+        (["model=hf", "model.path={tmp}/ckpt", "out_dir={tmp}/r"],
+         "error: {tmp}/ckpt has no processor files (one of preprocessor_config.json, processor_config.json) and no "
+         "tokenizer files"),
+        (["method=lazy", "method.ratio=1.5", "out_dir={tmp}/r"], "error: ratio must be a number in [0, 1)"),
+        (["task.qtypes=[colour,smell]", "out_dir={tmp}/r"], "error: task.qtypes ['smell'] unknown"),
+    ],
+    ids=["proc", "file", "sweep_root", "no-processor", "method", "task"],
+)
+def test_refused_runs_are_one_line_and_leave_nothing_behind(tmp_path, args, message, monkeypatch):
+    """A folder that cannot be written, a checkpoint without processor or tokenizer files (refused from
+    its files, before any weights load) and bad settings: exit 2, one line, no traceback, and no
+    out_dir/.hydra or empty log left behind (refused before Hydra writes, or cleaned after)."""
+    (tmp_path / "a_file").write_text("x")
+    ckpt = tmp_path / "ckpt"  # a model saved without its processor: config.json and weights only
+    ckpt.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (ckpt / name).write_bytes((ROOT / "harness/assets/llava_tiny" / name).read_bytes())
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = _cli(tmp_path, *[a.format(tmp=tmp_path) for a in args], "model=llava_tiny_random"
+                if "model=hf" not in args else "model.dtype=float32")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(message.format(tmp=tmp_path)), proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no out_dir, .hydra or __main__.log
+
+
+def test_a_refused_run_keeps_an_earlier_runs_folder(tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "samples.partial.jsonl").write_text("")
+    proc = _cli(tmp_path, "model=llava_tiny_random", "task.qtypes=[colour,smell]", f"out_dir={out}")
+    assert proc.returncode == 2 and (out / "samples.partial.jsonl").exists()
+
+
+def test_the_console_first_lines_say_what_ran(tmp_path):
+    proc = _cli(tmp_path, "+exp=llava_lazy", "method.layers=[2,3,5]", "limit=8", "batch_size=8",
+                "efficiency.new_tokens=2", "efficiency.repeats=1", "efficiency.warmup=0", f"out_dir={tmp_path}/r")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("model: llava_tiny (12 layers, ") and "trained weights" in lines[0]
+    assert lines[1] == ("method: Lazy r=0.25 (explicit) [lazy]: lazy layers 2 3 5 (anchors 2<-1 3<-1 5<-4; share=qk "
+                        "scope=all)")
+    assert lines[2].startswith("task: shapes, n=8 (limit); split=test; 8 question types (colour,")
+    assert "multiturn=carry; seed=0; dense scored beside it" in lines[2]
+    result = json.loads((tmp_path / "r" / "result.json").read_text())
+    kv_lines = [line for line in lines if "kv_cut" in line or "KV" in line]
+    assert any(f"kv_cut_workload={result['headline']['kv_cut_workload']:.4f}" in line for line in kv_lines)
+    assert any(f"kv_cut_timing_batch={result['headline']['kv_cut_timing_batch']:.4f}" in line for line in kv_lines)
+    assert not any("reduction" in line and "kv_cut" not in line for line in lines)  # no unnamed KV figure
+    long = next(line for line in lines if line.strip().startswith("long "))
+    assert "† dense below 10%" in long and result["headline"]["dense_below_floor"] == ["long"]

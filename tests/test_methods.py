@@ -11,8 +11,9 @@ import lazyattn
 from lazyattn import METHODS, Composed, Dense, FastV, LazyAttention, SparseVLM, build
 from lazyattn.arch import decoder_layers
 
-# One spec per registered method, as a harness config would give it (lists as lists or tuples).
-SPECS = {
+# Specs with non-default settings for the shipped methods, as a harness config would give them
+# (lists as lists or tuples); a method added later is tested from its conf/method preset.
+CHOSEN = {
     "dense": {"name": "dense"},
     "lazy": {"name": "lazy", "layers": None, "ratio": 0.5},
     "fastv": {"name": "fastv", "k": 2, "ratio": 0.5, "score": "last_token"},
@@ -24,11 +25,24 @@ SPECS = {
                        "sparsevlm": {"name": "sparsevlm", "budget": 128}},
     "lazy_vtw": {"name": "lazy_vtw", "lazy": {"ratio": 0.5, "share": "qkv"}, "vtw": {"k": 7}},
 }
+CONF = Path(__file__).resolve().parent.parent / "conf" / "method"
+
+
+def preset(name):
+    """A registered method's spec from its conf/method/NAME.yaml (docs/methods.md, adding a method)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"))
+
+
+SPECS = {name: CHOSEN.get(name) or preset(name) for name in METHODS}
 
 
 def test_registry_order_and_specs_cover_it():
-    assert list(METHODS) == ["dense", "lazy", "fastv", "sparsevlm", "vtw", "lazy_fastv", "lazy_sparsevlm", "lazy_vtw"]
+    assert list(METHODS)[:5] == ["dense", "lazy", "fastv", "sparsevlm", "vtw"]  # table order: dense, lazy, pruners
     assert list(SPECS) == list(METHODS)
+    for name in METHODS:  # every registered method has its preset, named by the registry key
+        assert preset(name)["name"] == name, name
 
 
 @pytest.mark.parametrize("name", list(SPECS))
@@ -64,7 +78,7 @@ def test_build_builds_the_parts_of_composed_methods():
          "method fastv has no setting 'bogus'"),
         ({"name": "lazy_fastv", "lazy": {"ratio": 0.5}, "fastv": {"k": 2}, "sparsevlm": {}},
          "method lazy_fastv has no setting 'sparsevlm'; its settings: lazy, fastv"),
-        ({"name": "nope"}, "unknown method 'nope'; known: dense, lazy, fastv, sparsevlm, vtw, lazy_fastv, lazy_sparsevlm, lazy_vtw"),
+        ({"name": "nope"}, f"unknown method 'nope'; known: {', '.join(METHODS)}"),
         ({"ratio": 0.5}, "'name' key"),
     ],
 )

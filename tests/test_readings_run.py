@@ -83,6 +83,8 @@ def test_calibration_table_compares_the_rules(tmp_path):
         run(small(tmp_path / "sweep" / sub, *extra, "compare_dense=true"))
     results = report.collect(tmp_path / "sweep")
     header, rows = report.calibration_table(results)
+    assert header[0] == "Model" and all(row[0] == "llava_tiny_random" for row in rows)
+    rows = [row[1:] for row in rows]  # the columns after Model
     assert [row[1] for row in rows] == ["anchor", "pairwise", "uniform"]
     assert all(row[0] == "0.5" and len(row[2].split()) == 6 for row in rows)
     assert all(float(row[3]) <= float(row[4]) for row in rows)  # mean <= max divergence to the anchor

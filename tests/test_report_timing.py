@@ -51,13 +51,54 @@ def test_tables_use_an_in_run_dense_row_and_name_points_without_a_baseline(tmp_p
     point("single/lazy", "method=lazy", "limit=2", "compare_dense=true")
     header, rows = report.main_table(report.collect(tmp_path / "single"))
     assert [row[0] for row in rows] == ["Dense (in-run)", "Lazy r=0.5 (uniform)"]
-    assert rows[0][1] == rows[1][1] == "2" and rows[1][header.index("Δ Avg")] not in ("", "–")
+    n = header.index("n")
+    assert rows[0][n] == rows[1][n] == "2" and rows[1][header.index("Δ Avg")] not in ("", "–")
+    assert header[1] == "Model" and rows[0][1] == rows[1][1] == "llava_tiny_random" and "Seed" not in header
 
     point("mixed/dense", "method=dense", "limit=4")
     point("mixed/fastv", "method=fastv", "limit=2", "compare_dense=false")
     capsys.readouterr()
     header, rows = report.main_table(report.collect(tmp_path / "mixed"))
     fastv = next(row for row in rows if row[0].startswith("FastV"))
-    assert fastv[1] == "2" and fastv[header.index("Δ Avg")] == "–"
+    assert fastv[header.index("n")] == "2" and fastv[header.index("Δ Avg")] == "–"
     err = capsys.readouterr().err
     assert "note: FastV K=2 R=0.5" in err and "the dense points differ in limit" in err
+
+
+def test_two_models_and_seeds_are_told_apart_and_left_out_points_named(tmp_path, capsys):
+    """Two models in one tree: a Model column tells their rows apart, a Seed column appears with two
+    seeds, a point of another protocol is named on stderr, and the Pareto figure never joins protocols."""
+    from helpers import cfg_for
+
+    from harness.run import run
+
+    def point(sub, *extra):
+        run(cfg_for("batch_size=2", "limit=2", "efficiency.enabled=false", "wandb.mode=disabled", "compare_dense=true",
+                    "method=fastv", f"out_dir={tmp_path / sub}", *extra))
+
+    point("a", "model=llava_tiny_deep")
+    point("b", "model=llava_tiny")
+    point("c", "model=llava_tiny", "seed=1")
+    point("d", "model=llava_tiny", "task.multiturn=reencode")
+    capsys.readouterr()
+    results = report.collect(tmp_path)
+    header, rows = report.main_table(results)
+    assert header[:3] == ["Method", "Model", "Seed"]
+    keyed = sorted((r[0], r[1], r[2]) for r in rows)
+    assert len(keyed) == len(set(keyed)) == 6  # dense (in-run) and FastV for each model and seed
+    err = capsys.readouterr().err
+    assert "note: main table leaves out FastV K=2 R=0.5 [llava_tiny]" in err and "multiturn=reencode" in err
+    import harness.figures as figures
+
+    seen = {}
+    real = figures.pareto_png
+    figures.pareto_png = lambda points, path, title, **kw: seen.update(points) or real(points, path, title, **kw)
+    try:
+        report.pareto_figure(results, tmp_path / "out")
+    finally:
+        figures.pareto_png = real
+    # dense and FastV under three protocols: six series of one point each, none joined across protocols
+    assert len(seen) == 6 and all(len(pts) == 1 for pts in seen.values())
+    assert {k for k in seen if k.startswith("fastv")} == {"fastv [llava_tiny_deep, n=2, limit=2, seed=0]",
+                                                          "fastv [llava_tiny, n=2, limit=2, seed=0]",
+                                                          "fastv [llava_tiny, n=2, limit=2, seed=1]"}

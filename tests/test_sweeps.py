@@ -69,7 +69,7 @@ def test_interrupted_sweep_resumes_without_redoing_finished_points(tmp_path):
     # tables and figures render from those files alone
     header, rows = report.main_table(report.collect(root))
     assert [r[0] for r in rows] == ["Lazy r=0.25 (uniform)", "Lazy r=0.5 (uniform)"]
-    cut, delta = header.index("KV cut"), header.index("Δ Avg")
+    cut, delta = header.index("KV cut workload"), header.index("Δ Avg")
     assert rows[1][cut] == rows[1][delta] == "–"  # no dense point with the same settings: nothing is compared
     files = report.render("efficiency", root, tmp_path / "rendered") + report.render("pareto", root, tmp_path / "rendered")
     assert all(f.stat().st_size > 0 for f in files)

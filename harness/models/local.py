@@ -12,19 +12,14 @@ from harness.models.base import Loaded, set_generation_ids
 from harness.models.processors import IMAGE_ONLY_PROCESSORS
 
 
-def load_local(
-    path: str | Path,
-    attn_implementation: str = "sdpa",
-    dtype: torch.dtype | str = "auto",
-    name: str | None = None,
-    model_type: str | None = None,
-) -> Loaded:
-    """Load an image-text-to-text checkpoint (HF format) from a local directory, never from a hub.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
-    ``model_type``, when given (the presets give it), must match the checkpoint's config.json.
-    Qwen2-VL / Qwen2.5-VL get an image-and-text processor (``harness.models.processors``): their
-    own processor also loads a video processor, which needs torchvision.
-    """
+
+def check_checkpoint(path, model_type: str | None = None) -> Path:
+    """The checkpoint folder ``path`` as a Path, or one clear error, from its files alone (no
+    weights are read): it exists, holds config.json (of ``model_type`` when given) and the
+    processor's and tokenizer's files, which ``save_pretrained`` of the model alone leaves out."""
     if path is None or str(path) in ("", "None", "???"):
         raise ValueError("model.path is not set: pass model.path=/local/dir holding config.json and the weights.")
     path = Path(path).expanduser()
@@ -41,7 +36,32 @@ def load_local(
             f"{path} holds a {found_type!r} checkpoint but this preset expects model_type {model_type!r}: "
             "point model.path at the right checkpoint, or use model=hf for any LLaVA-family checkpoint."
         )
-    model_type = found_type
+    missing = [f"{what} files (one of {', '.join(names)})"
+               for what, names in (("processor", PROCESSOR_FILES), ("tokenizer", TOKENIZER_FILES))
+               if not any((path / name).is_file() for name in names)]
+    if missing:
+        raise FileNotFoundError(
+            f"{path} has no {' and no '.join(missing)}: save them beside the weights with "
+            "AutoProcessor.from_pretrained(SOURCE).save_pretrained(model.path)."
+        )
+    return path
+
+
+def load_local(
+    path: str | Path,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype | str = "auto",
+    name: str | None = None,
+    model_type: str | None = None,
+) -> Loaded:
+    """Load an image-text-to-text checkpoint (HF format) from a local directory, never from a hub.
+
+    ``model_type``, when given (the presets give it), must match the checkpoint's config.json.
+    Qwen2-VL / Qwen2.5-VL get an image-and-text processor (``harness.models.processors``): their
+    own processor also loads a video processor, which needs torchvision.
+    """
+    path = check_checkpoint(path, model_type)
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as err:  # unknown model_type, corrupt config

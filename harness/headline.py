@@ -1,0 +1,117 @@
+"""The headline numbers of a result: one definition each, used by the console, ``result.json``'s
+``headline``, W&B (``headline/<key>``) and the report's tables and figures alike.
+
+Accuracy and KV numbers are fractions (0-1) here, in ``result.json`` and in W&B; tables print
+them as percentages. Two KV cuts exist and are never mixed: the workload's (the mean per-sample
+peak KV cache over the scored samples, every turn and generated token) and the timing batch's
+(one synthetic batch, the first prompt repeated, timed by ``harness.measure``). Throughput is
+measured on the timing batch only.
+
+A question type on which dense itself scores below ``DENSE_FLOOR`` is one dense cannot do (the
+tiny model's ``long``: F1 0): it stays in ``acc_mean_types`` but is left out of
+``acc_mean_types_capable`` and flagged wherever it is shown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from harness import compare
+
+DENSE_FLOOR = 0.10  # dense below this on a question type: a type dense cannot do
+
+# key -> what it is; the order is the order of the console's headline block and of W&B's keys.
+KEYS: dict[str, str] = {
+    "acc_mean_types": "mean over question types of each type's score (F1 for describe and long, accuracy otherwise)",
+    "acc_mean_types_capable": f"acc_mean_types over the types dense scores at least {DENSE_FLOOR:.0%} on "
+                              "(dense_below_floor left out; null without dense)",
+    "dense_below_floor": f"the question types dense scores below {DENSE_FLOOR:.0%} on (null without dense)",
+    "acc_samples": "accuracy over samples (every sample right or wrong, describe and long by exact match)",
+    "delta_score": "method minus dense on the same samples: the mean change of the per-sample score (F1 for "
+                   "describe and long), paired",
+    "delta_score_ci95": "its 95 % paired-bootstrap interval",
+    "exact_match": "fraction of samples whose generated tokens equal dense's",
+    "kv_cut_workload": "1 - method / dense mean per-sample peak KV bytes on the scored samples",
+    "kv_bytes_workload": "the method's mean per-sample peak KV bytes on the scored samples",
+    "kv_cut_timing_batch": "1 - method / dense peak KV bytes of the synthetic timing batch",
+    "kv_bytes_timing_batch": "the method's peak KV bytes of the timing batch",
+    "decode_speedup_timing_batch": "method / dense decode tokens/s on the timing batch (interleaved, one process)",
+    "prefill_speedup_timing_batch": "dense / method prefill ms on the timing batch",
+    "e2e_speedup_timing_batch": "method / dense end-to-end tokens/s on the timing batch",
+    "decode_tokens_per_s_timing_batch": "the method's decode tokens/s on the timing batch",
+}
+
+
+def primary(scores: Mapping) -> float | None:
+    """A question type's score: F1 where there is one (describe, long), accuracy otherwise."""
+    value = scores.get("f1", scores.get("acc"))
+    return None if value is None else float(value)
+
+
+def type_scores(scores: Mapping | None) -> dict[str, float]:
+    """Each question type's score (``primary``) in a task's scores; {} for tasks without types."""
+    out = {}
+    for key, value in (scores or {}).items():
+        if isinstance(value, Mapping) and "n" in value and primary(value) is not None:
+            out[key] = primary(value)
+    return out
+
+
+def below_floor(dense_scores: Mapping | None) -> list[str] | None:
+    """The question types dense cannot do (below ``DENSE_FLOOR``); None when dense is unknown."""
+    if not dense_scores:
+        return None
+    return [t for t, v in type_scores(dense_scores).items() if v < DENSE_FLOOR]
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def compute(result: Mapping, method_rows: Sequence[dict] | None = None, dense_rows: Sequence[dict] | None = None,
+            dense_scores: Mapping | None = None, task: str | None = None) -> dict[str, Any]:
+    """The headline of ``result`` (its first task unless ``task``). ``method_rows`` and
+    ``dense_rows`` are the per-sample rows of the method and of dense on the same protocol (the
+    run's own dense variant or a dense point), ``dense_scores`` dense's scores of the task; a
+    dense result is its own baseline. Keys that cannot be computed are None."""
+    task = task or next(iter(result["tasks"]), None)
+    scores = result["tasks"].get(task, {}) if task else {}
+    is_dense = result["method"]["name"] == "dense"
+    if is_dense:
+        dense_scores = dense_scores or scores
+    per_type = type_scores(scores)
+    flagged = below_floor(dense_scores)
+    out: dict[str, Any] = dict.fromkeys(KEYS)
+    out["acc_mean_types"] = _mean(list(per_type.values()))
+    if flagged is not None:
+        out["dense_below_floor"] = flagged
+        out["acc_mean_types_capable"] = _mean([v for t, v in per_type.items() if t not in flagged])
+    out["acc_samples"] = scores.get("acc")
+    method_rows = list(method_rows or [])
+    dense_rows = [] if is_dense else list(dense_rows or [])
+    pairs = compare.paired(method_rows, dense_rows)
+    if pairs and all(compare.metric_of(m) in m for m, _ in pairs):
+        delta = compare.paired_delta([m[compare.metric_of(m)] for m, _ in pairs],
+                                     [d[compare.metric_of(d)] for _, d in pairs])
+        out["delta_score"], out["delta_score_ci95"] = delta["delta"], delta["delta_ci95"]
+        out["exact_match"] = compare.fidelity(method_rows, dense_rows)[0].get("exact_match")
+    kv = compare.kv_workload(method_rows, dense_rows) if method_rows else None
+    if kv:
+        out["kv_bytes_workload"] = kv["method_bytes_mean"]
+        out["kv_cut_workload"] = 0.0 if is_dense else kv["reduction"]
+    eff = result.get("efficiency") or {}
+    if eff:
+        m = eff.get("method") or {}
+        out["kv_cut_timing_batch"] = eff.get("kv_reduction")
+        out["kv_bytes_timing_batch"] = m.get("kv_cache_bytes")
+        out["decode_speedup_timing_batch"] = eff.get("decode_speedup")
+        out["prefill_speedup_timing_batch"] = eff.get("prefill_speedup")
+        out["e2e_speedup_timing_batch"] = eff.get("e2e_speedup")
+        out["decode_tokens_per_s_timing_batch"] = m.get("decode_tokens_per_s")
+    return out
+
+
+def percent(value: float | None, digits: int = 1) -> str:
+    """A fraction as the tables print it (``12.5``), "–" when unknown."""
+    return "–" if value is None else f"{100 * value:.{digits}f}"

@@ -1,0 +1,95 @@
+"""docs/methods.md "Adding a method", done as written on a copy of the repository: one file in
+lazyattn/, one YAML in conf/method/, two lines (the import and the entry) in lazyattn/__init__.py.
+Then the method registry's own tests pass for it, the command line runs it, and the tables label it."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+MYMETHOD = '''
+import contextlib
+import dataclasses
+
+from lazyattn.arch import decoder_layers
+
+
+@dataclasses.dataclass
+class MyMethod:
+    """Watches the first decoder layer and changes nothing, with one setting: the smallest method."""
+
+    note: int = 1
+    name = "mymethod"
+
+    def __post_init__(self):
+        if self.note < 0:
+            raise ValueError(f"MyMethod note must be >= 0, got {self.note}.")
+
+    @contextlib.contextmanager
+    def apply(self, model):
+        handle = decoder_layers(model)[0].register_forward_pre_hook(lambda module, args: None)
+        try:
+            yield model
+        finally:
+            handle.remove()
+
+    def params(self):
+        return {"note": self.note}
+
+    def label(self, n_layers):
+        return f"MyMethod note={self.note}"
+
+    def sort_key(self, n_layers):
+        return (self.note,)
+'''
+
+
+def test_adding_a_method_as_the_docs_say(tmp_path):
+    doc = (ROOT / "docs" / "methods.md").read_text()
+    section = doc[doc.index("## Adding a method"):doc.index("## Numbers to compare against")]
+    assert "Three places, nothing else" in section and "two lines" in section.lower()
+
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / "lazyattn", repo / "lazyattn", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "harness", repo / "harness", ignore=shutil.ignore_patterns("__pycache__", "assets", "data"))
+    (repo / "harness" / "assets").symlink_to(ROOT / "harness" / "assets")
+    shutil.copytree(ROOT / "conf", repo / "conf")
+    shutil.copytree(ROOT / "tests", repo / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+
+    # 1. one file in lazyattn/
+    (repo / "lazyattn" / "mymethod.py").write_text(MYMETHOD)
+    # 2. one YAML in conf/method/: name plus one key per field with its default
+    (repo / "conf" / "method" / "mymethod.yaml").write_text("name: mymethod\nnote: 1\n")
+    # 3. two lines in lazyattn/__init__.py: the import and the registry entry
+    init = (repo / "lazyattn" / "__init__.py").read_text()
+    init = init.replace("from lazyattn.vtw import", "from lazyattn.mymethod import MyMethod\nfrom lazyattn.vtw import", 1)
+    init, n = re.subn(r'(METHODS: dict\[str, Callable\[\.\.\., Method\]\] = \{\n(?:    .*\n)*?)\}',
+                      r'\1    "mymethod": MyMethod,\n}', init, count=1)
+    assert n == 1
+    (repo / "lazyattn" / "__init__.py").write_text(init)
+
+    env = {**os.environ, "PYTHONPATH": str(repo), "WANDB_MODE": "disabled"}
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_methods.py",
+                            "-k", "registry or build or apply_yields or labels"],
+                           cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert tests.returncode == 0, tests.stdout[-3000:]
+    assert "mymethod" in tests.stdout or "passed" in tests.stdout
+
+    out = tmp_path / "run"
+    run = subprocess.run([sys.executable, "-m", "harness", "method=mymethod", "method.note=3", "model=llava_tiny_random",
+                          "limit=2", "batch_size=2", "efficiency.enabled=false", f"out_dir={out}"],
+                         cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "method: MyMethod note=3 [mymethod]" in run.stdout
+    result = json.loads((out / "result.json").read_text())
+    assert result["method"]["name"] == "mymethod" and result["method"]["params"] == {"note": 3}
+    assert result["headline"]["delta_score"] == 0.0  # it changes nothing: equal to dense on every sample
+
+    bad = subprocess.run([sys.executable, "-m", "harness", "method=mymethod", "method.nothere=1"], cwd=repo, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "method mymethod has no setting 'nothere'" in bad.stderr
