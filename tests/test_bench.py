@@ -180,3 +180,28 @@ def test_memory_budget_counts_the_fixed_part(monkeypatch):
     dense, lazy = out["entries"]
     assert dense["max_batch"] == 8 and lazy["max_batch"] == 16 and lazy["fixed_bytes"] == 1000
     assert lazy["batch_ratio"] == 2.0 and lazy["decode_speedup"] == 2.0 and lazy["e2e_speedup"] == 2.0
+
+
+def test_presets_compose_and_the_paper_preset_runs_scaled_down(tmp_path):
+    """+preset=kv (the KV-bound CPU preset), +preset=paper (80 GB of device memory at 2,048 tokens)
+    and +preset=paper_cpu compose over conf/bench.yaml; paper_cpu runs end to end (shortened)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        kv = compose(config_name="bench", overrides=["+preset=kv"])
+        paper = compose(config_name="bench", overrides=["+preset=paper"])
+    t = kv.model.text
+    kv_bytes = 2 * t.layers * 8 * 2048 * t.hidden * 4  # float32 keys and values at batch 8 x 2,048 tokens
+    weights = t.layers * (4 * t.hidden**2 + 3 * t.hidden * t.mlp) * 4
+    assert kv.model.dtype == "float32" and kv.context_lengths == [2048] and kv_bytes >= 3 * weights
+    assert kv.compare_caches and kv.budget.kind == "kv"
+    assert paper.budget.kind == "memory" and paper.budget.bytes == 80e9 and paper.context_lengths == [2048]
+    assert paper.model.name == "llava15_7b_random" and paper.model.dtype == "float16"
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="bench", overrides=[
+            "+preset=paper_cpu", "device=cpu", "context_lengths=[128]", "budget.context_length=128", "new_tokens=2",
+            "repeats=1", "warmup=0", "methods=['lazy ratio=0.5']", "budget.max_batch=16", f"out_dir={tmp_path}",
+            "wandb.mode=disabled", "threads=1", "compare_caches=true"])
+    result = json.loads(bench.run_bench(cfg).read_text())
+    assert result["status"] == "complete" and result["budget"]["complete"] and result["rows"][0]["cache"] == "static"
+    caches = result["caches"]["entries"]
+    assert [e["label"] for e in caches] == ["dense", "lazy ratio=0.5"]
+    assert all(e["static"]["kv_cache_bytes"] == e["dynamic"]["kv_cache_bytes"] for e in caches)  # same tokens held
