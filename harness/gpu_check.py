@@ -497,9 +497,8 @@ def write_readme(out: Path, matrix: dict, benches: list[dict]) -> Path:
         "",
         "<!-- rendered by `python -m harness.gpu_check`; do not edit -->",
         "Speed-ups (×) are the method over dense, higher is better; KV × is method / dense bytes; "
-        "± is the IQR over repeats (ABBA order). Ceiling: the decode speed-up Lazy Attention can give "
-        "at most, weight-bound 1/(1 - s f) and KV-bound 1/(1 - f/2) (s the q/k share of decoder "
-        "weights, f the lazy fraction). BW util: bytes a decode step reads over its time, against the "
+        "± is the IQR over repeats (ABBA order). Predicted ×: the decode speed-up the bytes per step "
+        "allow (decoder weights touched plus the KV each layer read, dense over the method). BW util: bytes a decode step reads over its time, against the "
         "device's peak bandwidth.",
         "",
         "## Throughput (model=llava15_7b_random, float16, random weights)",

@@ -20,7 +20,11 @@ def test_cpu_run_prints_one_line_and_writes_its_checks(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 1 and "needs a CUDA GPU" in lines[0] and "108/108 cells ok" in lines[0]
+    from harness import gpu_check
+
+    cells = len(gpu_check.FAMILIES) * len(gpu_check.METHODS) * 2  # every family x method, padded and not
+    assert cells == 120
+    assert len(lines) == 1 and "needs a CUDA GPU" in lines[0] and f"{cells}/{cells} cells ok" in lines[0]
     checks = json.loads((tmp_path / "cpu_checks.json").read_text())
     assert checks["ok"] and checks["mask"]["ok"] and checks["timing_protocol"]["ok"]
     assert checks["timing_protocol"]["prefill_logits_positions"] == 1
@@ -65,7 +69,7 @@ def test_benches_report_and_resume(tmp_path, monkeypatch, capsys):
               "dtypes": ["float32"], "cells": [{"family": "llava_llama", "method": "dense", "dtype": "float32",
                                                  "padded": False, "errors": {"eager": 1e-7}, "kv_ok": True, "ok": True}]}
     readme = gpu_check.write_readme(tmp_path, matrix, benches).read_text()
-    assert "lazy ratio=0.5" in readme and "E2E ×" in readme and "Ceiling" in readme and "1 / 1 cells pass" in readme
+    assert "lazy ratio=0.5" in readme and "E2E ×" in readme and "Predicted" in readme and "1 / 1 cells pass" in readme
     text = gpu_check.summary(matrix, benches)
     assert "Decode ×" in text and "sparsevlm budget=128" in text
     assert "host_sync" in benches[0]["rows"][1]  # SparseVLM's timing note

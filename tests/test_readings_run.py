@@ -106,7 +106,7 @@ def test_calibration_table_compares_the_rules(tmp_path):
     (("+exp=llava_lazy", "method.share=qkv", "method.scope=visual"), "has no scope='visual' reading"),
     (("method=lazy_vtw", "method.lazy.scope=visual"), "cannot be composed with token pruning"),
     (("method=vtw", "method.k=0"), "VTW k must be an integer >= 1"),
-    (("+exp=llava_lazy", "calibration.select=adjacent"), "calibration.select must be pairwise or anchor"),
+    (("+exp=llava_lazy", "calibration.select=adjacent"), "calibration.select must be pairwise, anchor or blocks"),
     (("+exp=llava_lazy", "calibration.max_per_anchor=0"), "calibration.max_per_anchor must be an integer >= 1"),
     (("method=vtw", "calibration.kl_threshold=-1"), "calibration.kl_threshold must be a number >= 0"),
     (("+exp=llava_lazy", "method.share=qkv"), None),  # valid settings get as far as the model
