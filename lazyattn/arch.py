@@ -62,17 +62,36 @@ def attention_family(attn: nn.Module) -> AttentionFamily:
             f"Attention class {name} is not supported. Supported: {', '.join(SUPPORTED_ATTENTION)} "
             "(the text backbones of LLaVA-1.5, LLaVA-NeXT, LLaVA with Qwen2/Mistral, Qwen2-VL and Qwen2.5-VL)."
         )
-    window = getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))
-    if window is not None:
-        raise UnsupportedModelError(
-            f"layer {attn.layer_idx} ({name}) uses sliding-window attention (window {window}); Lazy Attention "
-            "supports full attention only (a lazy layer's anchor must cache every key). Use a config with "
-            "sliding_window=None (Mistral) or use_sliding_window=False (Qwen2 family)."
-        )
     modeling = sys.modules[type(attn).__module__]
     return AttentionFamily(
         rotary=_plain_rotary(name, modeling.apply_rotary_pos_emb), eager=modeling.eager_attention_forward
     )
+
+
+def sliding_window(attn: nn.Module) -> int | None:
+    """The window a layer's attention is limited to, or None when no position can reach it.
+
+    Qwen2 keeps the window on the module (None for full-attention layers, and for every layer
+    under ``use_sliding_window=False``), Mistral on the config. A window at least as long as the
+    model's maximum positions (``max_position_embeddings``) limits nothing: it is full attention.
+    """
+    window = getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))
+    if window is None or getattr(attn.config, "use_sliding_window", True) is False:
+        return None
+    most = getattr(attn.config, "max_position_embeddings", None)
+    return None if most is not None and window >= most else int(window)
+
+
+def check_windows(modules, anchor_of: dict[int, int]) -> None:
+    """A lazy layer sees its anchor's keys, so the two must attend over the same window."""
+    for lazy, anchor in sorted(anchor_of.items()):
+        own, theirs = sliding_window(modules[lazy]), sliding_window(modules[anchor])
+        if own != theirs:
+            raise UnsupportedModelError(
+                f"lazy layer {lazy} attends over {'all keys' if own is None else f'a window of {own}'} but its anchor "
+                f"{anchor} over {'all keys' if theirs is None else f'a window of {theirs}'}: a lazy layer and its "
+                "anchor must share one window; choose lazy layers whose anchors have the same layer type."
+            )
 
 
 def _plain_rotary(name: str, apply_rotary: Callable) -> Callable:

@@ -52,9 +52,9 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
-from lazyattn.arch import AttentionFamily, attention_family, attention_modules, image_token_id
+from lazyattn.arch import AttentionFamily, attention_family, attention_modules, check_windows, image_token_id, sliding_window
 from lazyattn.cache import NoKVLayer, PreallocatedLayer, TextKeyLayer, ValueOnlyLayer, cache_reserve
 
 
@@ -155,6 +155,7 @@ def patch_attention(
     """
     check_reading(share, scope)
     modules = attention_modules(model)
+    check_windows(modules, anchor_of)
     qcache = QCache()
     installed, handles = [], []
     try:
@@ -252,8 +253,7 @@ def inherits(module: nn.Module, query: torch.Tensor) -> bool:
     n_kv = getattr(module.config, "num_key_value_heads", None) or n_heads
     if 2 * q_len * n_heads > n_kv * head_dim or module.training:
         return False
-    window = getattr(module, "sliding_window", getattr(module.config, "sliding_window", None))
-    if window is not None and getattr(module.config, "use_sliding_window", True) is not False:
+    if sliding_window(module) is not None:
         return False
     if getattr(module.config, "attn_logit_softcapping", None):
         return False
@@ -353,6 +353,13 @@ def _take_anchor(module: nn.Module, qcache: QCache, anchor_idx: int, last: bool,
     replaced cache tensor alive)."""
     query, key = qcache.get(anchor_idx)
     probs = qcache.probs
+    window = sliding_window(module)
+    if key.shape[-2] != value.shape[-2] and window is not None:
+        raise ValueError(
+            f"the sequence ({value.shape[-2]} tokens) outgrew the sliding window of {window} tokens that lazy layer "
+            f"{module.layer_idx} shares with its anchor {anchor_idx}: the anchor's cache dropped keys the lazy layer "
+            "would attend with; Lazy Attention with a sliding window runs sequences up to the window."
+        )
     if key.shape[-2] != value.shape[-2]:
         raise RuntimeError(
             f"lazy layer {module.layer_idx} has {value.shape[-2]} cached values but its anchor "
@@ -508,10 +515,10 @@ def _lazy_slot(cache: Cache, layer_idx: int, kind: type) -> DynamicLayer:
     layer = cache.layers[layer_idx]
     if type(layer) is kind:
         return layer
-    if type(layer) not in (DynamicLayer, PreallocatedLayer):
+    if type(layer) not in (DynamicLayer, PreallocatedLayer, DynamicSlidingWindowLayer):
         raise ValueError(
             f"layer {layer_idx}'s cache is a {type(layer).__name__}; lazy layers support full-attention "
-            "DynamicLayer slots only (sliding-window layers cannot be lazy yet), built under one method."
+            "cache slots only (DynamicLayer, PreallocatedLayer, DynamicSlidingWindowLayer), built under one method."
         )
     if layer.is_initialized:
         raise ValueError(

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lazyattn.arch import decoder_layers, image_token_id
+from lazyattn.arch import attention_modules, decoder_layers, image_token_id, sliding_window
 from lazyattn.attention import patch_attention
 
 
@@ -135,6 +135,9 @@ class PruneEngine:
         self.n_layers = len(self.layers)
         self.image_token_id = image_token_id(model)
         self.stage_layers = pruner.stage_layers(self.n_layers)  # [(score_layer, first_layer), ...]
+        # the stages' own masks are full causal ones: fine while no sequence outgrows a window
+        windows = [w for w in map(sliding_window, attention_modules(model)) if w is not None]
+        self.window = min(windows) if windows else None
         text_config = model.config.get_text_config(decoder=True)
         self.impl = text_config._attn_implementation or "eager"
         rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
@@ -162,6 +165,11 @@ class PruneEngine:
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
         past = cache.get_seq_length() if cache is not None else 0
         batch, q_len = embeds.shape[:2]
+        if self.window is not None and self.stage_layers and past + q_len > self.window:
+            raise ValueError(
+                f"the sequence ({past + q_len} tokens) outgrew the model's sliding window of {self.window} tokens: "
+                "token pruning builds full causal masks for its stages, so it runs sequences up to the window."
+            )
         positions = kwargs.get("position_ids")
         if positions is None:
             positions = (torch.arange(q_len, device=embeds.device) + past)[None].expand(batch, -1)

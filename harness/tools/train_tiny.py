@@ -11,7 +11,7 @@ directory is a normal Hugging Face checkpoint (config, safetensors, tokenizer, p
 recipe, the loss curves, val accuracy after each stage and the adjacent-layer attention
 divergence profile of the final model.
 
-The recipe is four named stages, each with its own seed-derived data pool, schedule and fresh
+The recipe is five named stages (A-E), each with its own seed-derived data pool, schedule and fresh
 optimizer (see ``STAGES``):
 
 A  *cells*: vision tower + projector + a linear per-cell head only. Each projected image token k
@@ -318,19 +318,19 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def quick_eval(loaded: Loaded, n: int = 120, batch_size: int = 24) -> dict:
+def quick_eval(loaded: Loaded, image_size: int, n: int = 120, batch_size: int = 24) -> dict:
     """Dense accuracy on the first ``n`` samples of the *val* split (test stays untouched)."""
     from harness.tasks import ShapesTask
     from harness.generate import evaluate
 
-    task = ShapesTask("shapes", "val", n, list(shapes.QTYPES), ARCH["vision"]["image_size"], {"short": 8, "describe": 48})
+    task = ShapesTask("shapes", "val", n, list(shapes.QTYPES), image_size, {"short": 8, "describe": 48})
     samples = task.samples(None)
     loaded.model.eval()
     preds = evaluate(loaded.model, loaded.processor, task, samples, batch_size, torch.device("cpu"))
     return task.score(samples, preds)
 
 
-def divergence_profile(loaded: Loaded, n: int = 8) -> dict:
+def divergence_profile(loaded: Loaded, image_size: int, n: int = 8) -> dict:
     """Adjacent-layer attention JS divergence (``lazyattn.calibrate``) on ``n`` val first-turn prompts."""
     import lazyattn
     from harness.generate import conversation, prompt_inputs
@@ -338,7 +338,7 @@ def divergence_profile(loaded: Loaded, n: int = 8) -> dict:
     samples = shapes.load_split("val", n)
     batch = prompt_inputs(
         loaded.processor, [conversation(s.questions[:1], []) for s in samples],
-        [s.image(ARCH["vision"]["image_size"]) for s in samples], torch.device("cpu"), loaded.model.dtype,
+        [s.image(image_size) for s in samples], torch.device("cpu"), loaded.model.dtype,
     )
     with torch.no_grad():
         cal = lazyattn.calibrate(loaded.model.eval(), [batch], ratio=0.5)
@@ -400,7 +400,7 @@ def train(
         t0 = time.time()
         key = (stage["pool_offset"], stage["pool_size"])
         if key not in pools:  # stages that share a pool (A and B) share its draw
-            pools = {key: make_pool(processor, stage["pool_size"], seed + 1000 * number, ARCH["vision"]["image_size"],
+            pools = {key: make_pool(processor, stage["pool_size"], seed + 1000 * number, arch["vision"]["image_size"],
                                     stage["pool_offset"], stage["mix"])}
         pool = pools[key]
         print(f"stage {stage['name']}: pool of {len(pool)} train samples in {time.time() - t0:.0f}s", flush=True)
@@ -436,13 +436,13 @@ def train(
                 print(json.dumps(row), flush=True)
             if checkpoint_every and step and step % checkpoint_every == 0:
                 model.eval()
-                print(f"stage {stage['name']} step {step} val:", json.dumps(quick_eval(loaded, n=60)), flush=True)
+                print(f"stage {stage['name']} step {step} val:", json.dumps(quick_eval(loaded, arch["vision"]["image_size"], n=60)), flush=True)
                 model.save_pretrained(work / "checkpoint")  # progress survives an interrupted run
                 processor.save_pretrained(work / "checkpoint")
                 model.train()
         model.eval()
         seconds = round(time.time() - t0, 1)
-        scores = quick_eval(loaded) if evaluate else None
+        scores = quick_eval(loaded, arch["vision"]["image_size"]) if evaluate else None
         print(f"stage {stage['name']} done in {seconds}s val:", json.dumps(scores), flush=True)
         model.save_pretrained(work / f"stage{stage['name']}")  # snapshot after each stage, not shipped
         processor.save_pretrained(work / f"stage{stage['name']}")
@@ -466,7 +466,7 @@ def train(
         "pool_size": max(s["pool_offset"] + s["pool_size"] for s in stages),
         "train_seconds": train_seconds, "n_params": loaded.n_params,
         "val": info_stages[-1]["val"] if info_stages else None,
-        "divergence": divergence_profile(loaded) if profile else None,
+        "divergence": divergence_profile(loaded, arch["vision"]["image_size"]) if profile else None,
         "loss": log, "env": env_info(),
     }
     (out / "training.json").write_text(json.dumps(info, indent=1) + "\n")
