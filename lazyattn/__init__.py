@@ -144,6 +144,7 @@ __all__ = [
     "compose",
     "kv_cache_bytes",
     "layer_divergence",
+    "method_families",
     "select_lazy_layers",
     "settings_of",
     "uniform_lazy_layers",
