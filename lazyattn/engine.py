@@ -8,9 +8,12 @@ gathered, and those layers get their own attention mask and position embeddings,
 KV cache holds kept tokens only. Decoding appends to every layer's cache; layers of stage s
 attend over stage s's kept tokens plus the generated ones.
 
-The image span is found from ``input_ids == image_token_id``, never from fixed offsets. Every
-sample of a batch must have the same number of image tokens; then every sample keeps the same
-number of tokens, and left padding is carried along as masked (kept) columns.
+The image span is found from ``input_ids == image_token_id``, never from fixed offsets. For the
+in-LLM pruners every sample of a batch must have the same number of image tokens; then every
+sample keeps the same number of tokens, and left padding is carried along as masked (kept)
+columns. A pruner that reduces the image tokens before the LLM (PruMerge+, HiRED: one stage at
+layer 0 scored outside it, ``lazyattn.vision``) may keep different counts per sample: its
+``select`` marks the padding slots, masked like left padding.
 
 What the engine installs (forward pre-hooks on the outer model and the decoder, per-instance
 ``forward`` of the decoder layers from the first pruned layer, and the scoring observers on

@@ -330,3 +330,35 @@ def test_applying_to_a_family_the_method_is_not_defined_for_is_refused(tiny, nex
     with pytest.raises(ValueError, match="defined for llava models only"):
         with PruMerge().apply(next_model.model):
             pass
+
+
+@pytest.mark.parametrize("which", ["prumerge_plus", "lazy_prumerge_plus", "hired", "lazy_hired"])
+@torch.no_grad()
+def test_the_harness_decode_loop_answers_alike_with_static_and_dynamic_caches(tiny, next_model, which):
+    """The harness's own loop (``Generator``, static cache by default) over a padded batch gives the
+    tokens and logits of the dynamic cache, which the tests above check against references."""
+    from harness.generate import Generator
+
+    loaded = next_model if "hired" in which else tiny
+    inputs = shapes_inputs(loaded, 3)
+    base = which.removeprefix("lazy_")
+    spec = {"name": which} if which == base else {"name": which, "lazy": {"layers": [1, 3]}, base: {}}
+    method = lazyattn.build(spec)
+    runs = {}
+    for kind in ("dynamic", "static"):
+        gen = Generator(loaded.model, None, "cpu", min_new_tokens=4, cache=kind)
+        logits, real = [], gen._forward
+
+        def forward(*args, _real=real, _logits=logits, **kwargs):
+            out = _real(*args, **kwargs)
+            _logits.append(out.clone())
+            return out
+
+        gen._forward = forward
+        with method.apply(loaded.model):
+            dialogue, first = gen.prefill(inputs, reserve=4)
+            tokens = gen._decode(dialogue, first, [4] * 3)
+        runs[kind] = (tokens, logits)
+    assert runs["static"][0] == runs["dynamic"][0]
+    for a, b in zip(runs["static"][1], runs["dynamic"][1]):
+        assert torch.allclose(a, b, atol=1e-4, rtol=0)
