@@ -54,11 +54,17 @@ def preflight(cfg: DictConfig, multirun: bool = False) -> None:
     if calibration.wanted(cfg.method):
         calibration.check(cfg.method)
     else:
-        lazyattn.build(method_spec(cfg.method))
+        lazyattn.check_method_family(lazyattn.build(method_spec(cfg.method)), model_family(cfg.model))
     if str(cfg.model.get("kind")) == "hf":
         from harness.models.local import check_checkpoint
 
         check_checkpoint(cfg.model.get("path"), cfg.model.get("model_type"))
+
+
+def model_family(model_cfg: DictConfig) -> str | None:
+    """The model's family as its preset names it (``family``, or ``model_type`` for a checkpoint)."""
+    family = model_cfg.get("family") or model_cfg.get("model_type")
+    return None if family is None else str(family)
 
 
 def build_task(cfg: DictConfig):
@@ -184,8 +190,8 @@ def run(cfg: DictConfig) -> Path:
     if auto:
         task.calibration_prompts(0)  # a task that cannot calibrate says so before the model loads
         calibration.check(cfg.method)  # and so do the method's other settings
-    else:
-        lazyattn.build(method_spec(cfg.method))  # bad method settings fail before the model loads
+    else:  # bad method settings, and a family the method is not defined for, fail before the model loads
+        lazyattn.check_method_family(lazyattn.build(method_spec(cfg.method)), model_family(cfg.model))
     device = setup(cfg)
 
     loaded = load_model(cfg.model, device)  # says so on stderr when the weights are random

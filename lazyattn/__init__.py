@@ -20,8 +20,11 @@ from lazyattn.calibrate import Calibration, calibrate, layer_divergence, select_
 from lazyattn.compose import Composed, compose
 from lazyattn.engine import PruneEngine, TokenPruner
 from lazyattn.fastv import FastV
+from lazyattn.hired import HiRED
 from lazyattn.lazy import LazyAttention, anchors_of, uniform_lazy_layers
+from lazyattn.prumerge import PruMerge
 from lazyattn.sparsevlm import SparseVLM
+from lazyattn.vision import check_family
 from lazyattn.vtw import VTW, choose_withdrawal_layer, withdrawal_kl
 
 
@@ -51,6 +54,28 @@ def lazy_vtw(lazy: LazyAttention | Mapping, vtw: VTW | Mapping) -> Composed:
     return compose(_part("lazy_vtw", "lazy", lazy), _part("lazy_vtw", "vtw", vtw))
 
 
+def lazy_prumerge_plus(lazy: LazyAttention | Mapping, prumerge_plus: PruMerge | Mapping) -> Composed:
+    """``compose(lazy, prumerge_plus)``; either part may be given as its settings."""
+    return compose(_part("lazy_prumerge_plus", "lazy", lazy), _part("lazy_prumerge_plus", "prumerge_plus", prumerge_plus))
+
+
+def lazy_hired(lazy: LazyAttention | Mapping, hired: HiRED | Mapping) -> Composed:
+    """``compose(lazy, hired)``; either part may be given as its settings."""
+    return compose(_part("lazy_hired", "lazy", lazy), _part("lazy_hired", "hired", hired))
+
+
+def method_families(method: Method) -> tuple[str, ...] | None:
+    """The model families (``config.model_type``) a method is defined for; None: every supported one."""
+    return getattr(getattr(method, "pruner", method), "families", None)
+
+
+def check_method_family(method: Method, family: str | None) -> None:
+    """Refuse, in one line, a model family ``method`` is not defined for (before the model loads)."""
+    families = method_families(method)
+    if families is not None:
+        check_family(method.name, families, family)
+
+
 # The registry: name -> constructor. Its order is the order of rows in tables.
 METHODS: dict[str, Callable[..., Method]] = {
     "dense": Dense,
@@ -58,9 +83,13 @@ METHODS: dict[str, Callable[..., Method]] = {
     "fastv": FastV,
     "sparsevlm": SparseVLM,
     "vtw": VTW,
+    "prumerge_plus": PruMerge,
+    "hired": HiRED,
     "lazy_fastv": lazy_fastv,
     "lazy_sparsevlm": lazy_sparsevlm,
     "lazy_vtw": lazy_vtw,
+    "lazy_prumerge_plus": lazy_prumerge_plus,
+    "lazy_hired": lazy_hired,
 }
 
 
@@ -98,8 +127,10 @@ __all__ = [
     "Composed",
     "Dense",
     "FastV",
+    "HiRED",
     "LazyAttention",
     "Method",
+    "PruMerge",
     "PruneEngine",
     "QCache",
     "SparseVLM",
@@ -108,10 +139,12 @@ __all__ = [
     "ValueOnlyLayer",
     "build",
     "calibrate",
+    "check_method_family",
     "choose_withdrawal_layer",
     "compose",
     "kv_cache_bytes",
     "layer_divergence",
+    "method_families",
     "select_lazy_layers",
     "settings_of",
     "uniform_lazy_layers",

@@ -1,4 +1,4 @@
-"""Combining methods: Lazy Attention with a token pruner (FastV, SparseVLM or VTW).
+"""Combining methods: Lazy Attention with a token pruner (FastV, SparseVLM, VTW, PruMerge+ or HiRED).
 
 ``compose(LazyAttention(...), FastV(...))`` is a method like the others. Both parts run in the
 same forward: lazy layers reuse their anchor's query and keys, and the pruner carries fewer
@@ -92,7 +92,7 @@ def compose(*methods) -> Composed:
     pruners = [m for m in methods if isinstance(m, TokenPruner)]
     if len(lazies) != 1 or len(pruners) != 1 or len(methods) != 2:
         raise ValueError(
-            "compose takes exactly one LazyAttention and one token pruner (FastV, SparseVLM or VTW), got "
+            "compose takes exactly one LazyAttention and one token pruner (FastV, SparseVLM, VTW, PruMerge or HiRED), got "
             f"{[type(m).__name__ for m in methods]}."
         )
     if lazies[0].scope != "all":

@@ -8,9 +8,12 @@ gathered, and those layers get their own attention mask and position embeddings,
 KV cache holds kept tokens only. Decoding appends to every layer's cache; layers of stage s
 attend over stage s's kept tokens plus the generated ones.
 
-The image span is found from ``input_ids == image_token_id``, never from fixed offsets. Every
-sample of a batch must have the same number of image tokens; then every sample keeps the same
-number of tokens, and left padding is carried along as masked (kept) columns.
+The image span is found from ``input_ids == image_token_id``, never from fixed offsets. For the
+in-LLM pruners every sample of a batch must have the same number of image tokens; then every
+sample keeps the same number of tokens, and left padding is carried along as masked (kept)
+columns. A pruner that reduces the image tokens before the LLM (PruMerge+, HiRED: one stage at
+layer 0 scored outside it, ``lazyattn.vision``) may keep different counts per sample: its
+``select`` marks the padding slots, masked like left padding.
 
 What the engine installs (forward pre-hooks on the outer model and the decoder, per-instance
 ``forward`` of the decoder layers from the first pruned layer, and the scoring observers on
@@ -152,6 +155,7 @@ class PruneEngine:
         self.stages: list[Stage] = []  # the stages built at this prompt's prefill
         self.scores: dict[int, torch.Tensor] = {}  # stage index -> scores, until the stage is built
         self.prompt_state: Any = None  # what pruner.begin returned for this prompt
+        self.captured: dict[str, Any] = {}  # what the pruner's own hooks (``pruner.hooks``) saw in this forward
 
     # -- hooks -------------------------------------------------------------------------------
     def _outer_pre_hook(self, module, args, kwargs):
@@ -164,6 +168,9 @@ class PruneEngine:
             raise ValueError("token pruning expects the language model to be called with inputs_embeds (LLaVA-style).")
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
         past = cache.get_seq_length() if cache is not None else 0
+        if past and self.stages and self.stages[0].first_layer == 0:
+            # layer 0 caches the reduced prompt (a pre-LLM reducer): the prompt's own length is the model's
+            past += self.prefill_len - self.stages[0].length
         batch, q_len = embeds.shape[:2]
         if self.window is not None and self.stage_layers and past + q_len > self.window:
             raise ValueError(
@@ -199,9 +206,9 @@ class PruneEngine:
         real = torch.ones_like(ids, dtype=torch.bool) if mask2d is None else mask2d[:, -length:].bool()
         image = ids == self.image_token_id
         counts = image.sum(dim=1)
-        if bool((counts != counts[0]).any()):
+        if self.pruner.equal_image_counts and bool((counts != counts[0]).any()):
             raise ValueError(f"every sample of a batch must have the same number of image tokens, got {counts.tolist()}.")
-        if int(counts[0]) == 0:
+        if int(counts.min()) == 0:
             raise ValueError("the prompt has no image tokens (input_ids == image_token_id): nothing to prune.")
         source = torch.arange(length, device=ids.device)[None].expand(batch, -1)
         # the prompt's highest position per sample: contiguous stages continue decoding after it
@@ -247,9 +254,15 @@ class PruneEngine:
     # -- stages ------------------------------------------------------------------------------
     def _build_stage(self, stage_idx: int, hidden: torch.Tensor) -> torch.Tensor:
         prev = self.current()
-        if stage_idx not in self.scores:
+        if self.stage_layers[stage_idx][0] is None:  # reduced before the language model: no scoring layer
+            scores = None
+        elif stage_idx not in self.scores:
             raise RuntimeError(f"pruning stage {stage_idx} has no scores: its scoring layer did not run.")
-        index, merged = self.pruner.select(self, self.prompt_state, stage_idx, self.scores.pop(stage_idx), prev, hidden)
+        else:
+            scores = self.scores.pop(stage_idx)
+        picked = self.pruner.select(self, self.prompt_state, stage_idx, scores, prev, hidden)
+        index, merged = picked[:2]
+        pad = picked[2] if len(picked) > 2 else None  # slots that are padding (samples keep different counts)
         n_prev = prev.length
         b_idx = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
         from_prev = index < n_prev
@@ -262,6 +275,8 @@ class PruneEngine:
         source = torch.where(from_prev, prev.source[b_idx, safe], torch.full_like(index, -1))
         real = torch.where(from_prev, prev.real[b_idx, safe], torch.ones_like(from_prev))
         image = torch.where(from_prev, prev.image[b_idx, safe], torch.ones_like(from_prev))
+        if pad is not None:
+            real, image = real & ~pad, image & ~pad
         positions, shift = self.pruner.stage_positions(self, prev, index, real)
         stage = Stage(self.stage_layers[stage_idx][1], source, real, image, positions, shift)
         self.stages.append(stage)
@@ -297,13 +312,13 @@ class PruneEngine:
 
     # -- installation ------------------------------------------------------------------------
     def observers(self) -> dict[int, list]:
-        return {score: [self.observer(i)] for i, (score, _) in enumerate(self.stage_layers)}
+        return {score: [self.observer(i)] for i, (score, _) in enumerate(self.stage_layers) if score is not None}
 
     @contextlib.contextmanager
     def install(self):
         """Install the pruner (and the lazy layers ``anchor_of``) on the model and yield the model;
         on exit remove every hook and forward, and clear the per-prompt state."""
-        with patch_attention(self.model, self.anchor_of, self.observers(), self.share):
+        with patch_attention(self.model, self.anchor_of, self.observers(), self.share), self.pruner.hooks(self):
             handles, patched = [], []
             try:
                 if not self.stage_layers:  # nothing to prune in this model (e.g. VTW at k = n_layers)
@@ -324,7 +339,7 @@ class PruneEngine:
                     del layer.forward
                 # release the last prompt's tensors (a long evaluation must not keep them alive)
                 self.input_ids = self.step = self.base = self.last_position = self.prompt_state = None
-                self.stages, self.scores = [], {}
+                self.stages, self.scores, self.captured = [], {}, {}
 
 
 # --------------------------------------------------------------------------- the pruner base
@@ -340,9 +355,19 @@ class TokenPruner:
     """
 
     positions = "original"
+    equal_image_counts = True  # every sample of a batch must have as many image tokens (False: pre-LLM reducers)
+
+    def hooks(self, engine: PruneEngine):
+        """A context manager installing the pruner's own hooks (e.g. on the vision tower; they write
+        into ``engine.captured``) for as long as the engine is installed; none by default."""
+        return contextlib.nullcontext()
 
     def stage_layers(self, n_layers: int) -> list[tuple[int, int]]:
-        """``(scoring layer, first pruned layer)`` of every stage, for ``n_layers`` decoder layers."""
+        """``(scoring layer, first pruned layer)`` of every stage, for ``n_layers`` decoder layers.
+
+        A scoring layer of None marks a stage scored outside the language model (``(None, 0)``: the
+        image tokens are reduced before it, from what ``begin`` computed); ``select`` then gets
+        ``scores=None``."""
         raise NotImplementedError
 
     def begin(self, engine: PruneEngine, base: Stage, embeds: torch.Tensor) -> Any:
@@ -357,7 +382,9 @@ class TokenPruner:
     def select(self, engine: PruneEngine, state: Any, stage_idx: int, scores: torch.Tensor, prev: Stage,
                hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, L') indices of the kept tokens into ``prev`` (indices ``>= prev.length`` point at the
-        merged tokens), and the merged tokens' hidden states (B, M, C) or None."""
+        merged tokens), and the merged tokens' hidden states (B, M, C) or None. A pruner whose samples
+        keep different counts returns a third element, (B, L') bool: the slots that are padding
+        (masked like left padding; their index may point anywhere valid)."""
         raise NotImplementedError
 
     def first_layers(self, n_layers: int) -> list[int]:

@@ -24,6 +24,8 @@ CHOSEN = {
     "lazy_sparsevlm": {"name": "lazy_sparsevlm", "lazy": {"name": "lazy", "layers": [1, 4, 5], "ratio": None},
                        "sparsevlm": {"name": "sparsevlm", "budget": 128}},
     "lazy_vtw": {"name": "lazy_vtw", "lazy": {"ratio": 0.5, "share": "qkv"}, "vtw": {"k": 7}},
+    "lazy_prumerge_plus": {"name": "lazy_prumerge_plus", "lazy": {"ratio": 0.5}, "prumerge_plus": {"plus": False}},
+    "lazy_hired": {"name": "lazy_hired", "lazy": {"layers": [1, 3]}, "hired": {"budget": 0.3, "alpha": 0.4}},
 }
 CONF = Path(__file__).resolve().parent.parent / "conf" / "method"
 
@@ -112,12 +114,29 @@ def test_labels_and_sort_keys():
 
 
 def _installed(model):
-    """Instance forwards and hooks on the model, its decoder, its decoder layers and attention modules."""
+    """Instance forwards and hooks on the model, its decoder, its decoder layers and attention modules,
+    and (for the methods that reduce image tokens before the LLM) on the vision tower's layers and the
+    wrapped ``get_image_features``."""
+    from lazyattn.vision import vision_encoder_layers
+
     layers = decoder_layers(model)
+    vision = list(vision_encoder_layers(model))
     modules = [model, model.get_decoder(), *layers, *(layer.self_attn for layer in layers)]
     forwards = [m for m in [*layers, *(layer.self_attn for layer in layers)] if "forward" in vars(m)]
+    forwards += [m for m in [model.model] if "get_image_features" in vars(m)]
     hooks = [m for m in modules if m._forward_pre_hooks or m._forward_hooks]
+    # transformers keeps its own output-capturing hooks on the vision layers: only ours count there
+    ours = lambda m: any(getattr(h, "__module__", "").startswith("lazyattn") for h in m._forward_pre_hooks.values())
+    hooks += [m for m in vision if ours(m)]
     return forwards, hooks
+
+
+@pytest.fixture(scope="module")
+def tiny_next():
+    """A tiny random LLaVA-NeXT, for the methods defined for that family only (HiRED)."""
+    from harness.models import families
+
+    return families.build_random(*families.TINY_SHAPES["llava_next_mistral"], initializer_range=0.2)
 
 
 @torch.no_grad()
@@ -134,9 +153,11 @@ def test_composed_params_do_not_change_when_applied(tiny):
 
 @pytest.mark.parametrize("name", list(SPECS))
 @torch.no_grad()
-def test_apply_yields_the_model_and_removes_everything(tiny, name):
-    model, method = tiny.model, build(SPECS[name])
-    inputs = shapes_inputs(tiny, n=2)
+def test_apply_yields_the_model_and_removes_everything(tiny, tiny_next, name):
+    method = build(SPECS[name])
+    loaded = tiny if "llava" in (lazyattn.method_families(method) or ["llava"]) else tiny_next
+    model = loaded.model
+    inputs = shapes_inputs(loaded, n=2)
     assert _installed(model) == ([], [])
     with method.apply(model) as applied:
         assert applied is model
