@@ -63,14 +63,18 @@ def cache_kwarg(model) -> str:
 def row_kv_bytes(cache, mask: torch.Tensor) -> list[int]:
     """KV cache bytes of each row's real tokens: a layer holding ``T`` tokens keeps ``T - holes``
     of them for a row with ``holes`` masked positions (padding and tokens past its end; pruning
-    drops only real image tokens, never those). Lazy layers hold values only."""
+    drops only real image tokens, never those). Lazy layers hold values only. A reducer whose samples
+    keep different counts pads the shorter ones in the layers after it; the cache names those slots
+    per layer (``row_padding``, set by the pruning engine) and they are not counted either."""
     holes = (mask == 0).sum(dim=1)
+    padding = getattr(cache, "row_padding", None) or {}
     total = torch.zeros_like(holes)
-    for layer in cache.layers:
+    for idx, layer in enumerate(cache.layers):
+        layer_holes = holes + padding[idx].to(holes.device) if idx in padding else holes
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(tensor, torch.Tensor) and tensor.numel():
                 per_token = tensor[0, ..., 0, :].numel() * tensor.element_size()
-                total += per_token * (tensor.shape[-2] - holes)
+                total += per_token * (tensor.shape[-2] - layer_holes)
     return [int(x) for x in total]
 
 

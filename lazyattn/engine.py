@@ -188,7 +188,7 @@ class PruneEngine:
                 "token pruning needs a 2D padding mask (batch, length) or none, not a prepared mask "
                 f"({type(mask2d).__name__}); call the model with the processor's attention_mask."
             )
-        self.step = {"positions": positions, "mask2d": mask2d, "past": past}
+        self.step = {"positions": positions, "mask2d": mask2d, "past": past, "cache": cache}
         self.prefill = past == 0
         if self.prefill:
             self._start_prefill(embeds, positions, mask2d)
@@ -279,6 +279,12 @@ class PruneEngine:
             real, image = real & ~pad, image & ~pad
         positions, shift = self.pruner.stage_positions(self, prev, index, real)
         stage = Stage(self.stage_layers[stage_idx][1], source, real, image, positions, shift)
+        cache = self.step.get("cache")
+        if pad is not None and cache is not None:  # the cache says which of its slots are padding, per row
+            extra = (~real).sum(dim=1) - (~self.base.real).sum(dim=1)
+            padding = dict(getattr(cache, "row_padding", None) or {})
+            padding.update({layer: extra for layer in range(stage.first_layer, self.n_layers)})
+            cache.row_padding = padding
         self.stages.append(stage)
         return new_hidden
 
