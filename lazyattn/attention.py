@@ -434,6 +434,19 @@ def _own_text_keys(slot, hidden_states, key, value, flags, past_key_values):
     return key * (~image)[:, None, :, None].to(key.dtype), value, image
 
 
+def _visual_inputs(module, family, qcache, anchor_idx, last, flags, hidden_states, position_embeddings, past_key_values):
+    """What both visual scopes start from: this layer's query and values, its own keys at the text
+    columns, the image flags of every cached token, and the anchor's query and keys (whose image
+    columns it reads again: counted in the slot's ``extra_read_bytes``)."""
+    query, key, value = _projections(module, family, hidden_states, position_embeddings)
+    slot = _lazy_slot(past_key_values, module.layer_idx, TextKeyLayer) if past_key_values is not None else None
+    own_key, value, image = _own_text_keys(slot, hidden_states, key, value, flags, past_key_values)
+    anchor_query, anchor_key, _ = _take_anchor(module, qcache, anchor_idx, last, value)
+    if slot is not None:
+        slot.extra_read_bytes = _nbytes(anchor_key)
+    return query, value, own_key, image, anchor_query, anchor_key
+
+
 def _lazy_vla_forward(
     module: nn.Module, family: AttentionFamily, qcache: QCache, anchor_idx: int, last: bool, flags: ImageFlags
 ):
@@ -445,13 +458,9 @@ def _lazy_vla_forward(
     image keys and this layer's own text keys."""
 
     def forward(hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, cache=None, **kwargs):
-        past_key_values = cache if cache is not None else past_key_values
-        query, key, value = _projections(module, family, hidden_states, position_embeddings)
-        slot = _lazy_slot(past_key_values, module.layer_idx, TextKeyLayer) if past_key_values is not None else None
-        own_key, value, image = _own_text_keys(slot, hidden_states, key, value, flags, past_key_values)
-        anchor_query, anchor_key, _ = _take_anchor(module, qcache, anchor_idx, last, value)
-        if slot is not None:  # the anchor's keys are read again, for the image columns
-            slot.extra_read_bytes = _nbytes(anchor_key)
+        query, value, own_key, image, anchor_query, anchor_key = _visual_inputs(
+            module, family, qcache, anchor_idx, last, flags, hidden_states, position_embeddings,
+            cache if cache is not None else past_key_values)
         rows = image[:, -query.shape[-2]:][:, None, :, None]  # this forward's tokens
         mixed_query = torch.where(rows, anchor_query, query)
         mixed_key = torch.where(image[:, None, :, None], anchor_key, own_key)
@@ -463,8 +472,9 @@ def _lazy_vla_forward(
 def _lazy_visual_forward(
     module: nn.Module, family: AttentionFamily, qcache: QCache, anchor_idx: int, last: bool, flags: ImageFlags
 ):
-    """``scope="visual_scores"`` (our reading before VLA was known): own query, keys and values; the scores over image-token keys are the anchor's (its query
-    against its keys), the scores over text keys this layer's own, in one softmax.
+    """``scope="visual_scores"`` (our reading before VLA was known): own query, keys and values;
+    the scores over image-token keys are the anchor's (its query against its keys), the scores
+    over text keys this layer's own, in one softmax.
 
     One softmax over both sets of scores is one attention call over keys and queries that carry
     both halves side by side: ``q' = [Q_anchor, Q_own]``, and a key column is ``[K_anchor, 0]``
@@ -476,13 +486,9 @@ def _lazy_visual_forward(
     """
 
     def forward(hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, cache=None, **kwargs):
-        past_key_values = cache if cache is not None else past_key_values
-        query, key, value = _projections(module, family, hidden_states, position_embeddings)
-        slot = _lazy_slot(past_key_values, module.layer_idx, TextKeyLayer) if past_key_values is not None else None
-        own_key, value, image = _own_text_keys(slot, hidden_states, key, value, flags, past_key_values)
-        anchor_query, anchor_key, _ = _take_anchor(module, qcache, anchor_idx, last, value)
-        if slot is not None:  # the anchor's keys are read again, for the image columns
-            slot.extra_read_bytes = _nbytes(anchor_key)
+        query, value, own_key, image, anchor_query, anchor_key = _visual_inputs(
+            module, family, qcache, anchor_idx, last, flags, hidden_states, position_embeddings,
+            cache if cache is not None else past_key_values)
         image_key = anchor_key * image[:, None, :, None].to(anchor_key.dtype)
         joint_query = torch.cat([anchor_query, query], dim=-1)
         joint_key = torch.cat([image_key, own_key], dim=-1)
