@@ -30,7 +30,8 @@ Per benchmark (``BENCHMARKS``), beyond the data source:
   lmms-eval's aggregation over pycocoevalcap (the ``lmms`` extra), whose PTB tokenizer and METEOR
   run Java: refused up front, in one line naming what to install, without either. COCO is the 2017
   val split (5,000 images, held in the dataset); lmms-eval's Karpathy-split tasks fetch every
-  image from a URL at scoring time, which a local run cannot do.
+  image from a URL at scoring time, which a local run cannot do. Flickr30K's logged target is its
+  references (lmms-eval's YAML names a column the dataset lacks; scoring does not read it).
 - ``llava_in_the_wild``: scored by an LLM judge over the OpenAI API (``openai`` package and
   ``OPENAI_API_KEY``, or ``API_TYPE=azure`` with ``AZURE_API_KEY``/``AZURE_ENDPOINT``); refused
   up front without them. Not part of ``task=paper``.
@@ -359,6 +360,10 @@ def write_task_dir(names: Sequence[str], data_dir: str | Path | None, out_dir: s
                 "aggregation": _Fn("lmms_eval.tasks.mmbench.en_utils.mmbench_aggregate_dev_results_static"),
                 "higher_is_better": True,
             }]
+        if task == "flickr30k_test":
+            # its doc_to_target names a column Flickr30K lacks ("answer"), so every logged target was that
+            # word; the references (what flickr_process_result scores against) instead. Scores are unchanged.
+            config["doc_to_target"] = "caption"
         header = f"# {bench.title}: lmms-eval's {task} reading {local.path if local else 'its default source'}.\n"
         text = header + yaml.dump(config, Dumper=_Dumper, sort_keys=False)
         (out / f"{local_name(task)}.yaml").write_text(text)
