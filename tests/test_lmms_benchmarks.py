@@ -525,7 +525,7 @@ def test_caption_benchmarks_are_refused_without_pycocoevalcap_or_java(tmp_path, 
     with pytest.raises(ValueError) as err:
         benchmarks.check(["nocaps_val"], data)
     assert str(err.value) == (
-        "the captioning benchmarks nocaps_val are scored by lmms-eval with pycocoevalcap (BLEU, METEOR, ROUGE-L, "
+        "the captioning benchmark nocaps_val is scored by lmms-eval with pycocoevalcap (BLEU, METEOR, ROUGE-L, "
         "CIDEr); missing: a Java runtime (`java` on PATH, e.g. apt-get install default-jre-headless) for "
         "pycocoevalcap's PTB tokenizer and METEOR.")
 

@@ -237,14 +237,16 @@ def check_captions(names: Sequence[str]) -> None:
             missing.append(package)
     needs = []
     if missing:
-        needs.append(f"the Python package{'s' if len(missing) > 1 else ''} {' and '.join(missing)} (`make lmms-install`, "
-                     "or pip install 'pycocoevalcap==1.2' 'pycocotools>=2.0.2' -c constraints/lmms.txt)")
+        packages = f"package{'s' if len(missing) > 1 else ''} {' and '.join(missing)}"
+        needs.append(f"the Python {packages} (`make lmms-install`, or pip install 'pycocoevalcap==1.2' "
+                     "'pycocotools>=2.0.2' -c constraints/lmms.txt)")
     if shutil.which("java") is None:
         needs.append("a Java runtime (`java` on PATH, e.g. apt-get install default-jre-headless) for "
                      "pycocoevalcap's PTB tokenizer and METEOR")
     if needs:
         raise ValueError(
-            f"the captioning benchmarks {', '.join(asked)} are scored by lmms-eval with pycocoevalcap (BLEU, METEOR, "
+            f"the captioning benchmark{'s' if len(asked) > 1 else ''} {', '.join(asked)} "
+            f"{'are' if len(asked) > 1 else 'is'} scored by lmms-eval with pycocoevalcap (BLEU, METEOR, "
             f"ROUGE-L, CIDEr); missing: {'; '.join(needs)}."
         )
 
