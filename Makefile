@@ -24,6 +24,7 @@ $(LMMS_STAMP): $(STAMP) constraints/lmms.txt constraints/lmms-skipped.txt
 	$(BIN)/python -m pip install -q -e '.[test,lmms]' -c constraints/lmms.txt
 	$(BIN)/python -m pip install -q --no-deps '$(LMMS_EVAL)'
 	$(BIN)/python -m harness.lmms.pip_check
+	@command -v java >/dev/null || echo "note: no java on PATH: the caption benchmarks (coco2017_cap_val, nocaps_val, flickr30k_test) are refused until one is installed (apt-get install default-jre-headless)"
 	touch $(LMMS_STAMP)
 
 lmms-install: $(LMMS_STAMP)

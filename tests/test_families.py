@@ -246,10 +246,13 @@ REAL_SHAPES = {
     "llava15_7b_random": ((32, 4096, 32, 32, 11008), 7.06e9),
     "llava15_13b_random": ((40, 5120, 40, 40, 13824), 13.35e9),
     "llava_next_mistral_7b_random": ((32, 4096, 32, 8, 14336), 7.57e9),
+    "llava_next_vicuna_7b_random": ((32, 4096, 32, 32, 11008), 7.06e9),
+    "llava_next_vicuna_13b_random": ((40, 5120, 40, 40, 13824), 13.35e9),
     "qwen2_vl_7b_random": ((28, 3584, 28, 4, 18944), 8.29e9),
     "qwen25_vl_7b_random": ((28, 3584, 28, 4, 18944), 8.29e9),
 }
 HF_PRESETS = {"llava15_7b": "llava", "llava15_13b": "llava", "llava_next_mistral_7b": "llava_next",
+              "llava_next_vicuna_7b": "llava_next", "llava_next_vicuna_13b": "llava_next",
               "qwen2_vl_7b": "qwen2_vl", "qwen25_vl_7b": "qwen2_5_vl"}
 
 
@@ -276,13 +279,21 @@ def test_random_preset_has_the_real_shape(preset):
     attention_family(decoder_layers(model)[0].self_attn)  # a supported attention class
     if m.family.startswith("qwen"):
         assert text.rope_parameters["mrope_section"] == [16, 24, 24]
+    if m.family.startswith("llava"):  # CLIP ViT-L/14-336 (its penultimate layer feeds the projector)
+        v = config.vision_config
+        assert (v.num_hidden_layers, v.hidden_size, v.patch_size, v.image_size) == (24, 1024, 14, 336)
+        assert config.vision_feature_layer == -2
+    if m.family == "llava_next":  # anyres over LLaVA-NeXT's five default grids
+        assert config.image_grid_pinpoints == [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    if preset.startswith(("llava15", "llava_next_vicuna")):  # Vicuna is a Llama
+        assert text.model_type == "llama" and text.rope_parameters["rope_theta"] == 10000.0
 
 
 TINY_OVERRIDES = {"llava": CLIP, "llava_next": CLIP, "qwen2_vl": QWEN_VISION, "qwen2_5_vl": QWEN_VISION}
 
 
-@pytest.mark.parametrize("preset", ["llava15_7b_random", "llava_next_mistral_7b_random", "qwen2_vl_7b_random",
-                                    "qwen25_vl_7b_random"])
+@pytest.mark.parametrize("preset", ["llava15_7b_random", "llava_next_mistral_7b_random",
+                                    "llava_next_vicuna_7b_random", "qwen2_vl_7b_random", "qwen25_vl_7b_random"])
 def test_tiny_scaled_random_preset_runs_lazy_end_to_end(preset, tmp_path):
     """The preset scaled down (text and vision sizes only): a full harness run with Lazy Attention."""
     cfg = compose_cfg(f"model={preset}", "method=lazy", "method.ratio=0.5", "limit=2", "batch_size=2",

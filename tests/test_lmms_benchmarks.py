@@ -5,8 +5,10 @@ Offline: the benchmark datasets are tiny fakes written to tmp in the layouts a r
 utils read. Like tests/test_lmms.py these skip without lmms-eval, except in CI.
 """
 
+import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +24,7 @@ else:
 
 from harness.generate import generate_batch  # noqa: E402
 from harness.lmms import benchmarks  # noqa: E402
-from harness.lmms.tasks import evaluate_shapes  # noqa: E402
+from harness.lmms.tasks import _metrics, evaluate_shapes  # noqa: E402
 from harness.lmms.export_shapes import write_task_dir as write_shapes_dir  # noqa: E402
 from harness.models import load_model  # noqa
 from harness.run import run  # noqa: E402
@@ -34,7 +36,14 @@ ROOT = Path(__file__).resolve().parent.parent
 # task=benchmarks with one lmms-eval task each, and the paper preset
 PRESETS = [*(("task=benchmarks", f"task.lmms_tasks=[{name}]") for name in (
     "gqa", "mmbench_en_dev_static", "mme", "pope", "scienceqa_img", "vqav2_val", "textvqa_val", "mmmu_val",
-    "llava_in_the_wild")), ("task=paper",)]
+    "vizwiz_vqa_val", "ai2d", "coco2017_cap_val", "nocaps_val", "flickr30k_test", "llava_in_the_wild")),
+    ("task=paper",)]
+# The paper's twelve (GQA, VQAv2, TextVQA, VizWiz, AI2D, ScienceQA-IMG, MMMU, MMBench, POPE, COCO Captions,
+# NoCaps, Flickr30K) as lmms-eval tasks, written out here rather than read from the code under test
+TWELVE = ["gqa", "vqav2_val", "textvqa_val", "vizwiz_vqa_val", "ai2d", "scienceqa_img", "mmmu_val",
+          "mmbench_en_dev_static", "pope", "coco2017_cap_val", "nocaps_val", "flickr30k_test"]
+needs_java = pytest.mark.skipif(shutil.which("java") is None,
+                                reason="caption scoring (pycocoevalcap's PTB tokenizer, METEOR) needs `java` on PATH")
 POPE_POST = "\nAnswer the question using a single word or phrase."  # pope.yaml's default post_prompt
 
 
@@ -96,10 +105,14 @@ def test_every_preset_composes_to_installed_lmms_eval_tasks():
         for name in benchmarks.expand(cfg.lmms_tasks):
             installed = load_yaml_config(str(benchmarks.task_yaml(benchmarks.BENCHMARKS[name])), mode="simple")
             assert installed["task"] == name and installed["dataset_path"], name
-    assert list(cfg_for("task=paper").task.lmms_tasks) == list(benchmarks.PAPER)
+    assert list(cfg_for("task=paper").task.lmms_tasks) == list(benchmarks.PAPER) == TWELVE
+    assert "mme" in benchmarks.BENCHMARKS and "mme" not in benchmarks.PAPER  # available, not the paper's
+    assert [t for t in TWELVE if benchmarks.BENCHMARKS[t].captions] == ["coco2017_cap_val", "nocaps_val",
+                                                                         "flickr30k_test"]
     assert benchmarks.expand(["paper", "pope", "llava_in_the_wild"]) == [*benchmarks.PAPER, "llava_in_the_wild"]
-    with pytest.raises(ValueError, match="unknown lmms-eval benchmark 'coco2017_cap_val'"):
-        benchmarks.expand(["coco2017_cap_val"])
+    assert benchmarks.expand(["paper", "mme"]) == [*TWELVE, "mme"]
+    with pytest.raises(ValueError, match="unknown lmms-eval benchmark 'coco_karpathy_test'"):
+        benchmarks.expand(["coco_karpathy_test"])
     with pytest.raises(ValueError, match="no benchmarks given"):
         build_task(cfg_for("task=benchmarks").task)
     with pytest.raises(ValueError, match="task.backend=lmms_eval only"):
@@ -115,17 +128,23 @@ def test_local_task_yamls_load_in_lmms_eval(tmp_path, monkeypatch):
     monkeypatch.setattr(benchmarks, "locate", lambda b, d, config=None, split=None: benchmarks.Local(
         Path(d) / benchmarks.source(b).dataset_path, from_disk=False))
     monkeypatch.setattr(benchmarks, "check_judge", lambda bench: None)  # LLaVA-Bench's judge: tested below
+    monkeypatch.setattr(benchmarks, "check_captions", lambda names: None)  # pycocoevalcap and Java: tested below
     names = benchmarks.write_task_dir(list(benchmarks.BENCHMARKS), data, tmp_path / "tasks")
     assert names == [f"{t}_local" for t in benchmarks.BENCHMARKS]
     for task, name in zip(benchmarks.BENCHMARKS, names):
         config = load_yaml_config(str(tmp_path / "tasks" / f"{name}.yaml"), mode="full")
-        assert config["task"] == name and config["tag"] == []
+        # no tags; the two caption tasks that still set lmms-eval's deprecated `group` get an empty one
+        labels = "group" if task in ("coco2017_cap_val", "nocaps_val") else "tag"
+        assert config["task"] == name and config[labels] == [] and config.get("tag", []) == []
         assert config["dataset_path"] == str(data / benchmarks.source(benchmarks.BENCHMARKS[task]).dataset_path)
         assert config["dataset_kwargs"] == {} and callable(config["doc_to_visual"])
     assert callable(load_yaml_config(str(tmp_path / "tasks" / "gqa_local.yaml"), mode="full")["process_docs"])
     mmbench = load_yaml_config(str(tmp_path / "tasks" / "mmbench_en_dev_static_local.yaml"), mode="full")
     assert [m["metric"] for m in mmbench["metric_list"]] == ["gpt_eval_score"]  # no xlsx submission
     assert mmbench["metric_list"][0]["aggregation"].__name__ == "mmbench_aggregate_dev_results_static"
+    flickr = load_yaml_config(str(tmp_path / "tasks" / "flickr30k_test_local.yaml"), mode="full")
+    assert flickr["doc_to_target"] == "caption"  # its references, not the literal word lmms-eval's YAML gives
+    assert flickr["process_results"].__name__ == "flickr_process_result"  # scoring stays lmms-eval's
 
 
 def test_missing_dataset_is_one_clear_error_before_the_model_loads(tmp_path, monkeypatch):
@@ -160,12 +179,14 @@ def test_missing_dataset_is_one_clear_error_before_the_model_loads(tmp_path, mon
                           timeout=300, env={**os.environ, **OFFLINE})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
-    assert proc.stderr.startswith(f"error: 8 of 8 benchmarks have no usable local data under {tmp_path / 'empty'} "
-                                  f"({', '.join(benchmarks.PAPER)}): ")
-    for task in benchmarks.PAPER:  # every missing dataset is named, each once
+    assert proc.stderr.startswith(f"error: 12 of 12 benchmarks have no usable local data under {tmp_path / 'empty'} "
+                                  f"({', '.join(TWELVE)}): ")
+    for task in TWELVE:  # every missing dataset is named, each once
         what = f"{task} ({benchmarks.BENCHMARKS[task].title}) needs the HF dataset"
         assert proc.stderr.count(what) == 1, task
     assert "hf download --repo-type dataset D --local-dir" in proc.stderr
+    for dataset in ("VizWiz-VQA", "ai2d", "COCO-Caption2017", "NoCaps", "flickr30k"):
+        assert f"lmms-lab-encoder/{dataset}," in proc.stderr or f"lmms-lab-encoder/{dataset}:" in proc.stderr
 
 
 def test_several_missing_datasets_are_named_in_one_error(tmp_path):
@@ -280,3 +301,257 @@ def test_data_parallel_cli_equals_single_process(tmp_path):
     for name, entry in summary["results"].items():
         assert numbers(merged["results"][name]) == pytest.approx(numbers(entry)), name
     assert merged["n-samples"] == summary["n-samples"]
+
+
+# ---- the paper's other benchmarks: VizWiz, AI2D and the three captioning sets -------------------
+
+
+def save(data_dir: Path, dataset_path: str, split: str, rows: list[dict], features, as_repo: bool) -> None:
+    """One split of a fake HF dataset, as a downloaded repository (parquet + README naming the split)
+    or as a ``save_to_disk`` copy: the two layouts a real local copy has."""
+    import datasets
+
+    root = data_dir / dataset_path
+    ds = datasets.Dataset.from_list(rows, features=datasets.Features(features))
+    if as_repo:
+        (root / "data").mkdir(parents=True)
+        entry = f"- config_name: default\n  data_files:\n  - split: {split}\n    path: data/{split}-*\n"
+        (root / "README.md").write_text(f"---\nconfigs:\n{entry}---\n")
+        ds.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+    else:
+        datasets.DatasetDict({split: ds}).save_to_disk(str(root))
+
+
+def fake_vizwiz(data_dir: Path) -> None:
+    """VizWiz-VQA val (repository copy): question_id, image, question, ten crowd answers, category."""
+    import datasets
+
+    s = datasets.Value("string")
+    rows = [{"question_id": "VizWiz_val_0", "image": image(1), "question": "what colour is this shirt?",
+             "answers": ["blue"] * 8 + ["navy", "dark blue"], "category": "other"},
+            {"question_id": "VizWiz_val_1", "image": image(2), "question": "what is this?",
+             "answers": ["unanswerable"] * 10, "category": "unanswerable"}]
+    save(data_dir, "lmms-lab-encoder/VizWiz-VQA", "val", rows,
+         {"question_id": s, "image": datasets.Image(), "question": s, "answers": datasets.Sequence(s),
+          "category": s}, as_repo=True)
+
+
+def fake_ai2d(data_dir: Path) -> None:
+    """AI2D test (save_to_disk copy): question, options, answer (the option's index as a string), image."""
+    import datasets
+
+    s = datasets.Value("string")
+    rows = [{"question": "which animal eats the grass?", "options": ["hawk", "rabbit", "snake", "sun"],
+             "answer": "1", "image": image(3)},
+            {"question": "what is the source of energy?", "options": ["sun", "moon", "grass"], "answer": "0",
+             "image": image(4)}]
+    save(data_dir, "lmms-lab-encoder/ai2d", "test", rows,
+         {"question": s, "options": datasets.Sequence(s), "answer": s, "image": datasets.Image()}, as_repo=False)
+
+
+# Two images whose reference captions share few words (CIDEr's IDF comes from the references).
+CAPTIONS = [["a brown dog runs across a grassy field", "a dog running on green grass",
+             "the brown dog is running in a park", "a puppy runs through the grass", "a dog plays on a lawn"],
+            ["two people ride bicycles down a city street", "cyclists riding through traffic downtown",
+             "a man and a woman on bikes in the city", "people cycling along an urban road",
+             "two riders pedal past tall buildings"]]
+WRONG = ["a bowl of soup on a wooden table", "an airplane flying over snowy mountains"]
+
+
+def fake_coco(data_dir: Path) -> None:
+    """COCO-Caption2017 val (repository copy): question_id (the file name), image, question, answer (the
+    five references), id, and the COCO image fields."""
+    import datasets
+
+    s, i = datasets.Value("string"), datasets.Value("int64")
+    rows = [{"question_id": f"{n:012d}.jpg", "image": image(5 + k), "question": "", "answer": refs, "id": n,
+             "license": 1, "file_name": f"{n:012d}.jpg", "coco_url": "", "height": 32, "width": 32,
+             "date_captured": ""} for k, (n, refs) in enumerate(zip((139, 632), CAPTIONS))]
+    save(data_dir, "lmms-lab-encoder/COCO-Caption2017", "val", rows,
+         {"question_id": s, "image": datasets.Image(), "question": s, "answer": datasets.Sequence(s), "id": i,
+          "license": i, "file_name": s, "coco_url": s, "height": i, "width": i, "date_captured": s}, as_repo=True)
+
+
+def fake_nocaps(data_dir: Path) -> None:
+    """NoCaps validation (save_to_disk copy): image, image_id, the references in annotations_captions."""
+    import datasets
+
+    s, i = datasets.Value("string"), datasets.Value("int64")
+    rows = [{"image": image(7 + k), "image_id": k, "image_file_name": f"{k:016x}.jpg",
+             "annotations_ids": list(range(5 * k, 5 * k + 5)), "annotations_captions": refs}
+            for k, refs in enumerate(CAPTIONS)]
+    save(data_dir, "lmms-lab-encoder/NoCaps", "validation", rows,
+         {"image": datasets.Image(), "image_id": i, "image_file_name": s, "annotations_ids": datasets.Sequence(i),
+          "annotations_captions": datasets.Sequence(s)}, as_repo=False)
+
+
+def fake_flickr(data_dir: Path) -> None:
+    """Flickr30K test (repository copy): image, caption (the references), sentids, img_id, filename."""
+    import datasets
+
+    s = datasets.Value("string")
+    rows = [{"image": image(9 + k), "caption": refs, "sentids": [str(5 * k + j) for j in range(5)],
+             "img_id": str(k), "filename": f"{1000 + k}.jpg"} for k, refs in enumerate(CAPTIONS)]
+    save(data_dir, "lmms-lab-encoder/flickr30k", "test", rows,
+         {"image": datasets.Image(), "caption": datasets.Sequence(s), "sentids": datasets.Sequence(s),
+          "img_id": s, "filename": s}, as_repo=True)
+
+
+FAKES = {"vizwiz_vqa_val": fake_vizwiz, "ai2d": fake_ai2d, "coco2017_cap_val": fake_coco,
+         "nocaps_val": fake_nocaps, "flickr30k_test": fake_flickr}
+CAPTION_TASKS = ["coco2017_cap_val", "nocaps_val", "flickr30k_test"]
+CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
+
+
+def scripted_evaluate(tasks: list[str], data_dir: Path, work: Path, answers: dict[str, list[str]]):
+    """lmms-eval's ``simple_evaluate`` on the local task YAMLs the harness writes, with a model that
+    answers each document from ``answers[task][doc_id]``: lmms-eval builds the requests, reads every
+    image and scores the answers with its own task code. Returns its results and what was asked."""
+    from lmms_eval.api.model import lmms
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    class Scripted(lmms):
+        def __init__(self):
+            super().__init__()
+            self.asked = []
+
+        def generate_until(self, requests):
+            out = []
+            for request in requests:
+                context, _gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+                visuals = doc_to_visual(self.task_dict[task][split][doc_id])
+                self.asked.append((task, doc_id, context, [v.size for v in visuals]))
+                out.append(answers[task.removesuffix(benchmarks.LOCAL_SUFFIX)][doc_id])
+            return out
+
+        def loglikelihood(self, requests):
+            raise NotImplementedError
+
+        def generate_until_multi_round(self, requests):
+            raise NotImplementedError
+
+    local = benchmarks.write_task_dir(tasks, data_dir, work / "tasks")
+    model = Scripted()
+    with benchmarks.hub_offline():
+        results = simple_evaluate(
+            model=model, tasks=local, batch_size=1, log_samples=True, bootstrap_iters=0, verbosity="WARNING",
+            task_manager=TaskManager("WARNING", include_path=str(work / "tasks"), include_defaults=False),
+            process_docs_parallel=1, cli_args=argparse.Namespace(output_path=str(work), process_with_media=False))
+    return {name: results["results"][benchmarks.local_name(name)] for name in tasks}, model.asked
+
+
+def test_vizwiz_and_ai2d_are_scored_by_lmms_eval(tmp_path):
+    """lmms-eval's own prompts and scoring on local rows: VizWiz's VQA accuracy over ten crowd answers
+    (after its answer normalisation), AI2D's option letter by its regex filter."""
+    data = tmp_path / "data"
+    fake_vizwiz(data)
+    fake_ai2d(data)
+    answers = {"vizwiz_vqa_val": ["Blue.", "Unanswerable"], "ai2d": ["B. rabbit", "C"]}
+    results, asked = scripted_evaluate(["vizwiz_vqa_val", "ai2d"], data, tmp_path / "w", answers)
+    # VizWiz: "Blue." normalises to 8 of the 10 answers (accuracy 1), "Unanswerable" matches all 10
+    assert _metrics(results["vizwiz_vqa_val"]) == {"exact_match": 1.0, "exact_match_stderr_clt": 0.0}
+    # AI2D: "B. rabbit" -> B = options[1], right; "C" for an answer of A, wrong
+    assert _metrics(results["ai2d"]) == {"exact_match": 0.5, "exact_match_stderr_clt": 0.5}
+    prompts = {(task, doc): text for task, doc, text, _ in asked}
+    assert prompts[("vizwiz_vqa_val_local", 0)].startswith("What colour is this shirt?\nWhen the provided "
+                                                           "information is insufficient, respond with 'Unanswerable'.")
+    assert prompts[("ai2d_local", 1)] == ("what is the source of energy?\nA. sun\nB. moon\nC. grass\nAnswer with "
+                                          "the option's letter from the given choices directly.")
+    assert all(sizes == [(32, 32)] for *_, sizes in asked) and len(asked) == 4  # every local image was read
+
+    # a partial VizWiz match: "navy" is 1 of the 10 answers, so 9 of the 10 leave-one-out subsets credit it 1/3
+    results, _ = scripted_evaluate(["vizwiz_vqa_val"], data, tmp_path / "w2",
+                                   {"vizwiz_vqa_val": ["navy", "a red shirt"]})
+    assert _metrics(results["vizwiz_vqa_val"])["exact_match"] == pytest.approx((0.9 * 1 / 3 + 0) / 2)
+
+
+@needs_java
+def test_caption_benchmarks_are_scored_by_lmms_eval(tmp_path):
+    """COCO 2017 (repository copy), NoCaps (save_to_disk) and Flickr30K (repository): lmms-eval's prompt
+    and its aggregation over pycocoevalcap (PTB tokenizer and METEOR in Java). A caption identical to one
+    of its image's references scores BLEU 1 and CIDEr above 0; unrelated captions score lower on every metric."""
+    data = tmp_path / "data"
+    for task in CAPTION_TASKS:
+        FAKES[task](data)
+    right = [CAPTIONS[0][1], CAPTIONS[1][0]]
+    good, asked = scripted_evaluate(CAPTION_TASKS, data, tmp_path / "right", dict.fromkeys(CAPTION_TASKS, right))
+    bad, _ = scripted_evaluate(CAPTION_TASKS, data, tmp_path / "wrong", dict.fromkeys(CAPTION_TASKS, WRONG))
+    assert sorted((task, doc) for task, doc, *_ in asked) == [(f"{t}_local", d) for t in sorted(CAPTION_TASKS)
+                                                              for d in (0, 1)]
+    assert {text for _, _, text, _ in asked} == {CAPTION_PROMPT}
+    for task, prefix in zip(CAPTION_TASKS, ("coco", "nocaps", "flickr")):
+        hit, miss = _metrics(good[task]), _metrics(bad[task])  # the keys result.json gets
+        metrics = [f"{prefix}_{m}" for m in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")]
+        assert set(hit) == set(miss) == set(metrics), task
+        assert hit[f"{prefix}_Bleu_4"] == pytest.approx(1.0, abs=1e-6), task
+        assert hit[f"{prefix}_ROUGE_L"] == pytest.approx(1.0), task
+        assert hit[f"{prefix}_CIDEr"] > 1.0 and hit[f"{prefix}_METEOR"] > 0.5, (task, hit)
+        assert miss[f"{prefix}_CIDEr"] < 0.5 * hit[f"{prefix}_CIDEr"], (task, miss)
+        assert all(miss[m] < hit[m] for m in metrics), (task, hit, miss)
+    # the same rows and predictions give the same scores whichever dataset they come from
+    assert [v for v in _metrics(good["coco2017_cap_val"]).values()] == pytest.approx(
+        [v for v in _metrics(good["flickr30k_test"]).values()])
+    assert (tmp_path / "right" / "submissions").is_dir()  # lmms-eval's prediction files land in the work dir
+
+
+def test_caption_benchmarks_are_refused_without_pycocoevalcap_or_java(tmp_path, monkeypatch):
+    """One line naming what to install, after the data check and before the model loads; the other
+    benchmarks do not need either."""
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the caption scorer was checked")
+
+    monkeypatch.setattr("harness.run.load_model", no_model)
+    data = tmp_path / "data"
+    fake_pope(data)
+    fake_nocaps(data)
+    fake_flickr(data)
+    common = ("method=lazy", "device=cpu", f"out_dir={tmp_path / 'out'}", f"task.data_dir={data}")
+    for name in [m for m in list(sys.modules) if m.split(".")[0] in ("pycocoevalcap", "pycocotools")] + [
+            "pycocoevalcap", "pycocotools"]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed: importing it fails
+    with pytest.raises(ValueError) as err:
+        run(cfg_for("task=benchmarks", "task.lmms_tasks=[pope,nocaps_val,flickr30k_test]", *common))
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("the captioning benchmarks nocaps_val, flickr30k_test are scored by lmms-eval with "
+                              "pycocoevalcap")
+    assert "missing: the Python packages pycocoevalcap and pycocotools (`make lmms-install`, or pip install " \
+           "'pycocoevalcap==1.2' 'pycocotools>=2.0.2' -c constraints/lmms.txt)" in message
+    assert benchmarks.check(["pope"], data)["pope"].from_disk  # no caption task: nothing else is needed
+
+    monkeypatch.undo()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no `java` on PATH
+    with pytest.raises(ValueError) as err:
+        benchmarks.check(["nocaps_val"], data)
+    assert str(err.value) == (
+        "the captioning benchmark nocaps_val is scored by lmms-eval with pycocoevalcap (BLEU, METEOR, ROUGE-L, "
+        "CIDEr); missing: a Java runtime (`java` on PATH, e.g. apt-get install default-jre-headless) for "
+        "pycocoevalcap's PTB tokenizer and METEOR.")
+
+
+@needs_java
+def test_new_benchmarks_run_end_to_end_from_local_data(tmp_path):
+    """AI2D, VizWiz and Flickr30K through the harness on llava_tiny_random: each under its own key in
+    result.json, every caption metric lmms-eval reports, one row per document in samples.jsonl."""
+    data = tmp_path / "data"
+    for task in ("ai2d", "vizwiz_vqa_val", "flickr30k_test"):
+        FAKES[task](data)
+    out = tmp_path / "out"
+    path = run(cfg_for("task=benchmarks", "task.lmms_tasks=[ai2d,vizwiz_vqa_val,flickr30k_test]",
+                       f"task.data_dir={data}", "method=lazy", "model=llava_tiny_random", "method.layers=[1,3,5]",
+                       "compare_dense=false", "task.max_new_tokens=6", "batch_size=2", "device=cpu",
+                       f"out_dir={out}", "efficiency.batch_size=1", "efficiency.repeats=1", "efficiency.warmup=0",
+                       "efficiency.new_tokens=2", "wandb.mode=disabled"))
+    result = json.loads(path.read_text())
+    tasks = result["tasks"]
+    assert list(tasks) == ["ai2d", "vizwiz_vqa_val", "flickr30k_test"]
+    assert set(tasks["ai2d"]) == set(tasks["vizwiz_vqa_val"]) == {"n", "exact_match", "exact_match_stderr_clt"}
+    assert set(tasks["flickr30k_test"]) == {"n", *(f"flickr_{m}" for m in (
+        "Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"))}
+    assert all(t["n"] == 2 for t in tasks.values())
+    assert all(0 <= v <= 10 for v in tasks["flickr30k_test"].values())
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [f"{t}/{d}" for t in tasks for d in (0, 1)]
+    assert [r["target"] for r in rows[:2]] == ["B", "A"]
+    assert rows[4]["target"] == CAPTIONS[0]  # the references a caption was scored against

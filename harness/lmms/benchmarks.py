@@ -16,13 +16,22 @@ for a named config, in ``<config>/`` below it). The local task is called ``<lmms
     python -m harness.lmms.benchmarks --data-dir /data/lmms --out tasks_local --tasks paper
 
 checks every dataset and writes such a directory for ``python -m lmms_eval --include_path``;
-the harness (``task=paper``, ``task=benchmarks task.lmms_tasks=[pope]`` ...) does the same per run, before loading a model.
+the harness (``task=paper``: the paper's twelve, ``PAPER``; ``task=benchmarks task.lmms_tasks=[pope]`` ...)
+does the same per run, before loading a model.
 
 Per benchmark (``BENCHMARKS``), beyond the data source:
 - ``gqa``: lmms-eval's ``process_docs`` loads the images config from the hub by name; the local
   task attaches them from the local copy instead (a generated ``lazyattn_local.py``).
 - ``mmbench_en_dev_static``: lmms-eval's regex/substring choice extraction (no GPT matching); its
   xlsx submission file is left out (it needs ``openpyxl``, not installed).
+- ``vizwiz_vqa_val``: VQA accuracy against the ten crowd answers (``exact_match``), unanswerable included.
+- ``ai2d``: the option letter, extracted by lmms-eval's ``MultiChoiceRegexFilter`` (``exact_match``).
+- ``coco2017_cap_val``, ``nocaps_val``, ``flickr30k_test``: BLEU-1..4, METEOR, ROUGE-L and CIDEr by
+  lmms-eval's aggregation over pycocoevalcap (the ``lmms`` extra), whose PTB tokenizer and METEOR
+  run Java: refused up front, in one line naming what to install, without either. COCO is the 2017
+  val split (5,000 images, held in the dataset); lmms-eval's Karpathy-split tasks fetch every
+  image from a URL at scoring time, which a local run cannot do. Flickr30K's logged target is its
+  references (lmms-eval's YAML names a column the dataset lacks; scoring does not read it).
 - ``llava_in_the_wild``: scored by an LLM judge over the OpenAI API (``openai`` package and
   ``OPENAI_API_KEY``, or ``API_TYPE=azure`` with ``AZURE_API_KEY``/``AZURE_ENDPOINT``); refused
   up front without them. Not part of ``task=paper``.
@@ -35,6 +44,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -42,7 +52,12 @@ import yaml
 
 LOCAL_SUFFIX = "_local"
 DATA_ENV = "LAZYATTN_DATA"
-PAPER = ("gqa", "mmbench_en_dev_static", "mme", "pope", "scienceqa_img", "vqav2_val", "textvqa_val", "mmmu_val")
+# The paper's twelve benchmarks, in its order (MME is available, but not one of them).
+PAPER = ("gqa", "vqav2_val", "textvqa_val", "vizwiz_vqa_val", "ai2d", "scienceqa_img", "mmmu_val",
+         "mmbench_en_dev_static", "pope", "coco2017_cap_val", "nocaps_val", "flickr30k_test")
+# What lmms-eval's caption scoring (pycocoevalcap: BLEU, METEOR, ROUGE-L, CIDEr) needs beyond the
+# `lmms` extra's core: Python modules (installed by the extra) and a Java runtime (PTB tokenizer, METEOR).
+CAPTION_MODULES = {"pycocoevalcap": "pycocoevalcap.tokenizer.ptbtokenizer", "pycocotools": "pycocotools.coco"}
 
 
 class MissingDataset(FileNotFoundError):
@@ -61,6 +76,7 @@ class Benchmark:
     title: str
     extra_configs: tuple[str, ...] = ()  # other configs of the same dataset that its utils load
     judge: bool = False  # scored by an API judge
+    captions: bool = False  # scored by pycocoevalcap (needs Java)
 
 
 BENCHMARKS = {
@@ -74,6 +90,11 @@ BENCHMARKS = {
         Benchmark("vqav2_val", "vqav2/vqav2_val.yaml", "VQAv2 val"),
         Benchmark("textvqa_val", "textvqa/textvqa_val.yaml", "TextVQA val"),
         Benchmark("mmmu_val", "mmmu/mmmu_val.yaml", "MMMU val"),
+        Benchmark("vizwiz_vqa_val", "vizwiz_vqa/vizwiz_vqa_val.yaml", "VizWiz-VQA val"),
+        Benchmark("ai2d", "ai2d/ai2d.yaml", "AI2D test"),
+        Benchmark("coco2017_cap_val", "coco_cap/coco2017_cap_val.yaml", "COCO Captions 2017 val", captions=True),
+        Benchmark("nocaps_val", "nocaps/nocaps_val.yaml", "NoCaps val", captions=True),
+        Benchmark("flickr30k_test", "flickr30k/flickr30k_test.yaml", "Flickr30K test", captions=True),
         Benchmark("llava_in_the_wild", "llava-in-the-wild/llava-in-the-wild.yaml", "LLaVA-Bench in-the-wild",
                   judge=True),
     )
@@ -127,10 +148,15 @@ def task_yaml(bench: Benchmark) -> Path:
     return path
 
 
-def source(bench: Benchmark) -> Source:
+def installed(bench: Benchmark) -> dict:
+    """The installed task's YAML, includes followed, ``!function`` references left unresolved."""
     from lmms_eval.utils import load_yaml_config
 
-    config = load_yaml_config(str(task_yaml(bench)), mode="simple")  # follows includes, skips !function
+    return load_yaml_config(str(task_yaml(bench)), mode="simple")
+
+
+def source(bench: Benchmark) -> Source:
+    config = installed(bench)
     return Source(str(config["dataset_path"]), config.get("dataset_name"), str(config["test_split"]))
 
 
@@ -195,6 +221,36 @@ def check_judge(bench: Benchmark) -> None:
         )
 
 
+def check_captions(names: Sequence[str]) -> None:
+    """The captioning benchmarks among ``names`` are scored by lmms-eval with pycocoevalcap, whose PTB
+    tokenizer and METEOR run Java: refused in one line, naming what to install, when either is missing."""
+    asked = [task for task in names if BENCHMARKS[task].captions]
+    if not asked:
+        return
+    missing = []
+    for package, module in CAPTION_MODULES.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # the package itself is absent
+            found = False
+        if not found:
+            missing.append(package)
+    needs = []
+    if missing:
+        packages = f"package{'s' if len(missing) > 1 else ''} {' and '.join(missing)}"
+        needs.append(f"the Python {packages} (`make lmms-install`, or pip install 'pycocoevalcap==1.2' "
+                     "'pycocotools>=2.0.2' -c constraints/lmms.txt)")
+    if shutil.which("java") is None:
+        needs.append("a Java runtime (`java` on PATH, e.g. apt-get install default-jre-headless) for "
+                     "pycocoevalcap's PTB tokenizer and METEOR")
+    if needs:
+        raise ValueError(
+            f"the captioning benchmark{'s' if len(asked) > 1 else ''} {', '.join(asked)} "
+            f"{'are' if len(asked) > 1 else 'is'} scored by lmms-eval with pycocoevalcap (BLEU, METEOR, "
+            f"ROUGE-L, CIDEr); missing: {'; '.join(needs)}."
+        )
+
+
 def check(names: Sequence[str], data_dir: str | Path | None) -> dict[str, Local | None]:
     """Every benchmark's local dataset (and judge), checked before any model is loaded.
 
@@ -228,6 +284,7 @@ def check(names: Sequence[str], data_dir: str | Path | None) -> dict[str, Local 
             f"{len(missing)} of {len(tasks)} benchmarks have no usable local data under {root} "
             f"({', '.join(missing)}): " + " | ".join(err.problem for err in missing.values()) + hint + "."
         )
+    check_captions(tasks)  # after the data (a fresh machine lacks those first), still before any model loads
     return found
 
 
@@ -285,7 +342,11 @@ def write_task_dir(names: Sequence[str], data_dir: str | Path | None, out_dir: s
     written = []
     for task in tasks:
         bench, local = BENCHMARKS[task], found[task]
-        config: dict = {"include": str(task_yaml(bench)), "task": local_name(task), "tag": []}
+        # no tags: the local task joins none of the installed task's collections. A task that still
+        # sets the deprecated `group` (coco2017_cap_val, nocaps_val) gets an empty group instead, since
+        # lmms-eval refuses a task with both keys (and an empty group is read as no tags).
+        labels = "group" if "group" in installed(bench) else "tag"
+        config: dict = {"include": str(task_yaml(bench)), "task": local_name(task), labels: []}
         if local is not None:
             config["dataset_path"] = str(local.path)
             config["dataset_kwargs"] = {"load_from_disk": True} if local.from_disk else {}
@@ -301,6 +362,10 @@ def write_task_dir(names: Sequence[str], data_dir: str | Path | None, out_dir: s
                 "aggregation": _Fn("lmms_eval.tasks.mmbench.en_utils.mmbench_aggregate_dev_results_static"),
                 "higher_is_better": True,
             }]
+        if task == "flickr30k_test":
+            # its doc_to_target names a column Flickr30K lacks ("answer"), so every logged target was that
+            # word; the references (what flickr_process_result scores against) instead. Scores are unchanged.
+            config["doc_to_target"] = "caption"
         header = f"# {bench.title}: lmms-eval's {task} reading {local.path if local else 'its default source'}.\n"
         text = header + yaml.dump(config, Dumper=_Dumper, sort_keys=False)
         (out / f"{local_name(task)}.yaml").write_text(text)

@@ -29,11 +29,13 @@ _DROP = ("alias", "samples", "sample_len", "name")
 
 def _metrics(entry: dict) -> dict[str, Any]:
     """lmms-eval's ``{"acc,none": x, "acc_stderr,none": s, "alias": ...}`` -> ``{"acc": x, "acc_stderr": s}``
-    (metrics whose aggregation only writes a file, such as ``submission``, have no value: left out)."""
+    (metrics whose aggregation only writes a file, such as ``submission``, have no value or an empty one: left out)."""
     out = {}
     for key, value in entry.items():
         metric, _, _filter = key.partition(",")
-        if metric in _DROP or value is None or value == "N/A":
+        if metric in _DROP or value is None or isinstance(value, str) and value == "N/A":
+            continue
+        if isinstance(value, (list, tuple, dict)) and not value:  # e.g. VizWiz's unscored `submission`
             continue
         out[metric] = value  # lmms-eval's standard errors are kept as <metric>_stderr
     return out
