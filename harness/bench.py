@@ -197,6 +197,7 @@ def check_settings(cfg: DictConfig) -> dict:
         "repeats": _int(cfg.repeats, "repeats", 1),
         "warmup": _int(cfg.warmup, "warmup", 0),
         "cache": str(cfg.get("cache", "static")),
+        "compile": bool(cfg.get("compile", False)),
     }
     from harness.config import check_cache
 
@@ -280,6 +281,7 @@ def _row(variant: Variant, res: dict, context: dict, dev: dict) -> dict:
         "predicted_decode_speedup": res.get("predicted_decode_speedup"),
         "decode_speedup_of_predicted": res.get("decode_speedup_of_predicted"),
         "cache": res.get("cache"),
+        "compiled": res.get("compiled", False),
         "repeats": m["repeats"],
         "order": res.get("order"),
         "device": dev["device"],
@@ -393,7 +395,8 @@ def run_budget(model, prompts: Prompts, context: dict, variants: list[Variant], 
         timed[v.label] = (inputs, lambda v=v: v.method.apply(model))  # the inputs of the verified batch
         del inputs
     summaries = measure.interleaved(
-        model, timed, new_tokens=new_tokens, repeats=settings["repeats"], warmup=settings["warmup"], cache=cache
+        model, timed, new_tokens=new_tokens, repeats=settings["repeats"], warmup=settings["warmup"], cache=cache,
+        compile=settings.get("compile", False),
     )
     dense = summaries[variants[0].label]
     dense_batch = plan["entries"][0]["max_batch"]
@@ -524,7 +527,7 @@ def run_bench(cfg: DictConfig) -> Path:
         res = measure.compare(
             model, inputs, lambda v=v: v.method.apply(model),
             new_tokens=settings["new_tokens"], repeats=settings["repeats"], warmup=settings["warmup"], method=v.method,
-            cache=settings["cache"],
+            cache=settings["cache"], compile=settings["compile"],
         )
         done[point] = _row(v, res, context, dev)
         save()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -78,6 +79,22 @@ def row_kv_bytes(cache, mask: torch.Tensor) -> list[int]:
     return [int(x) for x in total]
 
 
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def compiled_decode(model):
+    """The model's forward through ``torch.compile`` (dynamic shapes, no CUDA graphs), one per model.
+
+    The decode step attends over the valid prefix of the preallocated cache, whose length grows
+    by one each step, so its shapes are dynamic: CUDA graphs, which replay fixed shapes, would need
+    attention over the whole storage with a mask (gpt-fast's design; not this harness's yet). What
+    compiling buys is fused kernels and less Python per layer. A method's patched attention
+    forwards are traced too (a different method recompiles once, by dynamo's guards)."""
+    if model not in _COMPILED:
+        _COMPILED[model] = torch.compile(model.forward, dynamic=True)
+    return _COMPILED[model]
+
+
 @dataclasses.dataclass
 class Dialogue:
     """The batch's KV cache and, per row, its mask over the cache and its next position."""
@@ -104,10 +121,13 @@ class Generator:
     row), which the host knows without asking the device.
     """
 
-    def __init__(self, model, processor, device, min_new_tokens: int = 0, cache: str = "static"):
+    def __init__(self, model, processor, device, min_new_tokens: int = 0, cache: str = "static",
+                 compile: bool = False):
         if cache not in CACHE_KINDS:
             raise ValueError(f"cache must be one of {list(CACHE_KINDS)}, got {cache!r}.")
         self.model, self.processor, self.device = model, processor, device
+        # single-token decode forwards through torch.compile (compiled_decode); prefill and chunks stay eager
+        self.decode_forward = compiled_decode(model) if compile else None
         self.cache_kind = cache
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.cache_arg = cache_kwarg(model)
@@ -134,7 +154,8 @@ class Generator:
         dialogue.next_position = dialogue.next_position + new_mask.long().sum(dim=1)
         if not self.mrope:
             extra["position_ids"] = positions
-        out = self.model(
+        one_step = self.decode_forward is not None and ids.shape[1] == 1 and "pixel_values" not in extra
+        out = (self.decode_forward if one_step else self.model)(
             input_ids=ids, attention_mask=dialogue.mask if dialogue.holes else None, use_cache=True,
             logits_to_keep=1, **{self.cache_arg: dialogue.cache}, **extra,
         )

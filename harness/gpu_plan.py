@@ -221,10 +221,12 @@ FIGURES = ("prefill_ms", "prefill_ms_iqr", "decode_tokens_per_s", "decode_tokens
 
 
 def time_point(model, prompts, variants, batch: int, context: dict, new_tokens: int, repeats: int,
-               warmup: int) -> dict:
+               warmup: int, compiled: bool = False) -> dict:
     """Every variant of one point (dense first) in one ABBA set, on the preallocated cache, and dense
     once more on transformers' concatenating cache (``dense dynamic``: what the copying costs);
-    figures, ratios to dense and the speed-up the bytes per step predict."""
+    with ``compiled``, dense and the first method once more with their decode steps compiled
+    (``harness.generate.compiled_decode``); figures, ratios to dense and the speed-up the bytes per
+    step predict."""
     import torch
 
     from harness import measure
@@ -232,13 +234,20 @@ def time_point(model, prompts, variants, batch: int, context: dict, new_tokens: 
     inputs = prompts.inputs(context["extra_words"], batch)
     timed = {v.label: (inputs, (lambda v=v: v.method.apply(model)), "static") for v in variants}
     timed["dense dynamic"] = (inputs, lambda: variants[0].method.apply(model), "dynamic")
+    extra = ["dense dynamic"]
+    if compiled:
+        for v in variants[:2]:
+            timed[f"{v.label} compiled"] = (inputs, lambda v=v: v.method.apply(model),
+                                            {"cache": "static", "compile": True})
+            extra.append(f"{v.label} compiled")
     start = time.time()
     summaries = measure.interleaved(model, timed, new_tokens=new_tokens, repeats=repeats, warmup=warmup)
     seconds = time.time() - start
     dense = summaries[variants[0].label]
     rows = {}
-    for label in [v.label for v in variants] + ["dense dynamic"]:
-        v = next((x for x in variants if x.label == label), variants[0])
+    for label in [v.label for v in variants] + extra:
+        v = next((x for x in variants if x.label == label), None) or next(
+            (x for x in variants[::-1] if label.startswith(x.label)), variants[0])
         s = summaries[label]
         row = {k: s.get(k) for k in FIGURES}
         if label != variants[0].label:
@@ -386,8 +395,10 @@ def _timing_phase(ph: Phase, entries: list[str], points: list[tuple[int, int | N
         if not ph.fits(estimate):
             ph.data.setdefault("stopped", {})[key] = f"estimated {estimate * ph.factor:.0f} s, {ph.left():.0f} s left"
             break
+        compiled = gpu and not ph.data.get("compiled_timed")  # the compiled decode step, at the first point only
         try:
-            point = time_point(model, prompts, variants, batch, context, new_tokens, repeats, warmup)
+            point = time_point(model, prompts, variants, batch, context, new_tokens, repeats, warmup, compiled)
+            ph.data["compiled_timed"] = ph.data.get("compiled_timed") or compiled
             point["estimate_s"] = round(estimate, 1)
         except Exception as err:  # out of memory, say: the point says so, the next one runs
             point = {"error": f"{type(err).__name__}: {str(err)[:500]}", "batch_size": batch,

@@ -100,7 +100,7 @@ def lazy_cache_layers(cache) -> set[int]:
 
 
 @torch.inference_mode()
-def generate_once(model, inputs: dict, new_tokens: int, cache: str = "static") -> dict:
+def generate_once(model, inputs: dict, new_tokens: int, cache: str = "static", compile: bool = False) -> dict:
     """One timed prefill + ``new_tokens`` decode forwards of the harness's own decode loop
     (``harness.generate.Generator``, the loop that answers), forced to that length (no early
     stop). Returns seconds, the peak KV bytes, the peak device memory (None off CUDA), the KV
@@ -114,7 +114,7 @@ def generate_once(model, inputs: dict, new_tokens: int, cache: str = "static") -
     """
     device = inputs["input_ids"].device
     cuda = device.type == "cuda"
-    gen = Generator(model, None, device, min_new_tokens=new_tokens + 1, cache=cache)
+    gen = Generator(model, None, device, min_new_tokens=new_tokens + 1, cache=cache, compile=compile)
     budgets = [new_tokens + 1] * inputs["input_ids"].shape[0]  # the prefill's token, then one per decode forward
     totals = {"kv_read": 0, "peak": 0, "steps": 0}
 
@@ -145,6 +145,7 @@ def generate_once(model, inputs: dict, new_tokens: int, cache: str = "static") -
         "weight_read_bytes": decode_weight_bytes(model, dialogue.cache),
         "lazy_layers": sorted(lazy_cache_layers(dialogue.cache)),
         "cache": cache,
+        "compiled": compile,
     }
 
 
@@ -180,6 +181,7 @@ def summarise(runs: list[dict], batch_size: int, new_tokens: int, model=None, pe
     }
     if "cache" in runs[0]:
         out["cache"] = runs[0]["cache"]
+        out["compiled"] = bool(runs[0].get("compiled"))
     if "kv_read_bytes" in runs[0]:
         steps = runs[0].get("decode_steps", new_tokens)
         kv_step = runs[0]["kv_read_bytes"] / max(1, steps)
@@ -223,6 +225,7 @@ def interleaved(
     repeats: int = 3,
     warmup: int = 1,
     cache: str = "static",
+    compile: bool = False,
 ) -> dict[str, dict]:
     """Several variants, each ``name -> (inputs, context factory[, cache kind])``, timed in ABBA
     order in this process (``abba_order``) on the KV cache ``cache`` (or the variant's own); each
@@ -232,9 +235,11 @@ def interleaved(
     peak_bw = peak_bandwidth(device_name(device))
 
     def once(name: str, tokens: int) -> dict:
-        inputs, ctx, *own = variants[name]  # a third element: this variant's own cache kind
+        inputs, ctx, *own = variants[name]  # a third element: this variant's own cache kind, or
+        options = own[0] if own else {}  # {"cache": kind, "compile": bool}
+        options = {"cache": options} if isinstance(options, str) else options
         with ctx():
-            return generate_once(model, inputs, tokens, own[0] if own else cache)
+            return generate_once(model, inputs, tokens, options.get("cache", cache), options.get("compile", compile))
 
     for _ in range(warmup):
         for name in variants:
@@ -287,6 +292,7 @@ def compare(
     warmup: int = 1,
     method=None,
     cache: str = "static",
+    compile: bool = False,
 ) -> dict:
     """Dense vs method on identical inputs: both figures and the speed-ups (method over dense).
     ``method``, when given, adds the notes that concern it (``host_sync`` for SparseVLM)."""
@@ -297,6 +303,7 @@ def compare(
         repeats=repeats,
         warmup=warmup,
         cache=cache,
+        compile=compile,
     )
     dense, method_summary = summaries["dense"], summaries["method"]
     device = inputs["input_ids"].device
@@ -308,6 +315,7 @@ def compare(
         "new_tokens": new_tokens,
         "order": "abba",
         "cache": cache,
+        "compiled": compile,
         "peak_bandwidth_bytes_per_s": peak_bandwidth(device_name(device)),
         "dense": dense,
         "method": method_summary,

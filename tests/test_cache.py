@@ -223,3 +223,38 @@ def test_kv_read_bytes_per_reading(models):
     read, held, cache = reads["lazy_visual"]
     anchor = cache.layers[0].keys
     assert read == held + 2 * anchor.numel() * anchor.element_size()  # the anchor's keys again, for image columns
+
+
+def test_compiled_decode_steps_answer_as_the_eager_ones(models):
+    """``compile=True`` sends single-token decode steps through torch.compile (dynamic shapes);
+    the answers and logits equal the eager loop's. Skipped where torch.compile cannot run."""
+    from harness import generate
+
+    loaded = models["llava_llama"]
+    inputs = _inputs(loaded, True, 32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name in ("dense", "lazy"):
+            method = lazyattn.build(METHODS[name])
+            eager = _run(loaded.model, inputs, method, "static")
+            gen = Generator(loaded.model, None, "cpu", min_new_tokens=STEPS, compile=True)
+            assert gen.decode_forward is generate.compiled_decode(loaded.model)  # one compiled forward per model
+            logits, real = [], gen._forward
+
+            def forward(*args, **kwargs):
+                out = real(*args, **kwargs)
+                logits.append(out.clone())  # before the loop edits it (suppressed tokens)
+                return out
+
+            gen._forward = forward
+            try:
+                with torch.inference_mode(), method.apply(loaded.model):
+                    dialogue, first = gen.prefill(inputs, reserve=STEPS)
+                    tokens = gen._decode(dialogue, first, [STEPS] * 2)
+            except Exception as err:  # no C++ compiler, an unsupported platform: say so, don't fail
+                pytest.skip(f"torch.compile does not run here ({type(err).__name__}: {str(err)[:120]})")
+            assert tokens == eager[0], name
+            torch.testing.assert_close(torch.stack(logits), eager[1], rtol=1e-4, atol=1e-4)
+    finally:
+        torch.set_num_threads(threads)
