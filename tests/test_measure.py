@@ -147,7 +147,7 @@ def test_abba_order_iqr_and_e2e(tiny, monkeypatch):
 
     monkeypatch.setattr(measure, "_current", "dense", raising=False)
 
-    def fake_once(model, inputs, new_tokens, cache="static"):
+    def fake_once(model, inputs, new_tokens, cache="static", compile=False):
         name = measure._current
         if new_tokens == 10:  # a timed run (the warm-up runs min(new_tokens, 4))
             order.append(name)
