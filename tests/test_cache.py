@@ -106,8 +106,6 @@ def test_static_cache_answers_as_the_dynamic_one(models, family):
     padded = not family.startswith("qwen")  # M-RoPE models place their own tokens: unpadded prompts
     inputs = _inputs(loaded, padded, _image_size(family))
     for name, spec in METHODS.items():
-        if family.startswith("qwen") and name == "lazy_visual":
-            continue  # the visual reading's image flags come from LLaVA-style placeholders only (docs/methods.md)
         method = lazyattn.build(spec)
         t_dyn, l_dyn, _ = _run(loaded.model, inputs, method, "dynamic")
         t_sta, l_sta, d = _run(loaded.model, inputs, method, "static")

@@ -370,14 +370,19 @@ def test_local_qwen2_vl_checkpoint_loads_without_torchvision(qwen_checkpoint, tm
 # ---- what is not supported -----------------------------------------------------------------------
 
 
-def test_sliding_window_attention_is_refused():
-    from transformers import MistralConfig, MistralForCausalLM
+def test_a_sequence_outgrowing_a_sliding_window_is_refused():
+    """Installing on a windowed model works (tests/test_windows.py has the rest); a cached sequence
+    longer than the window that a lazy layer shares with its anchor is refused in one line."""
+    from transformers import DynamicCache, MistralConfig, MistralForCausalLM
 
     model = MistralForCausalLM(MistralConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                             num_attention_heads=2, num_key_value_heads=1, sliding_window=8))
-    with pytest.raises(UnsupportedModelError, match="sliding-window"):
-        with LazyAttention(layers=[1]).apply(model):
-            pass
+                                             num_attention_heads=2, num_key_value_heads=1, sliding_window=8)).eval()
+    ids = torch.randint(0, 32, (1, 12))
+    with LazyAttention(layers=[1]).apply(model), torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        with pytest.raises(ValueError, match="outgrew the sliding window of 8 tokens"):
+            model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
 
 
 def test_per_axis_mrope_tables_are_refused(case):

@@ -309,8 +309,11 @@ def test_random_weights_are_announced_for_every_random_preset(preset, capsys):
     from harness.models import families, load_model
 
     cfg = cfg_for(f"model={preset}", "model.dtype=float32").model
-    _, text, vision = next(v for v in families.TINY_SHAPES.values()
-                           if v[0] == cfg.family and v[1].get("backbone", "llama") == cfg.text.get("backbone", "llama"))
+    same_family = [v for v in families.TINY_SHAPES.values() if v[0] == cfg.family]
+    _, text, vision = next((v for v in same_family if v[1].get("backbone", "llama") == cfg.text.get("backbone", "llama")),
+                           same_family[0])  # e.g. LLaVA-NeXT with a Llama (Vicuna) backbone: the family's shapes
+    if "backbone" in cfg.text:
+        text = {**text, "backbone": cfg.text.backbone}
     cfg.text = OmegaConf.create({**text, "vocab": None})
     cfg.vision = OmegaConf.create(vision)
     loaded = load_model(cfg, "cpu")
