@@ -257,7 +257,7 @@ def time_point(model, prompts, variants, batch: int, context: dict, new_tokens: 
                 row["memory_fraction"] = s["peak_memory_bytes"] / dense["peak_memory_bytes"]
             if measure.uses_sparsevlm(v.method):
                 row["host_sync"] = True
-        rows[v.label] = row
+        rows[label] = row
     del inputs
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
