@@ -236,7 +236,7 @@ def _attend(module, family: AttentionFamily, query, key, value, attention_mask, 
     return module.o_proj(out), weights
 
 
-def inherits(module: nn.Module, query: torch.Tensor) -> bool:
+def inherits(module: nn.Module, q_len: int) -> bool:
     """Whether an anchor publishes its attention probabilities for this forward, so that its
     ``share="qk"`` lazy layers multiply them by their own values and read no keys.
 
@@ -249,7 +249,7 @@ def inherits(module: nn.Module, query: torch.Tensor) -> bool:
     Backends or settings whose probabilities we do not reproduce exactly (dropout in training,
     sliding windows, logit softcapping, flex attention) always recompute.
     """
-    q_len, n_heads, head_dim = query.shape[-2], query.shape[1], query.shape[-1]
+    n_heads, head_dim = module.config.num_attention_heads, module.head_dim
     n_kv = getattr(module.config, "num_key_value_heads", None) or n_heads
     if 2 * q_len * n_heads > n_kv * head_dim or module.training:
         return False
@@ -282,20 +282,32 @@ def explicit_attention(module: nn.Module, query, key, value, attention_mask) -> 
     was given and the module's scaling; grouped-query heads read their shared key and value
     heads without repeating them. Returns the output (B, q, H * d_v) before ``o_proj`` and the
     probabilities (B, H_kv, groups, q, T)."""
+    probs = _probs(module, _scores(query, key), attention_mask, query.dtype)
+    return _inherit(probs, value), probs
+
+
+def _scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """``query . key`` per head, (B, H_kv, groups, q, T): grouped-query heads read their shared key
+    head without repeating it (scaling applied by ``_probs``)."""
     batch, n_heads, q_len, d = query.shape
     n_kv, kv_len = key.shape[1], key.shape[-2]
     groups = n_heads // n_kv
     q = query.reshape(batch, n_kv, groups * q_len, d)
-    scores = torch.matmul(q, key.transpose(-1, -2)).view(batch, n_kv, groups, q_len, kv_len) * module.scaling
-    allowed = _allowed(attention_mask, q_len, kv_len, query.device)
+    return torch.matmul(q, key.transpose(-1, -2)).view(batch, n_kv, groups, q_len, kv_len)
+
+
+def _probs(module: nn.Module, scores: torch.Tensor, attention_mask, dtype) -> torch.Tensor:
+    """Scaled, masked and softmaxed scores, as eager attention forms them."""
+    q_len, kv_len = scores.shape[-2:]
+    scores = scores * module.scaling
+    allowed = _allowed(attention_mask, q_len, kv_len, scores.device)
     if allowed is not None:
         allowed = allowed[:, :, None]  # (B, 1, 1, q, T) against (B, H_kv, groups, q, T)
         if allowed.dtype == torch.bool:
             scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
         else:
             scores = scores + allowed
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    return _inherit(probs, value), probs
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
 
 
 def _inherit(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -334,7 +346,7 @@ def _anchor_forward(
         for observe in observers:
             observe(module, query, key)
         probs = None
-        if with_probs and qcache is not None and inherits(module, query):
+        if with_probs and qcache is not None and inherits(module, query.shape[-2]):
             out, probs = explicit_attention(module, query, key, value, attention_mask)
             weights = _weights(module, probs)
         else:
@@ -447,6 +459,30 @@ def _visual_inputs(module, family, qcache, anchor_idx, last, flags, hidden_state
     return query, value, own_key, image, anchor_query, anchor_key
 
 
+def _vla_decode(module, family, qcache, anchor_idx, last, flags, hidden_states, position_embeddings,
+                past_key_values, attention_mask):
+    """VLA for a short query into a filled cache (decode steps, short continuations): the scores
+    of the (mixed) queries against the anchor's keys and against this layer's own text keys, the
+    text ones put at their columns, then the mask, softmax and the layer's values, as eager
+    attention does. It reads the anchor's keys, its own text keys and values and writes no key
+    tensor of the whole cache (the prefill path builds the mixed keys once for the backend)."""
+    query, key, value = _projections(module, family, hidden_states, position_embeddings)
+    slot = _lazy_slot(past_key_values, module.layer_idx, TextKeyLayer)
+    image_new = flags.of_last(hidden_states.shape[1], prefill=False)
+    text_key, value, image = slot.update(key, value, image_new)
+    anchor_query, anchor_key, _ = _take_anchor(module, qcache, anchor_idx, last, value)
+    slot.extra_read_bytes = _nbytes(anchor_key)
+    rows = image[:, -query.shape[-2]:][:, None, :, None]
+    mixed_query = torch.where(rows, anchor_query, query)
+    scores = _scores(mixed_query, anchor_key)  # every column; the text ones are replaced below
+    own = _scores(mixed_query, text_key)  # (B, H_kv, g, q, T_text)
+    n_text = text_key.shape[-2]
+    columns = torch.argsort(image.to(torch.int8), dim=1, stable=True)[:, :n_text]  # text columns, in order
+    scores = scores.scatter(-1, columns[:, None, None, None, :].expand(own.shape), own)
+    probs = _probs(module, scores, attention_mask, query.dtype)
+    return module.o_proj(_inherit(probs, value)), _weights(module, probs)
+
+
 def _lazy_vla_forward(
     module: nn.Module, family: AttentionFamily, qcache: QCache, anchor_idx: int, last: bool, flags: ImageFlags
 ):
@@ -458,9 +494,13 @@ def _lazy_vla_forward(
     image keys and this layer's own text keys."""
 
     def forward(hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, cache=None, **kwargs):
+        past_key_values = cache if cache is not None else past_key_values
+        if past_key_values is not None and past_key_values.get_seq_length(module.layer_idx) > 0:
+            if inherits(module, hidden_states.shape[1]):  # decode: no mixed key tensor over the whole cache
+                return _vla_decode(module, family, qcache, anchor_idx, last, flags, hidden_states,
+                                   position_embeddings, past_key_values, attention_mask)
         query, value, own_key, image, anchor_query, anchor_key = _visual_inputs(
-            module, family, qcache, anchor_idx, last, flags, hidden_states, position_embeddings,
-            cache if cache is not None else past_key_values)
+            module, family, qcache, anchor_idx, last, flags, hidden_states, position_embeddings, past_key_values)
         rows = image[:, -query.shape[-2]:][:, None, :, None]  # this forward's tokens
         mixed_query = torch.where(rows, anchor_query, query)
         mixed_key = torch.where(image[:, None, :, None], anchor_key, own_key)

@@ -150,7 +150,7 @@ def test_inheriting_probabilities_equals_recomputing(models, family, impl, dtype
             anchor_keys = d.cache.layers[0].keys
             assert slots and all(s.extra_read_bytes < anchor_keys.numel() * anchor_keys.element_size() for s in slots)
             with monkeypatch.context() as m:
-                m.setattr(attention, "inherits", lambda module, query: False)
+                m.setattr(attention, "inherits", lambda module, q_len: False)
                 t_rec, l_rec, d_rec = _run(model, inputs, method, "static")
             layers = d_rec.cache.layers
             lazy = {i for i, s in enumerate(layers) if isinstance(s, ValueOnlyLayer)}
@@ -183,7 +183,7 @@ def test_short_continuation_inherits_and_equals_recomputing(models, monkeypatch)
     limit = text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) // (2 * text.num_attention_heads)
     assert limit >= 2
     results = {}
-    for label, patch in (("inherit", None), ("recompute", lambda module, query: False)):
+    for label, patch in (("inherit", None), ("recompute", lambda module, q_len: False)):
         with monkeypatch.context() as m:
             if patch is not None:
                 m.setattr(attention, "inherits", patch)
@@ -256,3 +256,21 @@ def test_compiled_decode_steps_answer_as_the_eager_ones(models):
             torch.testing.assert_close(torch.stack(logits), eager[1], rtol=1e-4, atol=1e-4)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("family", ["llava_llama", "llava_qwen2", "qwen2_vl"])
+def test_vla_decode_path_equals_the_mixed_key_path(models, family, monkeypatch):
+    """VLA's decode steps score against the anchor's keys and its own text keys without building the
+    mixed key tensor; they equal the prefill path's mixed keys through the backend."""
+    loaded = models[family]
+    inputs = _inputs(loaded, not family.startswith("qwen"), _image_size(family))
+    method = lazyattn.build(METHODS["lazy_visual"])
+    calls = []
+    real = attention._vla_decode
+    monkeypatch.setattr(attention, "_vla_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    t_fast, l_fast, _ = _run(loaded.model, inputs, method, "static")
+    assert calls, "the decode path must have run"
+    monkeypatch.setattr(attention, "inherits", lambda module, q_len: False)
+    t_slow, l_slow, _ = _run(loaded.model, inputs, method, "static")
+    assert t_fast == t_slow
+    torch.testing.assert_close(l_fast, l_slow, rtol=1e-5, atol=1e-5)
