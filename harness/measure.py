@@ -5,20 +5,23 @@ Dense and method run on the same inputs in the same process. After one warm-up r
 the repeats alternate the order (ABBA: dense, method, method, dense, dense, method, ...), so
 that drift on a noisy machine, and whatever the previous run leaves behind (allocator state,
 clocks, caches), hits both alike. On CUDA there are at least ``MIN_CUDA_REPEATS`` repeats.
-Each repeat is what ``generate`` does: a prefill forward that computes the logits of the last
-position only (``logits_to_keep=1``), then ``new_tokens`` single-token decode forwards fed with
-the greedy token (no early stop). The prefill and the decode loop are timed separately, with the
+Each repeat is the harness's own decode loop (``harness.generate.Generator``, the loop that
+answers), on the run's KV cache (``static``: preallocated; ``dynamic``: concatenating): a prefill
+forward that computes the logits of the last position only (``logits_to_keep=1``), then
+``new_tokens`` single-token decode forwards fed with the greedy token (no early stop). The prefill and the decode loop are timed separately, with the
 device synchronised at the edges of each. Every figure is the median over repeats, with its
 interquartile range (``*_iqr``) beside it.
 
 Per run: KV bytes counted from the cache tensors themselves after every forward (the peak kept);
 on CUDA the peak allocated device memory (``torch.cuda.max_memory_allocated``, reset before each
-run, so it covers the weights, activations and the cache); and the bytes a decode step must read
-(the decoder weights it touches plus the KV cache it attends over), which over the step's time is
-the achieved bandwidth, compared with the device's peak (``PEAK_BANDWIDTH``) as gpt-fast does.
+run, so it covers the weights, activations and the cache); and the bytes a decode step reads
+(the decoder weights it touches plus the KV each layer's attention read,
+``lazyattn.kv_read_bytes``), which over the step's time is the achieved bandwidth, compared with
+the device's peak (``PEAK_BANDWIDTH``) as gpt-fast does.
 
 Speed-ups are method over dense, higher is better: ``decode_speedup`` and ``e2e_speedup`` are
-throughput ratios, ``prefill_speedup`` is dense's latency over the method's.
+throughput ratios, ``prefill_speedup`` is dense's latency over the method's;
+``predicted_decode_speedup`` is the ratio the bytes per step allow.
 """
 
 from __future__ import annotations
