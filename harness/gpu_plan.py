@@ -408,6 +408,12 @@ def _timing_phase(ph: Phase, entries: list[str], points: list[tuple[int, int | N
                 __import__("torch").cuda.empty_cache()
         ph.record(key, point, estimate)
         print(f"{ph.name} {key}: {'error' if 'error' in point else str(point['seconds']) + ' s'}", flush=True)
+    return _status(ph, gpu)
+
+
+def _status(ph: Phase, gpu: bool) -> str:
+    """A timing phase's end: failed when every point failed, skipped off CUDA (the CPU profile ran),
+    else done or partial (points left for the next call)."""
     errors = [k for k, p in ph.data["points"].items() if "error" in p]
     if errors and len(errors) == len(ph.data["points"]):
         return "failed"
@@ -472,12 +478,7 @@ def phase_budget(ph: Phase) -> str:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         print(f"budget {key}: {'error' if 'error' in point else str(point['seconds']) + ' s'}", flush=True)
-    errors = [k for k, p in ph.data["points"].items() if "error" in p]
-    if errors and len(errors) == len(ph.data["points"]):
-        return "failed"
-    if not gpu:
-        return "skipped"
-    return "done" if not ph.data["not_run"] else "partial"
+    return _status(ph, gpu)
 
 
 def phase_correctness(ph: Phase) -> str:

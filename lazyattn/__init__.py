@@ -15,7 +15,8 @@ from typing import Any
 
 from lazyattn.attention import QCache
 from lazyattn.base import Dense, Method
-from lazyattn.cache import ValueOnlyLayer, kv_cache_bytes
+from lazyattn.cache import (PreallocatedCache, ValueOnlyLayer, kv_allocated_bytes, kv_cache_bytes, kv_read_bytes,
+                            new_cache)
 from lazyattn.calibrate import Calibration, calibrate, layer_divergence, select_lazy_layers
 from lazyattn.compose import Composed, compose
 from lazyattn.engine import PruneEngine, TokenPruner
@@ -143,6 +144,10 @@ __all__ = [
     "choose_withdrawal_layer",
     "compose",
     "kv_cache_bytes",
+    "kv_allocated_bytes",
+    "kv_read_bytes",
+    "new_cache",
+    "PreallocatedCache",
     "layer_divergence",
     "method_families",
     "select_lazy_layers",
