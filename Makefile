@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 LMMS_EVAL ?= lmms-eval==0.7.3
 LMMS_STAMP := $(VENV)/.lmms-installed
 
-.PHONY: install lmms-install run test bench bench-kv gpu-check gpu-wheels gpu-dryrun gpu-collect clean tiny-model sweeps sweeps-readings sweeps-deep tables table-main table-protocol table-efficiency table-calibration fig-layers fig-pareto fig-fidelity
+.PHONY: install lmms-install run test bench bench-kv gpu-check gpu-wheels gpu-dryrun gpu-collect clean tiny-model tiny-model-deep sweeps sweeps-readings sweeps-deep tables table-main table-protocol table-efficiency table-calibration fig-layers fig-pareto fig-fidelity table-longform
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -84,9 +84,14 @@ test: $(STAMP) $(LMMS_STAMP)
 clean:
 	rm -rf runs outputs .pytest_cache
 
-# The shipped tiny LLaVA, retrained from its seed (about 40 min on 2 cores); writes harness/assets/llava_tiny.
+# The shipped tiny LLaVA, retrained from its seed (six stages, about 65 min with one thread on a shared
+# 2-core machine); writes harness/assets/llava_tiny. tiny-model-deep: the 24-layer variant (about 80 min).
+# Stage F alone, from the shipped model (what the shipped F is; the same weights as the full recipe):
+#   make tiny-model TRAIN_ARGS="--first-stage F --resume-from harness/assets/llava_tiny --out /tmp/llava_tiny"
 tiny-model: $(STAMP)
 	$(BIN)/python -m harness.tools.train_tiny --out harness/assets/llava_tiny $(TRAIN_ARGS)
+tiny-model-deep: $(STAMP)
+	$(BIN)/python -m harness.tools.train_tiny --arch llava_tiny_deep --out harness/assets/llava_tiny_deep $(TRAIN_ARGS)
 
 # Paper sweeps on the tiny model; each point lands in $(RESULTS)/<sweep>/<overrides>/ and finished
 # points are skipped, so an interrupted `make sweeps` resumes. SWEEP_ARGS passes more overrides
@@ -157,4 +162,6 @@ fig-layers: $(STAMP) $(REPORT_DEPS)
 	$(REPORT) layers --results $(RESULTS) --out $(OUT)
 fig-pareto: $(STAMP) $(REPORT_DEPS)
 	$(REPORT) pareto --results $(RESULTS) --out $(OUT)
-tables: table-main table-protocol table-efficiency table-calibration fig-layers fig-pareto fig-fidelity
+table-longform: $(STAMP) $(REPORT_DEPS)
+	$(REPORT) longform --results $(RESULTS) --out $(OUT)
+tables: table-main table-protocol table-efficiency table-calibration fig-layers fig-pareto fig-fidelity table-longform

@@ -5,7 +5,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from harness.config import RunError, check_command_line, clean_refused, output_dir
+from harness.config import RunError, check_command_line, clean_refused, output_dir, register_method_presets
 from harness.results import SampleLog
 from harness.run import preflight, run
 
@@ -31,5 +31,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    register_method_presets()  # registered methods without a conf/method YAML (lazyattn.register)
     check_command_line(preflight=preflight)
     main()

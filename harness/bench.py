@@ -34,7 +34,7 @@ from omegaconf import DictConfig
 
 import lazyattn
 from harness import calibration, measure, tracking
-from harness.config import CONF_DIR, RunError, check_command_line, compose, method_spec, plain, relative_to_repo, setup
+from harness.config import RunError, check_command_line, compose, method_presets, plain, relative_to_repo, setup
 from harness.generate import conversation, prompt_inputs
 from harness.models import load_model
 from harness.results import SCHEMA_VERSION, config_key, device_info, env_info, write_json_atomic
@@ -100,14 +100,12 @@ def make_variant(entry: Any) -> Variant:
     label = " ".join([name, *dotlist])
     if any(p.split("=", 1)[0] == "name" for p in dotlist):
         raise BenchError(f"method entry {label!r}: the method's name comes from its preset; don't override it.")
-    known = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
+    known = method_presets()
     if name not in known:
         raise BenchError(f"unknown method preset {name!r} in methods; known: {', '.join(known)} (conf/method/).")
     try:
         cfg = compose([f"method={name}", *(f"method.{p}" for p in dotlist)])
-        if calibration.wanted(cfg.method):
-            calibration.refuse("the efficiency benchmark")
-        method = lazyattn.build(method_spec(cfg.method))
+        method = calibration.build_fixed(cfg.method, "the efficiency benchmark")
     except ConfigCompositionException as err:  # "Could not override 'method.ratoi'."
         raise BenchError(f"method entry {label!r}: {str(err).splitlines()[0]} (not a key of conf/method/{name}.yaml)") from err
     except ValueError as err:
@@ -464,7 +462,7 @@ def run_bench(cfg: DictConfig) -> Path:
     dense = Variant(label="dense", config="dense", method=lazyattn.Dense())
     for v in [dense, *variants]:
         try:
-            v.lazy_layers = v.method.lazy_layers(loaded.n_layers) if hasattr(v.method, "lazy_layers") else []
+            v.lazy_layers = list(v.method.plan(loaded.n_layers).lazy_layers)
         except ValueError as err:
             raise BenchError(f"method entry {v.label!r}: {err}") from err
     dev = device_info(device)

@@ -70,6 +70,14 @@ def refuse(where: str) -> None:
     )
 
 
+def build_fixed(method_cfg: DictConfig, where: str):
+    """The method of a config that has no ``auto`` setting (refused in one line naming ``where``: the
+    entry points that cannot calibrate, the efficiency benchmark and the lmms-eval model)."""
+    if wanted(method_cfg):
+        refuse(where)
+    return build(method_spec(method_cfg))
+
+
 def weights_fingerprint(model) -> str:
     """A cheap identity of the weights: every parameter's name, shape and first values. A
     checkpoint retrained in place keeps its path and config, so those alone cannot key a cache."""
@@ -161,30 +169,47 @@ def resolve(cfg: DictConfig, loaded, task, device) -> tuple[dict, dict]:
     return spec, record
 
 
+def _how(record: dict) -> str:
+    how = {"anchor": "anchor-calibrated", "blocks": "block-calibrated"}.get(record.get("select"), "calibrated")
+    if record.get("max_per_anchor"):
+        how += f", <={record['max_per_anchor']}/anchor"
+    return how
+
+
 def label(record: dict, method, n_layers: int) -> str:
     """The table label of a run with calibrated settings: the budget or threshold they were chosen for."""
     if "lazy_layers" in record:
-        how = {"anchor": "anchor-calibrated", "blocks": "block-calibrated"}.get(record.get("select"), "calibrated")
-        if record.get("max_per_anchor"):
-            how += f", <={record['max_per_anchor']}/anchor"
-        reading = method.reading() if hasattr(method, "reading") else ""
+        reading = method.plan(n_layers).reading
         if record.get("threshold") is not None:
-            return f"Lazy{reading} JS<={record['threshold']:g} ({how})"
-        return f"Lazy{reading} r={record['ratio']:g} ({how})"
+            return f"Lazy{reading} JS<={record['threshold']:g} ({_how(record)})"
+        return f"Lazy{reading} r={record['ratio']:g} ({_how(record)})"
     vtw = record.get("vtw", record)
     chosen = f"VTW K={vtw['k']} (KL<={vtw['kl_threshold']:g})"
     return chosen if "vtw" not in record else f"{method.label(n_layers).split(' + ')[0]} + {chosen}"
 
 
+def _sort_how(record: dict) -> str:
+    # "calibrated+anchor" sorts right after the default rule's "calibrated", before "uniform"
+    select = record.get("select", "pairwise")
+    how = "calibrated" if select == "pairwise" else f"calibrated+{select}"
+    if record.get("max_per_anchor"):
+        how += f", <={record['max_per_anchor']}/anchor"
+    return how
+
+
 def sort_key(record: dict, method, n_layers: int) -> list:
     if "lazy_layers" in record:
-        reading = method.reading() if hasattr(method, "reading") else ""
-        # "calibrated+anchor" sorts right after the default rule's "calibrated", before "uniform"
-        select = record.get("select", "pairwise")
-        how = "calibrated" if select == "pairwise" else f"calibrated+{select}"
-        if record.get("max_per_anchor"):
-            how += f", <={record['max_per_anchor']}/anchor"
-        if reading or record.get("max_per_anchor"):
-            return ["variant", method.share, method.scope, how, record.get("ratio") or 0]
-        return [how, record.get("ratio") or 0]
+        plan = method.plan(n_layers)
+        if plan.reading or record.get("max_per_anchor"):
+            return ["variant", plan.share, plan.scope, _sort_how(record), record.get("ratio") or 0]
+        return [_sort_how(record), record.get("ratio") or 0]
     return list(method.sort_key(n_layers))  # VTW: its chosen k orders it among explicit ones
+
+
+def series(record: dict, plan) -> str:
+    """The figure series of a calibrated point: e.g. "lazy (calibrated)", "lazy qkv (calibrated+anchor)";
+    a calibrated VTW point stays in its method's series (its k orders it among the explicit ones)."""
+    if "lazy_layers" not in record:
+        return plan.series
+    reading = "".join(f" {x}" for x in (plan.share, plan.scope) if x not in ("qk", "all"))
+    return f"lazy{reading} ({_sort_how(record)})"

@@ -28,12 +28,41 @@ class RunError(Exception):
     """A problem with the run's settings, reported as one clear line."""
 
 
+def method_presets() -> list[str]:
+    """Every method preset ``method=NAME`` accepts: the YAML files in ``conf/method/`` and the
+    registered methods without one (``register_method_presets``)."""
+    import lazyattn
+
+    return sorted({p.stem for p in (CONF_DIR / "method").glob("*.yaml")} | set(lazyattn.METHODS))
+
+
+def register_method_presets() -> None:
+    """A preset for every method registered in ``lazyattn.METHODS`` that has no YAML in
+    ``conf/method/``: its name and its constructor's settings at their defaults (None where a setting
+    has none), stored in Hydra's ConfigStore. So a method registered from code alone
+    (``lazyattn.register``) runs with ``method=NAME method.SETTING=...`` like a shipped one."""
+    import inspect
+
+    import lazyattn
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    shipped = {p.stem for p in (CONF_DIR / "method").glob("*.yaml")}
+    for name, constructor in lazyattn.METHODS.items():
+        if name in shipped:
+            continue
+        defaults = {key: (None if p.default is inspect.Parameter.empty else p.default)
+                    for key, p in inspect.signature(constructor).parameters.items()}
+        store.store(group="method", name=name, node={"name": name, **defaults})
+
+
 def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
     """The harness config composed from ``conf/`` with Hydra ``overrides``."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    register_method_presets()
     if not CONF_DIR.is_dir():
         raise FileNotFoundError(f"{CONF_DIR} not found: the harness reads its presets from the repository's conf/.")
     if GlobalHydra.instance().is_initialized():  # inside a running Hydra app: compose beside it
@@ -213,15 +242,22 @@ def check_overrides(overrides: Sequence[str], config_name: str = "config") -> No
         except Exception:  # glob or range sweeps of a group: Hydra expands them
             continue
         presets = sorted(p.stem for p in (CONF_DIR / o.key_or_group).glob("*.yaml") if not p.stem.startswith("_"))
+        if o.key_or_group == "method":  # registered methods without a YAML have a preset too
+            presets = method_presets()
         for value in values:
-            if not isinstance(value, str) or not (CONF_DIR / o.key_or_group / f"{value}.yaml").is_file():
+            if not isinstance(value, str) or value not in presets and not (CONF_DIR / o.key_or_group / f"{value}.yaml").is_file():
                 raise RunError(f"unknown {o.key_or_group} preset {value!r} (in {o.input_line!r}); "
                                f"{_closest(str(value), presets)}the presets: {', '.join(presets)} "
                                f"(conf/{o.key_or_group}/).")
-        choices.append([f"{prefix.get(o.type, '')}{o.key_or_group}={v}" for v in values])
+        choices.append((o.key_or_group, [f"{prefix.get(o.type, '')}{o.key_or_group}={v}" for v in values]))
     if not keys:
         return
-    for combo in itertools.islice(itertools.product(*choices), 64):  # each group choice of a sweep
+    # Only the choices of the groups the keys live under (and of exp and preset, which may set any
+    # key) change which keys exist: compose each combination of those, the other groups at their first
+    # value. A sweep over models and tasks with method.* keys composes once per method, not per point.
+    tops = {o.key_or_group.partition(".")[0] for o in keys} | {"exp", "preset"}
+    varied = [values if group in tops else values[:1] for group, values in choices]
+    for combo in itertools.islice(itertools.product(*varied), 64):  # each relevant group choice of a sweep
         try:
             cfg = compose(list(combo), config_name=config_name)
         except Exception:  # a preset that does not compose, a group this config has not: Hydra says so

@@ -70,7 +70,11 @@ BENCH_METHODS = ["lazy ratio=0.5", "lazy ratio=0.7", "lazy ratio=0.35 share=qkv"
                  "sparsevlm budget=128", "vtw k=16", "lazy_fastv"]
 
 
-def method_spec(name: str, family: str) -> dict:
+def method_spec(name: str | dict, family: str) -> dict:
+    """The settings of matrix entry ``name`` (a name of this table), or ``name`` itself when it is
+    already a method spec (``{"name": ..., settings}``: any registered method)."""
+    if isinstance(name, dict):
+        return dict(name)
     spec = {
         "dense": {"name": "dense"},
         "lazy": {"name": "lazy", "ratio": 0.5},
@@ -86,6 +90,13 @@ def method_spec(name: str, family: str) -> dict:
     if name == "sparsevlm" and family.startswith("qwen"):  # M-RoPE positions: no re-indexing, no merging
         spec = {**spec, "positions": "original", "recycle": 0}
     return spec
+
+
+def entry_name(entry: str | dict) -> str:
+    """A matrix entry's name in cell keys: the table's name, or a spec's method name and settings."""
+    if isinstance(entry, str):
+        return entry
+    return " ".join([entry["name"], *(f"{k}={v}" for k, v in entry.items() if k != "name")])
 
 
 def flash_available() -> bool:
@@ -168,12 +179,10 @@ def kv_formula(model, method, cache, inputs: dict, steps: int) -> tuple[bool, st
     elem = torch.finfo(model.dtype).bits // 8
     per_token = batch * cfg.num_key_value_heads * head_dim * elem  # one of K or V, one layer
     n = len(decoder_layers(model))
-    lazy = set(method.lazy_layers(n)) if hasattr(method, "lazy_layers") else set()
-    reading = getattr(method, "lazy", method)
-    share, scope = getattr(reading, "share", "qk"), getattr(reading, "scope", "all")
+    plan = method.plan(n)
+    lazy, share, scope = set(plan.lazy_layers), plan.share, plan.scope
     n_image = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
-    pruner = getattr(method, "pruner", method if isinstance(method, lazyattn.TokenPruner) else None)
-    first = min(pruner.first_layers(n), default=n) if pruner is not None else n
+    first = n if plan.pruned_from is None else plan.pruned_from
     lengths, want = [], 0
     for i, layer in enumerate(cache.layers):
         length = layer.get_seq_length()
@@ -200,7 +209,7 @@ def kv_formula(model, method, cache, inputs: dict, steps: int) -> tuple[bool, st
 
 
 def correctness(device: torch.device, dtypes: list[str], impls: list[str], path: Path | None = None,
-                families_: list[str] | None = None, methods: list[str] | None = None, *,
+                families_: list[str] | None = None, methods: list[str | dict] | None = None, *,
                 previous: dict | None = None, save: Callable[[dict], None] | None = None,
                 stop_at: float | None = None) -> dict:
     """The matrix family x method x dtype x padded, each impl against sdpa; saved to ``path`` (and
@@ -230,7 +239,7 @@ def correctness(device: torch.device, dtypes: list[str], impls: list[str], path:
         for dtype_name in dtypes:
             dtype = getattr(torch, dtype_name)
             todo = [(m, p) for m in (methods or METHODS) for p in (False, True)
-                    if f"{fam}/{m}/{dtype_name}/{'padded' if p else 'unpadded'}" not in cells]
+                    if f"{fam}/{entry_name(m)}/{dtype_name}/{'padded' if p else 'unpadded'}" not in cells]
             if not todo:
                 continue
             models: dict = {}
@@ -250,8 +259,8 @@ def correctness(device: torch.device, dtypes: list[str], impls: list[str], path:
                 if stop_at is not None and time.time() > stop_at:
                     matrix["stopped"] = True
                     break
-                key = f"{fam}/{name}/{dtype_name}/{'padded' if padded else 'unpadded'}"
-                cell = {"key": key, "family": fam, "method": name, "dtype": dtype_name, "padded": padded,
+                key = f"{fam}/{entry_name(name)}/{dtype_name}/{'padded' if padded else 'unpadded'}"
+                cell = {"key": key, "family": fam, "method": entry_name(name), "dtype": dtype_name, "padded": padded,
                         "errors": {}, "impl_errors": {}}
                 try:
                     method = lazyattn.build(method_spec(name, family))
@@ -335,7 +344,7 @@ def mask_check(device: torch.device, dtype_name: str = "float32") -> dict:
     out = {}
     for name in ("fastv", "sparsevlm", "lazy_fastv"):
         method = lazyattn.build(method_spec(name, family))
-        first = min(getattr(method, "pruner", method).first_layers(N_LAYERS))
+        first = method.plan(N_LAYERS).pruned_from
         res = {}
         for padded in (False, True):
             inputs = _inputs(loaded, device, padded)

@@ -230,6 +230,7 @@ def time_point(model, prompts, variants, batch: int, context: dict, new_tokens: 
     import torch
 
     from harness import measure
+    from lazyattn.arch import decoder_layers
 
     inputs = prompts.inputs(context["extra_words"], batch)
     timed = {v.label: (inputs, (lambda v=v: v.method.apply(model)), "static") for v in variants}
@@ -255,7 +256,7 @@ def time_point(model, prompts, variants, batch: int, context: dict, new_tokens: 
             row["kv_fraction"] = s["kv_cache_bytes"] / dense["kv_cache_bytes"]
             if s.get("peak_memory_bytes") and dense.get("peak_memory_bytes"):
                 row["memory_fraction"] = s["peak_memory_bytes"] / dense["peak_memory_bytes"]
-            if measure.uses_sparsevlm(v.method):
+            if v.method.plan(len(decoder_layers(model))).host_sync:
                 row["host_sync"] = True
         rows[label] = row
     del inputs

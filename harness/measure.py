@@ -256,12 +256,6 @@ def interleaved(
     }
 
 
-def uses_sparsevlm(method) -> bool:
-    from lazyattn import SparseVLM
-
-    return isinstance(method, SparseVLM) or isinstance(getattr(method, "pruner", None), SparseVLM)
-
-
 def predicted_decode_speedup(dense: dict, method: dict, dense_batch: int = 1, method_batch: int = 1) -> float | None:
     """The decode throughput ratio the bytes allow, if a step's time were its bytes over the
     bandwidth: tokens per step (the batch) over bytes per step (weights touched plus KV read),
@@ -324,6 +318,6 @@ def compare(
         "method": method_summary,
         **speedups(dense, method_summary),
     }
-    if method is not None and uses_sparsevlm(method):
+    if method is not None and method.plan(len(decoder_layers(model))).host_sync:
         out["host_sync"] = SPARSEVLM_HOST_SYNC
     return out

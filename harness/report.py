@@ -21,7 +21,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from harness import compare, figures, headline
+from harness import compare, figures, headline, longform
+from harness import results
 from harness.results import config_key
 from lazyattn import METHODS, anchors_of
 
@@ -33,11 +34,7 @@ def collect(results_dir: str | Path) -> list[dict]:
         raise FileNotFoundError(
             f"{root} does not exist: run the sweeps first (make sweeps, or make tables RUN=1) or pass --results DIR."
         )
-    out = []
-    for path in sorted(root.rglob("result.json")):
-        result = json.loads(path.read_text())
-        result["_path"] = str(path)
-        out.append(result)
+    out = [results.load(path) for path in sorted(root.rglob("result.json"))]
     if not out:
         raise FileNotFoundError(f"no result.json under {root}: run the sweeps first (make sweeps).")
     return out
@@ -59,7 +56,6 @@ def _sort_key(result: dict):
 def protocol(result: dict) -> dict:
     """What must match for two results to be compared sample by sample: model, data, protocol."""
     task = dict((result.get("config") or {}).get("task") or {})
-    task.setdefault("multiturn", "reencode")  # results from before carried caches re-encoded every turn
     config = result.get("config") or {}
     return {"model": result["model"]["name"], "task": task, "limit": config.get("limit"), "seed": config.get("seed")}
 
@@ -204,7 +200,7 @@ def with_in_run_dense(points: Sequence[dict], task: str) -> list[dict]:
             continue
         have.add(key)
         out.append({**r, "tasks": r["tasks_dense"], "efficiency": None, "_in_run_dense": True,
-                    "method": {"name": "dense", "label": "Dense (in-run)", "sort_key": [], "params": {}}})
+                    "method": {"name": "dense", "label": "Dense (in-run)", "sort_key": [], "params": {}, "series": "dense"}})
     return sorted(out, key=_sort_key)
 
 
@@ -476,26 +472,22 @@ def calibration_table(results: Sequence[dict], task: str = "shapes") -> tuple[li
     return header, rows
 
 
-def _series(result: dict) -> str:
-    """The figure series of a point: its method, reading and how its setting was chosen, e.g.
-    "lazy (calibrated)", "lazy qkv (uniform)", "lazy_fastv qkv"."""
-    name, order = result["method"]["name"], result["method"]["sort_key"]
-    if order and order[0] == "variant":  # a non-default reading or rule: ["variant", share, scope, how, ...]
-        reading = "".join(f" {x}" for x in order[1:3] if x not in ("qk", "all"))
-        return f"{name}{reading} ({order[3]})"
-    if order and isinstance(order[0], list) and order[0] and order[0][0] == "variant":  # composed
-        return f"{name} " + " ".join(x for x in order[0][1:3] if x not in ("qk", "all"))
-    if order and isinstance(order[0], str):  # a method's own family of settings, e.g. lazy (calibrated)
-        name = f"{name} ({order[0]})"
-    return name
-
-
 def pareto_figure(results: Sequence[dict], out: Path, task: str = "shapes") -> Path:
+    """The figure of ``pareto_points``: one line per series."""
+    points, y_key, without = pareto_points(results, task)
+    return figures.pareto_png(points, out / "figures" / "pareto.png",
+                              f"{task}: {y_key} vs kv_cut_workload (each line: one method, one protocol)",
+                              xlabel="kv_cut_workload: KV cache reduction on the scored samples (%)",
+                              ylabel=f"{y_key} (%){without}")
+
+
+def pareto_points(results: Sequence[dict], task: str = "shapes") -> tuple[dict, str, str]:
     """``acc_mean_types_capable`` (``acc_mean_types`` when dense can do every type) against
-    ``kv_cut_workload``, the numbers of the main table's rows. A point without a workload KV cut
-    (no dense of its protocol) is left out and named on stderr, never replaced by the timing
-    batch's cut. Points of different protocols (model, task settings, limit, seed) are never
-    joined: each series is one method family under one protocol."""
+    ``kv_cut_workload``, the numbers of the main table's rows, as ``{series: [(x %, y %, label)]}``
+    (a series is the method's own, ``method.series``), the y key, and what y leaves out. A point
+    without a workload KV cut (no dense of its protocol) is left out and named on stderr, never
+    replaced by the timing batch's cut. Points of different protocols (model, task settings, limit,
+    seed) are never joined: each series is one method family under one protocol."""
     results = [r for r in results if task in r["tasks"]]
     chosen = with_in_run_dense(main_points(results), task)
     heads = [headline_of(r, results, task) for r in chosen]
@@ -510,17 +502,14 @@ def pareto_figure(results: Sequence[dict], out: Path, task: str = "shapes") -> P
             print(f"note: the Pareto figure leaves out {label(r)} [{r['model']['name']}] ({r['_path']}): {why}.",
                   file=sys.stderr)
             continue
-        series = _series(r)
+        series = r["method"]["series"]
         if len(protocols) > 1:
             p = protocol(r)
             series += f" [{p['model']}, n={r['tasks'][task]['n']}, limit={p['limit']}, seed={p['seed']}]"
         points.setdefault(series, []).append((100 * head["kv_cut_workload"], 100 * head[y_key], label(r)))
     flagged = sorted({t for h in heads for t in (h.get("dense_below_floor") or [])})
     without = f" (without {', '.join(flagged)}: dense below {headline.DENSE_FLOOR:.0%})" if capable else ""
-    return figures.pareto_png(points, out / "figures" / "pareto.png",
-                              f"{task}: {y_key} vs kv_cut_workload (each line: one method, one protocol)",
-                              xlabel="kv_cut_workload: KV cache reduction on the scored samples (%)",
-                              ylabel=f"{y_key} (%){without}")
+    return points, y_key, without
 
 
 def fidelity_figure(results: Sequence[dict], out: Path, qtype: str = "long", max_tokens: int = 120) -> Path:
@@ -540,6 +529,40 @@ def fidelity_figure(results: Sequence[dict], out: Path, qtype: str = "long", max
     forced = f", no stop before {longest} tokens" if longest else ""
     return figures.agreement_png(curves, out / "figures" / "fidelity.png",
                                  f"{qtype} answers{forced}: agreement with dense as generation grows")
+
+
+def longform_points(results: Sequence[dict], task: str = "shapes") -> list[tuple[str, str, dict]]:
+    """``(label, model, harness.longform.numbers)`` of every main-table point (carried cache) that has
+    dialogue or long samples and a dense of its protocol, dense first per model."""
+    out = []
+    for r in with_in_run_dense(main_points(results), task):
+        method, dense = rows_of(r), dense_rows(r, results)
+        if not dense or not any(m.get("qtype") in ("dialogue", "long") for m in method):
+            continue
+        out.append((label(r), r["model"]["name"], longform.numbers(method, dense)))
+    return out
+
+
+def longform_figure(results: Sequence[dict], out: Path, near: float = 0.25) -> Path:
+    """``harness.longform.figure`` of dense and, per figure series, the point whose workload KV cut on
+    the main table is nearest ``near`` (the equal-KV comparison), for the first model."""
+    points = longform_points(results)
+    if not points:
+        raise ValueError("no carried-cache point with dialogue or long samples and a dense of its protocol.")
+    model = points[0][1]
+    chosen = {label(r): r for r in with_in_run_dense(main_points(results), "shapes") if r["model"]["name"] == model}
+    best: dict[str, tuple[float, str]] = {}
+    for r in chosen.values():
+        cut = headline_of(r, results)["kv_cut_workload"]
+        series = r["method"]["series"]
+        if r["method"]["name"] == "dense" or cut is None:
+            continue
+        if series not in best or abs(cut - near) < abs(best[series][0] - near):
+            best[series] = (cut, label(r))
+    keep = {lab for _, lab in best.values()}
+    shown = [p for p in points if p[1] == model and (p[0].startswith("Dense") or p[0] in keep)]
+    return longform.figure(shown, out / "figures" / "longform.png",
+                           f"{model}: dense and, per method, the point nearest a {near:.0%} workload KV cut")
 
 
 def versus(results: Sequence[dict], a: str, b: str) -> dict:
@@ -573,6 +596,9 @@ def render(what: str, results_dir: Path, out: Path) -> list[Path]:
         written.append(pareto_figure(results, out))
     if what in ("fidelity", "all"):
         written.append(fidelity_figure(results, out))
+    if what in ("longform", "all"):
+        written += write_table("longform", *longform.table(longform_points(results)), out, str(results_dir))
+        written.append(longform_figure(results, out))
     return written
 
 
@@ -583,8 +609,8 @@ def main(argv=None) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Render paper tables and figures from result.json files.")
-    p.add_argument("what", choices=["main", "protocol", "efficiency", "calibration", "layers", "pareto", "fidelity", "all",
-                                    "versus"])
+    p.add_argument("what", choices=["main", "protocol", "efficiency", "calibration", "layers", "pareto", "fidelity",
+                                    "longform", "all", "versus"])
     p.add_argument("labels", nargs="*", help="versus: the two table labels to compare, A then B (A - B)")
     p.add_argument("--results", type=Path, default=Path("results/tiny"))
     p.add_argument("--out", type=Path, default=Path("results"))

@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 
-SCHEMA_VERSION = 3  # 2: method.label and method.sort_key; repo-relative paths; 3: headline (harness.headline)
+# 2: method.label and method.sort_key; repo-relative paths; 3: headline (harness.headline);
+# 4: method.series and method.plan (the method's Plan: lazy layers, reading, pruning)
+SCHEMA_VERSION = 4
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -124,3 +126,34 @@ class SampleLog:
                 f.write(json.dumps(row) + "\n")
         os.replace(tmp, self.final)
         self.partial.unlink(missing_ok=True)
+
+
+def load(path: str | Path) -> dict:
+    """A result.json, upgraded to ``SCHEMA_VERSION`` (in memory; the file is not touched), with its
+    path as ``_path``. Every reader of result files goes through here, so an old file is upgraded in
+    one place: what each version added is filled in from what the file does say."""
+    path = Path(path)
+    result = json.loads(path.read_text())
+    result["_path"] = str(path)
+    version = result.get("schema_version", 1)
+    if version < 4 and "method" in result:
+        method = result["method"]
+        method.setdefault("series", _series_from_sort_key(method["name"], method.get("sort_key") or []))
+    task = (result.get("config") or {}).get("task")
+    if isinstance(task, dict):  # results from before carried caches re-encoded every turn
+        task.setdefault("multiturn", "reencode")
+    result["schema_version_read"] = version
+    return result
+
+
+def _series_from_sort_key(name: str, order: list) -> str:
+    """The figure series of a result written before results recorded it (schema < 4): decoded from
+    its sort key, e.g. "lazy (calibrated)", "lazy qkv (uniform)", "lazy_fastv qkv"."""
+    if order and order[0] == "variant":  # a non-default reading or rule: ["variant", share, scope, how, ...]
+        reading = "".join(f" {x}" for x in order[1:3] if x not in ("qk", "all"))
+        return f"{name}{reading} ({order[3]})"
+    if order and isinstance(order[0], list) and order[0] and order[0][0] == "variant":  # composed
+        return f"{name} " + " ".join(x for x in order[0][1:3] if x not in ("qk", "all"))
+    if order and isinstance(order[0], str):  # a method's own family of settings, e.g. lazy (calibrated)
+        return f"{name} ({order[0]})"
+    return name

@@ -91,13 +91,19 @@ def build_task(cfg: DictConfig):
 
 
 def describe_method(method, n_layers: int, calibrated: dict | None) -> dict:
-    """What result.json says of the method: its parameters, layers, and table label and order."""
+    """What result.json says of the method: its parameters, its plan for this model (lazy layers,
+    reading, pruning), and its table label, order and figure series (the calibrated ones when its
+    settings were chosen by calibration)."""
+    plan = method.plan(n_layers)  # validates the settings against this model's depth
     return {
         "name": method.name,
         "params": method.params(),
-        "lazy_layers": method.lazy_layers(n_layers) if hasattr(method, "lazy_layers") else [],
+        "lazy_layers": list(plan.lazy_layers),
+        "plan": {"share": plan.share, "scope": plan.scope, "pruner": plan.pruner, "pruned_from": plan.pruned_from,
+                 "schedule": plan.schedule},
         "label": calibration.label(calibrated, method, n_layers) if calibrated else method.label(n_layers),
         "sort_key": calibration.sort_key(calibrated, method, n_layers) if calibrated else list(method.sort_key(n_layers)),
+        "series": calibration.series(calibrated, plan) if calibrated else plan.series,
         "calibration": calibrated,
     }
 
@@ -127,29 +133,6 @@ def compare_to_dense(rows: dict[str, list[dict]], scores: dict, processor) -> di
     return out
 
 
-def schedule(method, n_layers: int) -> str:
-    """What the method changes, in one phrase: its lazy layers and their anchors, or its pruning
-    schedule, or both for a composition."""
-    parts = []
-    lazy = getattr(method, "lazy", method if isinstance(method, lazyattn.LazyAttention) else None)
-    if lazy is not None:
-        layers = lazy.lazy_layers(n_layers)
-        anchors = lazyattn.anchors_of(layers, n_layers)
-        params = lazy.params()
-        parts.append(f"lazy layers {' '.join(map(str, layers)) or 'none'} "
-                     f"(anchors {' '.join(f'{l}<-{a}' for l, a in anchors.items()) or 'none'}; "
-                     f"share={params.get('share')} scope={params.get('scope')})")
-    pruner = getattr(method, "pruner", None) or (None if lazy is not None or method.name == "dense" else method)
-    if isinstance(pruner, lazyattn.FastV):
-        parts.append(f"FastV: after layer {pruner.k - 1} drop {pruner.ratio:.0%} of the image tokens "
-                     f"(ranked by {pruner.score} attention)")
-    elif isinstance(pruner, lazyattn.VTW):
-        parts.append(f"VTW: image tokens withdrawn from layer {pruner.k} on")
-    elif pruner is not None:
-        parts.append(f"{pruner.name}: " + " ".join(f"{k}={v}" for k, v in pruner.params().items()))
-    return "; ".join(parts) or "nothing changed (the reference)"
-
-
 def describe_run(cfg: DictConfig, loaded, method_info: dict, method, task) -> list[str]:
     """The console's first lines: model, method label and schedule, task, n and protocol."""
     weights = "RANDOM weights" if loaded.random_weights else "trained weights"
@@ -170,7 +153,7 @@ def describe_run(cfg: DictConfig, loaded, method_info: dict, method, task) -> li
         else "no dense in this run"
     return [
         f"model: {loaded.name} ({loaded.n_layers} layers, {loaded.n_params / 1e6:.2f} M parameters, {weights})",
-        f"method: {method_info['label']} [{method.name}]: {schedule(method, loaded.n_layers)}",
+        f"method: {method_info['label']} [{method.name}]: {method.plan(loaded.n_layers).schedule}",
         f"task: {t.name}, n={n if n is not None else 'the task default'} "
         f"({'limit' if cfg.limit is not None else 'task default'}); {'; '.join(protocol)}; {dense}",
     ]
@@ -191,12 +174,15 @@ def run(cfg: DictConfig) -> Path:
         task.calibration_prompts(0)  # a task that cannot calibrate says so before the model loads
         calibration.check(cfg.method)  # and so do the method's other settings
     else:  # bad method settings, and a family the method is not defined for, fail before the model loads
-        lazyattn.check_method_family(lazyattn.build(method_spec(cfg.method)), model_family(cfg.model))
+        method = lazyattn.build(method_spec(cfg.method))
+        lazyattn.check_method_family(method, model_family(cfg.model))
     device = setup(cfg)
 
     loaded = load_model(cfg.model, device)  # says so on stderr when the weights are random
-    spec, calibrated = calibration.resolve(cfg, loaded, task, device) if auto else (method_spec(cfg.method), None)
-    method = lazyattn.build(spec)
+    calibrated = None
+    if auto:  # the settings calibration chooses, then the method, once
+        spec, calibrated = calibration.resolve(cfg, loaded, task, device)
+        method = lazyattn.build(spec)
     method_info = describe_method(method, loaded.n_layers, calibrated)  # validates the layers for this model
     for line in describe_run(cfg, loaded, method_info, method, task):
         print(line, flush=True)

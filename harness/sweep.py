@@ -18,6 +18,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from harness import results
 from harness.tracking import SWEEP_COLUMNS as COLUMNS
 SHOWN = ["model", "label", "n", "acc_mean_types", "acc_mean_types_capable", "delta_score", "kv_cut_workload",
          "kv_cut_timing_batch", "decode_speedup_timing_batch"]
@@ -25,8 +26,6 @@ SHOWN = ["model", "label", "n", "acc_mean_types", "acc_mean_types_capable", "del
 
 def points(sweep_dir: Path) -> list[dict]:
     """One row (``COLUMNS``) per point under ``sweep_dir``, in the tables' order."""
-    import json
-
     from harness import report
 
     sweep_dir = Path(sweep_dir)
@@ -36,9 +35,9 @@ def points(sweep_dir: Path) -> list[dict]:
     for pattern in ("*/result.json", "*/*/result.json"):
         for path in sorted(sweep_dir.resolve().parent.glob(pattern)):
             if path.resolve() not in seen:
-                other = json.loads(path.read_text())
+                other = results.load(path)
                 if other["method"]["name"] == "dense":
-                    baselines.append({**other, "_path": str(path)})
+                    baselines.append(other)
     every = mine + baselines
     out = []
     for r in report._unique(mine):

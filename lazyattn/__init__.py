@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from lazyattn.attention import QCache
-from lazyattn.base import Dense, Method
+from lazyattn.base import Dense, Method, Plan
 from lazyattn.cache import (PreallocatedCache, ValueOnlyLayer, kv_allocated_bytes, kv_cache_bytes, kv_read_bytes,
                             new_cache)
 from lazyattn.calibrate import Calibration, calibrate, layer_divergence, select_lazy_layers
@@ -40,41 +40,56 @@ def _part(method: str, role: str, value: Any) -> Method:
     return part
 
 
-def lazy_fastv(lazy: LazyAttention | Mapping, fastv: FastV | Mapping) -> Composed:
-    """``compose(lazy, fastv)``; either part may be given as its settings."""
-    return compose(_part("lazy_fastv", "lazy", lazy), _part("lazy_fastv", "fastv", fastv))
+def composition(pruner: str) -> Callable[..., Composed]:
+    """The constructor of ``lazy_<pruner>``: ``compose(lazy, pruner)``, either part given as a method
+    or as its settings; its two settings are named ``lazy`` and ``<pruner>`` (the registry key)."""
+    name = f"lazy_{pruner}"
+    signature = inspect.Signature([inspect.Parameter(p, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                                   for p in ("lazy", pruner)])
+
+    def make(*args, **kwargs) -> Composed:
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as err:
+            raise ValueError(f"method {name} takes the settings lazy and {pruner}: {err}.") from None
+        return compose(_part(name, "lazy", bound.arguments["lazy"]), _part(name, pruner, bound.arguments[pruner]))
+
+    make.__signature__ = signature
+    make.__name__ = make.__qualname__ = name
+    make.__doc__ = f"``compose(lazy, {pruner})``; either part may be given as its settings."
+    return make
 
 
-def lazy_sparsevlm(lazy: LazyAttention | Mapping, sparsevlm: SparseVLM | Mapping) -> Composed:
-    """``compose(lazy, sparsevlm)``; either part may be given as its settings."""
-    return compose(_part("lazy_sparsevlm", "lazy", lazy), _part("lazy_sparsevlm", "sparsevlm", sparsevlm))
+def _is_pruner(constructor: Any) -> bool:
+    return isinstance(constructor, type) and issubclass(constructor, TokenPruner)
 
 
-def lazy_vtw(lazy: LazyAttention | Mapping, vtw: VTW | Mapping) -> Composed:
-    """``compose(lazy, vtw)``; either part may be given as its settings."""
-    return compose(_part("lazy_vtw", "lazy", lazy), _part("lazy_vtw", "vtw", vtw))
+def register(name: str, constructor: Callable[..., Method]) -> None:
+    """Add a method to the registry (after the built-in ones: its rows come last in tables). A token
+    pruner (a ``TokenPruner`` subclass) also gets its composition with Lazy Attention, ``lazy_<name>``.
+    ``constructor(**settings)`` must return a method keeping the ``Method`` protocol."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"a method name is an identifier like 'mymethod', got {name!r}.")
+    if name in METHODS and METHODS[name] is not constructor:
+        raise ValueError(f"method {name!r} is registered already ({METHODS[name]!r}).")
+    METHODS[name] = constructor
+    if _is_pruner(constructor):
+        METHODS.setdefault(f"lazy_{name}", composition(name))
 
 
-def lazy_prumerge_plus(lazy: LazyAttention | Mapping, prumerge_plus: PruMerge | Mapping) -> Composed:
-    """``compose(lazy, prumerge_plus)``; either part may be given as its settings."""
-    return compose(_part("lazy_prumerge_plus", "lazy", lazy), _part("lazy_prumerge_plus", "prumerge_plus", prumerge_plus))
-
-
-def lazy_hired(lazy: LazyAttention | Mapping, hired: HiRED | Mapping) -> Composed:
-    """``compose(lazy, hired)``; either part may be given as its settings."""
-    return compose(_part("lazy_hired", "lazy", lazy), _part("lazy_hired", "hired", hired))
-
-
-def method_families(method: Method) -> tuple[str, ...] | None:
-    """The model families (``config.model_type``) a method is defined for; None: every supported one."""
-    return getattr(getattr(method, "pruner", method), "families", None)
-
-
-def check_method_family(method: Method, family: str | None) -> None:
-    """Refuse, in one line, a model family ``method`` is not defined for (before the model loads)."""
-    families = method_families(method)
+def check_method_family(method: Method, family: str | None, n_layers: int | None = None) -> None:
+    """Refuse, in one line, a model family ``method`` is not defined for (before the model loads;
+    the families do not depend on the depth, so any ``n_layers`` the plan accepts will do)."""
+    families = method_families(method, n_layers)
     if families is not None:
         check_family(method.name, families, family)
+
+
+def method_families(method: Method, n_layers: int | None = None) -> tuple[str, ...] | None:
+    """The model families (``config.model_type``) a method is defined for (its plan's); None: every one."""
+    if n_layers is None:  # before a model is loaded: the deepest plan any setting accepts
+        n_layers = 1024
+    return method.plan(n_layers).families
 
 
 # The registry: name -> constructor. Its order is the order of rows in tables.
@@ -86,12 +101,9 @@ METHODS: dict[str, Callable[..., Method]] = {
     "vtw": VTW,
     "prumerge_plus": PruMerge,
     "hired": HiRED,
-    "lazy_fastv": lazy_fastv,
-    "lazy_sparsevlm": lazy_sparsevlm,
-    "lazy_vtw": lazy_vtw,
-    "lazy_prumerge_plus": lazy_prumerge_plus,
-    "lazy_hired": lazy_hired,
 }
+# Every token pruner composes with Lazy Attention: lazy_fastv, lazy_sparsevlm, ... after the methods.
+METHODS.update({f"lazy_{name}": composition(name) for name, ctor in list(METHODS.items()) if _is_pruner(ctor)})
 
 
 def settings_of(name: str) -> list[str]:
@@ -148,6 +160,9 @@ __all__ = [
     "kv_read_bytes",
     "new_cache",
     "PreallocatedCache",
+    "Plan",
+    "composition",
+    "register",
     "layer_divergence",
     "method_families",
     "select_lazy_layers",

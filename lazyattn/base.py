@@ -1,12 +1,44 @@
-"""What every method shares (the ``Method`` protocol), and ``Dense``, the unmodified model."""
+"""What every method shares (the ``Method`` protocol and its ``Plan``), and ``Dense``, the unmodified model."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, ContextManager, Protocol, runtime_checkable
 
 from torch import nn
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a method does to a model of a given depth, in the terms the harness needs: which layers
+    are lazy and whose attention they take, which reading they use, where tokens are pruned, what
+    the cache keeps, which families it is defined for, and how it is named in text and figures.
+
+    The harness reads a method only through ``method.plan(n_layers)`` (and ``apply``, ``params``,
+    ``label``, ``sort_key``): it never asks what type a method is or which attributes it has."""
+
+    lazy_layers: tuple[int, ...] = ()
+    anchors: Mapping[int, int] = dataclasses.field(default_factory=dict)  # lazy layer -> its anchor
+    share: str = "qk"  # what a lazy layer takes from its anchor (qk | qkv)
+    scope: str = "all"  # over which keys (all | visual | visual_scores)
+    reading: str = ""  # the label suffix of a non-default reading, e.g. " QKV", " VLA"
+    pruner: str | None = None  # the token pruner's name, if the method prunes
+    pruned_from: int | None = None  # first decoder layer that holds fewer tokens (0: reduced before the LLM)
+    families: tuple[str, ...] | None = None  # config.model_type values it is defined for; None: every one
+    host_sync: bool = False  # its prefill waits on the host (data-dependent shapes), which timings must say
+    schedule: str = "nothing changed (the reference)"  # one phrase: what it changes
+    series: str = "dense"  # the figure series its points belong to (one line per series)
+
+    def keeps(self, layer: int) -> str:
+        """What ``layer``'s cache slot keeps: "kv", "v" (a lazy layer sharing qk), "" (sharing qkv),
+        or "v+text k" (a visual-scope lazy layer: every value and the text tokens' keys)."""
+        if layer not in self.anchors:
+            return "kv"
+        if self.share == "qkv":
+            return ""
+        return "v" if self.scope == "all" else "v+text k"
 
 
 @runtime_checkable
@@ -19,7 +51,9 @@ class Method(Protocol):
     - ``params()``: the constructor fields as given (``build({"name": name, **params()})``
       rebuilds the method); it never changes after construction;
     - ``label(n_layers)``: the short row label of tables, for a model with ``n_layers`` decoder layers;
-    - ``sort_key(n_layers)``: orders rows of the same method by their setting.
+    - ``sort_key(n_layers)``: orders rows of the same method by their setting;
+    - ``plan(n_layers)``: its ``Plan`` for a model with ``n_layers`` decoder layers (validated: a
+      setting out of range for that depth raises ``ValueError``).
     """
 
     name: str
@@ -31,6 +65,8 @@ class Method(Protocol):
     def label(self, n_layers: int) -> str: ...
 
     def sort_key(self, n_layers: int) -> tuple: ...
+
+    def plan(self, n_layers: int) -> Plan: ...
 
 
 @dataclasses.dataclass
@@ -47,6 +83,9 @@ class Dense:
 
     def sort_key(self, n_layers: int) -> tuple:
         return ()
+
+    def plan(self, n_layers: int) -> Plan:
+        return Plan()
 
     @contextlib.contextmanager
     def apply(self, model: nn.Module):

@@ -26,7 +26,8 @@ from torch import nn
 
 from lazyattn.arch import attention_modules
 from lazyattn.engine import TokenPruner, run_pruner
-from lazyattn.lazy import LazyAttention
+from lazyattn.base import Plan
+from lazyattn.lazy import LazyAttention, anchors_of, lazy_schedule
 
 
 def resolve_lazy_layers(lazy: LazyAttention, forbidden: list[int], n_layers: int) -> list[int]:
@@ -77,6 +78,15 @@ class Composed:
     def lazy_layers(self, n_layers: int) -> list[int]:
         """The layers ``apply`` makes lazy in an ``n_layers`` model (none where pruning takes effect)."""
         return resolve_lazy_layers(self.lazy, self.pruner.first_layers(n_layers), n_layers)
+
+    def plan(self, n_layers: int) -> Plan:
+        pruned = self.pruner.plan(n_layers)
+        anchors = anchors_of(self.lazy_layers(n_layers), n_layers)
+        return dataclasses.replace(
+            pruned, lazy_layers=tuple(anchors), anchors=anchors, share=self.lazy.share, scope=self.lazy.scope,
+            reading=self.lazy.reading(), schedule=f"{lazy_schedule(anchors, self.lazy.share, self.lazy.scope)}; "
+            f"{pruned.schedule}", series=f"{self.name}{self.lazy.variant()}",
+        )
 
     @contextlib.contextmanager
     def apply(self, model: nn.Module):

@@ -32,6 +32,7 @@ from torch import nn
 
 from lazyattn.arch import attention_modules, decoder_layers, image_token_id, sliding_window
 from lazyattn.attention import patch_attention
+from lazyattn.base import Plan
 
 
 # --------------------------------------------------------------------------- stage bookkeeping
@@ -362,6 +363,17 @@ class TokenPruner:
 
     positions = "original"
     equal_image_counts = True  # every sample of a batch must have as many image tokens (False: pre-LLM reducers)
+    families = None  # the model families (config.model_type) it is defined for; None: every supported one
+    host_sync = False  # True where selecting tokens waits on the host (data-dependent counts)
+
+    def schedule(self, n_layers: int) -> str:
+        """One phrase: what the pruner changes (its settings, unless a subclass says more)."""
+        return f"{self.name}: " + " ".join(f"{k}={v}" for k, v in self.params().items())
+
+    def plan(self, n_layers: int) -> Plan:
+        return Plan(pruner=self.name, pruned_from=min(self.first_layers(n_layers), default=None),
+                    families=self.families, host_sync=self.host_sync, schedule=self.schedule(n_layers),
+                    series=self.name)
 
     def hooks(self, engine: PruneEngine):
         """A context manager installing the pruner's own hooks (e.g. on the vision tower; they write

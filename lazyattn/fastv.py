@@ -46,6 +46,9 @@ class FastV(TokenPruner):
     def sort_key(self, n_layers: int) -> tuple:
         return (self.k, self.ratio)
 
+    def schedule(self, n_layers: int) -> str:
+        return f"FastV: after layer {self.k - 1} drop {self.ratio:.0%} of the image tokens (ranked by {self.score} attention)"
+
     def stage_layers(self, n_layers: int) -> list[tuple[int, int]]:
         if self.k >= n_layers:
             raise ValueError(f"FastV k={self.k} is out of range: this model has {n_layers} decoder layers (1 <= k < {n_layers}).")

@@ -28,6 +28,7 @@ from torch import nn
 
 from lazyattn.arch import attention_modules
 from lazyattn.attention import check_reading, patch_attention
+from lazyattn.base import Plan
 
 
 READING_LABELS = {"qkv": "QKV", "visual": "VLA", "visual_scores": "visual-scores"}
@@ -153,11 +154,25 @@ class LazyAttention:
         """Map each lazy layer to its anchor (the nearest preceding non-lazy layer)."""
         return anchors_of(self.lazy_layers(n_layers), n_layers)
 
-    def plan(self, model: nn.Module) -> dict[int, int]:
-        """The anchor of every lazy layer of ``model``, validated against its depth."""
-        return self.anchors(len(attention_modules(model)))
+    def variant(self) -> str:
+        """The non-default reading in the settings' own words, e.g. " qkv", " visual" ("" for qk/all)."""
+        return "".join(f" {p}" for p, default in ((self.share, "qk"), (self.scope, "all")) if p != default)
+
+    def plan(self, n_layers: int) -> Plan:
+        anchors = self.anchors(n_layers)
+        return Plan(
+            lazy_layers=tuple(anchors), anchors=anchors, share=self.share, scope=self.scope, reading=self.reading(),
+            schedule=lazy_schedule(anchors, self.share, self.scope),
+            series=f"lazy{self.variant()} ({'uniform' if self.layers is None else 'explicit'})",
+        )
 
     @contextlib.contextmanager
     def apply(self, model: nn.Module):
-        with patch_attention(model, self.plan(model), {}, self.share, self.scope):
+        with patch_attention(model, self.anchors(len(attention_modules(model))), {}, self.share, self.scope):
             yield model
+
+
+def lazy_schedule(anchors: dict[int, int], share: str, scope: str) -> str:
+    """One phrase: the lazy layers, their anchors and the reading."""
+    return (f"lazy layers {' '.join(map(str, anchors)) or 'none'} "
+            f"(anchors {' '.join(f'{l}<-{a}' for l, a in anchors.items()) or 'none'}; share={share} scope={scope})")

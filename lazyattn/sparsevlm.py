@@ -52,6 +52,7 @@ class SparseVLM(TokenPruner):
     recycle: float = 0.3
     positions: str = "contiguous"
     name = "sparsevlm"
+    host_sync = True  # the number of tokens kept is read back to the host at prefill
 
     def __post_init__(self) -> None:
         if self.keep is None:

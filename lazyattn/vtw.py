@@ -47,6 +47,9 @@ class VTW(TokenPruner):
     def sort_key(self, n_layers: int) -> tuple:
         return (-self.k,)  # later withdrawal, closer to dense: first
 
+    def schedule(self, n_layers: int) -> str:
+        return f"VTW: image tokens withdrawn from layer {self.k} on"
+
     def stage_layers(self, n_layers: int) -> list[tuple[int, int]]:
         if self.k > n_layers:
             raise ValueError(

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 
 from lazyattn.arch import decoder_layers
+from lazyattn.base import Plan
 
 
 @dataclasses.dataclass
@@ -46,6 +47,9 @@ class MyMethod:
 
     def sort_key(self, n_layers):
         return (self.note,)
+
+    def plan(self, n_layers):
+        return Plan(schedule=f"watches layer 0, changes nothing (note={self.note})", series="mymethod")
 '''
 
 
@@ -85,7 +89,7 @@ def test_adding_a_method_as_the_docs_say(tmp_path):
                           "limit=2", "batch_size=2", "efficiency.enabled=false", f"out_dir={out}"],
                          cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "method: MyMethod note=3 [mymethod]" in run.stdout
+    assert "method: MyMethod note=3 [mymethod]: watches layer 0, changes nothing (note=3)" in run.stdout
     result = json.loads((out / "result.json").read_text())
     assert result["method"]["name"] == "mymethod" and result["method"]["params"] == {"note": 3}
     assert result["headline"]["delta_score"] == 0.0  # it changes nothing: equal to dense on every sample

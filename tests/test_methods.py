@@ -188,3 +188,24 @@ def test_the_library_never_imports_the_harness(path):
         assert not any(n == "harness" or n.startswith("harness.") for n in names), f"{path.name} imports {names}"
     text = path.read_text()
     assert "import harness" not in text and "from harness" not in text, path.name
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_every_method_states_its_plan(name):
+    """The harness reads a method only through its Plan: each registered method gives one, and it
+    agrees with the method's own settings (lazy layers and anchors, reading, pruning layer)."""
+    method = build(SPECS[name])
+    plan = method.plan(12)
+    assert isinstance(plan, lazyattn.Plan) and plan.schedule and plan.series
+    assert dict(plan.anchors) == lazyattn.anchors_of(plan.lazy_layers, 12) and list(plan.lazy_layers) == sorted(plan.anchors)
+    lazy = method.lazy if isinstance(method, Composed) else method if isinstance(method, LazyAttention) else None
+    pruner = method.pruner if isinstance(method, Composed) else method if isinstance(method, lazyattn.TokenPruner) else None
+    assert bool(plan.lazy_layers) == (lazy is not None)
+    if lazy is not None:
+        assert (plan.share, plan.scope, plan.reading) == (lazy.share, lazy.scope, lazy.reading())
+    if pruner is None:
+        assert plan.pruner is None and plan.pruned_from is None
+    else:
+        assert plan.pruner == pruner.name and plan.pruned_from == min(pruner.first_layers(12), default=None)
+        assert plan.pruned_from not in plan.lazy_layers  # a lazy layer never sees fewer tokens than its anchor
+    assert plan.host_sync == (pruner is not None and pruner.name == "sparsevlm")

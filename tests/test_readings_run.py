@@ -8,7 +8,7 @@ import pytest
 from helpers import cfg_for
 
 import lazyattn
-from harness import calibration, report
+from harness import calibration, report, results
 from harness.config import RunError, method_spec
 from harness.run import run
 from lazyattn import choose_withdrawal_layer
@@ -67,12 +67,14 @@ def test_anchor_calibration_is_recorded_and_cached_apart(tmp_path):
 def test_readings_have_their_own_labels_and_figure_series(tmp_path):
     qkv = json.loads(run(small(tmp_path / "q", "method=lazy", "method.share=qkv")).read_text())
     visual = json.loads(run(small(tmp_path / "v", "method.scope=visual")).read_text())
-    assert qkv["method"]["label"] == "Lazy QKV r=0.5 (uniform)" and report._series(qkv) == "lazy qkv (uniform)"
+    assert qkv["method"]["label"] == "Lazy QKV r=0.5 (uniform)" and qkv["method"]["series"] == "lazy qkv (uniform)"
     assert visual["method"]["label"] == "Lazy VLA r=0.5 (calibrated)"
-    assert report._series(visual) == "lazy visual (calibrated)"
+    assert visual["method"]["series"] == "lazy visual (calibrated)"
     scores = json.loads(run(small(tmp_path / "s", "method=lazy", "method.scope=visual_scores")).read_text())
     assert scores["method"]["label"] == "Lazy visual-scores r=0.5 (uniform)"
-    assert report._series(scores) == "lazy visual_scores (uniform)"
+    assert scores["method"]["series"] == "lazy visual_scores (uniform)"
+    for r in (qkv, visual, scores):  # a result file from before series were recorded is upgraded to the same
+        assert results._series_from_sort_key(r["method"]["name"], r["method"]["sort_key"]) == r["method"]["series"]
     assert scores["kv_workload"]["reduction"] == pytest.approx(visual["kv_workload"]["reduction"], rel=0.2)
     assert qkv["kv_workload"]["reduction"] == pytest.approx(0.5)  # 6 of 12 layers keep no cache
     assert 0 < visual["kv_workload"]["reduction"] < 0.25  # only the lazy layers' image keys go

@@ -33,9 +33,8 @@ import torch
 from lmms_eval.api.model import lmms
 from PIL import Image
 
-import lazyattn
 from harness import calibration
-from harness.config import RunError, check_overrides, compose, method_spec, resolve_device
+from harness.config import RunError, check_overrides, compose, resolve_device
 from harness.generate import generate_batch
 from harness.models import Loaded, load_model
 from lazyattn import Method
@@ -135,9 +134,7 @@ class LazyAttnLMM(lmms):
         overrides = [f"model={model}", f"method={method}", *(_override(k, v) for k, v in overrides.items())]
         check_overrides(overrides)  # an unknown preset or key: one line naming it
         cfg = compose(overrides)
-        if calibration.wanted(cfg.method):
-            calibration.refuse("the lazyattn lmms-eval model")
-        method = lazyattn.build(method_spec(cfg.method))
+        method = calibration.build_fixed(cfg.method, "the lazyattn lmms-eval model")
         accelerator, device = _data_parallel(device)
         loaded = load_model(cfg.model, device)
         self._init(loaded, method, device, batch_size, max_new_tokens)
