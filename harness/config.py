@@ -39,7 +39,8 @@ def method_presets() -> list[str]:
 def register_method_presets() -> None:
     """A preset for every method registered in ``lazyattn.METHODS`` that has no YAML in
     ``conf/method/``: its name and its constructor's settings at their defaults (None where a setting
-    has none), stored in Hydra's ConfigStore. So a method registered from code alone
+    has none; a composition ``lazy_<pruner>`` nests the presets of its two parts, as the shipped
+    ``lazy_fastv.yaml`` does), stored in Hydra's ConfigStore. So a method registered from code alone
     (``lazyattn.register``) runs with ``method=NAME method.SETTING=...`` like a shipped one."""
     import inspect
 
@@ -48,12 +49,22 @@ def register_method_presets() -> None:
 
     store = ConfigStore.instance()
     shipped = {p.stem for p in (CONF_DIR / "method").glob("*.yaml")}
-    for name, constructor in lazyattn.METHODS.items():
+
+    def preset(name: str) -> dict:
         if name in shipped:
-            continue
-        defaults = {key: (None if p.default is inspect.Parameter.empty else p.default)
-                    for key, p in inspect.signature(constructor).parameters.items()}
-        store.store(group="method", name=name, node={"name": name, **defaults})
+            node = plain(OmegaConf.load(CONF_DIR / "method" / f"{name}.yaml"))
+            node.pop("defaults", None)
+            return node
+        constructor = lazyattn.METHODS[name]
+        parts = getattr(constructor, "parts", None)  # a composition: its parts' presets, nested
+        if parts:
+            return {"name": name, **{part: {k: v for k, v in preset(part).items() if k != "name"} for part in parts}}
+        return {"name": name, **{key: (None if p.default is inspect.Parameter.empty else p.default)
+                                 for key, p in inspect.signature(constructor).parameters.items()}}
+
+    for name in lazyattn.METHODS:
+        if name not in shipped:
+            store.store(group="method", name=name, node=preset(name))
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:

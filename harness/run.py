@@ -110,8 +110,11 @@ def describe_method(method, n_layers: int, calibrated: dict | None) -> dict:
 
 def compare_to_dense(rows: dict[str, list[dict]], scores: dict, processor) -> dict:
     """What result.json says of the method against dense on the same samples: the KV cache of the
-    evaluated workload, and (when dense was scored too) fidelity to dense's outputs per sample and
-    the paired difference of every score with its 95 % interval (added to ``scores`` in place)."""
+    evaluated workload and, when dense was scored too, fidelity to dense's outputs (``fidelity``,
+    and ``per_sample``: one entry per paired method row, by id) and the paired difference of every
+    score with its 95 % interval (``deltas``: question type, or "all", -> delta and interval).
+    Nothing passed in is changed: ``record_comparison`` puts the per-sample and per-type numbers in
+    place."""
     method, dense = rows["method"], rows.get("dense")
     out = {"kv_workload": compare.kv_workload(method, dense)}
     if not dense:
@@ -121,16 +124,28 @@ def compare_to_dense(rows: dict[str, list[dict]], scores: dict, processor) -> di
     summary, per_sample = compare.fidelity(
         method, dense, tokenize=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], group=group
     )
-    for (row, _), fid in zip(compare.paired(method, dense), per_sample):
-        row["fidelity"] = fid
     out["fidelity"] = summary
+    out["per_sample"] = {row["id"]: fid for (row, _), fid in zip(compare.paired(method, dense), per_sample)}
     if group == "qtype" and len(scores) == 1 and all("acc" in r for r in method + dense):
+        out["deltas"] = {key: {"delta": d["delta"], "delta_ci95": d["delta_ci95"]}
+                         for key, d in compare.deltas(method, dense).items()}
+    return out
+
+
+def record_comparison(comparison: dict, method_rows: list[dict], scores: dict) -> dict:
+    """Write ``compare_to_dense``'s per-sample fidelity into the method's rows (``samples.jsonl``) and
+    its paired differences into the task's scores; returns what result.json keeps at top level."""
+    per_sample, deltas = comparison.pop("per_sample", {}), comparison.pop("deltas", {})
+    for row in method_rows:
+        if row["id"] in per_sample:
+            row["fidelity"] = per_sample[row["id"]]
+    if deltas:
         task_scores = next(iter(scores.values()))
-        for key, delta in compare.deltas(method, dense).items():
+        for key, delta in deltas.items():
             target = task_scores if key == "all" else task_scores.get(key)
             if isinstance(target, dict):
-                target.update({"delta": delta["delta"], "delta_ci95": delta["delta_ci95"]})
-    return out
+                target.update(delta)
+    return comparison
 
 
 def describe_run(cfg: DictConfig, loaded, method_info: dict, method, task) -> list[str]:
@@ -218,7 +233,8 @@ def run(cfg: DictConfig) -> Path:
         )
 
     rows = {v: e.rows for v, e in evaluations.items()}
-    comparison = compare_to_dense(rows, evaluations["method"].scores, loaded.processor)
+    comparison = record_comparison(compare_to_dense(rows, evaluations["method"].scores, loaded.processor),
+                                   rows["method"], evaluations["method"].scores)
     result = {
         "schema_version": SCHEMA_VERSION,
         "exp": cfg.name,

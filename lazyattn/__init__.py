@@ -55,6 +55,7 @@ def composition(pruner: str) -> Callable[..., Composed]:
         return compose(_part(name, "lazy", bound.arguments["lazy"]), _part(name, pruner, bound.arguments[pruner]))
 
     make.__signature__ = signature
+    make.parts = ("lazy", pruner)  # the registry keys of its two parts
     make.__name__ = make.__qualname__ = name
     make.__doc__ = f"``compose(lazy, {pruner})``; either part may be given as its settings."
     return make

@@ -70,6 +70,9 @@ def test_register_adds_the_method_and_its_composition():
     with pytest.raises(ValueError, match="is registered already"):
         lazyattn.register("halfdrop", lambda **kw: None)
     assert compose(["method=halfdrop"]).method == {"name": "halfdrop", "k": 2}  # its preset: the defaults
+    composed_preset = compose(["method=lazy_halfdrop"]).method  # the two parts' presets, nested
+    assert composed_preset.halfdrop == {"k": 2} and composed_preset.lazy == {k: v for k, v in compose(
+        ["method=lazy"]).method.items() if k != "name"}
 
 
 def _run(tmp_path, *overrides):
@@ -84,8 +87,8 @@ def test_run_bench_matrix_and_report(tmp_path):
     assert alone["method"]["label"] == "HalfDrop K=3" and alone["method"]["series"] == "halfdrop"
     assert alone["method"]["plan"]["pruner"] == "halfdrop" and alone["method"]["plan"]["pruned_from"] == 3
     assert alone["method"]["lazy_layers"] == []
-    both = _run(tmp_path / "results" / "lazy_halfdrop", "method=lazy_halfdrop", "method.lazy={ratio:0.5}",
-                "method.halfdrop={k:3}")
+    both = _run(tmp_path / "results" / "lazy_halfdrop", "method=lazy_halfdrop", "method.lazy.ratio=0.5",
+                "method.lazy.layers=null", "method.halfdrop.k=3")
     assert 3 not in both["method"]["lazy_layers"] and len(both["method"]["lazy_layers"]) == 6
     assert both["method"]["label"] == "Lazy r=0.5 + HalfDrop K=3"
     # the workload KV: half the image tokens gone from layer 3 on, less again with lazy layers
