@@ -139,6 +139,10 @@ sweeps-deep: $(STAMP)
 	$(SWEEP) +exp=sweep_lazy calibration.select=anchor method.layers=auto method.ratio=0.25,0.5,0.7 sweep_root=results/tiny_deep/lazy_anchor $(DEEP)
 	$(SWEEP) +exp=sweep_lazy method.share=qkv method.layers=null method.ratio=0.25,0.5 sweep_root=results/tiny_deep/lazy_qkv $(DEEP)
 	$(SWEEP) +exp=sweep_pruning method=vtw sweep_root=results/tiny_deep/vtw $(DEEP)
+	$(SWEEP) +exp=sweep_lazy method.scope=visual method.layers=null method.ratio=0.5 sweep_root=results/tiny_deep/lazy_visual $(DEEP)
+	$(SWEEP) +exp=sweep_pruning method=prumerge_plus sweep_root=results/tiny_deep/prumerge $(DEEP)
+	$(SWEEP) +exp=sweep_reencode method=dense,lazy,fastv,sparsevlm,lazy_fastv sweep_root=results/tiny_deep/reencode $(DEEP)
+	$(SWEEP) +exp=sweep_long method=dense,lazy,fastv,sparsevlm,lazy_fastv sweep_root=results/tiny_deep/long $(DEEP)
 
 # Tables and figures render from $(RESULTS) only. RUN=1 first runs whatever sweep points are missing.
 ifeq ($(RUN),1)

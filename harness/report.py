@@ -565,17 +565,21 @@ def longform_figure(results: Sequence[dict], out: Path, near: float = 0.25) -> P
                            f"{model}: dense and, per method, the point nearest a {near:.0%} workload KV cut")
 
 
-def versus(results: Sequence[dict], a: str, b: str) -> dict:
+def versus(results: Sequence[dict], a: str, b: str, qtype: str | None = None) -> dict:
     """Method ``a`` against method ``b`` (table labels), sample by sample on the samples both scored
-    under the same protocol: the paired change of the per-sample score, ``a - b``, with its 95 %
-    interval (for claims such as "qkv beats qk at equal KV", which no dense comparison settles)."""
+    under the same protocol (only those of ``qtype`` if given): the paired change of the per-sample
+    score, ``a - b``, with its 95 % interval (for claims such as "qkv beats qk at equal KV", which no
+    dense comparison settles)."""
     points = {label(r): r for r in main_points(results)}
     missing = [x for x in (a, b) if x not in points]
     if missing:
         raise ValueError(f"no main-protocol point labelled {missing}; labels: {', '.join(points)}.")
     if config_key(protocol(points[a])) != config_key(protocol(points[b])):
         raise ValueError(f"{a!r} and {b!r} were run under different protocols (model, task, limit or seed).")
-    pairs = compare.paired(rows_of(points[a]), rows_of(points[b]))
+    pairs = [(x, y) for x, y in compare.paired(rows_of(points[a]), rows_of(points[b]))
+             if qtype is None or x.get("qtype") == qtype]
+    if not pairs:
+        raise ValueError(f"{a!r} and {b!r} share no {qtype or ''} samples.")
     return compare.paired_delta([primary(x) for x, _ in pairs], [primary(y) for _, y in pairs])
 
 
@@ -612,6 +616,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["main", "protocol", "efficiency", "calibration", "layers", "pareto", "fidelity",
                                     "longform", "all", "versus"])
     p.add_argument("labels", nargs="*", help="versus: the two table labels to compare, A then B (A - B)")
+    p.add_argument("--qtype", default=None, help="versus: compare on the samples of this question type only")
     p.add_argument("--results", type=Path, default=Path("results/tiny"))
     p.add_argument("--out", type=Path, default=Path("results"))
     p.add_argument("--wandb", default=os.environ.get("WANDB_MODE", "disabled"),
@@ -626,13 +631,14 @@ def _main(a) -> None:
             raise SystemExit("error: versus takes two table labels, e.g. versus 'Lazy QKV r=0.25 (calibrated)' "
                              "'Lazy r=0.5 (calibrated)'.")
         try:
-            d = versus(collect(a.results), *a.labels)
+            d = versus(collect(a.results), *a.labels, qtype=a.qtype)
         except (FileNotFoundError, ValueError) as err:
             raise SystemExit(f"error: {err}") from None
         lo, hi = d["delta_ci95"]
         verdict = "the interval excludes 0" if lo > 0 or hi < 0 else "the interval includes 0: no difference shown"
+        on = f", {a.qtype} only" if a.qtype else ""
         print(f"{a.labels[0]} - {a.labels[1]}: {100 * d['delta']:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}] "
-              f"(paired, n={d['n']}; {verdict})")
+              f"(paired, n={d['n']}{on}; {verdict})")
         return
     try:
         written = render(a.what, a.results, a.out)
