@@ -28,8 +28,8 @@ FLOORS = {
     "colour": ("acc", 0.9), "exist": ("acc", 0.9), "count": ("acc", 0.9), "position": ("acc", 0.9),
     "describe": ("f1", 0.9), "multiturn": ("acc", 0.85), "long": ("f1", 0.85), "dialogue": ("acc", 0.85),
 }
-# The deeper variant learned position less well (0.82 on the 50-per-type test split).
-DEEP_FLOORS = {**FLOORS, "position": ("acc", 0.7), "describe": ("f1", 0.85), "multiturn": ("acc", 0.8)}
+# The deeper variant learned position a little less well (0.94 on the 50-per-type test split).
+DEEP_FLOORS = {**FLOORS, "position": ("acc", 0.85)}
 
 
 @pytest.mark.parametrize("name", SHIPPED)
