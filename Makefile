@@ -109,7 +109,7 @@ sweeps: $(STAMP)
 	$(MAKE) sweeps-readings RESULTS=$(RESULTS)
 
 # The other readings of Lazy Attention, anchor-based calibration, VTW and their compositions
-# (docs/methods.md), on the same 400 test samples; part of `make sweeps`. VTW's long point takes the
+# (docs/methods.md), on the same 400 test samples; part of `make sweeps`. VTW's long point keeps the
 # main sweep's auto k=8: on long-answer prompts the first-token KL criterion picks k=1.
 sweeps-readings: $(STAMP)
 	$(SWEEP) +exp=sweep_lazy method.share=qkv method.ratio=0.25,0.5,0.7 sweep_root=$(RESULTS)/lazy_qkv $(SWEEP_ARGS)
