@@ -110,7 +110,7 @@ sweeps: $(STAMP)
 
 # The other readings of Lazy Attention, anchor-based calibration, VTW and their compositions
 # (docs/methods.md), on the same 400 test samples; part of `make sweeps`. VTW's long point keeps the
-# main sweep's auto k=8: on long-answer prompts the first-token KL criterion picks k=1.
+# earlier model's auto k=8 (the retrained one's main sweep chose 9): on long-answer prompts the first-token KL rule picks k=1.
 sweeps-readings: $(STAMP)
 	$(SWEEP) +exp=sweep_lazy method.share=qkv method.ratio=0.25,0.5,0.7 sweep_root=$(RESULTS)/lazy_qkv $(SWEEP_ARGS)
 	$(SWEEP) +exp=sweep_lazy method.scope=visual method.ratio=0.5,0.8 sweep_root=$(RESULTS)/lazy_visual $(SWEEP_ARGS)

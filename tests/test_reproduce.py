@@ -20,8 +20,18 @@ POINTS = [  # one point of each results folder that holds runs
 def test_committed_points_reproduce(point, tmp_path, capsys):
     assert reproduce.main([str(point), "limit=8", "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
-    assert "filled from today's defaults" in out and "cache" in out  # a key added since, said so
     assert ": 8 predictions compared, 0 differ" in out
+
+
+def test_a_key_added_since_is_filled_from_todays_defaults_and_said(tmp_path, capsys):
+    point = tmp_path / "point"
+    shutil.copytree(POINTS[0], point)
+    result = json.loads((point / "result.json").read_text())
+    del result["config"]["cache"]  # as in a point saved before the setting existed
+    (point / "result.json").write_text(json.dumps(result))
+    assert reproduce.main([str(point), "limit=2", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "filled from today's defaults" in out and "cache" in out and "2 predictions compared, 0 differ" in out
 
 
 def test_a_changed_prediction_is_reported(tmp_path, capsys):
