@@ -1,0 +1,222 @@
+"""The paper's tables as (header, rows) of strings, computed from ``harness.report.index``'s numbers."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from harness import headline, longform
+from harness.report.index import (
+    _calibrated, _pm, _task_columns, _unique, anchor_js, comparison, dense_rows, headline_of, label,
+    main_points, protocol, rows_of, unpaired, with_in_run_dense,
+)
+
+
+FLAG = "†"
+
+
+FLAG_NOTE = (f"{FLAG} dense scores below {headline.DENSE_FLOOR:.0%} on this question type (a type dense cannot do): it "
+             f"counts in `Avg` (acc_mean_types) and is left out of `Avg w/o {FLAG}` (acc_mean_types_capable).")
+
+
+def main_table(results: Sequence[dict], task: str = "shapes") -> tuple[list[str], list[list[str]]]:
+    """Score (%) per question type (describe and long: F1); ``Avg`` (``acc_mean_types``: the mean
+    over question types) and, when dense is below ``headline.DENSE_FLOOR`` on a type (marked †),
+    ``Avg w/o †`` (``acc_mean_types_capable``); ``Δ Avg`` (``delta_score``: the paired change of the
+    per-sample score against dense, ± half of the 95 % interval, * when the interval excludes 0);
+    ``KV cut`` (``kv_cut_workload``) and how often the method's output equals dense's. Every
+    number is ``harness.headline``'s, the one result.json, the console and W&B show. A Model
+    column always, a Seed column when the points have more than one seed. Rows use the
+    carried-cache protocol when there is one; the points left out are named on stderr."""
+    results = [r for r in results if task in r["tasks"]]
+    chosen = with_in_run_dense(main_points(results, notes=True), task)
+    cols = _task_columns(chosen, task)
+    heads = [headline_of(r, results, task) for r in chosen]
+    flagged = {t for h in heads for t in (h.get("dense_below_floor") or [])}
+    seeds = len({protocol(r)["seed"] for r in chosen}) > 1
+    header = ["Method", "Model", *(["Seed"] if seeds else []), "n",
+              *[c + (" F1" if c in ("describe", "long") else "") + (f" {FLAG}" if c in flagged else "") for c in cols],
+              "Avg", *([f"Avg w/o {FLAG}"] if flagged else []), "Δ Avg", "KV cut workload", "= dense"]
+    rows = []
+    for note in unpaired(chosen, results):
+        print(note, file=sys.stderr)
+    for r, head in zip(chosen, heads):
+        scores = r["tasks"][task]
+        values = [headline.primary(scores[c]) if c in scores else None for c in cols]
+        dense = r["method"]["name"] == "dense"
+        cut = "0 %" if dense else ("–" if head["kv_cut_workload"] is None else f"{100 * head['kv_cut_workload']:.1f} %")
+        same = "" if dense else ("–" if head["exact_match"] is None else f"{100 * head['exact_match']:.0f} %")
+        delta = "" if dense else _pm({"delta": head["delta_score"], "delta_ci95": head["delta_score_ci95"]})
+        rows.append([label(r), r["model"]["name"], *([str(protocol(r)["seed"])] if seeds else []), str(scores["n"]),
+                     *[headline.percent(v) for v in values], headline.percent(head["acc_mean_types"]),
+                     *([headline.percent(head["acc_mean_types_capable"])] if flagged else []), delta, cut, same])
+    return header, rows
+
+
+def table_notes(header: Sequence[str]) -> list[str]:
+    """The footnotes a table's header calls for (the † of a type dense cannot do)."""
+    return [FLAG_NOTE] if any(FLAG in h for h in header) else []
+
+
+def protocol_table(results: Sequence[dict], task: str = "shapes") -> tuple[list[str], list[list[str]]]:
+    """Carried cache against re-encoding: each method's paired change against dense (points, ± half
+    of the 95 % interval, * when it excludes 0) on the multi-turn types under both protocols, and,
+    from the forced-long-generation points, how often and how far the long answers agree with dense
+    and the KV cut on that workload (generated tokens dominate it)."""
+    results = [r for r in results if task in r["tasks"]]
+
+    def points(keep) -> dict[tuple[str, str], dict]:
+        return {(label(r), r["model"]["name"]): r for r in _unique([r for r in results if keep(protocol(r)["task"])])}
+
+    def has(t, qtype):
+        return qtype in (t.get("qtypes") or [])
+
+    carry = points(lambda t: t["multiturn"] == "carry" and has(t, "multiturn") and not t.get("min_new_tokens"))
+    reencode = points(lambda t: t["multiturn"] == "reencode" and has(t, "multiturn"))
+    forced = points(lambda t: has(t, "long") and (t.get("min_new_tokens") or 0) > 0)
+    header = ["Method", "Model", "multiturn carry", "multiturn re-encode", "dialogue carry", "dialogue re-encode",
+              "long = dense", "long prefix agr.", "long 1st divergence", "long KV cut"]
+    rows = []
+    for name in dict.fromkeys([*carry, *reencode, *forced]):
+        r = carry.get(name) or reencode.get(name) or forced.get(name)
+        if r["method"]["name"] == "dense":
+            continue
+        comps = {key: comparison(group[name], results) if name in group else {}
+                 for key, group in (("carry", carry), ("reencode", reencode), ("forced", forced))}
+        cells = [name[0], name[1]]
+        for qtype in ("multiturn", "dialogue"):
+            for key in ("carry", "reencode"):
+                cells.append(_pm((comps[key].get("by_qtype") or {}).get(qtype)))
+        long = (comps["forced"].get("fidelity") or {}).get("long") or {}
+        cells.append("–" if long.get("exact_match") is None else f"{100 * long['exact_match']:.0f} %")
+        cells.append("–" if long.get("prefix_agreement") is None else f"{100 * long['prefix_agreement']:.0f} %")
+        cells.append("–" if long.get("first_divergence_median") is None else f"{long['first_divergence_median']:g}")
+        cut = (comps["forced"].get("kv") or {}).get("reduction")
+        cells.append("–" if cut is None else f"{100 * cut:.1f} %")
+        rows.append(cells)
+    return header, rows
+
+
+SPEEDUPS = (("decode_speedup", "decode_tokens_per_s"), ("e2e_speedup", "e2e_tokens_per_s"),
+            ("prefill_speedup", "prefill_ms"))
+
+
+DRIFT = 0.10  # dense timed against itself beyond this: the machine was not steady
+
+
+def ratio_spread(eff: dict, speedup: str, measure_key: str) -> float | None:
+    """The spread of an in-process speed-up: the ratio times the sum of the two medians' relative
+    half-IQRs (method and dense, over the interleaved repeats); None when the IQRs were not kept."""
+    m, d = eff["method"], eff.get("dense") or {}
+    if eff.get(speedup) is None or m.get(f"{measure_key}_iqr") is None or d.get(f"{measure_key}_iqr") is None:
+        return None
+    rel = m[f"{measure_key}_iqr"] / (2 * m[measure_key]) + d[f"{measure_key}_iqr"] / (2 * d[measure_key])
+    return eff[speedup] * rel
+
+
+def _x(eff: dict, speedup: str, measure_key: str) -> str:
+    if eff.get(speedup) is None:
+        return "–"
+    spread = ratio_spread(eff, speedup, measure_key)
+    return f"{eff[speedup]:.2f}" + ("" if spread is None else f" ± {spread:.2f}")
+
+
+def timing_drift(results: Sequence[dict]) -> list[str]:
+    """Warnings for every dense point whose dense-against-dense speed-ups (the same model timed
+    twice, interleaved, in one process) are off 1 by more than ``DRIFT`` and their spread: on such
+    a machine, method ratios of that size mean nothing."""
+    out = []
+    for r in results:
+        eff = r.get("efficiency")
+        if r["method"]["name"] != "dense" or not eff:
+            continue
+        for speedup, measure_key in SPEEDUPS:
+            value = eff.get(speedup)
+            spread = ratio_spread(eff, speedup, measure_key) or 0.0
+            if value is not None and abs(value - 1) > max(DRIFT, spread):
+                out.append(f"warning: {r['_path']}: dense timed against itself gave {speedup} {value:.2f} "
+                           f"(± {spread:.2f}); the machine was not steady, ratios within that are noise.")
+    return out
+
+
+def efficiency_table(results: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
+    """KV MB, device memory, prefill ms, decode and end-to-end tokens/s of each method, and its
+    speed-ups over dense measured in the same run (method over dense, higher is better), each with
+    its spread (``ratio_spread``). Absolute numbers come from each point's own process; compare
+    methods by the in-process ratios. A dense point timed against itself that drifts by more than
+    10 % is named on stderr (``timing_drift``). Results written before end-to-end throughput and
+    device memory were measured show "–" there."""
+    header = ["Method", "Model", "KV MB", "KV cut timing batch", "Mem GB", "Prefill ms", "Decode tok/s", "E2E tok/s",
+              "Decode ×", "E2E ×", "Prefill ×", "Device"]
+    rows = []
+    chosen = [r for r in main_points(results) if r.get("efficiency")]
+    for warning in timing_drift(chosen):
+        print(warning, file=sys.stderr)
+    for r in chosen:
+        eff = r["efficiency"]
+        m = eff["method"]
+        mem = m.get("peak_memory_bytes")
+        e2e = m.get("e2e_tokens_per_s")
+        rows.append([
+            label(r),
+            r["model"]["name"],
+            f"{m['kv_cache_bytes'] / 2**20:.3f}",
+            f"{100 * eff['kv_reduction']:.1f} %",
+            "–" if mem is None else f"{mem / 2**30:.2f}",
+            f"{m['prefill_ms']:.1f}",
+            f"{m['decode_tokens_per_s']:.0f}",
+            "–" if e2e is None else f"{e2e:.0f}",
+            *[_x(eff, speedup, key) for speedup, key in SPEEDUPS],
+            f"{eff['device']} b={eff['batch_size']} L={eff['prompt_tokens']}",
+        ])
+    return header, rows
+
+
+def calibration_table(results: Sequence[dict], task: str = "shapes") -> tuple[list[str], list[list[str]]]:
+    """Lazy layers chosen by each rule (uniform, pairwise calibration, anchor calibration, with a
+    cap) for each budget, on the main protocol (the default reading, share=qk scope=all): the layers,
+    the mean and the largest JS divergence of a lazy layer's attention to its anchor's on the dense
+    model (from any calibrated point's pairwise matrix), the paired change against dense and its
+    exact match to dense."""
+    lazy = [r for r in main_points(results) if r["method"]["name"] == "lazy"
+            and r["method"]["params"].get("share", "qk") == "qk" and r["method"]["params"].get("scope", "all") == "all"]
+    matrices = [(r["method"]["calibration"]["divergence"], r["model"]["name"]) for r in _calibrated(lazy)
+                if r["method"]["calibration"].get("divergence")]
+    header = ["Model", "Budget", "Rule", "Lazy layers", "mean JS to anchor", "max JS to anchor", "Δ Avg", "= dense"]
+    rows = []
+
+    def rule(r):
+        cal = r["method"].get("calibration")
+        if not cal:
+            return "uniform" if r["method"]["params"].get("layers") is None else "explicit"
+        how = "anchor" if cal.get("select") == "anchor" else "pairwise"
+        return how + (f", <={cal['max_per_anchor']}/anchor" if cal.get("max_per_anchor") else "")
+
+    def budget(r):
+        return (r["method"].get("calibration") or {}).get("ratio") or r["method"]["params"].get("ratio") or 0
+
+    for r in sorted(lazy, key=lambda r: (r["model"]["name"], budget(r), rule(r))):
+        mine = [m for m, x in matrices if x == r["model"]["name"]]
+        js = anchor_js(r, mine[0]) if mine else {}
+        comp = comparison(r, results)
+        exact = (comp.get("fidelity") or {}).get("exact_match")
+        rows.append([
+            r["model"]["name"], f"{budget(r):g}", rule(r), " ".join(map(str, r["method"]["lazy_layers"])),
+            "–" if not js else f"{sum(js.values()) / len(js):.3f}",
+            "–" if not js else f"{max(js.values()):.3f}",
+            _pm(comp.get("all")),
+            "–" if exact is None else f"{100 * exact:.0f} %",
+        ])
+    return header, rows
+
+
+def longform_points(results: Sequence[dict], task: str = "shapes") -> list[tuple[str, str, dict]]:
+    """``(label, model, harness.longform.numbers)`` of every main-table point (carried cache) that has
+    dialogue or long samples and a dense of its protocol, dense first per model."""
+    out = []
+    for r in with_in_run_dense(main_points(results), task):
+        method, dense = rows_of(r), dense_rows(r, results)
+        if not dense or not any(m.get("qtype") in ("dialogue", "long") for m in method):
+            continue
+        out.append((label(r), r["model"]["name"], longform.numbers(method, dense)))
+    return out
