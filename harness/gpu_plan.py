@@ -436,6 +436,7 @@ def phase_budget(ph: Phase) -> str:
     from omegaconf import OmegaConf
 
     from harness import bench
+    from harness.results import device_info
 
     gpu = ph.profile == "gpu"
     ph.plan([(name, tier) for name, _, tier in BUDGET_GROUPS])
@@ -450,7 +451,7 @@ def phase_budget(ph: Phase) -> str:
         return "partial"
     loaded, device = _load(ph.profile, threads=None if gpu else 1)
     model = loaded.model
-    dev = bench.device_info(device)
+    dev = device_info(device)
     ph.use_device(_device_name(device))
     prompts = bench.Prompts(loaded, device)
     context = prompts.fit(BUDGET_CONTEXT if gpu else None)

@@ -137,7 +137,7 @@ def test_budget_steps_down_when_the_prediction_overshoots(monkeypatch):
         def inputs(self, words, batch):
             return {"batch": batch}
 
-    monkeypatch.setattr(bench, "_peak", lambda model, v, inputs, n, kind, cache="static": 100 * inputs["batch"] + 50 * (inputs["batch"] > 3))
+    monkeypatch.setattr(bench.budget, "_peak", lambda model, v, inputs, n, kind, cache="static": 100 * inputs["batch"] + 50 * (inputs["batch"] > 3))
     monkeypatch.setattr(
         bench.measure, "interleaved",
         lambda model, variants, **kw: {k: {"kv_cache_bytes": 100 * inp["batch"], "prefill_ms": 1.0, "repeats": 1,
@@ -162,7 +162,7 @@ def test_memory_budget_counts_the_fixed_part(monkeypatch):
             return {"batch": batch}
 
     memory = {"dense": (1000, 100), "lazy": (1000, 50)}  # (fixed, per sequence)
-    monkeypatch.setattr(bench, "_peak", lambda model, v, inputs, n, kind, cache="static": memory[v.label][0] + memory[v.label][1] * inputs["batch"])
+    monkeypatch.setattr(bench.budget, "_peak", lambda model, v, inputs, n, kind, cache="static": memory[v.label][0] + memory[v.label][1] * inputs["batch"])
     monkeypatch.setattr(
         bench.measure, "interleaved",
         lambda model, variants, **kw: {k: {"kv_cache_bytes": 1, "peak_memory_bytes": 5, "prefill_ms": 1.0, "repeats": 5,

@@ -1,0 +1,81 @@
+"""The benchmark's console table, from bench.json's numbers."""
+
+from __future__ import annotations
+
+
+
+from harness.tasks import shapes
+RESULT = "bench.json"
+QUESTION = "describe the image ."
+# Extra words that lengthen the prompt; all in the tiny tokenizer's vocabulary.
+FILLER = tuple(shapes.words("a red circle at the top left , a blue square at the bottom right ."))
+# Settings that don't change the numbers don't change whether earlier points can be resumed.
+KEY_EXCLUDE = ("out_dir", "overwrite", "wandb", "threads")
+
+
+def _mb(value) -> str:
+    return "-" if value is None else f"{value / 2**20:.1f}"
+
+
+def _x(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def format_table(result: dict) -> str:
+    """The rows and the budget as text. Every "x" is a speed-up of the method over dense (higher
+    is better), except KV (method / dense bytes); "±" is the IQR over repeats."""
+    dev = result["device"]
+    lines = [
+        f"{result['model']['name']} ({result['model']['dtype']}) on {dev['device']} [{dev['name']}], "
+        f"{(result.get('config') or {}).get('cache', 'dynamic')} KV cache: method vs dense, "
+        "same process, ABBA order; x = speed-up over dense (higher is better), KV x = method/dense bytes; "
+        "pred x = decode speed-up the bytes per step allow (weights touched + KV read), of pred = achieved share",
+        f"{'method':<24}{'B':>4}{'prompt':>7}{'new':>5}{'prefill ms':>16}{'x':>7}{'decode tok/s':>18}{'x':>7}"
+        f"{'e2e tok/s':>11}{'x':>7}{'KV MB':>10}{'KV x':>8}{'mem MB':>9}{'pred x':>8}{'of pred':>8}",
+    ]
+    for r in result["rows"]:
+        x = r["ratios"]
+        pred, frac = r.get("predicted_decode_speedup"), r.get("decode_speedup_of_predicted")
+        prefill = f"{r['prefill_ms']:.1f}±{r.get('prefill_ms_iqr') or 0:.1f}"
+        decode = f"{r['decode_tokens_per_s']:.1f}±{r.get('decode_tokens_per_s_iqr') or 0:.1f}"
+        lines.append(
+            f"{r['label']:<24}{r['batch_size']:>4}{r['prompt_tokens']:>7}{r['new_tokens']:>5}{prefill:>16}"
+            f"{x['prefill_speedup']:>7.3f}{decode:>18}{x['decode_speedup']:>7.3f}{r['e2e_tokens_per_s']:>11.1f}"
+            f"{x['e2e_speedup']:>7.3f}{r['kv_cache_bytes'] / 2**20:>10.2f}{x['kv_fraction']:>8.4f}"
+            f"{_mb(r.get('peak_memory_bytes')):>9}{_x(pred):>8}{_pct(frac):>8}"
+        )
+    if any(r.get("host_sync") for r in result["rows"]):
+        lines.append("note: " + next(r["host_sync"] for r in result["rows"] if r.get("host_sync")))
+    c = result.get("caches")
+    if c:
+        lines += ["", f"preallocated (static) vs concatenating (dynamic) KV cache at batch {c['batch_size']}, prompt "
+                  f"{c['prompt_tokens']} + {c['new_tokens']} new tokens (x = static over dynamic)",
+                  f"{'method':<24}{'static decode':>15}{'dynamic decode':>16}{'x':>7}{'static e2e':>12}{'dynamic e2e':>13}{'x':>7}"]
+        for e in c["entries"]:
+            lines.append(f"{e['label']:<24}{e['static']['decode_tokens_per_s']:>15.1f}{e['dynamic']['decode_tokens_per_s']:>16.1f}"
+                         f"{e['decode_speedup']:>7.3f}{e['static']['e2e_tokens_per_s']:>12.1f}"
+                         f"{e['dynamic']['e2e_tokens_per_s']:>13.1f}{e['e2e_speedup']:>7.3f}")
+    b = result.get("budget")
+    if b and b.get("complete"):
+        what = "KV" if b.get("kind", "kv") == "kv" else "device memory"
+        lines += [
+            "",
+            f"{what} budget {b['bytes']} bytes ({b['bytes'] / 2**20:.1f} MB; {b['source']}), prompt {b['prompt_tokens']} + "
+            f"{b['new_tokens']} new tokens, on {b['device']} [{b['device_name']}]",
+            f"{'method':<24}{'MB/seq':>9}{'max B':>7}{'x':>7}{'KV MB':>10}{'mem MB':>9}{'decode tok/s':>14}{'x':>7}"
+            f"{'e2e tok/s':>11}{'x':>7}{'pred x':>8}{'of pred':>8}",
+        ]
+        for e in b["entries"]:
+            per = e.get("per_sample_bytes", e.get("per_sample_kv_bytes"))
+            lines.append(
+                f"{e['label']:<24}{per / 2**20:>9.2f}{e['max_batch']:>7}{e['batch_ratio']:>7.3f}"
+                f"{e['kv_cache_bytes'] / 2**20:>10.1f}{_mb(e.get('peak_memory_bytes')):>9}"
+                f"{e['decode_tokens_per_s']:>14.1f}{e.get('decode_speedup', e.get('throughput_ratio', 0)):>7.3f}"
+                f"{(e.get('e2e_tokens_per_s') or 0):>11.1f}{(e.get('e2e_speedup') or 0):>7.3f}"
+                f"{_x(e.get('predicted_decode_speedup')):>8}{_pct(e.get('decode_speedup_of_predicted')):>8}"
+            )
+    return "\n".join(lines)
