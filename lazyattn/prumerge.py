@@ -71,19 +71,20 @@ def prumerge_image(features: torch.Tensor, attn: torch.Tensor, keys: torch.Tenso
         kept = torch.cat([kept, samples])
     if order == "spatial":
         kept = kept.sort().values
-    feats = features.float()
+    wide = torch.promote_types(features.dtype, torch.float32)  # half -> float32; float64 stays
+    feats = features.to(wide)
     out = feats[kept]
     k = min(neighbours, n - 1)
     if k > 0:
-        unit = F.normalize(keys.float(), dim=-1)
+        unit = F.normalize(keys.to(wide), dim=-1)
         sim = unit[kept] @ unit.T  # (K, N)
         sim[torch.arange(len(kept), device=sim.device), kept] = -math.inf  # a token is not its own neighbour
         near = sim.topk(k, dim=-1).indices  # (K, k)
-        out = out + (attn.float()[near][..., None] * feats[near]).sum(dim=1)
+        out = out + (attn.to(wide)[near][..., None] * feats[near]).sum(dim=1)
     pruned = torch.ones(n, dtype=torch.bool, device=attn.device)
     pruned[kept] = False
     if bool(pruned.any()):
-        extra = (attn.float()[pruned][:, None] * feats[pruned]).sum(dim=0, keepdim=True)
+        extra = (attn.to(wide)[pruned][:, None] * feats[pruned]).sum(dim=0, keepdim=True)
         out = torch.cat([out, extra])
     return out, kept
 

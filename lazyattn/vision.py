@@ -118,7 +118,8 @@ def cls_queries_keys(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tens
     from its input, in float32 (projections with their biases, unscaled)."""
     h = layer.layer_norm1(hidden)
     attn = layer.self_attn
-    return attn.q_proj(h[:, 0]).float(), attn.k_proj(h).float()
+    wide = torch.promote_types(h.dtype, torch.float32)  # half -> float32; float64 stays
+    return attn.q_proj(h[:, 0]).to(wide), attn.k_proj(h).to(wide)
 
 
 def cls_attention(layer: nn.Module, hidden: torch.Tensor, heads: bool) -> tuple[torch.Tensor, torch.Tensor]:
