@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 # Attention classes whose forward is: q/k/v projections, rotary embedding on q and k,
 # cache update, attention interface, o_proj. Qwen2 and the Qwen2-VL / Qwen2.5-VL text
@@ -40,6 +39,10 @@ class AttentionFamily:
     eager: Callable  # the family's own eager attention, used when no backend is registered
 
     def interface(self, module: nn.Module) -> Callable:
+        # imported here: transformers.modeling_utils takes seconds to import, and a command line
+        # that is refused should not wait for it
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
         return ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, self.eager)
 
 
