@@ -36,6 +36,9 @@ def method_presets() -> list[str]:
     return sorted({p.stem for p in (CONF_DIR / "method").glob("*.yaml")} | set(lazyattn.METHODS))
 
 
+_STORED: dict[str, object] = {}  # method name -> the constructor whose preset is in Hydra's ConfigStore
+
+
 def register_method_presets() -> None:
     """A preset for every method registered in ``lazyattn.METHODS`` that has no YAML in
     ``conf/method/``: its name and its constructor's settings at their defaults (None where a setting
@@ -62,9 +65,10 @@ def register_method_presets() -> None:
         return {"name": name, **{key: (None if p.default is inspect.Parameter.empty else p.default)
                                  for key, p in inspect.signature(constructor).parameters.items()}}
 
-    for name in lazyattn.METHODS:
-        if name not in shipped:
+    for name, constructor in lazyattn.METHODS.items():
+        if name not in shipped and _STORED.get(name) is not constructor:  # each registration stored once
             store.store(group="method", name=name, node=preset(name))
+            _STORED[name] = constructor
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:

@@ -205,3 +205,16 @@ def test_presets_compose_and_the_paper_preset_runs_scaled_down(tmp_path):
     caches = result["caches"]["entries"]
     assert [e["label"] for e in caches] == ["dense", "lazy ratio=0.5"]
     assert all(e["static"]["kv_cache_bytes"] == e["dynamic"]["kv_cache_bytes"] for e in caches)  # same tokens held
+
+
+def test_the_command_finds_its_config(tmp_path):
+    """``python -m harness.bench`` composes conf/bench.yaml from the package's entry point (Hydra's
+    config path is resolved from where ``main`` is defined, so moving it must not lose the config)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "harness.bench", "--cfg", "job", "model=llava_tiny_random"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": str(CONF.parent), "WANDB_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "batch_sizes:" in proc.stdout and "methods:" in proc.stdout

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 import lazyattn
 from harness import measure, tracking
-from harness.config import RunError, plain, relative_to_repo, setup
+from harness.config import CONF_DIR, RunError, plain, relative_to_repo, setup
 from harness.models import load_model
 from harness.results import SCHEMA_VERSION, device_info, env_info, write_json_atomic
 from harness.tasks import shapes
@@ -142,7 +142,7 @@ def run_bench(cfg: DictConfig) -> Path:
     return path
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="bench")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="bench")
 def main(cfg: DictConfig) -> None:
     try:
         path = run_bench(cfg)
