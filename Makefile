@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 LMMS_EVAL ?= lmms-eval==0.7.3
 LMMS_STAMP := $(VENV)/.lmms-installed
 
-.PHONY: install lmms-install run test bench bench-kv gpu-check gpu-wheels gpu-dryrun gpu-collect clean tiny-model tiny-model-deep sweeps sweeps-readings sweeps-deep tables table-main table-protocol table-efficiency table-calibration fig-layers fig-pareto fig-fidelity table-longform
+.PHONY: install lmms-install vlmeval-install run test bench bench-kv gpu-check gpu-wheels gpu-dryrun gpu-collect clean tiny-model tiny-model-deep sweeps sweeps-readings sweeps-deep tables table-main table-protocol table-efficiency table-calibration fig-layers fig-pareto fig-fidelity table-longform
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +28,16 @@ $(LMMS_STAMP): $(STAMP) constraints/lmms.txt constraints/lmms-skipped.txt
 	touch $(LMMS_STAMP)
 
 lmms-install: $(LMMS_STAMP)
+
+# VLMEvalKit in an environment of its own (.venv-vlmeval: the CUDA torch 2.14.1 and its torchvision, which
+# VLMEvalKit imports and no CPU build of which is reachable; both run on a CPU), tools/vlmeval_env.py.
+# `python -m harness task=vlmeval ...` re-executes itself there. About 5-6 GiB, a few minutes from local wheels.
+VLM_VENV ?= .venv-vlmeval
+VLM_STAMP := $(VLM_VENV)/.installed
+$(VLM_STAMP): pyproject.toml constraints/vlmeval.txt constraints/vlmeval-requirements.txt tools/vlmeval_env.py
+	$(PY) tools/vlmeval_env.py --venv $(VLM_VENV)
+
+vlmeval-install: $(VLM_STAMP)
 
 run: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python -m harness +exp=llava_lazy $(ARGS)
@@ -78,8 +88,9 @@ gpu-dryrun: $(DRYRUN)/.installed
 gpu-collect:
 	$(PY) tools/gpu_call.py --collect $(FROM) results/gpu
 
-test: $(STAMP) $(LMMS_STAMP)
+test: $(STAMP) $(LMMS_STAMP) $(VLM_STAMP)
 	WANDB_MODE=offline $(BIN)/python -m pytest tests $(PYTEST_ARGS)
+	WANDB_MODE=offline $(VLM_VENV)/bin/python -m pytest tests/vlmeval $(PYTEST_ARGS)
 
 clean:
 	rm -rf runs outputs .pytest_cache

@@ -31,6 +31,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from harness.vlmeval import reexec
+
+    reexec(sys.argv[1:])  # task=vlmeval from a Python without VLMEvalKit: the same command in .venv-vlmeval
     register_method_presets()  # registered methods without a conf/method YAML (lazyattn.register)
     check_command_line(preflight=preflight)
     main()

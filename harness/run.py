@@ -72,7 +72,16 @@ def build_task(cfg: DictConfig):
     backend = str(cfg.get("backend", "builtin"))
     if backend == "lmms_eval":  # the optional lmms-eval backend, imported only when a task asks for it
         from harness.lmms.tasks import LmmsBenchmarks, LmmsShapes
-    if cfg.name == "lmms_eval":
+    if cfg.name == "vlmeval" or backend == "vlmeval":  # VLMEvalKit, in its own environment (harness.vlmeval)
+        if cfg.name != "vlmeval" or backend != "vlmeval":
+            raise ValueError("VLMEvalKit runs its own datasets: use task=vlmeval 'task.datasets=[...]'.")
+        from harness.vlmeval.tasks import VlmevalDatasets
+
+        data_dir = cfg.get("data_dir")
+        task = VlmevalDatasets(name=cfg.name, datasets=list(cfg.datasets),
+                               data_dir=None if data_dir in (None, "") else str(data_dir),
+                               max_new_tokens=int(cfg.max_new_tokens), verify_md5=bool(cfg.verify_md5))
+    elif cfg.name == "lmms_eval":
         if backend != "lmms_eval":
             raise ValueError(f"the lmms-eval benchmarks {list(cfg.lmms_tasks)} run on task.backend=lmms_eval only.")
         data_dir, budget = cfg.get("data_dir"), cfg.get("max_new_tokens")
@@ -85,7 +94,8 @@ def build_task(cfg: DictConfig):
             raise ValueError(f"task.backend must be one of ['builtin', 'lmms_eval'], got {backend!r}.")
         task = (ShapesTask if backend == "builtin" else LmmsShapes)(**vars(shapes_task(cfg)))
     else:
-        raise ValueError(f"unknown task {cfg.name!r}: use task=shapes, task=shapes_lmms, task=paper or task=benchmarks.")
+        raise ValueError(f"unknown task {cfg.name!r}: use task=shapes, task=shapes_lmms, task=paper, task=benchmarks or "
+                         "task=vlmeval.")
     task.check()
     return task
 
@@ -126,9 +136,12 @@ def compare_to_dense(rows: dict[str, list[dict]], scores: dict, processor) -> di
     )
     out["fidelity"] = summary
     out["per_sample"] = {row["id"]: fid for (row, _), fid in zip(compare.paired(method, dense), per_sample)}
-    if group == "qtype" and len(scores) == 1 and all("acc" in r for r in method + dense):
+    if all("acc" in r for r in method + dense) and (group == "task" or len(scores) == 1):
+        # per question type within one task, or per task (dataset) when a run scores several
         out["deltas"] = {key: {"delta": d["delta"], "delta_ci95": d["delta_ci95"]}
-                         for key, d in compare.deltas(method, dense).items()}
+                         for key, d in compare.deltas(method, dense, group=group).items()
+                         if group == "qtype" or key != "all" or len(scores) == 1}
+        out["deltas_by"] = group
     return out
 
 
@@ -136,13 +149,17 @@ def record_comparison(comparison: dict, method_rows: list[dict], scores: dict) -
     """Write ``compare_to_dense``'s per-sample fidelity into the method's rows (``samples.jsonl``) and
     its paired differences into the task's scores; returns what result.json keeps at top level."""
     per_sample, deltas = comparison.pop("per_sample", {}), comparison.pop("deltas", {})
+    by = comparison.pop("deltas_by", "qtype")
     for row in method_rows:
         if row["id"] in per_sample:
             row["fidelity"] = per_sample[row["id"]]
     if deltas:
         task_scores = next(iter(scores.values()))
         for key, delta in deltas.items():
-            target = task_scores if key == "all" else task_scores.get(key)
+            if by == "task":  # one paired difference per task, on its own scores
+                target = task_scores if key == "all" else scores.get(key)
+            else:
+                target = task_scores if key == "all" else task_scores.get(key)
             if isinstance(target, dict):
                 target.update(delta)
     return comparison
@@ -214,7 +231,7 @@ def run(cfg: DictConfig) -> Path:
     for variant, m in variants.items():
         evaluations[variant] = task.evaluate(
             loaded, m, limit=cfg.limit, batch_size=int(cfg.batch_size), device=device,
-            work_dir=out_dir / "lmms_eval" / variant, finished=earlier[variant],
+            work_dir=out_dir / getattr(task, "work_name", "lmms_eval") / variant, finished=earlier[variant],
             on_row=lambda row, variant=variant: log.append({"variant": variant, **row}),
             cache=str(cfg.cache),
         )
@@ -257,10 +274,11 @@ def run(cfg: DictConfig) -> Path:
                            (result.get("tasks_dense") or {}).get(first_task)),
     }
     summaries = {v: e.summary for v, e in evaluations.items() if e.summary is not None}
-    if summaries:
+    if summaries:  # a backend's own numbers, under its name, with its version
         from importlib.metadata import version
 
-        result["lmms_eval"] = {"version": version("lmms_eval"), **summaries}
+        key, package = getattr(task, "SUMMARY", ("lmms_eval", "lmms_eval"))
+        result[key] = {"version": version(package), **summaries}
     images = {}
     if calibrated and "adjacent_js" in calibrated:
         images["layer_divergence"] = figures.layer_divergence_png(
@@ -314,6 +332,10 @@ def print_summary(result: dict) -> None:
                 line += (f"  † dense below {headline.DENSE_FLOOR:.0%}: a type dense cannot do "
                          "(left out of acc_mean_types_capable)")
             print(line)
+    for name, scores in result["tasks"].items():
+        if "agreement" in scores:  # VLMEvalKit's verdicts beside the harness's own scorer (the shapes sets)
+            print(f"task {name}: VLMEvalKit's scoring and the harness's agree on {scores['agreement']:.1%} of samples "
+                  f"(harness acc {scores['acc_harness']:.3f})")
     if result.get("fidelity"):
         f = result["fidelity"]
         print(f"fidelity to dense: exact {f['exact_match']:.3f}, prefix agreement {f['prefix_agreement']:.3f}, "
