@@ -2,6 +2,11 @@
 
 import sys
 
+if __name__ == "__main__":  # task=vlmeval from a Python without VLMEvalKit: the same command in .venv-vlmeval,
+    from harness.vlmeval import reexec  # before this process loads torch and Hydra
+
+    reexec(sys.argv[1:])
+
 import hydra
 from omegaconf import DictConfig
 
@@ -31,9 +36,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    from harness.vlmeval import reexec
-
-    reexec(sys.argv[1:])  # task=vlmeval from a Python without VLMEvalKit: the same command in .venv-vlmeval
     register_method_presets()  # registered methods without a conf/method YAML (lazyattn.register)
     check_command_line(preflight=preflight)
     main()

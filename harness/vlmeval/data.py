@@ -73,17 +73,22 @@ def check(names, data_dir: str | None, verify_md5: bool = True) -> dict[str, Fou
     """Every dataset's TSV present, readable, with the columns its kind needs; before the model loads."""
     if not names:
         raise ValueError("task.datasets is empty; name VLMEvalKit datasets, e.g. 'task.datasets=[POPE,MMBench_DEV_EN]'.")
+    root = data_root(data_dir)
+    for name in names:  # before VLMEvalKit's import (about 15 s)
+        path = root / f"{name}.tsv"
+        if not path.is_file():
+            raise ValueError(f"VLMEvalKit dataset {name}: {path} does not exist, and the harness never downloads; put the "
+                             f"released TSV there (docs/benchmarks.md, VLMEvalKit) or pass task.data_dir=DIR.")
+    from harness.vlmeval import import_vlmeval
+
+    import_vlmeval()
     from vlmeval.dataset.image_mcq import CustomMCQDataset
     from vlmeval.dataset.image_yorn import ImageYORNDataset
 
-    root = data_root(data_dir)
     found = {}
     for name in names:
         path = root / f"{name}.tsv"
         cls = registered(name)
-        if not path.is_file():
-            raise ValueError(f"VLMEvalKit dataset {name}: {path} does not exist, and the harness never downloads; put the "
-                             f"released TSV there (docs/benchmarks.md, VLMEvalKit) or pass task.data_dir=DIR.")
         try:
             data = pd.read_csv(path, sep="\t", nrows=None, usecols=lambda c: c != "image")
         except Exception as err:

@@ -27,7 +27,7 @@ from typing import Any
 from harness.compare import interval
 from harness.config import RunError
 from harness.tasks import Evaluation
-from harness.vlmeval import import_vlmeval, require
+from harness.vlmeval import require
 from harness.vlmeval import data as vdata
 
 MODEL_NAME = "lazyattn"  # VLMEvalKit's files are <MODEL_NAME>_<dataset>.xlsx and its evaluation's siblings
@@ -64,7 +64,6 @@ class VlmevalDatasets:
         if int(self.max_new_tokens) < 1:
             raise ValueError(f"task.max_new_tokens must be >= 1, got {self.max_new_tokens}.")
         require()
-        import_vlmeval()
         self.found = vdata.check(list(self.datasets), self.data_dir, bool(self.verify_md5))
 
     def calibration_prompts(self, n: int):
