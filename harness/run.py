@@ -268,9 +268,13 @@ def run(cfg: DictConfig) -> Path:
     if "dense" in evaluations:
         result["tasks_dense"] = evaluations["dense"].scores
     first_task = next(iter(result["tasks"]), None)
+
+    def of_first(variant_rows):  # the headline is the first task's: a run over several scores each apart
+        return None if variant_rows is None else [r for r in variant_rows if r.get("task", first_task) == first_task]
+
     result["headline"] = {
         "task": first_task,
-        **headline.compute(result, rows["method"], rows.get("dense"),
+        **headline.compute(result, of_first(rows["method"]), of_first(rows.get("dense")),
                            (result.get("tasks_dense") or {}).get(first_task)),
     }
     summaries = {v: e.summary for v, e in evaluations.items() if e.summary is not None}

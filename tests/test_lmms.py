@@ -148,8 +148,10 @@ def test_chat_messages_become_harness_history():
 def test_multiturn_is_refused_clearly():
     with pytest.raises(ValueError, match="single-turn"):
         build_task(cfg_for("task.backend=lmms_eval").task)  # task=shapes asks multiturn questions too
-    with pytest.raises(ValueError, match="task.backend must be one of"):
+    with pytest.raises(ValueError, match="VLMEvalKit runs its own datasets: use task=vlmeval"):
         build_task(cfg_for("task.backend=vlmeval").task)
+    with pytest.raises(ValueError, match="task.backend must be one of"):
+        build_task(cfg_for("task.backend=nope").task)
 
 
 def test_pip_check_accepts_only_documented_skips():

@@ -105,12 +105,16 @@ class VlmevalDatasets:
                     model.answers[message_key(message)] = done["prediction"]
                     model.kv_bytes[message_key(message)] = int(done["kv_bytes"][-1])
             model.answer_ahead(list(messages.values()))
+            for stale in work_dir.glob(f"*{name}*"):  # VLMEvalKit reuses files it finds: these answers are the truth
+                if stale.name.startswith(f"{MODEL_NAME}_{name}") or stale.name.endswith(f"_{name}.pkl"):
+                    stale.unlink()
             with vdata.no_downloads():
                 infer_data_job(model, work_dir=str(work_dir), model_name=MODEL_NAME, dataset=dataset)
                 result_file = get_pred_file_path(str(work_dir), MODEL_NAME, name)
                 table = dataset.evaluate(result_file, model=vdata.JUDGE, nproc=1)
             verdicts = vdata.sample_scores(found, result_file)
-            written = {str(i): p for i, p in zip(load(result_file)["index"], load(result_file)["prediction"])}
+            predictions = load(result_file)
+            written = dict(zip(map(str, predictions["index"]), predictions["prediction"]))
             name_rows = []
             for line in lines:
                 index = str(line["index"])
@@ -118,9 +122,9 @@ class VlmevalDatasets:
                 row = {"task": name, "id": f"{name}/{index}", "category": _text(line.get("category")),
                        "target": str(line["answer"]), "prediction": model.answers[key],
                        "acc": verdicts[index], "kv_bytes": [model.kv_bytes[key]]}
-                if str(written.get(index, "")) != model.answers[key] and str(written.get(index)) != "nan":
-                    raise RunError(f"VLMEvalKit's prediction file {result_file} holds another answer for index {index} "
-                                   "than the model gave; remove the folder and run again.")
+                if isinstance(written.get(index), str) and written[index] != model.answers[key]:
+                    raise RuntimeError(f"VLMEvalKit's prediction file {result_file} holds another answer for index "
+                                       f"{index} than the model gave ({written[index]!r}, {model.answers[key]!r}).")
                 if "harness_id" in line and isinstance(line.get("harness_answer"), str):
                     row["harness_id"], row["shapes_qtype"] = str(line["harness_id"]), str(line["qtype"])
                     row["acc_harness"] = shapes.score_turn(row["shapes_qtype"], row["prediction"],

@@ -112,6 +112,8 @@ def test_method_changes_answers_and_kv_bytes(lazy_run):
     assert any(r["prediction"] != dense[r["id"]]["prediction"] for r in method)
     assert all(r["kv_bytes"][0] < dense[r["id"]]["kv_bytes"][0] for r in method)
     assert result["kv_workload"]["reduction"] > 0.2 and result["fidelity"]["exact_match"] < 1
+    head = result["headline"]  # the first dataset's, not both pooled
+    assert head["task"] == "shapes_yorn" and head["delta_score"] == pytest.approx(result["tasks"]["shapes_yorn"]["delta"])
     for name in ("shapes_yorn", "shapes_mcq"):  # the paired difference per dataset, with its interval
         lo, hi = result["tasks"][name]["delta_ci95"]
         assert lo <= result["tasks"][name]["delta"] <= hi
