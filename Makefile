@@ -90,7 +90,7 @@ gpu-collect:
 
 test: $(STAMP) $(LMMS_STAMP) $(VLM_STAMP)
 	WANDB_MODE=offline $(BIN)/python -m pytest tests $(PYTEST_ARGS)
-	WANDB_MODE=offline $(VLM_VENV)/bin/python -m pytest tests/vlmeval $(PYTEST_ARGS)
+	WANDB_MODE=offline $(VLM_VENV)/bin/python -m pytest tests/vlmevalkit $(PYTEST_ARGS)
 
 clean:
 	rm -rf runs outputs .pytest_cache

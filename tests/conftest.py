@@ -11,9 +11,9 @@ from harness.models import load_model  # noqa: E402
 from harness.vlmeval import available as vlmeval_available  # noqa: E402
 from helpers import cfg_for  # noqa: E402
 
-# tests/vlmeval runs in VLMEvalKit's environment (`make test` runs it with .venv-vlmeval/bin/python);
+# tests/vlmevalkit runs in VLMEvalKit's environment (`make test` runs it with .venv-vlmeval/bin/python);
 # a Python without VLMEvalKit leaves it out (tests/test_vlmeval_cli.py drives that environment from here)
-collect_ignore = [] if vlmeval_available() else ["vlmeval"]
+collect_ignore = [] if vlmeval_available() else ["vlmevalkit"]
 
 
 def tiny_random(*overrides):

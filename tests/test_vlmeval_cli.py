@@ -1,7 +1,7 @@
 """``python -m harness task=vlmeval ...`` from the project's own Python: it re-executes itself in
 VLMEvalKit's environment (.venv-vlmeval, built by ``make test`` / ``make vlmeval-install``), writes
 result.json and VLMEvalKit's files, and refuses bad input in one line. The backend's own tests are
-in tests/vlmeval (run in that environment)."""
+in tests/vlmevalkit (run in that environment)."""
 
 import json
 import os

@@ -34,7 +34,9 @@ INSTALL = "make vlmeval-install"
 
 
 def available() -> bool:
-    return importlib.util.find_spec("vlmeval") is not None
+    """VLMEvalKit's package is importable (a folder named vlmeval on the path, a namespace package, is not it)."""
+    spec = importlib.util.find_spec("vlmeval")
+    return spec is not None and spec.origin is not None
 
 
 def require() -> None:
