@@ -1,9 +1,16 @@
-"""Greedy generation over a task's samples, batched with left padding, multi-turn aware.
+"""Greedy generation over conversations, batched with left padding, multi-turn aware.
 
-A sample's answer depends on that sample alone: every sample in a batch is cut to its own
-token budget, so accuracy does not change with batch size. Batches are formed among samples
-with the same number of image tokens (token pruning needs that; LLaVA-NeXT's anyres tiling and
-Qwen2-VL's dynamic resolution vary it with the image), and answers still come out in order.
+Data flows one way: a task builds ``Conversation``s (first-turn messages and images, per-turn
+budgets and questions), ``answer`` answers them, the task scores the ``Answer``s. Every caller
+answers through ``answer``: the built-in tasks, the tiny model's training-time evaluation, and
+the lmms-eval and VLMEvalKit models.
+
+A conversation's answer depends on it alone: every row in a batch is cut to its own token
+budget, so accuracy does not change with batch size. Each first-turn prompt goes through the
+processor once; batches are formed among conversations with the same number of image tokens
+(token pruning needs that; LLaVA-NeXT's anyres tiling and Qwen2-VL's dynamic resolution vary it
+with the image), counted in that pass, and stacked from the processed prompts; answers still
+come out in order.
 
 Multi-turn conversations run in one of two modes (``task.multiturn``):
 
@@ -24,8 +31,9 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -233,7 +241,13 @@ class Generator:
 
     def first_turn(self, histories, images, budgets) -> tuple[Dialogue, list[list[int]]]:
         """Prefill the prompts (with their images) into a fresh cache and answer them."""
-        inputs = prompt_inputs(self.processor, histories, images, self.device, self.model.dtype)
+        return self.answer_inputs(prompt_inputs(self.processor, histories, images, self.device, self.model.dtype),
+                                  budgets)
+
+    def answer_inputs(self, inputs: dict, budgets) -> tuple[Dialogue, list[list[int]]]:
+        """Prefill processed prompts (left-padded ids, mask, image tensors, on the device) into a
+        fresh cache and answer them."""
+        inputs = dict(inputs)
         if self.mrope:  # Qwen2-VL positions its tokens from the image grid: let `generate` drive it
             ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
             dialogue = self.new_dialogue(ids.shape[0], max(budgets))
@@ -304,21 +318,75 @@ class Generator:
         return tail + self.tokenizer(after[len(before) :], add_special_tokens=False)["input_ids"]
 
 
-@torch.inference_mode()
-def generate_batch(model, processor, histories, images, budgets: Sequence[int], device, cache: str = "static") -> list[str]:
-    """One greedy answer per history (each with its images), each cut to its own budget."""
-    gen = Generator(model, processor, device, cache=cache)
-    _, out = gen.first_turn(histories, images, budgets)
-    return [gen.text(tokens) for tokens in out]
+@dataclasses.dataclass
+class Conversation:
+    """One thing to answer, as a task builds it: the first turn's chat messages (image
+    placeholders) and their images, each turn's token budget and, for a multi-turn conversation,
+    every turn's question. The generator answers it; it never calls back into the task."""
+
+    id: str
+    history: list[dict]  # the first turn's chat messages
+    images: list  # their images, in placeholder order (the first turn carries every image)
+    budgets: list[int]  # one per turn
+    questions: list[str] = dataclasses.field(default_factory=list)  # every turn's question; [] for one turn
+
+    @classmethod
+    def of_questions(cls, id: str, questions: Sequence[str], budgets: Sequence[int], images: list) -> Conversation:
+        """The image with the first question, then one user question per turn."""
+        if len(questions) != len(budgets):
+            raise ValueError(f"conversation {id}: {len(questions)} questions but {len(budgets)} budgets")
+        return cls(id, conversation(questions[:1], []), list(images), list(budgets), list(questions))
+
+    def history_at(self, turn: int, answers: Sequence[str]) -> list[dict]:
+        return self.history if turn == 0 else conversation(self.questions[: turn + 1], answers)
 
 
-def image_token_count(model, processor, task, sample) -> int:
-    """The image tokens of the sample's first-turn prompt (0 when the model names no image token)."""
-    image_token = getattr(model.config, "image_token_id", None)
-    if image_token is None:
-        return 0
-    inputs = prompt_inputs(processor, [conversation(sample.questions[:1], [])], [task.image(sample)], "cpu")
-    return int((inputs["input_ids"] == image_token).sum())
+@dataclasses.dataclass
+class Answer:
+    conversation: Conversation
+    turns: list[str]  # the text of every turn's answer
+    kv_bytes: list[int]  # the conversation's KV cache bytes at the end of each turn
+
+    @property
+    def id(self) -> str:
+        return self.conversation.id
+
+    @property
+    def prediction(self) -> str:
+        return self.turns[-1]
+
+
+# Tensors a processor returns one entry per prompt token: left-padded when prompts are batched.
+PER_TOKEN = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+WINDOW_BATCHES = 16  # first turns are processed this many batches ahead (bounded memory), then grouped
+
+
+def collate(items: Sequence[dict], pad_id: int) -> dict | None:
+    """Prompts processed one by one (batch 1 each) -> the left-padded batch the processor would
+    have made of them together; None where a tensor cannot be stacked (e.g. LLaVA-NeXT tiles of
+    different counts), so the caller processes that batch jointly."""
+    width = max(x["input_ids"].shape[1] for x in items)
+    out = {}
+    for key in items[0]:
+        values = [x[key] for x in items]
+        if key in PER_TOKEN:
+            fill = pad_id if key == "input_ids" else 0
+            padded = values[0].new_full((len(values), width), fill)
+            for row, value in enumerate(values):
+                padded[row, width - value.shape[1] :] = value[0]
+            out[key] = padded
+        elif all(v.shape[1:] == values[0].shape[1:] for v in values):
+            out[key] = torch.cat(values, dim=0)
+        else:
+            return None
+    return out
+
+
+def _to_device(inputs: dict, device, dtype) -> dict:
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    if dtype is not None and "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return inputs
 
 
 def batches(keys: Sequence, batch_size: int) -> list[list[int]]:
@@ -331,48 +399,58 @@ def batches(keys: Sequence, batch_size: int) -> list[list[int]]:
     return sorted(out, key=lambda b: b[0])
 
 
-@dataclasses.dataclass
-class Answer:
-    sample: object
-    turns: list[str]  # the text of every turn's answer
-    kv_bytes: list[int]  # the sample's KV cache bytes at the end of each turn
-
-    @property
-    def prediction(self) -> str:
-        return self.turns[-1]
-
-
-def answer(model, processor, task, samples: Sequence, batch_size: int, device, multiturn: str = "carry",
+def answer(model, processor, conversations: Iterable[Conversation], batch_size: int, device, multiturn: str = "carry",
            min_new_tokens: int = 0, cache: str = "static") -> Iterator[Answer]:
-    """Every sample's answers, batch by batch, in order."""
+    """Every conversation's answers, in order, each as soon as every earlier one is done.
+
+    ``conversations`` is read ``WINDOW_BATCHES`` batches ahead (pass a generator to load images
+    lazily: memory stays bounded by the window). Each first-turn prompt goes through the
+    processor once; within a window conversations with the same number of image tokens (counted
+    in that one pass) form batches of ``batch_size``, stacked from the processed prompts."""
     if multiturn not in MULTITURN_MODES:
         raise ValueError(f"task.multiturn must be one of {list(MULTITURN_MODES)}, got {multiturn!r}.")
     gen = Generator(model, processor, device, min_new_tokens, cache=cache)
-    keys = [image_token_count(model, processor, task, s) for s in samples] if batch_size > 1 else [0] * len(samples)
+    image_token = getattr(model.config, "image_token_id", None)
+    pad_id = getattr(gen.tokenizer, "pad_token_id", None)
+    pad_id = gen.pad if pad_id is None else pad_id
+    window = WINDOW_BATCHES * max(1, batch_size)
     finished: dict[int, Answer] = {}
-    next_out = 0
+    next_out, start, source = 0, 0, iter(conversations)
     with torch.inference_mode():
-        for index in batches(keys, batch_size):
-            batch = [samples[i] for i in index]
-            for i, ans in zip(index, _answer_batch(gen, task, batch, multiturn)):
-                finished[i] = ans
-            while next_out in finished:  # in order, as soon as every earlier sample is done
-                yield finished.pop(next_out)
-                next_out += 1
+        while chunk := list(itertools.islice(source, window)):
+            processed = [prompt_inputs(processor, [c.history], c.images, "cpu") for c in chunk]
+            keys = [0 if image_token is None else int((p["input_ids"] == image_token).sum()) for p in processed]
+            for index in batches(keys, batch_size):
+                batch = [chunk[i] for i in index]
+                inputs = collate([processed[i] for i in index], pad_id) if len(index) > 1 else processed[index[0]]
+                if inputs is None:  # not stackable one by one: the processor batches them itself
+                    inputs = prompt_inputs(processor, [c.history for c in batch], [i for c in batch for i in c.images],
+                                           "cpu")
+                inputs = _to_device(inputs, device, model.dtype)
+                for i, ans in zip(index, _answer_batch(gen, batch, inputs, multiturn)):
+                    finished[start + i] = ans
+                while next_out in finished:
+                    yield finished.pop(next_out)
+                    next_out += 1
+            start += len(chunk)
 
 
-def _answer_batch(gen: Generator, task, batch: Sequence, multiturn: str) -> list[Answer]:
+def _answer_batch(gen: Generator, batch: Sequence[Conversation], inputs: dict, multiturn: str) -> list[Answer]:
     replies: list[list[str]] = [[] for _ in batch]
     tokens: list[list[int]] = [[] for _ in batch]
     kv: list[list[int]] = [[] for _ in batch]
     dialogue = None
-    for turn in range(max(len(s.questions) for s in batch)):
-        active = [i for i, s in enumerate(batch) if len(s.questions) > turn]
-        budgets = {i: task.turn_budget(batch[i].turn_types[turn]) for i in active}
-        if turn == 0 or multiturn == "reencode":
+    for turn in range(max(len(c.budgets) for c in batch)):
+        active = [i for i, c in enumerate(batch) if len(c.budgets) > turn]
+        budgets = {i: batch[i].budgets[turn] for i in active}
+        if turn == 0:
+            dialogue, out = gen.answer_inputs(inputs, [budgets[i] for i in active])
+            rows = dict(zip(active, range(len(active))))
+            out = dict(zip(active, out))
+        elif multiturn == "reencode":
             dialogue, out = gen.first_turn(
-                [conversation(batch[i].questions[: turn + 1], replies[i]) for i in active],
-                [task.image(batch[i]) for i in active],
+                [batch[i].history_at(turn, replies[i]) for i in active],
+                [image for i in active for image in batch[i].images],
                 [budgets[i] for i in active],
             )
             rows = dict(zip(active, range(len(active))))
@@ -390,18 +468,4 @@ def _answer_batch(gen: Generator, task, batch: Sequence, multiturn: str) -> list
             tokens[i] = out[i]
             replies[i].append(gen.text(out[i]))
             kv[i].append(row_bytes[rows[i]])
-    return [Answer(sample, turns, sizes) for sample, turns, sizes in zip(batch, replies, kv)]
-
-
-def evaluate(model, processor, task, samples, batch_size, device, on_sample: Callable | None = None, done=None,
-             multiturn: str = "carry", min_new_tokens: int = 0, cache: str = "static"):
-    """Predictions for every sample; ``done`` maps sample ids to predictions finished earlier.
-    ``on_sample(answer)`` sees each new ``Answer`` as soon as its batch is done."""
-    done = done or {}
-    todo = [s for s in samples if s.id not in done]
-    predictions = dict(done)
-    for ans in answer(model, processor, task, todo, batch_size, device, multiturn, min_new_tokens, cache):
-        predictions[ans.sample.id] = ans.prediction
-        if on_sample is not None:
-            on_sample(ans)
-    return [predictions[s.id] for s in samples]
+    return [Answer(c, turns, sizes) for c, turns, sizes in zip(batch, replies, kv)]

@@ -32,7 +32,7 @@ from harness.config import (
 from harness.generate import prompt_inputs
 from harness.models import load_model
 from harness.results import SCHEMA_VERSION, SampleLog, env_info, write_json_atomic
-from harness.tasks import ShapesTask, shapes_task
+from harness.tasks import TASKS
 
 
 def preflight(cfg: DictConfig, multirun: bool = False) -> None:
@@ -68,34 +68,8 @@ def model_family(model_cfg: DictConfig) -> str | None:
 
 
 def build_task(cfg: DictConfig):
-    """The task a ``task=`` preset names: its ``name`` and ``backend`` pick the implementation."""
-    backend = str(cfg.get("backend", "builtin"))
-    if backend == "lmms_eval":  # the optional lmms-eval backend, imported only when a task asks for it
-        from harness.lmms.tasks import LmmsBenchmarks, LmmsShapes
-    if cfg.name == "vlmeval" or backend == "vlmeval":  # VLMEvalKit, in its own environment (harness.vlmeval)
-        if cfg.name != "vlmeval" or backend != "vlmeval":
-            raise ValueError("VLMEvalKit runs its own datasets: use task=vlmeval 'task.datasets=[...]'.")
-        from harness.vlmeval.tasks import VlmevalDatasets
-
-        data_dir = cfg.get("data_dir")
-        task = VlmevalDatasets(name=cfg.name, datasets=list(cfg.datasets),
-                               data_dir=None if data_dir in (None, "") else str(data_dir),
-                               max_new_tokens=int(cfg.max_new_tokens), verify_md5=bool(cfg.verify_md5))
-    elif cfg.name == "lmms_eval":
-        if backend != "lmms_eval":
-            raise ValueError(f"the lmms-eval benchmarks {list(cfg.lmms_tasks)} run on task.backend=lmms_eval only.")
-        data_dir, budget = cfg.get("data_dir"), cfg.get("max_new_tokens")
-        task = LmmsBenchmarks(
-            name=cfg.name, lmms_tasks=list(cfg.lmms_tasks), data_dir=None if data_dir in (None, "") else str(data_dir),
-            max_new_tokens=None if budget is None else int(budget),
-        )
-    elif cfg.name == "shapes":
-        if backend not in ("builtin", "lmms_eval"):
-            raise ValueError(f"task.backend must be one of ['builtin', 'lmms_eval'], got {backend!r}.")
-        task = (ShapesTask if backend == "builtin" else LmmsShapes)(**vars(shapes_task(cfg)))
-    else:
-        raise ValueError(f"unknown task {cfg.name!r}: use task=shapes, task=shapes_lmms, task=paper, task=benchmarks or "
-                         "task=vlmeval.")
+    """The task a ``task=`` preset names (``harness.tasks.TASKS``, by its ``name``), checked."""
+    task = TASKS.get(str(cfg.name))(cfg)
     task.check()
     return task
 

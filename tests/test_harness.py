@@ -12,7 +12,7 @@ from helpers import cfg_for
 from omegaconf import open_dict
 
 from harness import measure
-from harness.generate import evaluate, prompt_inputs
+from harness.generate import prompt_inputs
 from harness.config import RunError
 from harness.run import build_task, run
 from harness.tasks import first_turn
@@ -68,8 +68,8 @@ def test_predictions_do_not_depend_on_batch_size(tiny):
     task = build_task(cfg_for().task)
     samples = task.samples(6)
     with LazyAttention(ratio=0.5).apply(tiny.model):
-        one = evaluate(tiny.model, tiny.processor, task, samples, 1, "cpu")
-        four = evaluate(tiny.model, tiny.processor, task, samples, 4, "cpu")
+        one = task.predictions(tiny.model, tiny.processor, samples, 1, "cpu")
+        four = task.predictions(tiny.model, tiny.processor, samples, 4, "cpu")
     assert one == four
     assert len(set(one)) > 1
 

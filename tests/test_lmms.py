@@ -18,7 +18,6 @@ if os.environ.get("CI"):
 else:
     pytest.importorskip("lmms_eval", reason="lmms-eval is not installed: run `make lmms-install`")
 
-from harness.generate import evaluate  # noqa: E402
 from harness.lmms.tasks import evaluate_shapes  # noqa: E402
 from harness.lmms.export_shapes import write_task_dir  # noqa: E402
 from harness.lmms.model import LazyAttnLMM, to_history  # noqa: E402
@@ -64,7 +63,7 @@ def test_same_predictions_and_scores_as_builtin(tiny, tmp_path):
     assert {s.qtype for s in samples} == {"colour", "count", "exist", "position", "describe"}
     method = LazyAttention(ratio=0.5)
     with method.apply(tiny.model):
-        builtin = evaluate(tiny.model, tiny.processor, task, samples, 3, "cpu")
+        builtin = task.predictions(tiny.model, tiny.processor, samples, 3, "cpu")
     predictions, scores, summary = evaluate_shapes(task, tiny, method, samples, 4, "cpu", tmp_path / "lmms")
     assert predictions == builtin
     assert len(set(builtin)) > 1  # the wide-init tiny model says different things to different prompts
@@ -119,7 +118,7 @@ def test_cli_matches_builtin(tmp_path):
             cli[ids[row["doc_id"]]] = row["filtered_resps"]
     loaded = load_model(cfg_for("model=llava_tiny_random").model)
     with LazyAttention(layers=[1, 3, 5]).apply(loaded.model):
-        builtin = evaluate(loaded.model, loaded.processor, task, samples, 2, "cpu")
+        builtin = task.predictions(loaded.model, loaded.processor, samples, 2, "cpu")
     assert cli == {s.id: p for s, p in zip(samples, builtin)}
 
 

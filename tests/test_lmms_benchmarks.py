@@ -22,7 +22,7 @@ if os.environ.get("CI"):
 else:
     pytest.importorskip("lmms_eval", reason="lmms-eval is not installed: run `make lmms-install`")
 
-from harness.generate import generate_batch  # noqa: E402
+from harness.generate import Conversation, answer  # noqa: E402
 from harness.lmms import benchmarks  # noqa: E402
 from harness.lmms.tasks import _metrics, evaluate_shapes  # noqa: E402
 from harness.lmms.export_shapes import write_task_dir as write_shapes_dir  # noqa: E402
@@ -242,7 +242,8 @@ def test_benchmarks_run_end_to_end_from_local_data(tmp_path):
     histories = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p["question"] + POPE_POST}]}]
                  for p in pope]
     with LazyAttention(layers=[1, 3, 5]).apply(model.model):
-        direct = generate_batch(model.model, model.processor, histories, [p["image"] for p in pope], [6] * 3, "cpu")
+        asked = [Conversation(str(i), h, [p["image"]], [6]) for i, (h, p) in enumerate(zip(histories, pope))]
+        direct = [a.prediction for a in answer(model.model, model.processor, asked, 3, "cpu")]
     assert [r["prediction"] for r in method_rows] == direct
 
 

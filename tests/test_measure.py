@@ -225,27 +225,23 @@ def test_batches_group_by_key_in_order():
 def test_mixed_image_token_counts_run_batched_with_unchanged_predictions(monkeypatch):
     loaded = families.build_random("llava_next", {**TEXT, "backbone": "mistral"}, CLIP, initializer_range=0.2)
     model, processor = loaded.model, loaded.processor
-    samples = shapes.load_split("test", 5)
-    sizes = {s.id: size for s, size in zip(samples, [(64, 64), (96, 64), (64, 64), (96, 64), (64, 64)])}
-
-    class Task:
-        def image(self, sample):
-            return sample.image(64).resize(sizes[sample.id])
-
-        def turn_budget(self, turn_type):
-            return 3
-
-    task = Task()
-    counts = [generate.image_token_count(model, processor, task, s) for s in samples]
+    sizes = [(64, 64), (96, 64), (64, 64), (96, 64), (64, 64)]
+    asked = [generate.Conversation.of_questions(s.id, s.questions, [3], [s.image(64).resize(size)])
+             for s, size in zip(shapes.load_split("test", 5), sizes)]
+    counts = [int((generate.prompt_inputs(processor, [c.history], c.images, "cpu")["input_ids"]
+                   == model.config.image_token_id).sum()) for c in asked]
     assert len(set(counts)) == 2, counts
     fastv = lazyattn.build({"name": "fastv", "k": 2, "ratio": 0.5})
-    order = []
+
+    def predictions(batch_size):
+        answers = list(generate.answer(model, processor, asked, batch_size, "cpu"))
+        assert [a.id for a in answers] == [c.id for c in asked]  # in order, whatever the batches
+        return [a.prediction for a in answers]
+
     with fastv.apply(model):
-        one = generate.evaluate(model, processor, task, samples, 1, "cpu")
-        grouped = generate.evaluate(model, processor, task, samples, 3, "cpu",
-                                    on_sample=lambda answer: order.append(answer.sample.id))
-        assert grouped == one and order == [s.id for s in samples]
+        one = predictions(1)
+        assert predictions(3) == one
         monkeypatch.setattr(generate, "batches", lambda keys, b: [list(range(i, min(i + b, len(keys))))
                                                                    for i in range(0, len(keys), b)])
         with pytest.raises(ValueError, match="same number of image tokens"):
-            generate.evaluate(model, processor, task, samples, 3, "cpu")
+            predictions(3)

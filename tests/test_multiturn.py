@@ -9,7 +9,7 @@ from test_prune import kept_columns, masked_reference
 
 import lazyattn
 from harness import compare
-from harness.generate import Generator, conversation, evaluate
+from harness.generate import Generator, conversation
 from harness.models import load_model
 from harness.run import build_task, run
 from lazyattn import FastV, LazyAttention, PruneEngine
@@ -32,8 +32,8 @@ def test_dense_carry_equals_reencode_and_carry_is_batch_invariant(trained):
     runs = {}
     for mode in ("carry", "reencode"):
         for batch_size in (1, 8):
-            runs[mode, batch_size] = evaluate(trained.model, trained.processor, task, samples, batch_size, "cpu",
-                                              multiturn=mode)
+            task.multiturn = mode
+            runs[mode, batch_size] = task.predictions(trained.model, trained.processor, samples, batch_size, "cpu")
     assert runs["carry", 1] == runs["carry", 8]
     assert runs["reencode", 1] == runs["reencode", 8]
     assert runs["carry", 8] == runs["reencode", 8]

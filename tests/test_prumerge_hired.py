@@ -381,20 +381,14 @@ def test_the_harness_decode_loop_answers_alike_with_static_and_dynamic_caches(ti
 def test_per_sample_kv_bytes_do_not_count_the_padding_of_shorter_samples(tiny):
     """Plain PruMerge keeps different counts per sample (padded in a batch): each sample's workload
     KV bytes are the same in a batch as alone."""
-    from harness.generate import answer
+    from harness.generate import Conversation, answer
     from harness.tasks import shapes
 
-    class Task:
-        def image(self, sample):
-            return sample.image(64)
-
-        def turn_budget(self, turn_type):
-            return 3
-
-    samples = shapes.load_split("test", 4, ["colour"])
+    samples = [Conversation.of_questions(s.id, s.questions, [3], [s.image(64)])
+               for s in shapes.load_split("test", 4, ["colour"])]
     method = lazyattn.build({"name": "prumerge_plus", "plus": False})
     with method.apply(tiny.model):
-        alone = [a.kv_bytes for a in answer(tiny.model, tiny.processor, Task(), samples, 1, "cpu")]
-        batched = [a.kv_bytes for a in answer(tiny.model, tiny.processor, Task(), samples, 4, "cpu")]
+        alone = [a.kv_bytes for a in answer(tiny.model, tiny.processor, samples, 1, "cpu")]
+        batched = [a.kv_bytes for a in answer(tiny.model, tiny.processor, samples, 4, "cpu")]
     assert len({tuple(k) for k in alone}) > 1, "the samples must keep different counts for this to test anything"
     assert batched == alone

@@ -10,7 +10,6 @@ from safetensors.torch import load_file
 from transformers import LlavaForConditionalGeneration
 
 from harness import ASSETS
-from harness.generate import evaluate
 from harness.models.local import load_local
 from harness.models import load_model
 from harness.tasks import ShapesTask, shapes
@@ -61,7 +60,7 @@ def test_dense_accuracy_is_far_above_an_image_blind_model(name):
     trained = load_local(ASSETS / name, name=name)
     task = ShapesTask("shapes", "test", SLICE, list(shapes.QTYPES), 64, {"short": 8, "describe": 48, "long": 160})
     samples = task.samples(None)
-    predictions = evaluate(trained.model, trained.processor, task, samples, 24, torch.device("cpu"))
+    predictions = task.predictions(trained.model, trained.processor, samples, 24, torch.device("cpu"))
     scores = task.score(samples, predictions)
     failures = []
     for qtype, (metric, floor) in (DEEP_FLOORS if name == "llava_tiny_deep" else FLOORS).items():

@@ -12,8 +12,9 @@ override of either group (``model.path=/data/llava-1.5-7b-hf``, ``method.layers=
 none). The harness builds the model and the method exactly as ``python -m harness`` does; the
 harness itself hands in the objects it already holds (``LazyAttnLMM.from_loaded``).
 
-Generation is greedy and batched (left padding), through ``harness.generate.generate_batch``,
-the function the built-in path uses. Sampling settings in a task's ``generation_kwargs``
+Generation is greedy and batched (left padding), through ``harness.generate.answer``, the call
+the built-in path uses (requests with equal image-token counts batched together, answers in
+request order). Sampling settings in a task's ``generation_kwargs``
 (temperature, top_p, num_beams) are ignored with a warning; ``until`` stop strings are applied
 to the decoded text. ``loglikelihood`` and multi-round generation are not implemented.
 
@@ -35,7 +36,7 @@ from PIL import Image
 
 from harness import calibration
 from harness.config import RunError, check_overrides, compose, resolve_device
-from harness.generate import generate_batch
+from harness.generate import Conversation, answer
 from harness.models import Loaded, load_model
 from lazyattn import Method
 
@@ -233,23 +234,22 @@ class LazyAttnLMM(lmms):
         return history, images, self._budget(gen_kwargs), [until] if isinstance(until, str) else until
 
     def generate_until(self, requests) -> list[str]:
-        """Greedy answers, ``batch_size`` requests at a time, in request order (images loaded per batch)."""
-        answers: list[str] = []
-        with self.method.apply(self._model):
-            for start in range(0, len(requests), self.batch_size):
-                batch = [self._prepare(r) for r in requests[start : start + self.batch_size]]
+        """Greedy answers, ``batch_size`` requests at a time, in request order (``harness.generate.answer``;
+        each request's prompt and images are read as the generator reaches it)."""
+        stops: list[list[str]] = []
+
+        def conversations():
+            for i, request in enumerate(requests):
+                history, images, budget, until = self._prepare(request)
                 if self.first_prompt is None:
-                    self.first_prompt = batch[0][:2]
-                texts = generate_batch(
-                    self._model,
-                    self.processor,
-                    [history for history, _, _, _ in batch],
-                    [image for _, images, _, _ in batch for image in images],
-                    [budget for _, _, budget, _ in batch],
-                    self._device,
-                )
-                answers.extend(_cut(text, until) for text, (_, _, _, until) in zip(texts, batch))
-        return answers
+                    self.first_prompt = (history, images)
+                stops.append(until)
+                yield Conversation(str(i), history, images, [budget])
+
+        with self.method.apply(self._model):
+            texts = [a.prediction for a in answer(self._model, self.processor, conversations(), self.batch_size,
+                                                  self._device)]
+        return [_cut(text, until) for text, until in zip(texts, stops)]
 
     def loglikelihood(self, requests):
         raise NotImplementedError(

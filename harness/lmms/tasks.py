@@ -177,13 +177,13 @@ class LmmsShapes(ShapesTask):
         _static_only(cache)
         samples = self.samples(limit)
         predictions, scores, summary = evaluate_shapes(self, loaded, method, samples, batch_size, device, work_dir)
-        ours = self.score(samples, predictions)  # the same scorer: its 95 % intervals go beside lmms-eval's numbers
+        rows = [self.row(s, p, [p]) for s, p in zip(samples, predictions)]  # each sample scored once
+        ours = self.score_rows(rows)  # the same scorer: its 95 % intervals go beside lmms-eval's numbers
         for key, value in ours.items():
             if key.endswith("_ci95"):
                 scores[key] = value
             elif isinstance(value, dict) and isinstance(scores.get(key), dict):
                 scores[key].update({k: v for k, v in value.items() if k.endswith("_ci95")})
-        rows = [self.row(s, p, [p]) for s, p in zip(samples, predictions)]
         for row in rows:
             on_row(row)
         efficiency_prompt = (conversation(samples[0].questions[:1], []), [self.image(samples[0])])

@@ -333,13 +333,11 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
 def quick_eval(loaded: Loaded, image_size: int, n: int = 160, batch_size: int = 24) -> dict:
     """Dense accuracy on the first ``n`` samples of the *val* split (test stays untouched)."""
     from harness.tasks import ShapesTask
-    from harness.generate import evaluate
 
     task = ShapesTask("shapes", "val", n, list(shapes.QTYPES), image_size, {"short": 8, "describe": 48, "long": 160})
     samples = task.samples(None)
     loaded.model.eval()
-    preds = evaluate(loaded.model, loaded.processor, task, samples, batch_size, torch.device("cpu"))
-    return task.score(samples, preds)
+    return task.score(samples, task.predictions(loaded.model, loaded.processor, samples, batch_size, torch.device("cpu")))
 
 
 def divergence_profile(loaded: Loaded, image_size: int, n: int = 8) -> dict:

@@ -17,9 +17,9 @@ it already loaded (``from_loaded``).
 
 A message (VLMEvalKit's ``[{type: image|text, value}, ...]``) becomes one user turn: its images
 first, then its texts joined by newlines, as LLaVA's and the harness's own prompts put them; the
-answer is greedy, through the harness's generator, with the given budget. ``answer_ahead``
-answers many messages in batches (rows of equal image sizes together, so equal image-token
-counts) and keeps the answers, so VLMEvalKit's one-message-at-a-time loop receives them: that is
+answer is greedy, through the harness's generator (``harness.generate.answer``, the call every
+path answers with), with the given budget. ``answer_ahead`` answers many messages in batches
+(equal image-token counts together) and keeps the answers, so VLMEvalKit's one-message-at-a-time loop receives them: that is
 how the ``task=vlmeval`` route batches. Each answer's KV cache bytes are kept (``kv_bytes``).
 
 For the exported shapes sets (``harness.vlmeval.export_shapes``) the model builds the prompt
@@ -37,7 +37,7 @@ from PIL import Image
 
 from harness import calibration
 from harness.config import check_overrides, compose, resolve_device
-from harness.generate import Generator, row_kv_bytes
+from harness.generate import Conversation, answer
 from harness.models import Loaded, load_model
 from harness.vlmeval import import_vlmeval
 from lazyattn import Method
@@ -116,26 +116,22 @@ class LazyAttnVLM(BaseModel):
         return [*(dict(type="image", value=p) for p in paths), dict(type="text", value=str(line["question"]))]
 
     def answer_ahead(self, messages: Sequence[list[dict]], budget: int | None = None) -> None:
-        """Answer every message not answered yet, ``batch_size`` at a time, rows with equal image
-        sizes batched together; the answers wait for ``generate``."""
-        todo = list({message_key(m): m for m in messages if message_key(m) not in self.answers}.items())
-        prepared = [(key, *to_history(m)) for key, m in todo]
-        groups: dict[tuple, list] = {}
-        for item in prepared:
-            groups.setdefault(tuple(image.size for image in item[2]), []).append(item)
+        """Answer every message not answered yet, ``batch_size`` at a time (those with equal
+        image-token counts together, ``harness.generate.answer``); the answers wait for ``generate``."""
+        todo = {message_key(m): m for m in messages if message_key(m) not in self.answers}
         budget = int(budget or self.max_new_tokens)
-        gen = Generator(self.model, self.loaded.processor, self.device, cache=self.cache)
-        with torch.inference_mode(), self.method.apply(self.model):
-            for group in groups.values():
-                for start in range(0, len(group), self.batch_size):
-                    batch = group[start : start + self.batch_size]
-                    if self.first_prompt is None:
-                        self.first_prompt = (batch[0][1], batch[0][2])
-                    dialogue, out = gen.first_turn([h for _, h, _ in batch], [i for _, _, imgs in batch for i in imgs],
-                                                   [budget] * len(batch))
-                    sizes = row_kv_bytes(dialogue.cache, dialogue.mask)
-                    for (key, _, _), tokens, size in zip(batch, out, sizes):
-                        self.answers[key], self.kv_bytes[key] = gen.text(tokens), int(size)
+
+        def conversations():  # images opened as the generator reaches them
+            for key, message in todo.items():
+                conv = Conversation(key, *to_history(message), [budget])
+                if self.first_prompt is None:
+                    self.first_prompt = (conv.history, conv.images)
+                yield conv
+
+        with self.method.apply(self.model):
+            for ans in answer(self.model, self.loaded.processor, conversations(), self.batch_size, self.device,
+                              cache=self.cache):
+                self.answers[ans.id], self.kv_bytes[ans.id] = ans.prediction, int(ans.kv_bytes[-1])
 
     def generate_inner(self, message, dataset=None) -> str:
         key = message_key(message)
