@@ -78,26 +78,23 @@ def test_interrupted_run_resumes_finished_samples(tmp_path, monkeypatch):
     import harness.tasks as run_mod
 
     calls = []
-    real = run_mod.evaluate
+    real = run_mod.answer
 
-    def flaky(model, processor, task, samples, batch_size, device, on_sample=None, done=None, **kwargs):
-        calls.append(len(done or {}))
-        if len(calls) == 1:  # dense pass: finish 3 samples, then "crash"
-            def stop_after_three(answer, seen=[]):
-                on_sample(answer)
-                seen.append(1)
-                if len(seen) == 3:
-                    raise KeyboardInterrupt
-            return real(model, processor, task, samples, batch_size, device, stop_after_three, done, **kwargs)
-        return real(model, processor, task, samples, batch_size, device, on_sample, done, **kwargs)
+    def flaky(model, processor, conversations, *args, **kwargs):
+        asked = list(conversations)
+        calls.append(len(asked))
+        for i, ans in enumerate(real(model, processor, asked, *args, **kwargs)):
+            if len(calls) == 1 and i == 3:  # dense pass: 3 samples finished, then "crash"
+                raise KeyboardInterrupt
+            yield ans
 
-    monkeypatch.setattr(run_mod, "evaluate", flaky)
+    monkeypatch.setattr(run_mod, "answer", flaky)
     with pytest.raises(KeyboardInterrupt):
         run(small(tmp_path))
     assert not (tmp_path / "result.json").exists()
     assert len((tmp_path / "samples.partial.jsonl").read_text().splitlines()) == 3
     run(small(tmp_path))
-    assert calls[1] == 3  # the resumed dense pass reused the three finished samples
+    assert calls[:2] == [6, 3]  # the resumed dense pass asked only the three unfinished samples
     assert json.loads((tmp_path / "result.json").read_text())["tasks_dense"]["shapes"]["n"] == 6
 
 

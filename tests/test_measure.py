@@ -245,3 +245,23 @@ def test_mixed_image_token_counts_run_batched_with_unchanged_predictions(monkeyp
                                                                    for i in range(0, len(keys), b)])
         with pytest.raises(ValueError, match="same number of image tokens"):
             predictions(3)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"])
+def test_prompts_processed_one_by_one_stack_into_the_processors_batch(family):
+    """generate.answer processes each first turn once and stacks a batch from those: the same
+    tensors as the processor makes of the batch (left padding, images concatenated), per family."""
+    vision = families.TINY_QWEN_VISION if family.startswith("qwen") else CLIP
+    text = {**families.TINY_TEXT, "mrope_section": [2, 3, 3]} if family.startswith("qwen") else TEXT
+    processor = families.build_random(family, text, vision).processor
+    samples = shapes.load_split("test", 3, ["colour", "describe", "count"])
+    histories = [generate.conversation(s.questions[:1], []) for s in samples]
+    histories[1] = generate.conversation(["a much longer question than the others , so the batch pads it ?"], [])
+    images = [s.image(64) for s in samples]
+    one_by_one = [generate.prompt_inputs(processor, [h], [i], "cpu") for h, i in zip(histories, images)]
+    stacked = generate.collate(one_by_one, processor.tokenizer.pad_token_id)
+    joint = generate.prompt_inputs(processor, histories, images, "cpu")
+    assert stacked is not None and stacked.keys() == joint.keys()
+    assert len({x["input_ids"].shape[1] for x in one_by_one}) > 1  # padding is exercised
+    for key in joint:
+        assert torch.equal(stacked[key], joint[key]), key
