@@ -22,7 +22,7 @@ from typing import Any
 
 from harness.lmms import benchmarks, export_shapes
 from harness.generate import conversation
-from harness.tasks import Evaluation, ShapesTask
+from harness.tasks import Evaluation, ShapesTask, calibrates_on_shapes_only
 
 _DROP = ("alias", "samples", "sample_len", "name")
 
@@ -213,11 +213,7 @@ class LmmsBenchmarks:
         require_lmms_eval()
         self.found = benchmarks.check(self.lmms_tasks, self.data_dir)  # every dataset, before any model loads
 
-    def calibration_prompts(self, n: int):
-        raise ValueError(
-            "method.layers=auto calibrates on the shapes val split; run it with task=shapes, then pass the "
-            "chosen layers (result.json method.lazy_layers) as method.layers=[...] here."
-        )
+    calibration_prompts = calibrates_on_shapes_only
 
     def evaluate(self, loaded, method, *, limit, batch_size, device, work_dir, finished, on_row,
                  cache: str = "static") -> Evaluation:

@@ -60,6 +60,14 @@ class Task(Protocol):
     ) -> Evaluation: ...
 
 
+def calibrates_on_shapes_only(task, n: int):
+    """``calibration_prompts`` of a task whose data calibration may not use (a benchmark's own split)."""
+    raise ValueError(
+        "method.layers=auto calibrates on the shapes val split; run it with task=shapes, then pass the "
+        "chosen layers (result.json method.lazy_layers) as method.layers=[...] here."
+    )
+
+
 def first_turn(sample: shapes.Sample, image_size: int) -> Prompt:
     return conversation(sample.questions[:1], []), [sample.image(image_size)]
 

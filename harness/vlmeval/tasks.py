@@ -26,7 +26,7 @@ from typing import Any
 
 from harness.compare import interval
 from harness.config import RunError
-from harness.tasks import Evaluation
+from harness.tasks import Evaluation, calibrates_on_shapes_only
 from harness.vlmeval import require
 from harness.vlmeval import data as vdata
 
@@ -66,11 +66,7 @@ class VlmevalDatasets:
         require()
         self.found = vdata.check(list(self.datasets), self.data_dir, bool(self.verify_md5))
 
-    def calibration_prompts(self, n: int):
-        raise ValueError(
-            "method.layers=auto calibrates on the shapes val split; run it with task=shapes, then pass the "
-            "chosen layers (result.json method.lazy_layers) as method.layers=[...] here."
-        )
+    calibration_prompts = calibrates_on_shapes_only
 
     def evaluate(self, loaded, method, *, limit, batch_size, device, work_dir, finished, on_row,
                  cache: str = "static") -> Evaluation:
