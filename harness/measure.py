@@ -280,7 +280,7 @@ def speedups(dense: dict, method: dict) -> dict:
     return out
 
 
-def compare(
+def time_against_dense(
     model,
     inputs: dict,
     method_ctx: Callable[[], contextlib.AbstractContextManager],

@@ -217,7 +217,7 @@ def run(cfg: DictConfig) -> Path:
         history, images = evaluations["method"].efficiency_prompt
         n = int(cfg.efficiency.batch_size)
         inputs = prompt_inputs(loaded.processor, [history] * n, list(images) * n, device, loaded.model.dtype)
-        efficiency = measure.compare(
+        efficiency = measure.time_against_dense(
             loaded.model, inputs, lambda: method.apply(loaded.model), new_tokens=int(cfg.efficiency.new_tokens),
             repeats=int(cfg.efficiency.repeats), warmup=int(cfg.efficiency.warmup), method=method,
             cache=str(cfg.cache),

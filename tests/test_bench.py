@@ -92,7 +92,7 @@ def test_bench_rows_and_budget(tmp_path, capsys):
 
 def test_bench_resumes_after_interruption(tmp_path, monkeypatch):
     calls = []
-    real = bench.measure.compare
+    real = bench.measure.time_against_dense
 
     def flaky(*args, **kwargs):
         calls.append(args[1]["input_ids"].shape[0])
@@ -100,7 +100,7 @@ def test_bench_resumes_after_interruption(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(bench.measure, "compare", flaky)
+    monkeypatch.setattr(bench.measure, "time_against_dense", flaky)
     cfg = bench_cfg(tmp_path, "methods=['lazy ratio=0.5']", "budget.enabled=false")
     with pytest.raises(KeyboardInterrupt):
         bench.run_bench(cfg)

@@ -175,12 +175,12 @@ def test_hf_path_loads_a_saved_checkpoint(tmp_path, tiny):
     assert result["model"]["name"] == "ckpt" and result["model"]["n_layers"] == 12
 
 
-def test_measure_compare_reports_formula(tiny):
+def test_time_against_dense_reports_formula(tiny):
     task = build_task(cfg_for().task)
     history, images = first_turn(task.samples(1)[0], task.image_size)
     inputs = prompt_inputs(tiny.processor, [history] * 2, images * 2, "cpu")
     method = LazyAttention(layers=[1, 2, 3])
-    eff = measure.compare(tiny.model, inputs, lambda: method.apply(tiny.model), new_tokens=3, repeats=2, warmup=1)
+    eff = measure.time_against_dense(tiny.model, inputs, lambda: method.apply(tiny.model), new_tokens=3, repeats=2, warmup=1)
     assert eff["kv_reduction"] == pytest.approx(3 / 24, abs=1e-12)
     per_token = 2 * 12 * 2 * 2 * 16 * 4  # K and V, layers, batch, kv heads, head dim, fp32
     assert eff["dense"]["kv_cache_bytes"] == per_token * (eff["prompt_tokens"] + 3)

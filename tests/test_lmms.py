@@ -18,7 +18,7 @@ if os.environ.get("CI"):
 else:
     pytest.importorskip("lmms_eval", reason="lmms-eval is not installed: run `make lmms-install`")
 
-from harness.lmms.tasks import evaluate_shapes  # noqa: E402
+from harness.lmms.backend import evaluate_shapes  # noqa: E402
 from harness.lmms.export_shapes import write_task_dir  # noqa: E402
 from harness.lmms.model import LazyAttnLMM, to_history  # noqa: E402
 from harness.models import load_model

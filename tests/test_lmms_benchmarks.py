@@ -24,11 +24,11 @@ else:
 
 from harness.generate import Conversation, answer  # noqa: E402
 from harness.lmms import benchmarks  # noqa: E402
-from harness.lmms.tasks import _metrics, evaluate_shapes  # noqa: E402
+from harness.lmms.backend import _metrics, evaluate_shapes  # noqa: E402
 from harness.lmms.export_shapes import write_task_dir as write_shapes_dir  # noqa: E402
 from harness.models import load_model  # noqa
 from harness.run import run  # noqa: E402
-from harness.lmms.tasks import LmmsBenchmarks  # noqa: E402
+from harness.lmms.backend import LmmsBenchmarks  # noqa: E402
 from harness.run import build_task  # noqa: E402
 from lazyattn import LazyAttention  # noqa: E402
 

@@ -159,7 +159,7 @@ def test_abba_order_iqr_and_e2e(tiny, monkeypatch):
 
     monkeypatch.setattr(measure, "generate_once", fake_once)
     inputs = {"input_ids": torch.zeros(2, 5, dtype=torch.long)}
-    res = measure.compare(tiny.model, inputs, method_ctx, new_tokens=10, repeats=3, warmup=1)
+    res = measure.time_against_dense(tiny.model, inputs, method_ctx, new_tokens=10, repeats=3, warmup=1)
     assert order == ["dense", "method", "method", "dense", "dense", "method"]
     assert measure.abba_order(["a", "b"], 4) == ["a", "b", "b", "a", "a", "b", "b", "a"]
     d, m = res["dense"], res["method"]
@@ -194,7 +194,7 @@ def test_compare_on_cpu_records_new_figures_and_notes(tiny):
     model = tiny.model
     inputs = _inputs(tiny, padded=False)
     lazy = lazyattn.build({"name": "lazy", "layers": [1, 3]})
-    res = measure.compare(model, inputs, lambda: lazy.apply(model), new_tokens=2, repeats=1, warmup=0, method=lazy)
+    res = measure.time_against_dense(model, inputs, lambda: lazy.apply(model), new_tokens=2, repeats=1, warmup=0, method=lazy)
     for side in ("dense", "method"):
         e = res[side]
         assert e["peak_memory_bytes"] is None and e["e2e_tokens_per_s"] > 0 and e["decode_tokens_per_s_iqr"] == 0.0
@@ -210,7 +210,7 @@ def test_compare_on_cpu_records_new_figures_and_notes(tiny):
     assert res["predicted_decode_speedup"] == pytest.approx(d["decode_step_bytes"] / m["decode_step_bytes"], rel=1e-6)
     assert res["predicted_decode_speedup"] > 1
     sparse = lazyattn.build({"name": "sparsevlm", "budget": 64})
-    res = measure.compare(model, inputs, lambda: sparse.apply(model), new_tokens=1, repeats=1, warmup=0, method=sparse)
+    res = measure.time_against_dense(model, inputs, lambda: sparse.apply(model), new_tokens=1, repeats=1, warmup=0, method=sparse)
     assert "host_sync" in res and res["kv_reduction"] > 0
 
 

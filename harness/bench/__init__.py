@@ -3,7 +3,7 @@
 For one model, dense and each configured method: prefill latency, decode and end-to-end
 tokens/s (batch x new tokens over prefill + decode), peak KV bytes and peak device memory (CUDA
 only) across batch sizes and prompt lengths. Each point times dense and the method in ABBA
-order in this process (``harness.measure.compare``), so a row's speed-ups come from one run.
+order in this process (``harness.measure.time_against_dense``), so a row's speed-ups come from one run.
 Every speed-up is method over dense, higher is better.
 
 Then throughput under a fixed memory budget (the paper's claim: more sequences in the same

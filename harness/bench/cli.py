@@ -108,7 +108,7 @@ def run_bench(cfg: DictConfig) -> Path:
         if point in done:
             continue
         inputs = prompts.inputs(context["extra_words"], batch)
-        res = measure.compare(
+        res = measure.time_against_dense(
             model, inputs, lambda v=v: v.method.apply(model),
             new_tokens=settings["new_tokens"], repeats=settings["repeats"], warmup=settings["warmup"], method=v.method,
             cache=settings["cache"], compile=settings["compile"],

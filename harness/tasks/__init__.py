@@ -10,8 +10,8 @@ Every task implements one protocol, so ``harness.run`` has a single path whateve
 preset (its ``backend`` among them) and imports an optional backend only when asked for it.
 Implementations: ``ShapesTask`` here (the built-in shapes benchmark: it builds
 ``harness.generate.Conversation``s, ``harness.generate.answer`` answers them, it scores each
-answer once), in ``harness.lmms.tasks`` the same benchmark asked through lmms-eval and the real
-benchmarks that lmms-eval scores, and in ``harness.vlmeval.tasks`` VLMEvalKit's datasets.
+answer once), in ``harness.lmms.backend`` the same benchmark asked through lmms-eval and the real
+benchmarks that lmms-eval scores, and in ``harness.vlmeval.backend`` VLMEvalKit's datasets.
 ``Evaluation.scores`` always maps a task name to ``{"n": N, "<metric>": value, "<subtask>": {...}}``.
 """
 
@@ -211,7 +211,7 @@ def _shapes(cfg) -> ShapesTask:
     if backend == "builtin":
         return shapes_task(cfg)
     if backend == "lmms_eval":  # the optional backend, imported only when a task asks for it
-        from harness.lmms.tasks import LmmsShapes
+        from harness.lmms.backend import LmmsShapes
 
         return LmmsShapes(**vars(shapes_task(cfg)))
     if backend == "vlmeval":
@@ -225,7 +225,7 @@ def _lmms_benchmarks(cfg):
     """task=benchmarks and task=paper: benchmarks asked and scored by lmms-eval."""
     if str(cfg.get("backend")) != "lmms_eval":
         raise ValueError(f"the lmms-eval benchmarks {list(cfg.lmms_tasks)} run on task.backend=lmms_eval only.")
-    from harness.lmms.tasks import LmmsBenchmarks
+    from harness.lmms.backend import LmmsBenchmarks
 
     data_dir, budget = cfg.get("data_dir"), cfg.get("max_new_tokens")
     return LmmsBenchmarks(name=cfg.name, lmms_tasks=list(cfg.lmms_tasks),
@@ -238,7 +238,7 @@ def _vlmeval(cfg):
     """task=vlmeval: VLMEvalKit's datasets, in its own environment (harness.vlmeval)."""
     if str(cfg.get("backend")) != "vlmeval":
         raise ValueError("task=vlmeval runs on task.backend=vlmeval only.")
-    from harness.vlmeval.tasks import VlmevalDatasets
+    from harness.vlmeval.backend import VlmevalDatasets
 
     data_dir = cfg.get("data_dir")
     return VlmevalDatasets(name=cfg.name, datasets=list(cfg.datasets),

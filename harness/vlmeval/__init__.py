@@ -12,7 +12,7 @@ there (``reexec``), so the whole run, model and VLMEvalKit, is one process.
   ``infer_data_job``.
 - ``harness.vlmeval.data``: local TSVs only (``$LMUData`` / ``task.data_dir``), checked before the
   model loads; VLMEvalKit's downloads are turned into one-line errors.
-- ``harness.vlmeval.tasks``: the ``task=vlmeval`` route (VLMEvalKit's prompts, inference job and
+- ``harness.vlmeval.backend``: the ``task=vlmeval`` route (VLMEvalKit's prompts, inference job and
   scoring, in process; the harness's result.json beside VLMEvalKit's files).
 - ``harness.vlmeval.export_shapes``: the shapes benchmark as VLMEvalKit TSVs.
 
