@@ -35,7 +35,13 @@ def main(cfg: DictConfig) -> None:
     print(path)
 
 
-if __name__ == "__main__":
-    register_method_presets()  # registered methods without a conf/method YAML (lazyattn.register)
+def precheck() -> None:
+    """What runs before Hydra: presets for registered methods without a conf/method YAML
+    (lazyattn.register), then the command line's check (a refusal: one line, exit status 2)."""
+    register_method_presets()
     check_command_line(preflight=preflight)
+
+
+if __name__ == "__main__":
+    precheck()
     main()

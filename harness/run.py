@@ -32,7 +32,7 @@ from harness.config import (
 from harness.generate import prompt_inputs
 from harness.models import load_model
 from harness.results import SCHEMA_VERSION, SampleLog, env_info, write_json_atomic
-from harness.tasks import TASKS
+from harness import tasks
 
 
 def preflight(cfg: DictConfig, multirun: bool = False) -> None:
@@ -68,8 +68,8 @@ def model_family(model_cfg: DictConfig) -> str | None:
 
 
 def build_task(cfg: DictConfig):
-    """The task a ``task=`` preset names (``harness.tasks.TASKS``, by its ``name``), checked."""
-    task = TASKS.get(str(cfg.name))(cfg)
+    """The task a ``task=`` preset names (``harness.tasks.TASKS``, by its ``name``), checked before any model loads."""
+    task = tasks.build(cfg)
     task.check()
     return task
 

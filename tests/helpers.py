@@ -23,3 +23,20 @@ def shapes_inputs(loaded, n=3, offset=0, qtypes=None):
     samples = shapes.load_split("test", n + offset, qtypes)[offset:]
     histories = [conversation(s.questions[:1], []) for s in samples]
     return prompt_inputs(loaded.processor, histories, [s.image(64) for s in samples], "cpu")
+
+
+def harness_precheck(args, monkeypatch, capsys):
+    """``python -m harness ARGS`` as far as its checks before Hydra (``harness.__main__.precheck``), in
+    this process: (exit status, or None where nothing refused it; stderr). A few tests run the real
+    process too; this keeps the many refusal cases from each paying its start-up (about 10 s)."""
+    import sys
+
+    from harness.__main__ import precheck
+
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["harness", *args])
+    try:
+        precheck()
+    except SystemExit as exit:
+        return exit.code, capsys.readouterr().err
+    return None, capsys.readouterr().err

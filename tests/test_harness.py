@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import cfg_for
+from helpers import cfg_for, harness_precheck
 from omegaconf import open_dict
 
 from harness import measure
@@ -154,16 +154,24 @@ def test_bad_run_settings_name_their_key_before_any_model_loads(tmp_path, monkey
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else "",
 )
-def test_bad_command_lines_are_one_line(tmp_path, args, message):
-    """From the command line: exit status 2, one line on stderr, no traceback, nothing run."""
+def test_bad_command_lines_are_one_line(tmp_path, args, message, monkeypatch, capsys):
+    """From the command line (its checks before Hydra, in this process): exit status 2, one line on
+    stderr, no traceback, nothing run."""
+    status, err = harness_precheck([*args, "model=llava_tiny_random", f"out_dir={tmp_path}/r"], monkeypatch, capsys)
+    assert status == 2, err[-2000:]
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith(message), err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_bad_command_line_in_a_real_process(tmp_path):
+    """The same refusal from `python -m harness` itself: exit status 2 and the one line."""
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "harness", *args, "model=llava_tiny_random", f"out_dir={tmp_path}/r"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert proc.stderr.startswith(message), proc.stderr
-    assert not (tmp_path / "r" / "result.json").exists()
+    proc = subprocess.run([sys.executable, "-m", "harness", "limt=16", "model=llava_tiny_random",
+                           f"out_dir={tmp_path}/r"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: unknown setting 'limt' (in 'limt=16')"), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
 
 
 def test_hf_path_loads_a_saved_checkpoint(tmp_path, tiny):
@@ -433,7 +441,7 @@ def _cli(tmp_path, *args):
     ],
     ids=["proc", "file", "sweep_root", "no-processor", "method", "task"],
 )
-def test_refused_runs_are_one_line_and_leave_nothing_behind(tmp_path, args, message, monkeypatch):
+def test_refused_runs_are_one_line_and_leave_nothing_behind(tmp_path, args, message, monkeypatch, capsys):
     """A folder that cannot be written, a checkpoint without processor or tokenizer files (refused from
     its files, before any weights load) and bad settings: exit 2, one line, no traceback, and no
     out_dir/.hydra or empty log left behind (refused before Hydra writes, or cleaned after)."""
@@ -443,11 +451,17 @@ def test_refused_runs_are_one_line_and_leave_nothing_behind(tmp_path, args, mess
     for name in ("config.json", "model.safetensors"):
         (ckpt / name).write_bytes((ROOT / "harness/assets/llava_tiny" / name).read_bytes())
     before = sorted(p.name for p in tmp_path.iterdir())
-    proc = _cli(tmp_path, *[a.format(tmp=tmp_path) for a in args], "model=llava_tiny_random"
-                if "model=hf" not in args else "model.dtype=float32")
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert proc.stderr.startswith(message.format(tmp=tmp_path)), proc.stderr
+    monkeypatch.chdir(tmp_path)
+    line = [*[a.format(tmp=tmp_path) for a in args], "model=llava_tiny_random" if "model=hf" not in args
+            else "model.dtype=float32"]
+    if args[0].startswith("task."):  # refused inside the run, after Hydra made the folder: the real process
+        proc = _cli(tmp_path, *line)
+        status, err = proc.returncode, proc.stderr
+    else:  # refused before Hydra: its checks, in this process
+        status, err = harness_precheck(line, monkeypatch, capsys)
+    assert status == 2, err[-2000:]
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(message.format(tmp=tmp_path)), err
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no out_dir, .hydra or __main__.log
 
 

@@ -223,3 +223,13 @@ class LmmsBenchmarks:
             on_row(row)
         prompt = None if run.first_prompt is None else (run.first_prompt[0], list(run.first_prompt[1]))
         return Evaluation(run.scores, run.rows, prompt, run.summary)
+
+
+def build_benchmarks(cfg) -> LmmsBenchmarks:
+    """task=benchmarks and task=paper (``harness.tasks.TASKS["lmms_eval"]``)."""
+    if str(cfg.get("backend")) != "lmms_eval":
+        raise ValueError(f"the lmms-eval benchmarks {list(cfg.lmms_tasks)} run on task.backend=lmms_eval only.")
+    data_dir, budget = cfg.get("data_dir"), cfg.get("max_new_tokens")
+    return LmmsBenchmarks(name=cfg.name, lmms_tasks=list(cfg.lmms_tasks),
+                          data_dir=None if data_dir in (None, "") else str(data_dir),
+                          max_new_tokens=None if budget is None else int(budget))

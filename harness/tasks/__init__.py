@@ -18,6 +18,7 @@ benchmarks that lmms-eval scores, and in ``harness.vlmeval.backend`` VLMEvalKit'
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -201,7 +202,21 @@ def shapes_task(cfg) -> ShapesTask:
     )
 
 
-TASKS = Registry("task")
+TASKS = Registry("task")  # a preset's name -> a builder, or "module:attribute" of an optional backend's
+
+
+def loaded(entry):
+    """A registry entry: the object itself, or a ``"module:attribute"`` of an optional backend,
+    imported only now (so this module imports no backend, and nothing imports back into it)."""
+    if isinstance(entry, str):
+        module, _, attribute = entry.partition(":")
+        return getattr(importlib.import_module(module), attribute)
+    return entry
+
+
+def build(cfg):
+    """The task a ``conf/task`` preset describes (not yet checked)."""
+    return loaded(TASKS.get(str(cfg.name)))(cfg)
 
 
 @TASKS.register("shapes")
@@ -210,37 +225,13 @@ def _shapes(cfg) -> ShapesTask:
     backend = str(cfg.get("backend", "builtin"))
     if backend == "builtin":
         return shapes_task(cfg)
-    if backend == "lmms_eval":  # the optional backend, imported only when a task asks for it
-        from harness.lmms.backend import LmmsShapes
-
-        return LmmsShapes(**vars(shapes_task(cfg)))
+    if backend == "lmms_eval":
+        return loaded("harness.lmms.backend:LmmsShapes")(**vars(shapes_task(cfg)))
     if backend == "vlmeval":
         raise ValueError("VLMEvalKit runs its own datasets: use task=vlmeval 'task.datasets=[...]' (the shapes sets: "
                          "python -m harness.vlmeval.export_shapes).")
     raise ValueError(f"task.backend must be one of ['builtin', 'lmms_eval'], got {backend!r}.")
 
 
-@TASKS.register("lmms_eval")
-def _lmms_benchmarks(cfg):
-    """task=benchmarks and task=paper: benchmarks asked and scored by lmms-eval."""
-    if str(cfg.get("backend")) != "lmms_eval":
-        raise ValueError(f"the lmms-eval benchmarks {list(cfg.lmms_tasks)} run on task.backend=lmms_eval only.")
-    from harness.lmms.backend import LmmsBenchmarks
-
-    data_dir, budget = cfg.get("data_dir"), cfg.get("max_new_tokens")
-    return LmmsBenchmarks(name=cfg.name, lmms_tasks=list(cfg.lmms_tasks),
-                          data_dir=None if data_dir in (None, "") else str(data_dir),
-                          max_new_tokens=None if budget is None else int(budget))
-
-
-@TASKS.register("vlmeval")
-def _vlmeval(cfg):
-    """task=vlmeval: VLMEvalKit's datasets, in its own environment (harness.vlmeval)."""
-    if str(cfg.get("backend")) != "vlmeval":
-        raise ValueError("task=vlmeval runs on task.backend=vlmeval only.")
-    from harness.vlmeval.backend import VlmevalDatasets
-
-    data_dir = cfg.get("data_dir")
-    return VlmevalDatasets(name=cfg.name, datasets=list(cfg.datasets),
-                           data_dir=None if data_dir in (None, "") else str(data_dir),
-                           max_new_tokens=int(cfg.max_new_tokens), verify_md5=bool(cfg.verify_md5))
+TASKS.register("lmms_eval")("harness.lmms.backend:build_benchmarks")  # task=benchmarks, task=paper
+TASKS.register("vlmeval")("harness.vlmeval.backend:build")  # task=vlmeval

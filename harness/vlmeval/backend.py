@@ -149,3 +149,13 @@ class VlmevalDatasets:
 
 def _text(value) -> str | None:
     return None if value is None or value != value else str(value)
+
+
+def build(cfg) -> VlmevalDatasets:
+    """task=vlmeval (``harness.tasks.TASKS["vlmeval"]``)."""
+    if str(cfg.get("backend")) != "vlmeval":
+        raise ValueError("task=vlmeval runs on task.backend=vlmeval only.")
+    data_dir = cfg.get("data_dir")
+    return VlmevalDatasets(name=cfg.name, datasets=list(cfg.datasets),
+                           data_dir=None if data_dir in (None, "") else str(data_dir),
+                           max_new_tokens=int(cfg.max_new_tokens), verify_md5=bool(cfg.verify_md5))
