@@ -11,7 +11,9 @@ For each variant (dense, then the method) and each dataset of ``task.datasets``:
    ``evaluate`` scores it (exact matching, no API judge), writing its own files beside it, in
    ``<out_dir>/vlmeval/<variant>/``;
 4. the harness reads VLMEvalKit's per-sample verdicts back from those files and reports
-   accuracy with its 95 % interval, per dataset and per ``category``; ``harness.run`` adds dense
+   accuracy with its 95 % interval, per dataset and per ``category`` (under circular evaluation,
+   MMBench's, a verdict covers a question and its rotated variants: one row per question, the
+   variants' answers in its ``circular``); ``harness.run`` adds dense
    on the same samples (paired differences per dataset), fidelity and the workload KV cache.
 
 For the exported shapes sets each row is also scored by the harness's own shapes scorer
@@ -100,6 +102,9 @@ class VlmevalDatasets:
                 if done is not None:
                     model.answers[message_key(message)] = done["prediction"]
                     model.kv_bytes[message_key(message)] = int(done["kv_bytes"][-1])
+                    for variant, text in (done.get("circular") or {}).items():
+                        model.answers[message_key(messages[variant])] = text
+                        model.kv_bytes[message_key(messages[variant])] = int(done["kv_bytes"][-1])
             model.answer_ahead(list(messages.values()))
             for stale in work_dir.glob(f"*{name}*"):  # VLMEvalKit reuses files it finds: these answers are the truth
                 if stale.name.startswith(f"{MODEL_NAME}_{name}") or stale.name.endswith(f"_{name}.pkl"):
@@ -111,9 +116,16 @@ class VlmevalDatasets:
             verdicts = vdata.sample_scores(found, result_file)
             predictions = load(result_file)
             written = dict(zip(map(str, predictions["index"]), predictions["prediction"]))
-            name_rows = []
+            name_rows, groups = [], {}
+            for line in lines:  # circular evaluation (MMBench) scores a question with its rotated variants
+                if str(line["index"]) not in verdicts:
+                    group = line["g_index"] if "g_index" in line else int(line["index"]) % 1_000_000
+                    groups.setdefault(str(int(group)), {})[str(line["index"])] = model.answers[
+                        message_key(messages[str(line["index"])])]
             for line in lines:
                 index = str(line["index"])
+                if index not in verdicts:
+                    continue
                 key = message_key(messages[index])
                 row = {"task": name, "id": f"{name}/{index}", "category": _text(line.get("category")),
                        "target": str(line["answer"]), "prediction": model.answers[key],
@@ -121,6 +133,8 @@ class VlmevalDatasets:
                 if isinstance(written.get(index), str) and written[index] != model.answers[key]:
                     raise RuntimeError(f"VLMEvalKit's prediction file {result_file} holds another answer for index "
                                        f"{index} than the model gave ({written[index]!r}, {model.answers[key]!r}).")
+                if index in groups:  # the variants' answers, judged together with this one
+                    row["circular"] = groups.pop(index)
                 if "harness_id" in line and isinstance(line.get("harness_answer"), str):
                     row["harness_id"], row["shapes_qtype"] = str(line["harness_id"]), str(line["qtype"])
                     row["acc_harness"] = shapes.score_turn(row["shapes_qtype"], row["prediction"],

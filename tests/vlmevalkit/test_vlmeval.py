@@ -178,3 +178,27 @@ def test_md5_mismatch_is_refused_not_downloaded(lmu, tmp_path):
     os.environ["LMUData"] = str(tmp_path)
     with vdata.no_downloads(), pytest.raises(ValueError, match=r"tried to download https://.*POPE\.tsv"):
         ImageYORNDataset(dataset="POPE")  # VLMEvalKit's own class, its MD5 check, our refusal
+
+
+def test_circular_evaluation_scores_a_question_with_its_variants(lmu, tmp_path):
+    """A name VLMEvalKit evaluates circularly (MMBench's way): each question and its rotated
+    variants (index + 1e6, same g_index) get one verdict, right only when every variant is."""
+    import pandas as pd
+
+    data = pd.read_csv(lmu / "shapes_mcq.tsv", sep="\t").iloc[:6]
+    data["g_index"] = data["index"]
+    variants = data[data["D"].notna()].copy()  # four-option rows: the options rotated by one
+    letters = ["A", "B", "C", "D"]
+    variants[letters] = variants[["B", "C", "D", "A"]].to_numpy()
+    variants["answer"] = [letters[(letters.index(a) - 1) % 4] for a in variants["answer"]]
+    variants["index"] = variants["index"] + 1_000_000
+    assert len(variants) >= 1
+    pd.concat([data, variants]).to_csv(tmp_path / "shapes_circular.tsv", sep="\t", index=False)
+    out = tmp_path / "run"
+    run(cfg_for("task=vlmeval", "task.datasets=[shapes_circular]", f"task.data_dir={tmp_path}", "method=dense",
+                f"out_dir={out}", *COMMON, "compare_dense=false", "task.max_new_tokens=8"))
+    rows = rows_of(out)
+    assert len(rows) == 6 and sum("circular" in r for r in rows) == len(variants)
+    result = json.loads((out / "result.json").read_text())
+    overall = result["vlmeval"]["method"]["shapes_circular"]["scores"]["Overall"][0]
+    assert result["tasks"]["shapes_circular"]["acc"] == pytest.approx(overall)
