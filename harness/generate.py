@@ -58,6 +58,11 @@ def prompt_inputs(processor, histories: Sequence[list[dict]], images: Sequence, 
     """Left-padded model inputs; pixel values in the model's dtype when ``dtype`` is given."""
     texts = [processor.apply_chat_template(h, add_generation_prompt=True, tokenize=False) for h in histories]
     inputs = processor(text=texts, images=list(images) or None, padding=True, return_tensors="pt")
+    return to_device(dict(inputs), device, dtype)
+
+
+def to_device(inputs: dict, device, dtype=None) -> dict:
+    """Processed inputs on ``device``, pixel values in ``dtype`` when given."""
     inputs = {k: v.to(device) for k, v in inputs.items()}
     if dtype is not None and "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
@@ -382,13 +387,6 @@ def collate(items: Sequence[dict], pad_id: int) -> dict | None:
     return out
 
 
-def _to_device(inputs: dict, device, dtype) -> dict:
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-    if dtype is not None and "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    return inputs
-
-
 def batches(keys: Sequence, batch_size: int) -> list[list[int]]:
     """Indices ``0 .. len(keys)-1`` in batches of at most ``batch_size`` sharing a key, each batch
     in index order, the batches ordered by their first index."""
@@ -426,7 +424,7 @@ def answer(model, processor, conversations: Iterable[Conversation], batch_size: 
                 if inputs is None:  # not stackable one by one: the processor batches them itself
                     inputs = prompt_inputs(processor, [c.history for c in batch], [i for c in batch for i in c.images],
                                            "cpu")
-                inputs = _to_device(inputs, device, model.dtype)
+                inputs = to_device(inputs, device, model.dtype)
                 for i, ans in zip(index, _answer_batch(gen, batch, inputs, multiturn)):
                     finished[start + i] = ans
                 while next_out in finished:

@@ -129,11 +129,9 @@ def record_comparison(comparison: dict, method_rows: list[dict], scores: dict) -
             row["fidelity"] = per_sample[row["id"]]
     if deltas:
         task_scores = next(iter(scores.values()))
+        groups = scores if by == "task" else task_scores  # per task, or per question type of the one task
         for key, delta in deltas.items():
-            if by == "task":  # one paired difference per task, on its own scores
-                target = task_scores if key == "all" else scores.get(key)
-            else:
-                target = task_scores if key == "all" else task_scores.get(key)
+            target = task_scores if key == "all" else groups.get(key)
             if isinstance(target, dict):
                 target.update(delta)
     return comparison

@@ -59,16 +59,6 @@ def registered(name: str):
     return None
 
 
-def _md5(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.md5()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check(names, data_dir: str | None, verify_md5: bool = True) -> dict[str, Found]:
     """Every dataset's TSV present, readable, with the columns its kind needs; before the model loads."""
     if not names:
@@ -84,13 +74,14 @@ def check(names, data_dir: str | None, verify_md5: bool = True) -> dict[str, Fou
     import_vlmeval()
     from vlmeval.dataset.image_mcq import CustomMCQDataset
     from vlmeval.dataset.image_yorn import ImageYORNDataset
+    from vlmeval.smp import md5  # the digest VLMEvalKit's own check computes
 
     found = {}
     for name in names:
         path = root / f"{name}.tsv"
         cls = registered(name)
         try:
-            data = pd.read_csv(path, sep="\t", nrows=None, usecols=lambda c: c != "image")
+            data = pd.read_csv(path, sep="\t", usecols=lambda c: c != "image")
         except Exception as err:
             raise ValueError(f"VLMEvalKit dataset {name}: {path} is no readable TSV ({type(err).__name__}: "
                              f"{str(err).splitlines()[0] if str(err) else ''}).") from err
@@ -117,7 +108,7 @@ def check(names, data_dir: str | None, verify_md5: bool = True) -> dict[str, Fou
         expected = getattr(cls, "DATASET_MD5", {}).get(name)
         verified = None
         if expected is not None:
-            if verify_md5 and _md5(path) != expected:
+            if verify_md5 and md5(str(path)) != expected:
                 raise ValueError(f"VLMEvalKit dataset {name}: {path}'s MD5 differs from the released file's ({expected}), "
                                  "and VLMEvalKit would download it again; replace it with the released TSV, or pass "
                                  "task.verify_md5=false to score this copy as it is.")
