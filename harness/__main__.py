@@ -10,12 +10,15 @@ if __name__ == "__main__":  # task=vlmeval from a Python without VLMEvalKit: the
 import hydra
 from omegaconf import DictConfig
 
-from harness.config import RunError, check_command_line, clean_refused, output_dir, register_method_presets
+from harness.config import (CONF_DIR, RunError, check_command_line, clean_refused, output_dir,
+                            register_method_presets)
 from harness.results import SampleLog
 from harness.run import preflight, run
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+# an absolute path: Hydra reads a relative one against the file when run as a script but as a module path
+# when this module is imported (the tests call main() in process)
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     try:
         path = run(cfg)

@@ -40,3 +40,42 @@ def harness_precheck(args, monkeypatch, capsys):
     except SystemExit as exit:
         return exit.code, capsys.readouterr().err
     return None, capsys.readouterr().err
+
+
+def harness_cli(args, monkeypatch, capfd, cwd=None, env=None):
+    """``python -m harness ARGS`` in this process (its pre-Hydra checks, then Hydra's main, multirun
+    included): (exit status, stdout, stderr). The process start-up (about 8 s of imports) is paid once
+    per test session; the entry point itself keeps one real-process test (test_harness.py). ``env``
+    sets environment variables for the call (WANDB_MODE defaults to disabled). Without ``capfd`` (a
+    fixture of wider scope than a test) the output is captured at the ``sys.stdout``/``sys.stderr`` level."""
+    import contextlib
+    import io
+    import sys
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from harness.__main__ import main, precheck
+
+    if cwd is not None:
+        monkeypatch.chdir(cwd)
+    for key, value in {"WANDB_MODE": "disabled", **(env or {})}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(sys, "argv", ["harness", *[str(a) for a in args]])
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.ExitStack() as stack:
+        if capfd is None:
+            stack.enter_context(contextlib.redirect_stdout(out))
+            stack.enter_context(contextlib.redirect_stderr(err))
+        else:
+            capfd.readouterr()
+        status = 0
+        try:
+            precheck()
+            main()
+        except SystemExit as exit:
+            status = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+        finally:
+            GlobalHydra.instance().clear()  # Hydra's main leaves itself initialised; compose() needs it clear
+    if capfd is not None:
+        return (status, *capfd.readouterr())
+    return status, out.getvalue(), err.getvalue()

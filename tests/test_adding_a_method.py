@@ -52,6 +52,27 @@ class MyMethod:
         return Plan(schedule=f"watches layer 0, changes nothing (note={self.note})", series="mymethod")
 '''
 
+MYMETHOD_CLI = '''
+from pathlib import Path
+
+from helpers import harness_cli
+
+OUT = Path(__file__).resolve().parent.parent / "run"
+
+
+def test_the_command_line_runs_it(monkeypatch, capfd, tmp_path):
+    status, out, err = harness_cli(["method=mymethod", "method.note=3", "model=llava_tiny_random", "limit=2",
+                                    "batch_size=2", "efficiency.enabled=false", f"out_dir={OUT}"],
+                                   monkeypatch, capfd, cwd=tmp_path)
+    assert status == 0, err[-2000:]
+    assert "method: MyMethod note=3 [mymethod]: watches layer 0, changes nothing (note=3)" in out
+
+
+def test_a_bad_setting_is_one_line(monkeypatch, capfd, tmp_path):
+    status, _, err = harness_cli(["method=mymethod", "method.nothere=1"], monkeypatch, capfd, cwd=tmp_path)
+    assert status == 2 and "method mymethod has no setting 'nothere'" in err, err
+'''
+
 
 def test_adding_a_method_as_the_docs_say(tmp_path):
     doc = (ROOT / "docs" / "methods.md").read_text()
@@ -77,23 +98,19 @@ def test_adding_a_method_as_the_docs_say(tmp_path):
     assert n == 1
     (repo / "lazyattn" / "__init__.py").write_text(init)
 
+    # the registry's own tests, and the command line (in the copy's process, through its entry point's code:
+    # one interpreter start instead of three), in one pytest run on the copy
+    (repo / "tests" / "test_mymethod_cli.py").write_text(MYMETHOD_CLI)
     env = {**os.environ, "PYTHONPATH": str(repo), "WANDB_MODE": "disabled"}
-    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_methods.py",
-                            "-k", "registry or build or apply_yields or labels"],
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "tests/test_methods.py",
+                            "tests/test_mymethod_cli.py", "-k", "registry or build or apply_yields or labels or cli"],
                            cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert tests.returncode == 0, tests.stdout[-3000:]
-    assert "mymethod" in tests.stdout or "passed" in tests.stdout
-
-    out = tmp_path / "run"
-    run = subprocess.run([sys.executable, "-m", "harness", "method=mymethod", "method.note=3", "model=llava_tiny_random",
-                          "limit=2", "batch_size=2", "efficiency.enabled=false", f"out_dir={out}"],
-                         cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "method: MyMethod note=3 [mymethod]: watches layer 0, changes nothing (note=3)" in run.stdout
-    result = json.loads((out / "result.json").read_text())
+    passed = {line.split(" PASSED")[0] for line in tests.stdout.splitlines() if " PASSED" in line}
+    for name in ("test_build_every_method_from_a_dict[mymethod]",
+                 "test_apply_yields_the_model_and_removes_everything[mymethod]",
+                 "test_mymethod_cli.py::test_the_command_line_runs_it", "test_mymethod_cli.py::test_a_bad_setting_is_one_line"):
+        assert any(line.endswith(name) for line in passed), (name, tests.stdout[-3000:])
+    result = json.loads((repo / "run" / "result.json").read_text())
     assert result["method"]["name"] == "mymethod" and result["method"]["params"] == {"note": 3}
     assert result["headline"]["delta_score"] == 0.0  # it changes nothing: equal to dense on every sample
-
-    bad = subprocess.run([sys.executable, "-m", "harness", "method=mymethod", "method.nothere=1"], cwd=repo, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "method mymethod has no setting 'nothere'" in bad.stderr

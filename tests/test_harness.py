@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import cfg_for, harness_precheck
+from helpers import cfg_for, harness_cli, harness_precheck
 from omegaconf import open_dict
 
 from harness import measure
@@ -211,13 +211,10 @@ def test_cli_run_with_wandb_offline(tmp_path):
     assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())
 
 
-def test_cli_error_is_one_clear_line(tmp_path):
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "harness", "model=hf", "model.path=/nope", f"out_dir={tmp_path}/r"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 2 and "error: model.path '/nope' does not exist" in proc.stderr
+def test_cli_error_is_one_clear_line(tmp_path, monkeypatch, capfd):
+    status, _, err = harness_cli(["model=hf", "model.path=/nope", f"out_dir={tmp_path}/r"], monkeypatch, capfd,
+                                 cwd=tmp_path)
+    assert status == 2 and "error: model.path '/nope' does not exist" in err
 
 
 def test_auto_layers_calibrate_once_and_are_recorded(tmp_path, monkeypatch):
@@ -243,31 +240,29 @@ def test_auto_layers_calibrate_once_and_are_recorded(tmp_path, monkeypatch):
     assert again["method"]["lazy_layers"] == lazy
 
 
-def test_ctrl_c_keeps_finished_samples_and_says_how_to_resume(tmp_path):
-    import signal
-    import time
+def test_ctrl_c_keeps_finished_samples_and_says_how_to_resume(tmp_path, monkeypatch, capfd):
+    """Ctrl-C (KeyboardInterrupt, what SIGINT raises) after two answered samples: exit 130, one line
+    saying how many finished samples are kept and how to resume, and those samples on disk."""
+    import harness.tasks as tasks_mod
 
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
-    # long enough (64 forced new tokens a sample, one sample a batch) that it cannot end before the signal
-    cmd = [sys.executable, "-m", "harness", "model=llava_tiny_random", "limit=400", "batch_size=1",
-           "task.max_new_tokens=64", "task.min_new_tokens=64", "efficiency.enabled=false", "compare_dense=false",
-           f"out_dir={tmp_path}/r"]
-    # a background job of a non-interactive shell (as CI may run us) inherits SIGINT ignored: restore it
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    partial = tmp_path / "r" / "samples.partial.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (partial.exists() and partial.read_text().count("\n") >= 2):
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    real = tasks_mod.answer
+
+    def interrupted(*args, **kwargs):
+        for i, ans in enumerate(real(*args, **kwargs)):
+            if i == 2:
+                raise KeyboardInterrupt
+            yield ans
+
+    monkeypatch.setattr(tasks_mod, "answer", interrupted)
+    status, _, err = harness_cli(["model=llava_tiny_random", "limit=8", "batch_size=1", "efficiency.enabled=false",
+                                  "compare_dense=false", f"out_dir={tmp_path}/r"], monkeypatch, capfd, cwd=tmp_path)
+    assert status == 130, err
     assert "Traceback" not in err
     line = err.strip().splitlines()[-1]
     assert line.startswith("interrupted: ") and "re-run the same command" in line and str(tmp_path / "r") in line
+    partial = tmp_path / "r" / "samples.partial.jsonl"
     kept = int(line.split()[1])
-    assert kept >= 2 and kept == len(partial.read_text().splitlines())
+    assert kept == 2 == len(partial.read_text().splitlines())
 
 
 def test_calibration_cache_knows_retrained_weights(tmp_path, tiny):
@@ -420,12 +415,6 @@ def test_documented_report_and_sweep_lines_parse():
         parse.parse_intermixed_args(args)  # SystemExit on a bad line
 
 
-def _cli(tmp_path, *args):
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
-
-
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -441,7 +430,7 @@ def _cli(tmp_path, *args):
     ],
     ids=["proc", "file", "sweep_root", "no-processor", "method", "task"],
 )
-def test_refused_runs_are_one_line_and_leave_nothing_behind(tmp_path, args, message, monkeypatch, capsys):
+def test_refused_runs_are_one_line_and_leave_nothing_behind(tmp_path, args, message, monkeypatch, capfd):
     """A folder that cannot be written, a checkpoint without processor or tokenizer files (refused from
     its files, before any weights load) and bad settings: exit 2, one line, no traceback, and no
     out_dir/.hydra or empty log left behind (refused before Hydra writes, or cleaned after)."""
@@ -454,32 +443,32 @@ def test_refused_runs_are_one_line_and_leave_nothing_behind(tmp_path, args, mess
     monkeypatch.chdir(tmp_path)
     line = [*[a.format(tmp=tmp_path) for a in args], "model=llava_tiny_random" if "model=hf" not in args
             else "model.dtype=float32"]
-    if args[0].startswith("task."):  # refused inside the run, after Hydra made the folder: the real process
-        proc = _cli(tmp_path, *line)
-        status, err = proc.returncode, proc.stderr
+    if args[0].startswith("task."):  # refused inside the run, after Hydra made the folder: Hydra's main
+        status, _, err = harness_cli(line, monkeypatch, capfd)
     else:  # refused before Hydra: its checks, in this process
-        status, err = harness_precheck(line, monkeypatch, capsys)
+        status, err = harness_precheck(line, monkeypatch, capfd)
     assert status == 2, err[-2000:]
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert err.startswith(message.format(tmp=tmp_path)), err
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no out_dir, .hydra or __main__.log
 
 
-def test_a_refused_run_keeps_an_earlier_runs_folder(tmp_path):
+def test_a_refused_run_keeps_an_earlier_runs_folder(tmp_path, monkeypatch, capfd):
     out = tmp_path / "r"
     out.mkdir()
     (out / "samples.partial.jsonl").write_text("")
-    proc = _cli(tmp_path, "model=llava_tiny_random", "task.qtypes=[colour,smell]", f"out_dir={out}")
-    assert proc.returncode == 2 and (out / "samples.partial.jsonl").exists()
+    status, _, err = harness_cli(["model=llava_tiny_random", "task.qtypes=[colour,smell]", f"out_dir={out}"],
+                                 monkeypatch, capfd, cwd=tmp_path)
+    assert status == 2 and (out / "samples.partial.jsonl").exists(), err
 
 
-def test_the_console_first_lines_say_what_ran(tmp_path):
+def test_the_console_first_lines_say_what_ran(tmp_path, monkeypatch, capfd):
     # long answers cut at 2 tokens ("there are"): F1 0, a type dense cannot do, flagged on the console
-    proc = _cli(tmp_path, "+exp=llava_lazy", "method.layers=[2,3,5]", "limit=8", "batch_size=8",
-                "task.max_new_tokens.long=2",
-                "efficiency.new_tokens=2", "efficiency.repeats=1", "efficiency.warmup=0", f"out_dir={tmp_path}/r")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = proc.stdout.splitlines()
+    status, out, err = harness_cli(["+exp=llava_lazy", "method.layers=[2,3,5]", "limit=8", "batch_size=8",
+                                    "task.max_new_tokens.long=2", "efficiency.new_tokens=2", "efficiency.repeats=1",
+                                    "efficiency.warmup=0", f"out_dir={tmp_path}/r"], monkeypatch, capfd, cwd=tmp_path)
+    assert status == 0, err[-2000:]
+    lines = out.splitlines()
     assert lines[0].startswith("model: llava_tiny (12 layers, ") and "trained weights" in lines[0]
     assert lines[1] == ("method: Lazy r=0.25 (explicit) [lazy]: lazy layers 2 3 5 (anchors 2<-1 3<-1 5<-4; share=qk "
                         "scope=all)")

@@ -238,6 +238,29 @@ def _corrupt_row(samples):
     return f"error: {task_name(s.qtype)} (test split) doc {doc} (sample {s.id}): its image cannot be decoded"
 
 
+def lmms_eval_cli(args, cwd, monkeypatch, capfd):
+    """``python -m lmms_eval ARGS`` in this process (lmms-eval's own CLI dispatcher): (status, stdout,
+    stderr), captured at the file-descriptor level (lmms-eval logs through loguru)."""
+    from lmms_eval.cli.dispatch import main
+    from loguru import logger
+
+    monkeypatch.chdir(cwd)
+    for key, value in {**OFFLINE, "HF_DATASETS_CACHE": str(cwd / "hf"), "VERBOSITY": "INFO"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(sys, "argv", ["lmms_eval", *args])
+    capfd.readouterr()
+    status = 0
+    try:
+        main()
+    except SystemExit as exit:
+        status = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+    finally:
+        logger.remove()  # lmms-eval pointed loguru at this test's captured stdout
+        logger.add(sys.stderr, level="WARNING")
+    out, err = capfd.readouterr()
+    return status, out, err
+
+
 @pytest.mark.parametrize(
     "case, model_args, device, message",
     [
@@ -250,8 +273,10 @@ def _corrupt_row(samples):
     ],
     ids=["no parquet", "corrupt image", "no model.path", "cuda without CUDA", "unknown method key"],
 )
-def test_lmms_eval_cli_failures_exit_2_with_one_error_line(tmp_path, case, model_args, device, message):
-    """lmms-eval's CLI prints any exception of a model or task and exits 0: ours exit 2 with one error line."""
+def test_lmms_eval_cli_failures_exit_2_with_one_error_line(tmp_path, case, model_args, device, message, monkeypatch,
+                                                           capfd):
+    """lmms-eval's CLI prints any exception of a model or task and exits 0: ours exit 2 with one error line.
+    lmms-eval's CLI runs in this process (its real process is test_cli_matches_builtin)."""
     import torch
 
     if device == "cuda" and torch.cuda.is_available():
@@ -261,15 +286,13 @@ def test_lmms_eval_cli_failures_exit_2_with_one_error_line(tmp_path, case, model
     tasks_dir = tmp_path / "tasks"
     write_task_dir(samples, task.qtypes, task.image_size, tasks_dir, task.max_new_tokens)
     _broken(case, tasks_dir, samples)
-    cmd = [sys.executable, "-m", "lmms_eval", "--model", "lazyattn", "--model_args", model_args,
-           "--tasks", "lazyattn_shapes", "--include_path", str(tasks_dir), "--batch_size", "4", "--device", device,
-           "--output_path", str(tmp_path / "out")]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
-                          env={**os.environ, **OFFLINE, "HF_DATASETS_CACHE": str(tmp_path / "hf")})
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "Traceback" not in proc.stdout + proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and proc.stderr.strip().splitlines()[-1] == errors[0], proc.stderr[-2000:]
+    args = ["--model", "lazyattn", "--model_args", model_args, "--tasks", "lazyattn_shapes", "--include_path",
+            str(tasks_dir), "--batch_size", "4", "--device", device, "--output_path", str(tmp_path / "out")]
+    status, stdout, stderr = lmms_eval_cli(args, tmp_path, monkeypatch, capfd)
+    assert status == 2, stdout[-2000:] + stderr[-2000:]
+    assert "Traceback" not in stdout + stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and stderr.strip().splitlines()[-1] == errors[0], stderr[-2000:]
     assert errors[0].startswith(message(samples)), errors[0]
     if case == "no parquet":
         assert "shapes.parquet (beside the task YAML) is not there" in errors[0]

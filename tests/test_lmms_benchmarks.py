@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import OFFLINE, cfg_for
+from helpers import OFFLINE, cfg_for, harness_cli
 import yaml
 
 if os.environ.get("CI"):
@@ -147,7 +147,7 @@ def test_local_task_yamls_load_in_lmms_eval(tmp_path, monkeypatch):
     assert flickr["process_results"].__name__ == "flickr_process_result"  # scoring stays lmms-eval's
 
 
-def test_missing_dataset_is_one_clear_error_before_the_model_loads(tmp_path, monkeypatch):
+def test_missing_dataset_is_one_clear_error_before_the_model_loads(tmp_path, monkeypatch, capfd):
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the data were checked")
 
@@ -174,19 +174,18 @@ def test_missing_dataset_is_one_clear_error_before_the_model_loads(tmp_path, mon
         run(cfg_for("task=benchmarks", "task.lmms_tasks=[pope]", *common, "method=lazy_calibrated"))
 
     # from the command line: exit status 2 and the one line on stderr, in seconds
-    proc = subprocess.run([sys.executable, "-m", "harness", "task=paper", f"task.data_dir={tmp_path / 'empty'}",
-                           f"out_dir={tmp_path / 'cli'}", "device=cpu"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, **OFFLINE})
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
-    assert proc.stderr.startswith(f"error: 12 of 12 benchmarks have no usable local data under {tmp_path / 'empty'} "
+    status, _, stderr = harness_cli(["task=paper", f"task.data_dir={tmp_path / 'empty'}", f"out_dir={tmp_path / 'cli'}",
+                                     "device=cpu"], monkeypatch, capfd, cwd=ROOT, env=OFFLINE)
+    assert status == 2 and "Traceback" not in stderr
+    assert stderr.strip().splitlines() == [stderr.strip()]
+    assert stderr.startswith(f"error: 12 of 12 benchmarks have no usable local data under {tmp_path / 'empty'} "
                                   f"({', '.join(TWELVE)}): ")
     for task in TWELVE:  # every missing dataset is named, each once
         what = f"{task} ({benchmarks.BENCHMARKS[task].title}) needs the HF dataset"
-        assert proc.stderr.count(what) == 1, task
-    assert "hf download --repo-type dataset D --local-dir" in proc.stderr
+        assert stderr.count(what) == 1, task
+    assert "hf download --repo-type dataset D --local-dir" in stderr
     for dataset in ("VizWiz-VQA", "ai2d", "COCO-Caption2017", "NoCaps", "flickr30k"):
-        assert f"lmms-lab-encoder/{dataset}," in proc.stderr or f"lmms-lab-encoder/{dataset}:" in proc.stderr
+        assert f"lmms-lab-encoder/{dataset}," in stderr or f"lmms-lab-encoder/{dataset}:" in stderr
 
 
 def test_several_missing_datasets_are_named_in_one_error(tmp_path):
@@ -404,6 +403,44 @@ CAPTION_TASKS = ["coco2017_cap_val", "nocaps_val", "flickr30k_test"]
 CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
 
 
+@pytest.fixture
+def one_meteor_process(monkeypatch):
+    """lmms-eval's caption aggregation runs once per metric (seven per benchmark), and each run starts a
+    METEOR Java process (loading its paraphrase tables) for its scorer list, used or not, and tokenizes
+    the same captions again with the Java PTB tokenizer. The scores are the same with one METEOR process
+    for the test and one tokenization per distinct input: the Java scoring still runs, with a seventh
+    of the process starts."""
+    import copy
+
+    import pycocoevalcap.eval
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    shared: list = []
+
+    def meteor():
+        if not shared:
+            shared.append(Meteor())
+        return shared[0]
+
+    monkeypatch.setattr(pycocoevalcap.eval, "Meteor", meteor)
+    for module in list(sys.modules.values()):  # lmms-eval's task utils imported before this test
+        if getattr(module, "Meteor", None) is Meteor and module is not sys.modules["pycocoevalcap.meteor.meteor"]:
+            monkeypatch.setattr(module, "Meteor", meteor)
+    real, memo = PTBTokenizer.tokenize, {}
+
+    def tokenize(self, captions):
+        key = repr(captions)
+        if key not in memo:
+            memo[key] = real(self, captions)
+        return copy.deepcopy(memo[key])
+
+    monkeypatch.setattr(PTBTokenizer, "tokenize", tokenize)
+    yield
+    if shared:
+        shared[0].close() if hasattr(shared[0], "close") else None
+
+
 def scripted_evaluate(tasks: list[str], data_dir: Path, work: Path, answers: dict[str, list[str]]):
     """lmms-eval's ``simple_evaluate`` on the local task YAMLs the harness writes, with a model that
     answers each document from ``answers[task][doc_id]``: lmms-eval builds the requests, reads every
@@ -468,7 +505,7 @@ def test_vizwiz_and_ai2d_are_scored_by_lmms_eval(tmp_path):
 
 
 @needs_java
-def test_caption_benchmarks_are_scored_by_lmms_eval(tmp_path):
+def test_caption_benchmarks_are_scored_by_lmms_eval(tmp_path, one_meteor_process):
     """COCO 2017 (repository copy), NoCaps (save_to_disk) and Flickr30K (repository): lmms-eval's prompt
     and its aggregation over pycocoevalcap (PTB tokenizer and METEOR in Java). A caption identical to one
     of its image's references scores BLEU 1 and CIDEr above 0; unrelated captions score lower on every metric."""
@@ -532,7 +569,7 @@ def test_caption_benchmarks_are_refused_without_pycocoevalcap_or_java(tmp_path, 
 
 
 @needs_java
-def test_new_benchmarks_run_end_to_end_from_local_data(tmp_path):
+def test_new_benchmarks_run_end_to_end_from_local_data(tmp_path, one_meteor_process):
     """AI2D, VizWiz and Flickr30K through the harness on llava_tiny_random: each under its own key in
     result.json, every caption metric lmms-eval reports, one row per document in samples.jsonl."""
     data = tmp_path / "data"

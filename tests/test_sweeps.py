@@ -3,13 +3,12 @@ the local parallel launcher runs points side by side, and the tables render from
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from helpers import harness_cli
 
 from harness import report
 
@@ -38,25 +37,34 @@ def points(root: Path) -> dict[str, Path]:
     return {p.parent.name: p for p in root.rglob("result.json")}
 
 
-def test_interrupted_sweep_resumes_without_redoing_finished_points(tmp_path):
+def test_interrupted_sweep_resumes_without_redoing_finished_points(tmp_path, monkeypatch, capfd):
+    """The multirun in this process (``python -m harness -m`` minus the start-up), interrupted as the
+    second point starts; the same command then skips the finished point and runs the other."""
+    import harness.__main__ as entry
+
     root = tmp_path / "sweep"
-    cmd = harness_cmd("method.ratio=0.25,0.5", "method.layers=null", f"sweep_root={root}")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    deadline = time.time() + 240
-    while not points(root) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # interrupted as hard as it gets, right after point one
-    proc.wait()
+    args = ["-m", "+exp=sweep_lazy", *FAST, "method.ratio=0.25,0.5", "method.layers=null", f"sweep_root={root}"]
+    real, calls = entry.run, []
+
+    def interrupted(cfg):
+        calls.append(cfg.method.ratio)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C right after point one
+        return real(cfg)
+
+    monkeypatch.setattr(entry, "run", interrupted)
+    status, _, err = harness_cli(args, monkeypatch, capfd, cwd=tmp_path)
+    assert status == 130, err[-2000:]
     finished = points(root)
     assert len(finished) == 1, f"expected exactly the first point finished, got {sorted(finished)}"
     (first_name, first_path), = finished.items()
     assert "method.ratio=0.25" in first_name
     before = first_path.stat().st_mtime_ns
 
-    out = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert f"skipping finished point {first_path.parent}" in out.stdout
+    monkeypatch.setattr(entry, "run", real)
+    status, out, err = harness_cli(args, monkeypatch, capfd, cwd=tmp_path)
+    assert status == 0, out[-2000:] + err[-2000:]
+    assert f"skipping finished point {first_path.parent}" in out
     assert first_path.stat().st_mtime_ns == before
     assert sorted(points(root)) == sorted([first_name, first_name.replace("ratio=0.25", "ratio=0.5")])
     for path in points(root).values():
@@ -101,22 +109,20 @@ def test_report_errors_are_clear(tmp_path):
         report.collect(tmp_path / "empty")
 
 
-def test_multirun_without_a_sweep_experiment_keeps_every_point_under_sweep_root(tmp_path):
+def test_multirun_without_a_sweep_experiment_keeps_every_point_under_sweep_root(tmp_path, monkeypatch, capfd):
     """Each point's result.json lands in sweep_root/<its overrides>, none in the working directory,
     and a default single run goes under runs_root, outside the working directory."""
     work = tmp_path / "work"
     work.mkdir()
-    run_env = {**env(), "LAZYATTN_RUNS": str(tmp_path / "runs")}
+    run_env = {"LAZYATTN_RUNS": str(tmp_path / "runs")}
     common = ("model=llava_tiny_random", "method=lazy", "limit=2", "efficiency.enabled=false", "compare_dense=false",
               f"calibration.dir={tmp_path / 'calib'}")
-    proc = subprocess.run([sys.executable, "-m", "harness", "-m", *common, "method.ratio=0.25,0.5",
-                           f"sweep_root={tmp_path / 'sweep'}"], cwd=work, env=run_env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    status, _, err = harness_cli(["-m", *common, "method.ratio=0.25,0.5", f"sweep_root={tmp_path / 'sweep'}"],
+                                 monkeypatch, capfd, cwd=work, env=run_env)
+    assert status == 0, err[-2000:]
     found = sorted(p.parent.name for p in (tmp_path / "sweep").rglob("result.json"))
     assert len(found) == 2 and all("method.ratio=" in name for name in found)
-    proc = subprocess.run([sys.executable, "-m", "harness", *common], cwd=work, env=run_env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    status, _, err = harness_cli(list(common), monkeypatch, capfd, cwd=work, env=run_env)
+    assert status == 0, err[-2000:]
     assert len(list((tmp_path / "runs").rglob("result.json"))) == 1
     assert not list(work.iterdir())  # nothing written into the working directory

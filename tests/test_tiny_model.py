@@ -89,12 +89,12 @@ def test_main_experiment_uses_the_trained_model():
 
 
 def test_shortened_recipe_is_deterministic_and_saves_no_auxiliary_heads(tmp_path):
-    """All stages (A-F) at 1 % of their steps and pools, twice with seed 0: identical weights, and
-    the same again when F is resumed from the snapshot after E (how the shipped models got F); the
-    checkpoint holds exactly the LLaVA parameters (the training heads are dropped)."""
+    """All stages (A-F) at 0.4 % of their steps and pools (one to six steps each), twice with seed 0:
+    identical weights, and the same again when F is resumed from the snapshot after E (how the shipped
+    models got F); the checkpoint holds exactly the LLaVA parameters (the training heads are dropped)."""
     from harness.tools import train_tiny
 
-    stages = train_tiny.scaled(train_tiny.STAGES, 0.01)
+    stages = train_tiny.scaled(train_tiny.STAGES, 0.004)
     runs = []
     for name in ("a", "b"):
         info = train_tiny.train(tmp_path / name, seed=0, batch_size=4, threads=1, stages=stages, work=tmp_path / "w",

@@ -4,12 +4,12 @@ tables are there, and the sweep's summary run holds a table of its points (the s
 W&B scatter charts of accuracy and throughput against the KV cut, one per model."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import harness_cli
 
 from harness import headline, report
 
@@ -49,16 +49,19 @@ def same(a, b) -> bool:
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
+    """The sweep, run in this process (``python -m harness -m ...`` without the start-up; the real
+    process is test_harness.py's offline W&B run)."""
     tmp = tmp_path_factory.mktemp("wandb_sweep")
     root = tmp / "sweep"
-    cmd = [sys.executable, "-m", "harness", "-m", "+exp=sweep_lazy", "limit=6", "batch_size=6",
-           "task.qtypes=[colour,count,long]", "task.max_new_tokens.long=2", "efficiency.new_tokens=2", "efficiency.repeats=1",
-           "efficiency.warmup=0", "method.layers=null", "method.ratio=0.25,0.5", "compare_dense=true",
-           f"sweep_root={root}"]
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return root, proc.stdout
+    args = ["-m", "+exp=sweep_lazy", "limit=6", "batch_size=6",
+            "task.qtypes=[colour,count,long]", "task.max_new_tokens.long=2", "efficiency.new_tokens=2",
+            "efficiency.repeats=1", "efficiency.warmup=0", "method.layers=null", "method.ratio=0.25,0.5",
+            "compare_dense=true", f"sweep_root={root}"]
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        status, out, err = harness_cli(args, monkeypatch, None, cwd=tmp,
+                                       env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert status == 0, out[-3000:] + err[-3000:]
+    return root, out
 
 
 def test_each_run_logs_the_headline_of_its_result_json(sweep):
