@@ -1,0 +1,97 @@
+"""The baselines' released rules (issue 31), each against a reference written here from the rule's
+statement (docs/methods.md, per baseline), not from the code under test: VTW's choice of k,
+PruMerge's neighbour count, SparseVLM's rank rule, HiRED's raster regions; and the per-model
+constants the presets choose."""
+
+import math
+
+import pytest
+import torch
+from helpers import cfg_for, shapes_inputs
+from test_readings import _positions, reference_logits
+
+import lazyattn
+from harness.config import method_spec
+from lazyattn import VTW, choose_withdrawal_layer, withdrawal_kl
+from lazyattn.vtw import search_start
+
+# --------------------------------------------------------------------------- VTW
+
+
+def _log_softmax_by_hand(logits):
+    logits = logits.double()
+    top = logits.max(dim=-1, keepdim=True).values
+    return logits - top - torch.log(torch.exp(logits - top).sum(dim=-1, keepdim=True))
+
+
+@torch.no_grad()
+def test_vtw_release_kl_profile_equals_the_hand_written_rule(tiny):
+    """KL(withdrawn || dense) = sum_v p_w (log p_w - log p_d) of the next token after each prompt,
+    the withdrawn model written by hand (test_readings.reference_logits with the image columns
+    gone from layer k on), averaged over one-sample batches, for k from the scaled start on."""
+    n = tiny.n_layers
+    start = search_start(n)
+    assert (n, start) == (12, 2)  # round(5 * 12 / 32): the release's layer 5 of 32, scaled
+    batches = [shapes_inputs(tiny, n=1, offset=i) for i in range(3)]
+    expected = [None] * (start - 1) + [0.0] * (n - start + 1)
+    for batch in batches:
+        ids, mask, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
+        positions = _positions(mask)
+        dense = _log_softmax_by_hand(reference_logits(tiny.model, ids, mask, pixels, positions)[0, -1])
+        text = ids != tiny.model.config.image_token_id
+        for k in range(start, n):
+            withdrawn = _log_softmax_by_hand(
+                reference_logits(tiny.model, ids, mask, pixels, positions, keep_from=(k, text))[0, -1])
+            p = withdrawn.exp()
+            expected[k - 1] += float((p * (withdrawn - dense)).sum()) / len(batches)
+    got = withdrawal_kl(tiny.model, batches, rule="release")
+    assert got[: start - 1] == [None] * (start - 1) and got[-1] == 0.0
+    assert got[start - 1 :] == pytest.approx(expected[start - 1 :], rel=1e-4, abs=1e-7)
+    assert min(got[start - 1 : -1]) > 0
+    # the direction matters: the suffix rule's KL(dense || withdrawn) is another profile
+    suffix = withdrawal_kl(tiny.model, batches[:1], rule="suffix")
+    assert suffix[0] is not None and suffix[start - 1] != pytest.approx(got[start - 1], rel=1e-3)
+
+
+def test_vtw_release_choice_is_the_first_layer_within_eta():
+    kl = [None, None, None, None, 0.01, 0.002, 0.004, 0.001, 0.0]  # k = 1 .. 9, searched from 5
+    assert choose_withdrawal_layer(kl, 0.003) == 6  # first <= eta, though k=7 is above it again
+    assert choose_withdrawal_layer(kl, 0.002) == 6  # <= is non-strict
+    assert choose_withdrawal_layer(kl, 0.0015) == 8
+    assert choose_withdrawal_layer(kl, 1.0) == 5  # never before the search's start
+    assert choose_withdrawal_layer(kl[:-1] + [0.5], 0.0001) == 9  # none within eta: nothing withdrawn
+    # the harness's earlier rule, by name: the suffix from which every later layer is within eta
+    assert choose_withdrawal_layer(kl, 0.003, rule="suffix") == 8
+    assert choose_withdrawal_layer(kl, 0.005, rule="suffix") == 6
+
+
+def test_vtw_search_start_by_depth():
+    assert [search_start(n) for n in (32, 40, 12, 24, 28, 80)] == [5, 5, 2, 4, 4, 12]
+    assert search_start(32, "suffix") == 1
+
+
+@pytest.mark.parametrize("model, eta", [("llava15_7b", 0.003), ("llava15_13b", 0.0005),
+                                        ("llava_next_vicuna_7b", 0.0001), ("llava_next_vicuna_13b", 0.003),
+                                        ("llava_tiny", 0.003)])
+def test_vtw_eta_is_chosen_per_model_preset(model, eta):
+    cfg = cfg_for(f"model={model}", "method=vtw")
+    assert cfg.method.eta == eta and cfg.method.rule == "release" and cfg.method.k == "auto"
+    composed = cfg_for(f"model={model}", "method=lazy_vtw")
+    assert composed.method.vtw.eta == eta and composed.method.vtw.rule == "release"
+    assert cfg_for(f"model={model}", "method=vtw", "method.eta=0.05").method.eta == 0.05  # explicit wins
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: VTW(k=3, rule="last"), "VTW rule must be 'release'"),
+    (lambda: VTW(k=3, eta=-1.0), "VTW eta (the KL threshold, nats) must be a number >= 0"),
+])
+def test_bad_vtw_rule_settings_are_refused_in_one_line(make, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
+        make()
+    assert "\n" not in str(err.value)
+
+
+def test_vtw_params_record_the_rule():
+    method = lazyattn.build(method_spec(cfg_for("method=vtw", "method.k=4").method))
+    assert method.params() == {"k": 4, "rule": "release", "eta": 0.003}
+    assert math.isfinite(method.eta)
