@@ -36,7 +36,8 @@ def encoder_layers(model):
 
 def prumerge_reference(model, pixel_values, plus=True, k=32):
     """Per image: (kept indices in the released order, reduced features pre-projector), after the
-    released token_prune_merge_advanced[_plus] (adaptive), written here from its description."""
+    released token_prune_merge_advanced[_plus] (adaptive), written here from its description; each
+    kept token merges its ``k`` nearest other tokens (the release: 32 of 576)."""
     states = tower_states(model, pixel_values)
     x = states[-2]  # LLaVA's features, [CLS] first
     layer = encoder_layers(model)[-1]  # the layer that reads them
@@ -62,7 +63,7 @@ def prumerge_reference(model, pixel_values, plus=True, k=32):
         for i in idx:
             others = [j for j in idx if j != i] + rest_pruned
             sims = torch.stack([unit[i] @ unit[j] for j in others])
-            near = [others[t] for t in sims.topk(min(k, n - 1)).indices.tolist()]
+            near = [others[t] for t in sims.topk(k).indices.tolist()]
             merged.append(feats[i] + sum(attn[j] * feats[j] for j in near))
         if rest_pruned:
             merged.append(sum(attn[j] * feats[j] for j in rest_pruned))
@@ -165,20 +166,24 @@ def packed_order(mask, grid, side):
 # ------------------------------------------------------------------------------ PruMerge
 
 
-@pytest.mark.parametrize("plus", [True, False])
+# The tiny model's images have 64 tokens. The release merges 32 of 576 neighbours: the same fraction
+# of 64 is round(32 * 64 / 576) = round(3.56) = 4 (neighbours_rule=scaled, the default); capped at
+# N - 1 = 63 the harness's earlier count (neighbours_rule=capped) stays 32.
+@pytest.mark.parametrize("plus, rule, k", [(True, "scaled", 4), (False, "scaled", 4), (True, "capped", 32),
+                                           (False, "capped", 32)])
 @torch.no_grad()
-def test_prumerge_keeps_and_merges_as_released_and_the_lm_sees_that_sequence(tiny64, plus):
+def test_prumerge_keeps_and_merges_as_released_and_the_lm_sees_that_sequence(tiny64, plus, rule, k):
     model = tiny64.model
     inputs = shapes_inputs(tiny64, 3)
     inputs["pixel_values"] = inputs["pixel_values"].double()
-    engine = PruneEngine(model, PruMerge(plus=plus))
+    engine = PruneEngine(model, PruMerge(plus=plus, neighbours_rule=rule))
     with engine.install():
         batched = model(**inputs).logits
         (stage,) = engine.stages
     counts = []
     for b in range(3):
         one = unpadded(inputs, b)
-        (ref_idx, ref_feats), = prumerge_reference(model, one["pixel_values"], plus=plus)
+        (ref_idx, ref_feats), = prumerge_reference(model, one["pixel_values"], plus=plus, k=k)
         with engine.install():
             single = model(**one).logits
             assert engine.prompt_state["kept"][0].tolist() == ref_idx
@@ -222,7 +227,7 @@ def test_prumerge_cached_decoding_equals_the_reduced_sequence_recomputed(tiny64,
                              output_logits=True, return_dict_in_generate=True)
         cache = DynamicCache(config=model.config)
         model(**one, past_key_values=cache, use_cache=True)
-    (ref_idx, ref_feats), = prumerge_reference(model, one["pixel_values"])
+    (ref_idx, ref_feats), = prumerge_reference(model, one["pixel_values"], k=4)  # 32 of 576 -> 4 of 64
     embeds = reduced_embeds(model, one["input_ids"][0], model.model.multi_modal_projector(ref_feats))
     new = out.sequences[:, one["input_ids"].shape[1] :]
     full = torch.cat([embeds, model.get_input_embeddings()(new[:, :-1])], dim=1)
@@ -309,6 +314,7 @@ def test_hired_full_budget_with_newlines_equals_dense_and_kv_follows_the_kept_co
     ({"name": "prumerge_plus", "iqr": math.inf}, "iqr"),
     ({"name": "prumerge_plus", "neighbours": -1}, "neighbours"),
     ({"name": "prumerge_plus", "order": "random"}, "order"),
+    ({"name": "prumerge_plus", "neighbours_rule": "all"}, "neighbours_rule"),
     ({"name": "hired", "budget": 0.0}, "budget"),
     ({"name": "hired", "budget": 1.5}, "budget"),
     ({"name": "hired", "alpha": -0.1}, "alpha"),

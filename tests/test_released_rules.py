@@ -95,3 +95,17 @@ def test_vtw_params_record_the_rule():
     method = lazyattn.build(method_spec(cfg_for("method=vtw", "method.k=4").method))
     assert method.params() == {"k": 4, "rule": "release", "eta": 0.003}
     assert math.isfinite(method.eta)
+
+
+# --------------------------------------------------------------------------- PruMerge / PruMerge+
+
+
+def test_prumerge_neighbour_count_keeps_the_released_fraction():
+    from lazyattn.prumerge import neighbour_count
+
+    # by hand: 32 of 576 is 1/18 of the tokens; round(N / 18), at least 1, at most N - 1
+    assert [neighbour_count(32, n) for n in (576, 2880, 64, 16, 2)] == [32, 160, 4, 1, 1]
+    assert [neighbour_count(32, n, "capped") for n in (576, 64, 16)] == [32, 32, 15]
+    assert neighbour_count(0, 64) == 0 and neighbour_count(8, 576) == 8
+    labels = [lazyattn.PruMerge(neighbours_rule=r).label(12) for r in ("scaled", "capped")]
+    assert labels == ["PruMerge+", "PruMerge+ k capped"]
