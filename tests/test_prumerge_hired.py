@@ -115,9 +115,11 @@ def next_model():
     return families.build_random(family, text, {**vision, "layers": 3}, initializer_range=0.2)
 
 
-def hired_reference(model, pixel_values, image_size, budget=0.2, alpha=0.5):
-    """(P, N) kept mask of one square image after the released HiRED_token_selection, with the
-    sub-image regions taken spatially (the full image's tile-sized areas), written here from scratch."""
+def hired_reference(model, pixel_values, image_size, budget=0.2, alpha=0.5, regions="raster"):
+    """(P, N) kept mask of one square image after the released HiRED_token_selection, written here
+    from scratch; the sub-image regions as released (``raster``: the full image's raster-ordered
+    tokens cut into as many equal consecutive runs as there are sub-images, run j credited to
+    sub-image j) or taken spatially (``spatial``: the full image's tile-sized areas)."""
     states = tower_states(model, pixel_values)
     layers = encoder_layers(model)
     n_heads = layers[0].self_attn.num_heads
@@ -144,8 +146,11 @@ def hired_reference(model, pixel_values, image_size, budget=0.2, alpha=0.5):
     chosen = early[0].topk(int(n * (1 - alpha))).indices.tolist()
     counts = [0] * (grid * grid)
     for t in chosen:
-        r, c = divmod(t, side)
-        counts[(r * grid // side) * grid + c * grid // side] += 1
+        if regions == "raster":
+            counts[t // (n // (grid * grid))] += 1
+        else:
+            r, c = divmod(t, side)
+            counts[(r * grid // side) * grid + c * grid // side] += 1
     for j in range(grid * grid):
         mask[j + 1, final[j + 1].topk(min(n, int(torch.tensor(counts[j] / sum(counts)).float() * sub))).indices] = True
     return mask, grid
@@ -250,12 +255,13 @@ def test_prumerge_cached_decoding_equals_the_reduced_sequence_recomputed(tiny64,
 # ------------------------------------------------------------------------------ HiRED
 
 
+@pytest.mark.parametrize("regions", ["raster", "spatial"])
 @torch.no_grad()
-def test_hired_keeps_the_released_budget_split_and_the_lm_sees_that_sequence(next_model):
+def test_hired_keeps_the_released_budget_split_and_the_lm_sees_that_sequence(next_model, regions):
     model = next_model.model
     inputs = shapes_inputs(next_model, 3)
     side = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    engine = PruneEngine(model, HiRED(budget=0.3))
+    engine = PruneEngine(model, HiRED(budget=0.3, regions=regions))
     with engine.install():
         batched = model(**inputs).logits
         (stage,) = engine.stages
@@ -264,7 +270,7 @@ def test_hired_keeps_the_released_budget_split_and_the_lm_sees_that_sequence(nex
         size = int(one["image_sizes"][0, 0])
         assert size == int(one["image_sizes"][0, 1])  # square: LLaVA-NeXT unpads nothing
         p = one["pixel_values"].shape[1]
-        mask, grid = hired_reference(model, one["pixel_values"][0, :p], size, budget=0.3)
+        mask, grid = hired_reference(model, one["pixel_values"][0, :p], size, budget=0.3, regions=regions)
         assert mask.sum() <= int(p * side * side * 0.3)
         with engine.install():
             single = model(**one).logits

@@ -109,3 +109,20 @@ def test_prumerge_neighbour_count_keeps_the_released_fraction():
     assert neighbour_count(0, 64) == 0 and neighbour_count(8, 576) == 8
     labels = [lazyattn.PruMerge(neighbours_rule=r).label(12) for r in ("scaled", "capped")]
     assert labels == ["PruMerge+", "PruMerge+ k capped"]
+
+
+# --------------------------------------------------------------------------- HiRED
+
+
+def test_hired_regions_default_is_the_released_raster_reshape_and_labels_name_it():
+    from lazyattn.hired import region_counts
+
+    assert lazyattn.HiRED().regions == "raster" and cfg_for("method=hired").method.regions == "raster"
+    assert [lazyattn.HiRED(regions=r).label(12) for r in ("raster", "spatial")] == ["HiRED B=0.2 raster",
+                                                                                  "HiRED B=0.2 spatial"]
+    # a 4x4 token grid, 2x2 sub-images; selected: the whole top-left quadrant (rows 0-1, cols 0-1)
+    selected = torch.zeros(16, dtype=torch.bool)
+    selected[[0, 1, 4, 5]] = True
+    # raster: runs of 4 consecutive indices = one full grid row each: rows 0 and 1 go to sub-images 0, 1
+    assert region_counts(selected, (2, 2), "raster").tolist() == [2, 2, 0, 0]
+    assert region_counts(selected, (2, 2), "spatial").tolist() == [4, 0, 0, 0]
