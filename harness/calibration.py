@@ -117,12 +117,15 @@ def _lazy_record(cfg: DictConfig, loaded, batches, spec: dict) -> dict:
     what = {"ratio": spec.get("ratio"), "threshold": threshold}
     if select != "pairwise" or cap is not None:  # the default rule keeps its older keys
         what.update(select=select, max_per_anchor=cap)
+    share, scope = spec.get("share", "qk"), spec.get("scope", "all")
     if select == "anchor":  # only the anchor rule runs the model under the reading; pairwise is the same for all
-        what.update(share=spec.get("share", "qk"))
+        what.update(share=share)
+        if scope != "all":  # GLA keeps its older key (its cached choices stay valid); another scope is apart
+            what.update(scope=scope)
 
     def compute():
         result = calibrate(loaded.model, batches(), ratio=ratio, threshold=threshold, select=select,
-                           max_per_anchor=cap, share=spec.get("share", "qk"))
+                           max_per_anchor=cap, share=share, scope=scope)
         return {
             "lazy_layers": result.lazy_layers,
             "select": result.select,
@@ -132,6 +135,8 @@ def _lazy_record(cfg: DictConfig, loaded, batches, spec: dict) -> dict:
             "chosen_js": result.chosen_js,
             "adjacent_js": result.adjacent,
             "divergence": result.divergence,
+            # the reading the model ran under while choosing (anchor only: the other rules read the dense model)
+            **({"share": share, "scope": scope} if select == "anchor" else {}),
         }
 
     record = _cached(cfg, loaded, what, compute)

@@ -134,3 +134,17 @@ def test_bad_reading_settings_fail_before_the_model_loads(tmp_path, monkeypatch,
     with pytest.raises((ValueError, RunError), match=message) as err:
         run(cfg)
     assert "\n" not in str(err.value)
+
+
+def test_anchor_calibration_runs_under_the_methods_scope(tmp_path):
+    """select=anchor measures each candidate in the partially lazy model under the method's own
+    reading: VLA (scope=visual) records its own calibration, cached apart from GLA's."""
+    common = ("calibration.select=anchor", "method.ratio=0.25", "efficiency.enabled=false")
+    gla = json.loads(run(small(tmp_path / "g", *common)).read_text())["method"]["calibration"]
+    vla = json.loads(run(small(tmp_path / "v", *common, "method.scope=visual")).read_text())["method"]
+    cal = vla["calibration"]
+    assert (cal["share"], cal["scope"], gla["scope"]) == ("qk", "visual", "all")
+    assert cal["key"] != gla["key"]
+    assert cal["chosen_js"][0] == pytest.approx(gla["chosen_js"][0])  # the first pick: nothing lazy yet, both dense
+    assert cal["chosen_js"] != pytest.approx(gla["chosen_js"])  # later picks: measured under each reading
+    assert vla["label"] == "Lazy VLA r=0.25 (anchor-calibrated)"
