@@ -126,3 +126,110 @@ def test_hired_regions_default_is_the_released_raster_reshape_and_labels_name_it
     # raster: runs of 4 consecutive indices = one full grid row each: rows 0 and 1 go to sub-images 0, 1
     assert region_counts(selected, (2, 2), "raster").tolist() == [2, 2, 0, 0]
     assert region_counts(selected, (2, 2), "spatial").tolist() == [4, 0, 0, 0]
+
+
+# --------------------------------------------------------------------------- SparseVLM
+
+
+def test_sparsevlm_rank_keep_count_by_hand():
+    from lazyattn.sparsevlm import rank_keep_count
+
+    # the rule: keep min(int(rank * scale + bias), V - 1); full rank V keeps everything
+    assert rank_keep_count(2, 10, 2.0, 1.0) == 5
+    assert rank_keep_count(3, 576, 13.5, 0.0) == 40  # int(40.5) truncates
+    assert rank_keep_count(40, 576, 13.5, 0.0) == 540
+    assert rank_keep_count(50, 576, 13.5, 0.0) == 575  # capped at V - 1: at least one token goes
+    assert rank_keep_count(1, 576, 0.8, 0.0) == 0
+    assert rank_keep_count(10, 10, 0.8, 0.0) == 10
+
+
+@pytest.mark.parametrize("n_layers, v15, rank", [(32, [2, 6, 15], [2, 6, 15, 19]), (40, [2, 6, 15], [2, 6, 15, 19]),
+                                                 (24, [2, 6, 15], [2, 6, 15, 19]), (12, [1, 2, 6], [1, 2, 6, 7])])
+def test_sparsevlm_scoring_layers_are_the_released_ones_unless_too_shallow(n_layers, v15, rank):
+    method, ranked = lazyattn.SparseVLM(), lazyattn.SparseVLM(schedule="rank")
+    assert method.scoring_layers(n_layers) == v15 and ranked.scoring_layers(n_layers) == rank
+    scaled = ", layers scaled" if n_layers == 12 else ""
+    assert method.label(n_layers) == f"SparseVLM 192 (v1.5{scaled})"
+    assert ranked.label(n_layers) == f"SparseVLM 192 (rank{scaled})"
+    assert lazyattn.SparseVLM(schedule="rank", scale=2, bias=1).label(32) == "SparseVLM rank x2+1"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"schedule": "topk"}, "SparseVLM schedule must be 'v1.5'"),
+    ({"schedule": "rank", "keep": [3, 2, 1]}, "keep=.* is for schedule=v1.5"),
+    ({"scale": 2.0}, "scale and bias belong to schedule=rank"),
+    ({"schedule": "rank", "budget": 100}, "takes budget"),
+])
+def test_bad_sparsevlm_schedules_are_refused(spec, message):
+    with pytest.raises(ValueError, match=message) as err:
+        lazyattn.SparseVLM(**spec)
+    assert "\n" not in str(err.value)
+
+
+def _embeddings(model, inputs):
+    captured = {}
+    lm = model.model.language_model
+    handle = lm.register_forward_pre_hook(lambda m, a, kw: captured.update(x=kw["inputs_embeds"]), with_kwargs=True)
+    try:
+        out = model(**inputs, output_attentions=True)
+    finally:
+        handle.remove()
+    return captured["x"][0].double(), out.attentions
+
+
+@torch.no_grad()
+def test_sparsevlm_rank_rule_keeps_what_the_rater_attention_rank_says(tiny_eager):
+    """At the first scoring layer (the model is still dense there), by hand: raters from the input
+    embeddings, the head-averaged attention of their rows over the image columns from the dense
+    model's own attention weights, numpy's matrix rank, keep min(int(rank * 2 + 1), V - 1) and the
+    tokens of highest rater-mean attention."""
+    import numpy as np
+
+    from lazyattn.engine import PruneEngine
+
+    model = tiny_eager.model
+    method = lazyattn.SparseVLM(schedule="rank", scale=2.0, bias=1.0, recycle=0.0)
+    first = method.scoring_layers(tiny_eager.n_layers)[0]
+    for offset in range(3):
+        inputs = shapes_inputs(tiny_eager, n=1, offset=offset)
+        ids = inputs["input_ids"][0]
+        image = (ids == model.config.image_token_id).nonzero()[:, 0]
+        embeds, attentions = _embeddings(model, inputs)
+        text = torch.arange(int(image.max()) + 1, len(ids))
+        relevance = torch.softmax(embeds[image] @ embeds[text].T, dim=-1).mean(dim=0)
+        raters = text[relevance > relevance.mean()]
+        attn = attentions[first][0].double().mean(dim=0)  # (T, T), head-averaged
+        rater_rows = attn[raters][:, image]
+        rank = int(np.linalg.matrix_rank(rater_rows.float().numpy()))
+        n_visual = len(image)
+        keep = n_visual if rank == n_visual else min(int(rank * 2.0 + 1.0), n_visual - 1)
+        expected = sorted(image[rater_rows.mean(dim=0).argsort(descending=True)[:keep]].tolist())
+        engine = PruneEngine(model, method)
+        with engine.install():
+            model(**inputs)
+            stage = engine.stages[0]
+        assert 0 < keep < n_visual
+        assert sorted(stage.source[0][stage.image[0]].tolist()) == expected
+
+
+@torch.no_grad()
+def test_sparsevlm_rank_rule_batched_equals_each_sample_alone(tiny):
+    """Per-sample counts: a padded batch (shorter samples padded inside the stage) gives each
+    sample's own logits."""
+    model = tiny.model
+    method = lazyattn.SparseVLM(schedule="rank", scale=1.0, bias=1.0)
+    inputs = shapes_inputs(tiny, n=3)
+    from lazyattn.engine import PruneEngine
+
+    engine = PruneEngine(model, method)
+    with engine.install():
+        batched = model(**inputs).logits
+        lengths = engine.stages[-1].real.sum(dim=1).tolist()
+    for b in range(3):
+        real = inputs["attention_mask"][b].bool()
+        one = {"input_ids": inputs["input_ids"][b : b + 1, real], "attention_mask": inputs["attention_mask"][b : b + 1, real],
+               "pixel_values": inputs["pixel_values"][b : b + 1]}
+        with engine.install():
+            single = model(**one).logits
+        assert torch.allclose(batched[b, -1], single[0, -1], atol=1e-4, rtol=1e-4)
+    assert len(set(lengths)) > 1  # the samples keep different counts here, so the stage is padded
