@@ -233,3 +233,21 @@ def test_sparsevlm_rank_rule_batched_equals_each_sample_alone(tiny):
             single = model(**one).logits
         assert torch.allclose(batched[b, -1], single[0, -1], atol=1e-4, rtol=1e-4)
     assert len(set(lengths)) > 1  # the samples keep different counts here, so the stage is padded
+
+
+@torch.no_grad()
+def test_sparsevlm_rank_rule_cached_generation_batched_equals_alone(tiny):
+    """Decoding on the padded stages' cache: a batch generates what each sample generates alone."""
+    model = tiny.model
+    method = lazyattn.SparseVLM(schedule="rank", scale=1.0, bias=1.0)
+    inputs = shapes_inputs(tiny, n=3)
+    image_id = model.config.image_token_id
+    kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, suppress_tokens=[image_id])
+    with method.apply(model):
+        batched = model.generate(**inputs, **kwargs)[:, inputs["input_ids"].shape[1]:]
+        for b in range(3):
+            real = inputs["attention_mask"][b].bool()
+            one = model.generate(input_ids=inputs["input_ids"][b : b + 1, real],
+                                 attention_mask=inputs["attention_mask"][b : b + 1, real],
+                                 pixel_values=inputs["pixel_values"][b : b + 1], **kwargs)
+            assert batched[b].tolist() == one[0, int(real.sum()):].tolist()
