@@ -4,9 +4,11 @@
   budget ``method.ratio`` (or ``calibration.threshold``), by ``calibration.select``
   (``pairwise``: the dense model's divergence matrix; ``anchor``: measured against the real
   anchor as the set grows) with at most ``calibration.max_per_anchor`` lazy layers per anchor;
-- ``method.k=auto`` (VTW, also ``method.vtw.k=auto`` in ``lazy_vtw``): the earliest withdrawal
-  layer whose next-token distribution stays within ``calibration.kl_threshold`` (KL, nats) of
-  dense (``lazyattn.withdrawal_kl``).
+- ``method.k=auto`` (VTW, also ``method.vtw.k=auto`` in ``lazy_vtw``): the withdrawal layer by
+  the method's ``rule`` and ``eta`` (``lazyattn.withdrawal_kl``, ``choose_withdrawal_layer``):
+  ``release``, the released code's rule (first layer from 5, scaled by depth, whose mean
+  ``KL(withdrawn || dense)`` is ``<= eta``; eta per model preset, ``model.vtw_eta``), or
+  ``suffix``, the harness's earlier rule.
 
 Each choice is cached in a small JSON file (``calibration.dir``, outside the source tree) keyed by
 the model's config and weights, the task and the calibration settings, so repeated runs and
@@ -25,6 +27,8 @@ from harness.config import method_spec, plain
 from harness.generate import prompt_inputs
 from harness.results import config_key, write_json_atomic
 from lazyattn import build, calibrate, choose_withdrawal_layer, withdrawal_kl
+from lazyattn.arch import decoder_layers
+from lazyattn.vtw import DEFAULT_ETA, RELEASE_START, search_start
 
 AUTO = "auto"
 
@@ -113,12 +117,15 @@ def _lazy_record(cfg: DictConfig, loaded, batches, spec: dict) -> dict:
     what = {"ratio": spec.get("ratio"), "threshold": threshold}
     if select != "pairwise" or cap is not None:  # the default rule keeps its older keys
         what.update(select=select, max_per_anchor=cap)
+    share, scope = spec.get("share", "qk"), spec.get("scope", "all")
     if select == "anchor":  # only the anchor rule runs the model under the reading; pairwise is the same for all
-        what.update(share=spec.get("share", "qk"))
+        what.update(share=share)
+        if scope != "all":  # GLA keeps its older key (its cached choices stay valid); another scope is apart
+            what.update(scope=scope)
 
     def compute():
         result = calibrate(loaded.model, batches(), ratio=ratio, threshold=threshold, select=select,
-                           max_per_anchor=cap, share=spec.get("share", "qk"))
+                           max_per_anchor=cap, share=share, scope=scope)
         return {
             "lazy_layers": result.lazy_layers,
             "select": result.select,
@@ -128,20 +135,28 @@ def _lazy_record(cfg: DictConfig, loaded, batches, spec: dict) -> dict:
             "chosen_js": result.chosen_js,
             "adjacent_js": result.adjacent,
             "divergence": result.divergence,
+            # the reading the model ran under while choosing (anchor only: the other rules read the dense model)
+            **({"share": share, "scope": scope} if select == "anchor" else {}),
         }
 
     record = _cached(cfg, loaded, what, compute)
     return {**record, "ratio": spec.get("ratio"), "threshold": threshold}
 
 
-def _vtw_record(cfg: DictConfig, loaded, batches) -> dict:
-    threshold = cfg.calibration.get("kl_threshold")
+def _vtw_record(cfg: DictConfig, loaded, batches, vtw: dict) -> dict:
+    rule, eta = vtw.get("rule", "release"), vtw.get("eta", DEFAULT_ETA)
+    n_layers = len(decoder_layers(loaded.model))
+    start = search_start(n_layers, rule)
 
     def compute():
-        return {"kl": withdrawal_kl(loaded.model, batches())}
+        return {"kl": withdrawal_kl(loaded.model, batches(), rule=rule)}
 
-    record = _cached(cfg, loaded, {"vtw_kl": True}, compute)
-    return {**record, "k": choose_withdrawal_layer(record["kl"], threshold), "kl_threshold": threshold}
+    # the profile depends on the rule (direction and start), not on eta; the suffix rule keeps its older key
+    what = {"vtw_kl": True} if rule == "suffix" else {"vtw_kl": "withdrawn||dense", "start": start}
+    record = _cached(cfg, loaded, what, compute)
+    return {**record, "k": choose_withdrawal_layer(record["kl"], eta, rule), "rule": rule, "eta": eta,
+            "start": start, "start_scaled": rule == "release" and start != RELEASE_START,
+            "direction": "KL(withdrawn||dense)" if rule == "release" else "KL(dense||withdrawn)"}
 
 
 def resolve(cfg: DictConfig, loaded, task, device) -> tuple[dict, dict]:
@@ -162,8 +177,8 @@ def resolve(cfg: DictConfig, loaded, task, device) -> tuple[dict, dict]:
             record = _lazy_record(cfg, loaded, batches, spec)
             spec["layers"] = list(record["lazy_layers"])
         else:
-            vtw = _vtw_record(cfg, loaded, batches)
             target = spec if path == ("k",) else spec["vtw"]
+            vtw = _vtw_record(cfg, loaded, batches, target)
             target["k"] = int(vtw["k"])
             record = {**record, "vtw": vtw} if path != ("k",) else vtw
     return spec, record
@@ -184,8 +199,20 @@ def label(record: dict, method, n_layers: int) -> str:
             return f"Lazy{reading} JS<={record['threshold']:g} ({_how(record)})"
         return f"Lazy{reading} r={record['ratio']:g} ({_how(record)})"
     vtw = record.get("vtw", record)
-    chosen = f"VTW K={vtw['k']} (KL<={vtw['kl_threshold']:g})"
+    chosen = f"VTW K={vtw['k']} ({vtw_how(vtw)})"
     return chosen if "vtw" not in record else f"{method.label(n_layers).split(' + ')[0]} + {chosen}"
+
+
+def vtw_how(vtw: dict) -> str:
+    """How a calibrated VTW k was chosen, for its label: "KL<=0.003" (the released rule),
+    "KL<=0.003 from L2, scaled" (its search start scaled to a model of another depth),
+    "suffix KL<=0.05" (the harness's earlier rule); older records say only "KL<=0.05"."""
+    eta = vtw.get("eta", vtw.get("kl_threshold"))
+    if "rule" not in vtw:
+        return f"KL<={eta:g}"
+    if vtw["rule"] == "suffix":
+        return f"suffix KL<={eta:g}"
+    return f"KL<={eta:g} from L{vtw['start']}, scaled" if vtw.get("start_scaled") else f"KL<={eta:g}"
 
 
 def _sort_how(record: dict) -> str:

@@ -138,9 +138,6 @@ def check_run(cfg: DictConfig) -> None:
         raise RunError("calibration.select=blocks takes no calibration.max_per_anchor (it merges every layer below "
                        "epsilon into its block); drop one of them.")
     positive_int(cal.get("max_per_anchor"), "calibration.max_per_anchor", allow_none=True)
-    kl = cal.get("kl_threshold")
-    if isinstance(kl, bool) or not isinstance(kl, (int, float)) or kl < 0:
-        raise RunError(f"calibration.kl_threshold must be a number >= 0 (nats), got {kl!r}; e.g. calibration.kl_threshold=0.05.")
     check_cache(cfg.get("cache", "static"))
     resolve_device(str(cfg.device))
 

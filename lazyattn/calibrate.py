@@ -200,11 +200,13 @@ def _select_pairwise(divergence, ratio, threshold, max_per_anchor):
 
 
 @torch.no_grad()
-def _anchor_costs(model, batches, lazy: set[int], options, share: str) -> dict[int, float]:
-    """Each candidate's JS divergence to its would-be anchor, measured with ``lazy`` installed."""
+def _anchor_costs(model, batches, lazy: set[int], options, share: str, scope: str = "all") -> dict[int, float]:
+    """Each candidate's JS divergence to its would-be anchor, measured with ``lazy`` installed under
+    the reading (``share``, ``scope``) the layers are chosen for: the later layers see the hidden
+    states that reading gives, not GLA's."""
     total = {layer: 0.0 for layer, _, _ in options}
     rows = 0
-    with _eager(model), LazyAttention(layers=sorted(lazy), share=share).apply(model):
+    with _eager(model), LazyAttention(layers=sorted(lazy), share=share, scope=scope).apply(model):
         for batch in batches:
             attn = model(**batch, output_attentions=True, use_cache=False).attentions
             valid = batch["attention_mask"].bool()
@@ -231,7 +233,7 @@ def _select_blocks(last_row: torch.Tensor, ratio, threshold, max_per_anchor):
     return sorted(lazy), [adjacent[layer] for layer in sorted(lazy)]
 
 
-def _select_anchor(model, batches, n, ratio, threshold, max_per_anchor, share):
+def _select_anchor(model, batches, n, ratio, threshold, max_per_anchor, share, scope="all"):
     budget = _budget(n, ratio, threshold, max_per_anchor)
     lazy: set[int] = set()
     chosen: list[float] = []
@@ -239,7 +241,7 @@ def _select_anchor(model, batches, n, ratio, threshold, max_per_anchor, share):
         options = _candidates(lazy, n, max_per_anchor, budget if ratio is not None else 0)
         if not options:
             break
-        js = _anchor_costs(model, batches, lazy, options, share)
+        js = _anchor_costs(model, batches, lazy, options, share, scope)
         _, layer = min((js[l] * switching, l) for l, _, switching in options)
         if threshold is not None and js[layer] > threshold:
             break
@@ -250,10 +252,11 @@ def _select_anchor(model, batches, n, ratio, threshold, max_per_anchor, share):
 
 def calibrate(
     model: nn.Module, batches: Iterable[dict], ratio: float | None = None, threshold: float | None = None,
-    select: str = "pairwise", max_per_anchor: int | None = None, share: str = "qk",
+    select: str = "pairwise", max_per_anchor: int | None = None, share: str = "qk", scope: str = "all",
 ) -> Calibration:
     """The dense divergence profile and the lazy layers chosen by ``select`` (module doc);
-    ``share`` is the reading the layers are chosen for (the model is run under it by ``anchor``)."""
+    ``share`` and ``scope`` are the reading the layers are chosen for (the model is run under it by
+    ``anchor``; ``pairwise`` and ``blocks`` read the dense model only)."""
     if select not in SELECTIONS:
         raise ValueError(f"calibration select must be one of {list(SELECTIONS)}, got {select!r}.")
     batches = list(batches)
@@ -265,5 +268,5 @@ def calibrate(
     if select == "pairwise":
         layers, chosen = _select_pairwise(div, ratio, threshold, max_per_anchor)
     else:
-        layers, chosen = _select_anchor(model, batches, div.shape[0], ratio, threshold, max_per_anchor, share)
+        layers, chosen = _select_anchor(model, batches, div.shape[0], ratio, threshold, max_per_anchor, share, scope)
     return Calibration(lazy_layers=layers, divergence=div.tolist(), select=select, chosen_js=chosen)

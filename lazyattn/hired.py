@@ -89,7 +89,7 @@ class HiRED(TokenPruner):
     budget: float = 0.2
     alpha: float = 0.5
     early_layer: int = 0
-    regions: str = "spatial"
+    regions: str = "raster"  # the released reshape; "spatial" is the geometrically faithful variant of ours
     newlines: bool = False
     name = "hired"
     positions = "contiguous"
@@ -106,7 +106,7 @@ class HiRED(TokenPruner):
         if isinstance(self.early_layer, bool) or not isinstance(self.early_layer, int) or self.early_layer < 0:
             raise ValueError(f"HiRED early_layer (the vision layer whose [CLS] attention splits the budget) must be an integer >= 0, got {self.early_layer!r}.")
         if self.regions not in ("spatial", "raster"):
-            raise ValueError(f"HiRED regions must be 'spatial' (sub-image areas of the full image) or 'raster' (as released), got {self.regions!r}.")
+            raise ValueError(f"HiRED regions must be 'spatial' (sub-image areas of the full image) or 'raster' (the released reshape, the default), got {self.regions!r}.")
         if not isinstance(self.newlines, bool):
             raise ValueError(f"HiRED newlines must be true or false, got {self.newlines!r}.")
 
@@ -117,7 +117,7 @@ class HiRED(TokenPruner):
     def label(self, n_layers: int) -> str:
         extra = [] if self.alpha == 0.5 else [f"a={self.alpha:g}"]
         extra += [] if self.early_layer == 0 else [f"early={self.early_layer}"]
-        extra += [] if self.regions == "spatial" else [self.regions]
+        extra += [self.regions]  # always named: the two rules split the sub-image budget differently
         extra += ["+newlines"] if self.newlines else []
         return " ".join([f"HiRED B={self.budget:g}", *extra])
 

@@ -11,6 +11,9 @@ After the released code (github.com/42Shawn/LLaVA-PruMerge, ``clip_encoder.py``,
    ``0, s, 2s, ... < N - 1`` with ``s = max(1, (N // n_outliers) // 3)`` not already kept.
 3. Each kept token becomes ``x_i + sum_j a_j x_j`` over its ``neighbours`` most key-similar
    other tokens (cosine of the layer's keys), ``a_j`` their [CLS] attention (not renormalised),
+   ``neighbours`` being the release's 32 of 576 tokens: on another token count ``N`` the same
+   fraction, ``max(1, round(32 N / 576))`` (``neighbours_rule="scaled"``, the default), or the
+   harness's earlier ``min(32, N - 1)`` (``neighbours_rule="capped"``),
    ``x`` the features LLaVA takes (``hidden_states[-2]``, pre-projector). One extra token,
    ``sum_j a_j x_j`` over the pruned tokens, follows when any token was pruned.
 4. The projector maps the reduced features; the LLM sees them in place of the image's tokens,
@@ -56,8 +59,23 @@ def uniform_samples(n: int, n_outliers: int) -> torch.Tensor:
     return torch.arange(0, n - 1, step)
 
 
+RELEASED_TOKENS = 576  # the release merges 32 neighbours out of LLaVA-1.5's 576 image tokens
+NEIGHBOURS_RULES = ("scaled", "capped")
+
+
+def neighbour_count(neighbours: int, n: int, rule: str = "scaled") -> int:
+    """How many other tokens each kept token merges, of ``n``: ``scaled`` keeps the release's
+    fraction (``neighbours`` of 576), ``max(1, round(neighbours * n / 576))``, so 32 at 576 and 1 at
+    16 (a count of 32 cannot apply to 16 tokens: capped, every kept token would absorb all the others);
+    ``capped`` is ``min(neighbours, n - 1)``. Never more than ``n - 1``; ``neighbours=0``: none."""
+    if neighbours == 0:
+        return 0
+    k = max(1, round(neighbours * n / RELEASED_TOKENS)) if rule == "scaled" else neighbours
+    return min(k, n - 1)
+
+
 def prumerge_image(features: torch.Tensor, attn: torch.Tensor, keys: torch.Tensor, plus: bool, iqr: float,
-                   neighbours: int, order: str) -> tuple[torch.Tensor, torch.Tensor]:
+                   neighbours: int, order: str, neighbours_rule: str = "scaled") -> tuple[torch.Tensor, torch.Tensor]:
     """One image's reduced features (K [+ 1], C) and the kept tokens' indices (K,), in output order.
 
     ``features`` (N, C) LLaVA's features, ``attn`` (N,) [CLS] attention, ``keys`` (N, C')."""
@@ -74,7 +92,7 @@ def prumerge_image(features: torch.Tensor, attn: torch.Tensor, keys: torch.Tenso
     wide = torch.promote_types(features.dtype, torch.float32)  # half -> float32; float64 stays
     feats = features.to(wide)
     out = feats[kept]
-    k = min(neighbours, n - 1)
+    k = neighbour_count(neighbours, n, neighbours_rule)
     if k > 0:
         unit = F.normalize(keys.to(wide), dim=-1)
         sim = unit[kept] @ unit.T  # (K, N)
@@ -99,6 +117,7 @@ class PruMerge(TokenPruner):
     iqr: float = 1.5
     neighbours: int = 32
     order: str = "released"
+    neighbours_rule: str = "scaled"
     name = "prumerge_plus"
     positions = "contiguous"
     equal_image_counts = False
@@ -112,21 +131,26 @@ class PruMerge(TokenPruner):
                              f"token), got {self.iqr!r}.")
         if isinstance(self.neighbours, bool) or not isinstance(self.neighbours, int) or self.neighbours < 0:
             raise ValueError(f"PruMerge neighbours (merged into each kept token) must be an integer >= 0, got {self.neighbours!r}.")
+        if self.neighbours_rule not in NEIGHBOURS_RULES:
+            raise ValueError(f"PruMerge neighbours_rule must be 'scaled' (the release's 32 of 576 as a fraction of the "
+                             f"image's tokens) or 'capped' (min(neighbours, N - 1)), got {self.neighbours_rule!r}.")
         if self.order not in ("released", "spatial"):
             raise ValueError(f"PruMerge order must be 'released' (by attention, then the samples) or 'spatial', got {self.order!r}.")
 
     def params(self) -> dict[str, Any]:
-        return {"plus": self.plus, "iqr": self.iqr, "neighbours": self.neighbours, "order": self.order}
+        return {"plus": self.plus, "iqr": self.iqr, "neighbours": self.neighbours, "order": self.order,
+                "neighbours_rule": self.neighbours_rule}
 
     def label(self, n_layers: int) -> str:
         base = "PruMerge+" if self.plus else "PruMerge"
         extra = [] if self.iqr == 1.5 else [f"iqr={self.iqr:g}"]
         extra += [] if self.neighbours == 32 else [f"k={self.neighbours}"]
         extra += [] if self.order == "released" else [self.order]
+        extra += [] if self.neighbours_rule == "scaled" else ["k capped"]  # the harness's earlier count
         return " ".join([base, *extra])
 
     def sort_key(self, n_layers: int) -> tuple:
-        return (not self.plus, self.iqr, -self.neighbours, self.order)
+        return (not self.plus, self.iqr, -self.neighbours, self.order, self.neighbours_rule != "scaled")
 
     def stage_layers(self, n_layers: int) -> list[tuple[int, int]]:
         return [(None, 0)]
@@ -153,7 +177,8 @@ class PruMerge(TokenPruner):
         projector = model.model.multi_modal_projector
         reduced, kept = [], []
         for i in range(hidden.shape[0]):
-            feats, idx = prumerge_image(hidden[i, 1:], attn[i], keys[i], self.plus, self.iqr, self.neighbours, self.order)
+            feats, idx = prumerge_image(hidden[i, 1:], attn[i], keys[i], self.plus, self.iqr, self.neighbours, self.order,
+                                         self.neighbours_rule)
             reduced.append(projector(feats.to(hidden.dtype)))
             kept.append(idx)
         spans = image_token_spans(base, [hidden.shape[1] - 1] * hidden.shape[0])

@@ -6,9 +6,14 @@ ranking to do, so it runs on the pruning engine (``lazyattn.engine``): one stage
 tokens are the non-image ones. It needs no attention matrix and keeps every layer on the
 model's attention backend (flash attention included) and the standard KV cache.
 
-VTW chooses ``k`` on a few samples as the earliest layer whose output distribution stays within
-a KL threshold of the dense model's: ``choose_withdrawal_layer`` does that here, for the
-harness's ``method.k=auto``. ``k = n_layers`` withdraws nothing: the dense model.
+VTW chooses ``k`` on a few samples from the KL divergence between the withdrawn and the dense
+model's next-token distributions (``withdrawal_kl``, ``choose_withdrawal_layer``; the harness's
+``method.k=auto``). ``rule="release"`` (the default) is the released code's rule:
+``KL(withdrawn || dense)``, searched from layer 5 (scaled by depth for models that are not 32 or
+40 layers deep, ``search_start``), ``k`` = the first layer whose mean KL is ``<= eta``.
+``rule="suffix"`` is the harness's earlier rule of its own: ``KL(dense || withdrawn)`` from layer 1,
+``k`` = the earliest layer from which every later one is within ``eta``. ``k = n_layers``
+withdraws nothing: the dense model.
 """
 
 from __future__ import annotations
@@ -24,11 +29,41 @@ from lazyattn.arch import decoder_layers
 from lazyattn.engine import Stage, TokenPruner
 
 
+RULES = ("release", "suffix")
+RELEASE_START = 5  # the released search starts withdrawing at layer 5 (lzhxmu/VTW, for its 32- and 40-layer models)
+RELEASE_DEPTHS = (32, 40)  # LLaVA-1.5-7B / LLaVA-NeXT-7B and LLaVA-1.5-13B: the depths the release ran
+DEFAULT_ETA = 0.003  # the release's eta for any model it has no entry for (and for LLaVA-1.5-7B)
+
+
+def search_start(n_layers: int, rule: str = "release") -> int:
+    """The first withdrawal layer the search tries: the release's 5 on 32- and 40-layer models,
+    ``max(1, round(5 * n_layers / 32))`` on other depths (the released search has no rule for them;
+    scaling keeps the same fraction of the model seeing the image); 1 for ``rule="suffix"``."""
+    if rule == "suffix":
+        return 1
+    if n_layers in RELEASE_DEPTHS:
+        return RELEASE_START
+    return max(1, min(n_layers - 1, round(RELEASE_START * n_layers / 32)))
+
+
+def _check_rule(rule: Any, eta: Any) -> None:
+    if rule not in RULES:
+        raise ValueError(f"VTW rule must be 'release' (KL(withdrawn||dense), first layer <= eta from layer 5) or "
+                         f"'suffix' (the harness's earlier KL(dense||withdrawn) suffix rule from layer 1), got {rule!r}.")
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
+        raise ValueError(f"VTW eta (the KL threshold, nats) must be a number >= 0, got {eta!r}; e.g. method.eta=0.003.")
+
+
 @dataclasses.dataclass
 class VTW(TokenPruner):
-    """Withdraw every image token from layer ``k`` on (``k = n_layers``: nothing withdrawn)."""
+    """Withdraw every image token from layer ``k`` on (``k = n_layers``: nothing withdrawn).
+
+    ``rule`` and ``eta`` say how the harness chooses ``k`` when asked for ``k=auto`` (recorded with
+    the run; an explicit ``k`` does not use them)."""
 
     k: int = 16
+    rule: str = "release"
+    eta: float = DEFAULT_ETA
     name = "vtw"
 
     def __post_init__(self) -> None:
@@ -37,9 +72,10 @@ class VTW(TokenPruner):
                 f"VTW k must be an integer >= 1 (layers 0..k-1 see the image tokens), got {self.k!r}; "
                 "the harness also takes method.k=auto (chosen on the val split by KL to dense)."
             )
+        _check_rule(self.rule, self.eta)
 
     def params(self) -> dict[str, Any]:
-        return {"k": self.k}
+        return {"k": self.k, "rule": self.rule, "eta": self.eta}
 
     def label(self, n_layers: int) -> str:
         return f"VTW K={self.k}"
@@ -72,30 +108,46 @@ def _next_token_log_probs(model: nn.Module, batch: dict) -> torch.Tensor:
     return torch.log_softmax(logits.double(), dim=-1)
 
 
+def kl_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """``KL(p || q) = sum_v p (log p - log q)`` per row (B,), from log-probabilities."""
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+
+
 @torch.no_grad()
-def withdrawal_kl(model: nn.Module, batches: Iterable[dict]) -> list[float]:
-    """``KL(dense || VTW(k))`` of the next-token distribution after the prompt, averaged over the
-    prompts, for every ``k = 1 .. n_layers`` (the last is 0: nothing withdrawn)."""
+def withdrawal_kl(model: nn.Module, batches: Iterable[dict], rule: str = "release") -> list[float | None]:
+    """The mean over the prompts of the KL divergence between the next-token distributions of the
+    dense model and of VTW(k), for every ``k = 1 .. n_layers`` (entry ``k - 1``; the last is 0:
+    nothing withdrawn). ``rule="release"``: ``KL(withdrawn || dense)`` (the released code's
+    ``KLDivLoss(log_softmax(dense), softmax(withdrawn))``), for ``k >= search_start(n_layers)`` only
+    (``None`` below it: not searched); ``rule="suffix"``: ``KL(dense || withdrawn)`` for every ``k``."""
+    _check_rule(rule, 0)
     n_layers = len(decoder_layers(model))
-    batches = list(batches)
+    start = search_start(n_layers, rule)
     total = torch.zeros(n_layers, dtype=torch.float64)
     count = 0
     for batch in batches:
         dense = _next_token_log_probs(model, batch)
-        for k in range(1, n_layers):
+        for k in range(start, n_layers):
             with VTW(k=k).apply(model):
                 withdrawn = _next_token_log_probs(model, batch)
-            total[k - 1] += (dense.exp() * (dense - withdrawn)).sum().item()  # a CUDA scalar into a CPU sum
+            kl = kl_divergence(withdrawn, dense) if rule == "release" else kl_divergence(dense, withdrawn)
+            total[k - 1] += kl.sum().item()  # a CUDA scalar into a CPU sum
         count += dense.shape[0]
-    return (total / max(count, 1)).tolist()
+    mean = (total / max(count, 1)).tolist()
+    return [None if k < start else mean[k - 1] for k in range(1, n_layers + 1)]
 
 
-def choose_withdrawal_layer(kl: list[float], threshold: float) -> int:
-    """The earliest ``k`` whose KL to dense (``withdrawal_kl``) is within ``threshold``, and from
-    which every later layer is too (so withdrawing later never costs more than the chosen ``k``)."""
-    if not (isinstance(threshold, (int, float)) and threshold >= 0):
-        raise ValueError(f"the VTW KL threshold must be a number >= 0, got {threshold!r}.")
+def choose_withdrawal_layer(kl: list[float | None], eta: float, rule: str = "release") -> int:
+    """``k`` from ``withdrawal_kl``'s profile (entry ``k - 1`` for ``k = 1 .. n_layers``).
+
+    ``release``: the first searched ``k`` (entries that are not None) whose mean KL is ``<= eta``;
+    when none is, ``n_layers`` (nothing withdrawn; the released code stops with an error there).
+    ``suffix``: the earliest ``k`` from which every later layer is within ``eta`` too (so
+    withdrawing later never costs more than the chosen ``k``)."""
+    _check_rule(rule, eta)
+    if rule == "release":
+        return next((k for k, v in enumerate(kl, start=1) if v is not None and v <= eta), len(kl))
     k = len(kl)
-    while k > 1 and kl[k - 2] <= threshold:
+    while k > 1 and kl[k - 2] is not None and kl[k - 2] <= eta:
         k -= 1
     return k

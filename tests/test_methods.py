@@ -103,10 +103,11 @@ def test_labels_and_sort_keys():
     n = 12
     assert Dense().label(n) == "Dense"
     assert FastV(k=2, ratio=0.5).label(n) == "FastV K=2 R=0.5" and FastV(k=3, ratio=0.75).sort_key(n) == (3, 0.75)
-    assert SparseVLM(budget=64).label(n) == "SparseVLM 64" and SparseVLM(budget=64).sort_key(n) == (-64,)
+    assert SparseVLM(budget=64).label(n) == "SparseVLM 64 (v1.5, layers scaled)"  # 12 layers: too shallow for 2, 6, 15
+    assert SparseVLM(budget=64).label(32) == "SparseVLM 64 (v1.5)" and SparseVLM(budget=64).sort_key(n) == (-64, False)
     assert SparseVLM(keep=[10, 5], layers=[1, 2]).label(n) == "SparseVLM keep=[10, 5]"
     assert build(SPECS["lazy_fastv"]).label(n) == "Lazy r=0.5 + FastV K=3 R=0.5"
-    assert build(SPECS["lazy_sparsevlm"]).label(n) == "Lazy [1, 4, 5] + SparseVLM 128"
+    assert build(SPECS["lazy_sparsevlm"]).label(n) == "Lazy [1, 4, 5] + SparseVLM 128 (v1.5, layers scaled)"
     for name, spec in SPECS.items():
         method = build(spec)
         assert isinstance(method, lazyattn.Method), name

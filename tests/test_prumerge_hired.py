@@ -36,7 +36,8 @@ def encoder_layers(model):
 
 def prumerge_reference(model, pixel_values, plus=True, k=32):
     """Per image: (kept indices in the released order, reduced features pre-projector), after the
-    released token_prune_merge_advanced[_plus] (adaptive), written here from its description."""
+    released token_prune_merge_advanced[_plus] (adaptive), written here from its description; each
+    kept token merges its ``k`` nearest other tokens (the release: 32 of 576)."""
     states = tower_states(model, pixel_values)
     x = states[-2]  # LLaVA's features, [CLS] first
     layer = encoder_layers(model)[-1]  # the layer that reads them
@@ -62,7 +63,7 @@ def prumerge_reference(model, pixel_values, plus=True, k=32):
         for i in idx:
             others = [j for j in idx if j != i] + rest_pruned
             sims = torch.stack([unit[i] @ unit[j] for j in others])
-            near = [others[t] for t in sims.topk(min(k, n - 1)).indices.tolist()]
+            near = [others[t] for t in sims.topk(k).indices.tolist()]
             merged.append(feats[i] + sum(attn[j] * feats[j] for j in near))
         if rest_pruned:
             merged.append(sum(attn[j] * feats[j] for j in rest_pruned))
@@ -114,9 +115,11 @@ def next_model():
     return families.build_random(family, text, {**vision, "layers": 3}, initializer_range=0.2)
 
 
-def hired_reference(model, pixel_values, image_size, budget=0.2, alpha=0.5):
-    """(P, N) kept mask of one square image after the released HiRED_token_selection, with the
-    sub-image regions taken spatially (the full image's tile-sized areas), written here from scratch."""
+def hired_reference(model, pixel_values, image_size, budget=0.2, alpha=0.5, regions="raster"):
+    """(P, N) kept mask of one square image after the released HiRED_token_selection, written here
+    from scratch; the sub-image regions as released (``raster``: the full image's raster-ordered
+    tokens cut into as many equal consecutive runs as there are sub-images, run j credited to
+    sub-image j) or taken spatially (``spatial``: the full image's tile-sized areas)."""
     states = tower_states(model, pixel_values)
     layers = encoder_layers(model)
     n_heads = layers[0].self_attn.num_heads
@@ -143,8 +146,11 @@ def hired_reference(model, pixel_values, image_size, budget=0.2, alpha=0.5):
     chosen = early[0].topk(int(n * (1 - alpha))).indices.tolist()
     counts = [0] * (grid * grid)
     for t in chosen:
-        r, c = divmod(t, side)
-        counts[(r * grid // side) * grid + c * grid // side] += 1
+        if regions == "raster":
+            counts[t // (n // (grid * grid))] += 1
+        else:
+            r, c = divmod(t, side)
+            counts[(r * grid // side) * grid + c * grid // side] += 1
     for j in range(grid * grid):
         mask[j + 1, final[j + 1].topk(min(n, int(torch.tensor(counts[j] / sum(counts)).float() * sub))).indices] = True
     return mask, grid
@@ -165,20 +171,24 @@ def packed_order(mask, grid, side):
 # ------------------------------------------------------------------------------ PruMerge
 
 
-@pytest.mark.parametrize("plus", [True, False])
+# The tiny model's images have 64 tokens. The release merges 32 of 576 neighbours: the same fraction
+# of 64 is round(32 * 64 / 576) = round(3.56) = 4 (neighbours_rule=scaled, the default); capped at
+# N - 1 = 63 the harness's earlier count (neighbours_rule=capped) stays 32.
+@pytest.mark.parametrize("plus, rule, k", [(True, "scaled", 4), (False, "scaled", 4), (True, "capped", 32),
+                                           (False, "capped", 32)])
 @torch.no_grad()
-def test_prumerge_keeps_and_merges_as_released_and_the_lm_sees_that_sequence(tiny64, plus):
+def test_prumerge_keeps_and_merges_as_released_and_the_lm_sees_that_sequence(tiny64, plus, rule, k):
     model = tiny64.model
     inputs = shapes_inputs(tiny64, 3)
     inputs["pixel_values"] = inputs["pixel_values"].double()
-    engine = PruneEngine(model, PruMerge(plus=plus))
+    engine = PruneEngine(model, PruMerge(plus=plus, neighbours_rule=rule))
     with engine.install():
         batched = model(**inputs).logits
         (stage,) = engine.stages
     counts = []
     for b in range(3):
         one = unpadded(inputs, b)
-        (ref_idx, ref_feats), = prumerge_reference(model, one["pixel_values"], plus=plus)
+        (ref_idx, ref_feats), = prumerge_reference(model, one["pixel_values"], plus=plus, k=k)
         with engine.install():
             single = model(**one).logits
             assert engine.prompt_state["kept"][0].tolist() == ref_idx
@@ -222,7 +232,7 @@ def test_prumerge_cached_decoding_equals_the_reduced_sequence_recomputed(tiny64,
                              output_logits=True, return_dict_in_generate=True)
         cache = DynamicCache(config=model.config)
         model(**one, past_key_values=cache, use_cache=True)
-    (ref_idx, ref_feats), = prumerge_reference(model, one["pixel_values"])
+    (ref_idx, ref_feats), = prumerge_reference(model, one["pixel_values"], k=4)  # 32 of 576 -> 4 of 64
     embeds = reduced_embeds(model, one["input_ids"][0], model.model.multi_modal_projector(ref_feats))
     new = out.sequences[:, one["input_ids"].shape[1] :]
     full = torch.cat([embeds, model.get_input_embeddings()(new[:, :-1])], dim=1)
@@ -245,12 +255,13 @@ def test_prumerge_cached_decoding_equals_the_reduced_sequence_recomputed(tiny64,
 # ------------------------------------------------------------------------------ HiRED
 
 
+@pytest.mark.parametrize("regions", ["raster", "spatial"])
 @torch.no_grad()
-def test_hired_keeps_the_released_budget_split_and_the_lm_sees_that_sequence(next_model):
+def test_hired_keeps_the_released_budget_split_and_the_lm_sees_that_sequence(next_model, regions):
     model = next_model.model
     inputs = shapes_inputs(next_model, 3)
     side = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    engine = PruneEngine(model, HiRED(budget=0.3))
+    engine = PruneEngine(model, HiRED(budget=0.3, regions=regions))
     with engine.install():
         batched = model(**inputs).logits
         (stage,) = engine.stages
@@ -259,7 +270,7 @@ def test_hired_keeps_the_released_budget_split_and_the_lm_sees_that_sequence(nex
         size = int(one["image_sizes"][0, 0])
         assert size == int(one["image_sizes"][0, 1])  # square: LLaVA-NeXT unpads nothing
         p = one["pixel_values"].shape[1]
-        mask, grid = hired_reference(model, one["pixel_values"][0, :p], size, budget=0.3)
+        mask, grid = hired_reference(model, one["pixel_values"][0, :p], size, budget=0.3, regions=regions)
         assert mask.sum() <= int(p * side * side * 0.3)
         with engine.install():
             single = model(**one).logits
@@ -309,6 +320,7 @@ def test_hired_full_budget_with_newlines_equals_dense_and_kv_follows_the_kept_co
     ({"name": "prumerge_plus", "iqr": math.inf}, "iqr"),
     ({"name": "prumerge_plus", "neighbours": -1}, "neighbours"),
     ({"name": "prumerge_plus", "order": "random"}, "order"),
+    ({"name": "prumerge_plus", "neighbours_rule": "all"}, "neighbours_rule"),
     ({"name": "hired", "budget": 0.0}, "budget"),
     ({"name": "hired", "budget": 1.5}, "budget"),
     ({"name": "hired", "alpha": -0.1}, "alpha"),

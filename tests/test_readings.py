@@ -272,12 +272,12 @@ def test_kv_bytes_equal_each_formula(tiny, layers):
     assert both == (n - n_lazy) * 2 * seq * per_token - (n - k - lazy_after) * n_image * 2 * per_token
 
 
-def test_withdrawal_layer_choice():
+def test_withdrawal_layer_choice():  # the harness's earlier rule, now method.rule=suffix
     kl = [3.0, 1.0, 0.04, 0.2, 0.03, 0.01, 0.0]  # k = 1 .. 7
-    assert choose_withdrawal_layer(kl, 0.05) == 5  # k=3 is within, but k=4 is not: the choice is 5
-    assert choose_withdrawal_layer(kl, 0.5) == 3
-    assert choose_withdrawal_layer(kl, 0.0) == 7  # nothing withdrawn
-    assert choose_withdrawal_layer(kl, 10) == 1
+    assert choose_withdrawal_layer(kl, 0.05, rule="suffix") == 5  # k=3 is within, but k=4 is not: the choice is 5
+    assert choose_withdrawal_layer(kl, 0.5, rule="suffix") == 3
+    assert choose_withdrawal_layer(kl, 0.0, rule="suffix") == 7  # nothing withdrawn
+    assert choose_withdrawal_layer(kl, 10, rule="suffix") == 1
 
 
 @pytest.mark.parametrize(

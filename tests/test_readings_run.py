@@ -32,18 +32,26 @@ def small(tmp_path, *extra):
 
 
 def test_vtw_auto_chooses_k_by_kl_and_records_it(tmp_path):
-    result = json.loads(run(small(tmp_path / "a", "method=vtw", "calibration.kl_threshold=0.5")).read_text())
+    result = json.loads(run(small(tmp_path / "a", "method=vtw", "method.eta=0.5")).read_text())
     method = result["method"]
     kl = method["calibration"]["kl"]
-    assert len(kl) == result["model"]["n_layers"] and kl[-1] == 0.0 and min(kl[:-1]) > 0
+    # the released rule: searched from layer 5 of 32, scaled to 2 of the tiny model's 12
+    assert len(kl) == result["model"]["n_layers"] and kl[-1] == 0.0 and kl[0] is None and min(kl[1:-1]) > 0
     k = choose_withdrawal_layer(kl, 0.5)
-    assert method["params"] == {"k": k} and method["calibration"]["k"] == k
-    assert method["label"] == f"VTW K={k} (KL<=0.5)" and method["sort_key"] == [-k]
+    assert method["params"] == {"k": k, "rule": "release", "eta": 0.5} and method["calibration"]["k"] == k
+    assert method["calibration"]["start"] == 2 and method["calibration"]["direction"] == "KL(withdrawn||dense)"
+    assert method["label"] == f"VTW K={k} (KL<=0.5 from L2, scaled)" and method["sort_key"] == [-k]
+    # the harness's earlier rule, by name, calibrated and cached apart
+    suffix = json.loads(run(small(tmp_path / "s", "method=vtw", "method.rule=suffix", "method.eta=0.5")).read_text())
+    cal = suffix["method"]["calibration"]
+    assert cal["key"] != method["calibration"]["key"] and cal["kl"][0] is not None
+    assert cal["k"] == choose_withdrawal_layer(cal["kl"], 0.5, rule="suffix")
+    assert suffix["method"]["label"] == f"VTW K={cal['k']} (suffix KL<=0.5)"
     # composed: lazy (qkv reading) with VTW at its auto k, which must be an anchor
     composed = json.loads(run(small(tmp_path / "b", "method=lazy_vtw", "method.lazy.share=qkv",
-                                    "calibration.kl_threshold=0.5")).read_text())["method"]
-    assert composed["params"]["vtw"] == {"k": k} and k not in composed["lazy_layers"]
-    assert composed["label"] == f"Lazy QKV r=0.5 + VTW K={k} (KL<=0.5)"
+                                    "method.vtw.eta=0.5")).read_text())["method"]
+    assert composed["params"]["vtw"] == {"k": k, "rule": "release", "eta": 0.5} and k not in composed["lazy_layers"]
+    assert composed["label"] == f"Lazy QKV r=0.5 + VTW K={k} (KL<=0.5 from L2, scaled)"
 
 
 def test_anchor_calibration_is_recorded_and_cached_apart(tmp_path):
@@ -110,7 +118,7 @@ def test_calibration_table_compares_the_rules(tmp_path):
     (("method=vtw", "method.k=0"), "VTW k must be an integer >= 1"),
     (("+exp=llava_lazy", "calibration.select=adjacent"), "calibration.select must be pairwise, anchor or blocks"),
     (("+exp=llava_lazy", "calibration.max_per_anchor=0"), "calibration.max_per_anchor must be an integer >= 1"),
-    (("method=vtw", "calibration.kl_threshold=-1"), "calibration.kl_threshold must be a number >= 0"),
+    (("method=vtw", "method.eta=-1"), "VTW eta .the KL threshold, nats. must be a number >= 0"),
     (("+exp=llava_lazy", "method.share=qkv"), None),  # valid settings get as far as the model
 ])
 def test_bad_reading_settings_fail_before_the_model_loads(tmp_path, monkeypatch, overrides, message):
@@ -126,3 +134,17 @@ def test_bad_reading_settings_fail_before_the_model_loads(tmp_path, monkeypatch,
     with pytest.raises((ValueError, RunError), match=message) as err:
         run(cfg)
     assert "\n" not in str(err.value)
+
+
+def test_anchor_calibration_runs_under_the_methods_scope(tmp_path):
+    """select=anchor measures each candidate in the partially lazy model under the method's own
+    reading: VLA (scope=visual) records its own calibration, cached apart from GLA's."""
+    common = ("calibration.select=anchor", "method.ratio=0.25", "efficiency.enabled=false")
+    gla = json.loads(run(small(tmp_path / "g", *common)).read_text())["method"]["calibration"]
+    vla = json.loads(run(small(tmp_path / "v", *common, "method.scope=visual")).read_text())["method"]
+    cal = vla["calibration"]
+    assert (cal["share"], cal["scope"], gla["scope"]) == ("qk", "visual", "all")
+    assert cal["key"] != gla["key"]
+    assert cal["chosen_js"][0] == pytest.approx(gla["chosen_js"][0])  # the first pick: nothing lazy yet, both dense
+    assert cal["chosen_js"] != pytest.approx(gla["chosen_js"])  # later picks: measured under each reading
+    assert vla["label"] == "Lazy VLA r=0.25 (anchor-calibrated)"
