@@ -38,9 +38,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 from transformers import DynamicCache
 
-from lazyattn.cache import CACHE_KINDS, new_cache
+from lazyattn.cache import CACHE_KINDS, Growing, PreallocatedCache, new_cache
 
 MULTITURN_MODES = ("carry", "reencode")
+# Answering learns whether every row has ended (its stop token) from the device at most once every this many
+# steps; between two checks an ended row keeps generating into masked cache slots. Timed decodes never check.
+CHECK_EVERY = 8
 
 
 def conversation(questions: Sequence[str], answers: Sequence[str]) -> list[dict]:
@@ -113,10 +116,14 @@ class Dialogue:
     """The batch's KV cache and, per row, its mask over the cache and its next position."""
 
     cache: DynamicCache
-    mask: torch.Tensor  # (B, cached tokens): 1 for real tokens
+    grow_mask: Growing  # (B, cached tokens), preallocated with the cache: 1 for real tokens, written in place
     next_position: torch.Tensor  # (B,): the position of each row's next real token
     pending: list[list[int]]  # per row: generated answer tokens not yet fed to the cache
-    holes: bool = False  # whether the mask has a 0 (known on the host: no device read to decide)
+    holes: bool = False  # whether the mask may have a 0 (known on the host: no device read to decide)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.grow_mask.view
 
 
 class Generator:
@@ -127,11 +134,18 @@ class Generator:
     (``lazyattn.cache.CACHE_KINDS``): ``static`` preallocates each layer for its prompt plus the
     turn's budget and writes in place, ``dynamic`` is transformers' concatenating cache.
 
-    The loop reads the device only when it must: the greedy tokens are kept on the device, and
-    fetched to the host at a step only where some row may end on its stop token there (so a
-    forced-length generation, ``min_new_tokens`` at least every budget, never waits on the device
-    until it is done); the mask goes to the model only when it has a hole (padding or a finished
-    row), which the host knows without asking the device.
+    A decode step reads nothing from the device and builds no tensor from Python data: the
+    greedy tokens stay on the device, the stop token is suppressed (``min_new_tokens``) by filling
+    a logit column, a row's end (its stop token or its budget) is a device mask, and the attention
+    mask is preallocated with the cache and written in place. Answering asks the device whether
+    every row has ended once every ``CHECK_EVERY`` steps; a forced-length generation (timing:
+    ``min_new_tokens`` above every budget) never asks until it is done. The mask goes to the model
+    only when it may have a hole (padding, or a row that may have ended), which the host knows
+    without asking the device.
+
+    M-RoPE models (Qwen2-VL, Qwen2.5-VL) get the three-axis positions of their prompt from the
+    model's own ``get_rope_index`` at prefill (as ``generate`` computes them); the tokens after it
+    are text, one position a token on every axis.
     """
 
     def __init__(self, model, processor, device, min_new_tokens: int = 0, cache: str = "static",
@@ -151,83 +165,92 @@ class Generator:
         self.pad = 0 if self.pad is None else self.pad
         # An image placeholder in an answer would break the next turn's prompt: never generate one.
         self.suppress = getattr(model.config, "image_token_id", None)
-        # M-RoPE models (Qwen2-VL) place their tokens themselves from the image grid: no explicit
-        # positions, so no cache continuation either (multiturn=reencode only).
+        # M-RoPE models (Qwen2-VL) position the prompt's image tokens on a grid: computed at prefill
         text_config = model.config.get_text_config(decoder=True)
         rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
         self.mrope = "mrope_section" in rope
         self.min_new_tokens = int(min_new_tokens)
-        self._masks: dict[tuple, torch.Tensor] = {}
 
-    def _forward(self, dialogue: Dialogue, ids: torch.Tensor, new_mask: torch.Tensor, **extra) -> torch.Tensor:
-        """Feed ``ids`` (B, n) with their mask; returns the next-token logits (B, vocab)."""
-        positions = dialogue.next_position[:, None] + new_mask.long().cumsum(dim=1) - 1
-        positions = torch.where(new_mask.bool(), positions, torch.ones_like(positions))
-        dialogue.mask = torch.cat([dialogue.mask, new_mask], dim=1)
+    def _forward(self, dialogue: Dialogue, ids: torch.Tensor, new_mask: torch.Tensor, positions=None,
+                 **extra) -> torch.Tensor:
+        """Feed ``ids`` (B, n) with their mask; returns the next-token logits (B, vocab). ``positions``
+        overrides the positions of these tokens (an M-RoPE prompt's three-axis ones)."""
+        if positions is None:
+            positions = dialogue.next_position[:, None] + new_mask.long().cumsum(dim=1) - 1
+            positions = torch.where(new_mask.bool(), positions, torch.ones_like(positions))
+        dialogue.grow_mask.append(new_mask)
         dialogue.next_position = dialogue.next_position + new_mask.long().sum(dim=1)
-        if not self.mrope:
-            extra["position_ids"] = positions
+        if dialogue.holes and isinstance(dialogue.cache, PreallocatedCache):  # a masked step reads nothing on the host
+            dialogue.cache.masks_on_device = True
         one_step = self.decode_forward is not None and ids.shape[1] == 1 and "pixel_values" not in extra
         out = (self.decode_forward if one_step else self.model)(
             input_ids=ids, attention_mask=dialogue.mask if dialogue.holes else None, use_cache=True,
-            logits_to_keep=1, **{self.cache_arg: dialogue.cache}, **extra,
+            logits_to_keep=1, position_ids=positions, **{self.cache_arg: dialogue.cache}, **extra,
         )
         return out.logits[:, -1].float()
-
-    def _feed_mask(self, active: tuple[bool, ...], dtype) -> torch.Tensor:
-        """The (B, 1) mask of one decode step, built once per pattern of active rows."""
-        key = (active, dtype)
-        if key not in self._masks:
-            self._masks[key] = torch.tensor(active, device=self.device, dtype=dtype)[:, None]
-        return self._masks[key]
 
     def _decode(self, dialogue: Dialogue, logits: torch.Tensor, budgets: Sequence[int],
                 on_step: Callable[[Dialogue], None] | None = None) -> list[list[int]]:
         """Greedy tokens per row until its stop token (not before ``min_new_tokens``) or its budget.
-        ``on_step(dialogue)`` is called after every decode forward (the measurement counts bytes there)."""
-        batch = logits.shape[0]
-        lengths = [0] * batch
-        done = [budget <= 0 for budget in budgets]
-        steps: list[tuple[torch.Tensor, tuple[bool, ...]]] = []
-        while True:
+        ``on_step(dialogue)`` is called after every decode forward (the measurement counts bytes there).
+
+        Within one call every row that has not ended has generated as many tokens as the step count,
+        so the stop token is suppressed for all rows alike while the step is below ``min_new_tokens``.
+        A row ends on the device (``alive``); its token of a step is fed (mask 1) if it was alive at
+        that step, as a row's last token before its end is. The host reads the device only every
+        ``CHECK_EVERY`` steps (has every row ended?) and once at the end (the token table)."""
+        batch, device = logits.shape[0], logits.device
+        budgets = [max(0, int(b)) for b in budgets]
+        horizon = max(budgets, default=0)
+        if horizon == 0:
+            dialogue.pending = [[] for _ in range(batch)]
+            return [[] for _ in range(batch)]
+        # which rows still have budget at each step, built once for the call
+        within = torch.arange(horizon, device=device)[None, :] < torch.tensor(budgets, device=device)[:, None]
+        alive = within[:, 0]
+        mask_dtype = dialogue.mask.dtype
+        stops = self.eos is not None
+        steps: list[torch.Tensor] = []
+        for step in range(horizon):
             if self.suppress is not None:
-                logits[:, self.suppress] = float("-inf")
-            active = tuple(not d for d in done)
-            if self.eos is not None:
-                held = [i for i in range(batch) if active[i] and lengths[i] < self.min_new_tokens]
-                if held:
-                    logits[held, self.eos] = float("-inf")
+                logits.select(-1, self.suppress).fill_(float("-inf"))
+            if stops and step < self.min_new_tokens:
+                logits.select(-1, self.eos).fill_(float("-inf"))
             tokens = logits.argmax(dim=-1)
-            # the host needs this step's tokens only if a row may end on its stop token here
-            may_stop = self.eos is not None and any(a and n >= self.min_new_tokens for a, n in zip(active, lengths))
-            host = tokens.tolist() if may_stop else None
-            for i in range(batch):
-                if active[i]:
-                    lengths[i] += 1
-                    done[i] = (host is not None and host[i] == self.eos) or lengths[i] >= budgets[i]
-            steps.append((tokens, active))
-            if all(done):
+            steps.append(tokens)
+            if step + 1 == horizon:
                 break
-            if not all(active):
+            fed = alive  # this step's tokens of the rows alive at it go into the cache
+            alive = alive & within[:, step + 1]
+            if stops and step >= self.min_new_tokens:
+                alive = alive & (tokens != self.eos)
+                if (step + 1) % CHECK_EVERY == 0 and not bool(alive.any()):  # the only read in the loop
+                    break
+            # a row may have ended before this step (a budget, or a stop token): the mask may have a hole
+            if min(budgets) <= step or (stops and step > self.min_new_tokens):
                 dialogue.holes = True
-            mask = self._feed_mask(active, dialogue.mask.dtype)
-            ids = tokens[:, None] if all(active) else torch.where(mask.bool(), tokens[:, None], self.pad)
-            logits = self._forward(dialogue, ids, mask)
+            ids = torch.where(fed, tokens, self.pad)[:, None]
+            logits = self._forward(dialogue, ids, fed[:, None].to(mask_dtype))
             if on_step is not None:
                 on_step(dialogue)
-        table = torch.stack([t for t, _ in steps], dim=1).tolist()  # (B, steps): one device read
-        answers = [[table[i][s] for s, (_, active) in enumerate(steps) if active[i]] for i in range(batch)]
-        # the tokens of the last step were never fed: they are the rows' pending tails
-        last_active = steps[-1][1]
-        dialogue.pending = [[answers[i][-1]] if last_active[i] else [] for i in range(batch)]
+        table = torch.stack(steps, dim=1).tolist()  # (B, steps): one device read
+        answers = []
+        for row, budget in zip(table, budgets):
+            row = row[:budget]
+            answers.append(row[: row.index(self.eos) + 1] if stops and self.eos in row else row)
+        # the tokens of the last step were never fed: they are the pending tails of the rows that ended there
+        last = len(steps) - 1
+        dialogue.pending = [[a[-1]] if a and len(a) - 1 == last else [] for a in answers]
         return answers
 
     def new_dialogue(self, batch: int, reserve: int) -> Dialogue:
         """An empty dialogue with a fresh cache of the generator's kind (``reserve``: the tokens to
-        preallocate beyond each layer's first chunk)."""
+        preallocate beyond each layer's first chunk; the mask is preallocated alike)."""
+        grow_mask = Growing(1, reserve if self.cache_kind == "static" else None)
+        grow_mask.start(torch.zeros(batch, 0, dtype=torch.long, device=self.device))
         return Dialogue(
             cache=new_cache(self.cache_kind, self.model.config, reserve),
-            mask=torch.zeros(batch, 0, dtype=torch.long, device=self.device),
+            grow_mask=grow_mask,
             next_position=torch.zeros(batch, dtype=torch.long, device=self.device),
             pending=[[] for _ in range(batch)],
         )
@@ -238,11 +261,22 @@ class Generator:
         inputs = dict(inputs)
         ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
         dialogue = self.new_dialogue(ids.shape[0], reserve)
-        dialogue.mask = mask[:, :0]
         dialogue.holes = not bool(mask.all())
-        # prompt positions are those of the padded sequence (0 .. L-1), as `generate` gives them
-        dialogue.next_position = (ids.shape[1] - mask.sum(dim=1)).long()
-        return dialogue, self._forward(dialogue, ids, mask, **inputs)
+        positions = None
+        if self.mrope:  # the prompt's three-axis positions, as `generate` computes them; text after it
+            positions, _ = self.rope_index(ids, mask, inputs)
+            dialogue.next_position = positions[0, :, -1] + 1 - mask.sum(dim=1)
+        else:  # prompt positions are those of the padded sequence (0 .. L-1), as `generate` gives them
+            dialogue.next_position = (ids.shape[1] - mask.sum(dim=1)).long()
+        return dialogue, self._forward(dialogue, ids, mask, positions=positions, **inputs)
+
+    def rope_index(self, ids: torch.Tensor, mask: torch.Tensor, inputs: dict):
+        """An M-RoPE model's (3, B, L) prompt positions and its per-row deltas, from the model's own
+        ``get_rope_index`` (the language model's, which ``generate`` calls)."""
+        rope_index = self.model.model.get_rope_index
+        accepted = inspect.signature(rope_index).parameters
+        extra = {k: v for k, v in inputs.items() if k in accepted and k not in ("input_ids", "attention_mask")}
+        return rope_index(ids, attention_mask=mask, **extra)
 
     def first_turn(self, histories, images, budgets) -> tuple[Dialogue, list[list[int]]]:
         """Prefill the prompts (with their images) into a fresh cache and answer them."""
@@ -252,32 +286,8 @@ class Generator:
     def answer_inputs(self, inputs: dict, budgets) -> tuple[Dialogue, list[list[int]]]:
         """Prefill processed prompts (left-padded ids, mask, image tensors, on the device) into a
         fresh cache and answer them."""
-        inputs = dict(inputs)
-        if self.mrope:  # Qwen2-VL positions its tokens from the image grid: let `generate` drive it
-            ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
-            dialogue = self.new_dialogue(ids.shape[0], max(budgets))
-            return self._generate(dialogue, ids, mask, inputs, budgets)
         dialogue, logits = self.prefill(inputs, max(budgets))
         return dialogue, self._decode(dialogue, logits, budgets)
-
-    def _generate(self, dialogue: Dialogue, ids, mask, inputs, budgets) -> tuple[Dialogue, list[list[int]]]:
-        """``model.generate`` for models whose positions only it computes (M-RoPE). Rows that stop
-        early keep generating pad tokens that stay in the cache unmasked, so their ``kv_bytes``
-        include those tokens."""
-        extra = {"suppress_tokens": [self.suppress]} if self.suppress is not None else {}
-        out = self.model.generate(
-            input_ids=ids, attention_mask=mask, **inputs, max_new_tokens=max(budgets), do_sample=False,
-            min_new_tokens=self.min_new_tokens or None, return_dict_in_generate=True, **extra,
-        )
-        new = out.sequences[:, ids.shape[1] :].tolist()
-        answers = []
-        for row, budget in zip(new, budgets):
-            row = row[:budget]
-            answers.append(row[: row.index(self.eos) + 1] if self.eos in row else row)
-        dialogue.cache = out.past_key_values
-        length = dialogue.cache.get_seq_length()
-        dialogue.mask = torch.cat([mask, mask.new_ones(mask.shape[0], length - mask.shape[1])], dim=1)
-        return dialogue, answers
 
     def next_turn(self, dialogue: Dialogue, continuations: Sequence[list[int] | None], budgets) -> list[list[int]]:
         """Feed each row's continuation tokens (None: the row has no further turn) into the carried

@@ -111,14 +111,13 @@ class ImageFlags:
     def hook(self, module, args, kwargs):
         self.ids = kwargs.get("input_ids", args[0] if args else None)
 
-    def of_last(self, n_tokens: int, prefill: bool) -> torch.Tensor:
+    def of_last(self, n_tokens: int, prefill: bool) -> torch.Tensor | None:
         if self.ids is None or self.ids.shape[-1] < n_tokens:
             raise ValueError(
                 "scope='visual' needs the prompt's input_ids to tell image tokens from text; call the model "
                 "with input_ids (and pixel_values), not precomputed inputs_embeds."
             )
-        ids = self.ids[:, -n_tokens:]
-        return ids == self.token_id if prefill else torch.zeros_like(ids, dtype=torch.bool)
+        return self.ids[:, -n_tokens:] == self.token_id if prefill else None  # None: every token is text
 
 
 Observer = Callable[[nn.Module, torch.Tensor, torch.Tensor], None]
@@ -440,8 +439,8 @@ def _own_text_keys(slot, hidden_states, key, value, flags, past_key_values):
         image = flags.of_last(hidden_states.shape[1], prefill=slot.get_seq_length() == 0)
         text_key, value, image = slot.update(key, value, image)
         own_key = text_key.new_zeros(value.shape[:-1] + text_key.shape[-1:])  # the text keys at their columns
-        own_key.transpose(1, 2)[~image] = text_key.transpose(1, 2).reshape(-1, *text_key.shape[1:2], text_key.shape[-1])
-        return own_key, value, image
+        columns = slot.columns[:, None, :, None].expand(*text_key.shape)
+        return own_key.scatter_(2, columns, text_key), value, image
     image = flags.of_last(hidden_states.shape[1], prefill=True)
     return key * (~image)[:, None, :, None].to(key.dtype), value, image
 
@@ -476,9 +475,7 @@ def _vla_decode(module, family, qcache, anchor_idx, last, flags, hidden_states, 
     mixed_query = torch.where(rows, anchor_query, query)
     scores = _scores(mixed_query, anchor_key)  # every column; the text ones are replaced below
     own = _scores(mixed_query, text_key)  # (B, H_kv, g, q, T_text)
-    n_text = text_key.shape[-2]
-    columns = torch.argsort(image.to(torch.int8), dim=1, stable=True)[:, :n_text]  # text columns, in order
-    scores = scores.scatter(-1, columns[:, None, None, None, :].expand(own.shape), own)
+    scores = scores.scatter(-1, slot.columns[:, None, None, None, :].expand(own.shape), own)  # text columns
     probs = _probs(module, scores, attention_mask, query.dtype)
     return module.o_proj(_inherit(probs, value)), _weights(module, probs)
 

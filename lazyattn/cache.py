@@ -190,6 +190,15 @@ class PreallocatedCache(DynamicCache):
         super().__init__(config=config)
         self.reserve = reserve
         self.layers = [PreallocatedLayer(reserve) if type(layer) is DynamicLayer else layer for layer in self.layers]
+        self.masks_on_device = False
+
+    @property
+    def is_compileable(self) -> bool:
+        """What transformers asks before a one-token step may skip its attention mask: with a padding
+        mask it would first check on the host that the mask has no zero (one device read a step).
+        Once a caller sets ``masks_on_device`` (the mask may have holes), the step builds its mask
+        instead, as it does for transformers' static cache; without a mask nothing is read either way."""
+        return self.masks_on_device
 
 
 def new_cache(kind: str, config, reserve: int) -> DynamicCache:
@@ -256,33 +265,44 @@ class TextKeyLayer(GrowingLayer):
     (``scope="visual"``): values of every token, keys of the text tokens only.
 
     ``keys`` holds the text tokens' keys in their order (B, H, T_text, d); ``image`` (B, T) says
-    which of the cached tokens are image tokens. Every sample of a batch has the same number of
-    image tokens, so the text keys of a batch form one tensor.
+    which of the cached tokens are image tokens, and ``columns`` (B, T_text) where each text key
+    sits among them. Every sample of a batch has the same number of image tokens, so the text keys
+    of a batch form one tensor. Only the prompt's forward carries image tokens: a later chunk
+    (``image=None``: decode steps, later turns) is all text and appends without reading the device.
     """
 
-    FIELDS = {"values": -2, "keys": -2, "image": 1}
+    FIELDS = {"values": -2, "keys": -2, "image": 1, "columns": 1}
 
     def lazy_initialization(self, key_states, value_states) -> None:
         super().lazy_initialization(key_states, value_states)
         self.keys = self._grow["keys"].start(key_states)
-        self.image = self._grow["image"].start(torch.zeros(key_states.shape[0], 0, dtype=torch.bool,
-                                                           device=key_states.device))
+        batch, device = key_states.shape[0], key_states.device
+        self.image = self._grow["image"].start(torch.zeros(batch, 0, dtype=torch.bool, device=device))
+        self.columns = self._grow["columns"].start(torch.zeros(batch, 0, dtype=torch.long, device=device))
 
     def update(self, key_states, value_states, image=None, *args, **kwargs):
-        """Append the new tokens (``image``: (B, n) bool, their image flags); returns the text keys,
-        all values and the image flags of every cached token."""
-        if image is None or key_states is None:
-            raise ValueError("TextKeyLayer.update takes keys, values and the new tokens' image flags.")
+        """Append the new tokens (``image``: (B, n) bool, their image flags, or None where every new
+        token is text); returns the text keys, all values and the image flags of every cached token."""
+        if key_states is None:
+            raise ValueError("TextKeyLayer.update takes keys, values and the new tokens' image flags (or None).")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        counts = (~image).sum(dim=1)
-        if bool((counts != counts[0]).any()):
-            raise ValueError(
-                f"every sample of a batch must have the same number of image tokens, got text counts {counts.tolist()}."
-            )
-        text = key_states.transpose(1, 2)[~image]  # (B * n_text, H, d), row-major over (B, n)
-        text = text.view(key_states.shape[0], -1, *text.shape[-2:]).transpose(1, 2)
-        self._append(keys=text, values=value_states, image=image)
+        batch, n, start = key_states.shape[0], key_states.shape[-2], self.get_seq_length()
+        if image is None:  # all text: no boolean indexing, nothing read from the device
+            text = key_states
+            image = torch.zeros(batch, n, dtype=torch.bool, device=key_states.device)
+            columns = torch.arange(start, start + n, device=key_states.device).expand(batch, n)
+        else:
+            counts = (~image).sum(dim=1)
+            if bool((counts != counts[0]).any()):
+                raise ValueError(
+                    f"every sample of a batch must have the same number of image tokens, got text counts "
+                    f"{counts.tolist()}."
+                )
+            text = key_states.transpose(1, 2)[~image]  # (B * n_text, H, d), row-major over (B, n)
+            text = text.view(batch, -1, *text.shape[-2:]).transpose(1, 2)
+            columns = (~image).nonzero()[:, 1].view(batch, -1) + start  # row-major: each row's text columns in order
+        self._append(keys=text, values=value_states, image=image, columns=columns)
         return self.keys, self.values, self.image
 
     def crop(self, tokens_to_remove: int) -> None:
