@@ -35,7 +35,8 @@ import torch
 from torch import nn
 from harness.generate import Generator
 from lazyattn.arch import decoder_layers
-from lazyattn.cache import NoKVLayer, TextKeyLayer, ValueOnlyLayer, kv_allocated_bytes, kv_cache_bytes, kv_read_bytes
+from lazyattn.cache import (READ_TERMS, NoKVLayer, TextKeyLayer, ValueOnlyLayer, kv_allocated_bytes, kv_cache_bytes,
+                            kv_read_terms)
 
 MIN_CUDA_REPEATS = 5
 # Peak memory bandwidth (bytes/s) by device name (the first pattern found in
@@ -119,10 +120,12 @@ def generate_once(model, inputs: dict, new_tokens: int, cache: str = "static", c
     cuda = device.type == "cuda"
     gen = Generator(model, None, device, min_new_tokens=new_tokens + 1, cache=cache, compile=compile)
     budgets = [new_tokens + 1] * inputs["input_ids"].shape[0]  # the prefill's token, then one per decode forward
-    totals = {"kv_read": 0, "peak": 0, "steps": 0}
+    totals = {"kv_read": 0, "peak": 0, "steps": 0, **{f"read_{t}": 0 for t in READ_TERMS}}
 
     def on_step(dialogue) -> None:  # tensor sizes only: no device sync
-        totals["kv_read"] += kv_read_bytes(dialogue.cache)
+        for term, n in kv_read_terms(dialogue.cache).items():
+            totals[f"read_{term}"] += n
+            totals["kv_read"] += n
         totals["peak"] = max(totals["peak"], kv_cache_bytes(dialogue.cache))
         totals["steps"] += 1
 
@@ -145,6 +148,7 @@ def generate_once(model, inputs: dict, new_tokens: int, cache: str = "static", c
         "kv_allocated_bytes": kv_allocated_bytes(dialogue.cache),
         "peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)) if cuda else None,
         "kv_read_bytes": totals["kv_read"],
+        "kv_read_terms": {t: totals[f"read_{t}"] for t in READ_TERMS},
         "weight_read_bytes": decode_weight_bytes(model, dialogue.cache),
         "lazy_layers": sorted(lazy_cache_layers(dialogue.cache)),
         "cache": cache,
@@ -193,10 +197,13 @@ def summarise(runs: list[dict], batch_size: int, new_tokens: int, model=None, pe
             weights = decode_weight_bytes(model, None)
         step_bytes = weights + kv_step
         bandwidth = statistics.median(step_bytes * steps / r["decode_s"] for r in runs)
+        terms = runs[0].get("kv_read_terms") or {}
         out.update(
             decode_step_bytes=int(step_bytes),
             decode_weight_bytes=int(weights),
             decode_kv_read_bytes=int(kv_step),
+            # the step's bytes by term (weights, K, V, scores): what the predicted speed-up is made of
+            decode_read_terms={"weights": int(weights), **{t: int(terms[t] / max(1, steps)) for t in terms}},
             decode_bandwidth_bytes_per_s=bandwidth,
             bandwidth_utilisation=bandwidth / peak_bw if peak_bw else None,
             lazy_layers=sorted(runs[0].get("lazy_layers") or []),

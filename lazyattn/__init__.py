@@ -23,6 +23,7 @@ from lazyattn.engine import PruneEngine, TokenPruner
 from lazyattn.fastv import FastV
 from lazyattn.hired import HiRED
 from lazyattn.lazy import LazyAttention, anchors_of, uniform_lazy_layers
+from lazyattn.control import ExplicitDense
 from lazyattn.prumerge import PruMerge
 from lazyattn.sparsevlm import SparseVLM
 from lazyattn.vision import check_family
@@ -105,6 +106,7 @@ METHODS: dict[str, Callable[..., Method]] = {
 }
 # Every token pruner composes with Lazy Attention: lazy_fastv, lazy_sparsevlm, ... after the methods.
 METHODS.update({f"lazy_{name}": composition(name) for name, ctor in list(METHODS.items()) if _is_pruner(ctor)})
+METHODS["dense_explicit"] = ExplicitDense  # the backend control (lazyattn/control.py), last in tables
 
 
 def settings_of(name: str) -> list[str]:
@@ -140,6 +142,7 @@ __all__ = [
     "Calibration",
     "Composed",
     "Dense",
+    "ExplicitDense",
     "FastV",
     "HiRED",
     "LazyAttention",

@@ -143,8 +143,11 @@ def patch_attention(
     observers: dict[int, list[Observer]],
     share: str = "qk",
     scope: str = "all",
+    explicit: bool = False,
 ):
     """Install lazy layers (``anchor_of``: lazy layer -> anchor) and attention observers.
+    ``explicit`` makes every other layer form a short query's attention probabilities explicitly,
+    as an anchor does for its lazy layers (``ExplicitDense``, the backend control).
 
     ``share`` and ``scope`` pick the reading of a lazy layer (``LazyAttention`` documents them).
     An observer of layer ``l`` is called as ``fn(module, query, key)`` with the post-RoPE query
@@ -181,10 +184,10 @@ def patch_attention(
                     attn.forward = make(attn, family, qcache, anchor_idx, last, flags)
                 else:
                     attn.forward = _lazy_forward(attn, family, qcache, anchor_idx, last, watch)
-            elif idx in last_dependant or watch:
+            elif idx in last_dependant or watch or explicit:
                 publish = qcache if idx in last_dependant else None
                 attn.forward = _anchor_forward(attn, family, publish, watch, with_output=share == "qkv",
-                                               with_probs=share == "qk" and scope == "all")
+                                               with_probs=share == "qk" and scope == "all", explicit=explicit)
             else:
                 continue
             installed.append(attn)
@@ -327,12 +330,14 @@ def _weights(module: nn.Module, probs: torch.Tensor):
 
 def _anchor_forward(
     module: nn.Module, family: AttentionFamily, qcache: QCache | None, observers=(), with_output: bool = False,
-    with_probs: bool = False,
+    with_probs: bool = False, explicit: bool = False,
 ):
     """The family's attention forward, which also leaves its query and keys in the Q Cache
     (when it has lazy dependants; with ``with_output`` its attention output before ``o_proj``
     too; with ``with_probs``, for a short query (``inherits``), its attention probabilities,
-    formed explicitly) and shows them to the observers.
+    formed explicitly) and shows them to the observers. ``explicit`` forms the probabilities of a
+    short query explicitly without anyone to hand them to: the control that prices the anchors'
+    explicit decode attention against the backend's fused one.
 
     transformers up to 5.23 passes the cache as ``past_key_values``, 5.24 as ``cache``: take either.
     """
@@ -345,11 +350,14 @@ def _anchor_forward(
         for observe in observers:
             observe(module, query, key)
         probs = None
-        if with_probs and qcache is not None and inherits(module, query.shape[-2]):
+        if (explicit or with_probs and qcache is not None) and inherits(module, query.shape[-2]):
             out, probs = explicit_attention(module, query, key, value, attention_mask)
             weights = _weights(module, probs)
         else:
             out, weights = _attention(module, family, query, key, value, attention_mask, kwargs)
+        if past_key_values is not None:  # scores written then read by the softmax, probabilities written then read
+            slot = past_key_values.layers[module.layer_idx]
+            slot.extra_reads = {"scores": 4 * _nbytes(probs)} if probs is not None else {}
         if qcache is not None:
             qcache.put(module.layer_idx, query, key, out if with_output else None, probs)
         return module.o_proj(out), weights
@@ -403,7 +411,7 @@ def _lazy_forward(
         for observe in observers:
             observe(module, query, key)
         if slot is not None:  # what this layer read beyond its own values
-            slot.extra_read_bytes = _nbytes(probs) if probs is not None else _nbytes(key)
+            slot.extra_reads = {"scores": _nbytes(probs)} if probs is not None else {"keys": _nbytes(key)}
         if probs is not None:
             return module.o_proj(_inherit(probs, value)), _weights(module, probs)
         return _attend(module, family, query, key, value, attention_mask, kwargs)
@@ -448,13 +456,13 @@ def _own_text_keys(slot, hidden_states, key, value, flags, past_key_values):
 def _visual_inputs(module, family, qcache, anchor_idx, last, flags, hidden_states, position_embeddings, past_key_values):
     """What both visual scopes start from: this layer's query and values, its own keys at the text
     columns, the image flags of every cached token, and the anchor's query and keys (whose image
-    columns it reads again: counted in the slot's ``extra_read_bytes``)."""
+    columns it reads again: counted in the slot's ``extra_reads``)."""
     query, key, value = _projections(module, family, hidden_states, position_embeddings)
     slot = _lazy_slot(past_key_values, module.layer_idx, TextKeyLayer) if past_key_values is not None else None
     own_key, value, image = _own_text_keys(slot, hidden_states, key, value, flags, past_key_values)
     anchor_query, anchor_key, _ = _take_anchor(module, qcache, anchor_idx, last, value)
     if slot is not None:
-        slot.extra_read_bytes = _nbytes(anchor_key)
+        slot.extra_reads = {"keys": _nbytes(anchor_key)}
     return query, value, own_key, image, anchor_query, anchor_key
 
 
@@ -470,7 +478,7 @@ def _vla_decode(module, family, qcache, anchor_idx, last, flags, hidden_states, 
     image_new = flags.of_last(hidden_states.shape[1], prefill=False)
     text_key, value, image = slot.update(key, value, image_new)
     anchor_query, anchor_key, _ = _take_anchor(module, qcache, anchor_idx, last, value)
-    slot.extra_read_bytes = _nbytes(anchor_key)
+    slot.extra_reads = {"keys": _nbytes(anchor_key)}
     rows = image[:, -query.shape[-2]:][:, None, :, None]
     mixed_query = torch.where(rows, anchor_query, query)
     scores = _scores(mixed_query, anchor_key)  # every column; the text ones are replaced below

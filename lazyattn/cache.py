@@ -16,9 +16,10 @@ Two ways to grow a layer's tensors along the token axis, picked per cache:
 
 A layer's ``keys`` and ``values`` are always the valid tokens (a view under preallocation), so
 ``kv_cache_bytes`` counts the tokens held, whichever way they are stored. Each layer also says
-how many bytes outside its own tensors its attention read in the last forward
-(``extra_read_bytes``: a lazy layer's anchor keys or anchor probabilities), which
-``kv_read_bytes`` adds to the layers' own tensors: the KV traffic of a decode step.
+what its attention moved in the last forward beyond its own tensors (``extra_reads``: ``keys``, a
+lazy layer re-reading its anchor's keys; ``scores``, the attention scores and probabilities an
+anchor forms explicitly for its lazy layers and each lazy layer's read of them), which
+``kv_read_terms`` adds to the layers' own tensors: the KV traffic of a decode step, by term.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ class GrowingLayer(DynamicLayer):
         for name in self.FIELDS:
             setattr(self, name, None)
         self.reserve = reserve
-        self.extra_read_bytes = 0
+        self.extra_reads: dict[str, int] = {}
         self._grow: dict[str, Growing] = {}
 
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -354,16 +355,27 @@ def kv_allocated_bytes(cache: Cache) -> int:
     return total
 
 
-def kv_read_bytes(cache: Cache) -> int:
-    """The KV bytes the last forward's attention read: every layer's own keys and values (a pruned
-    layer's kept tokens, a lazy layer's values, a ``share="qkv"`` layer nothing) plus what a layer
-    read from another (``extra_read_bytes``: a recomputing lazy layer re-reads its anchor's keys,
-    an inheriting one reads its anchor's probabilities)."""
-    total = 0
+READ_TERMS = ("keys", "values", "scores")
+
+
+def kv_read_terms(cache: Cache) -> dict[str, int]:
+    """The KV bytes the last forward's attention moved, by term: ``keys`` and ``values``, every
+    layer's own (a pruned layer's kept tokens, a lazy layer's values, a ``share="qkv"`` layer
+    nothing) plus the keys a layer read from another (a recomputing lazy layer re-reads its
+    anchor's); ``scores``, the attention scores and probabilities an anchor forms explicitly in
+    decode so that its lazy layers can inherit them (written and read back by the anchor) and each
+    lazy layer's read of them. A fused backend (SDPA, flash) never writes its scores: dense has none."""
+    terms = dict.fromkeys(READ_TERMS, 0)
     for layer in cache.layers:
         for name in ("keys", "values"):
             tensor = getattr(layer, name, None)
             if isinstance(tensor, torch.Tensor):
-                total += _nbytes(tensor)
-        total += getattr(layer, "extra_read_bytes", 0)
-    return total
+                terms[name] += _nbytes(tensor)
+        for name, n in (getattr(layer, "extra_reads", None) or {}).items():
+            terms[name] += n
+    return terms
+
+
+def kv_read_bytes(cache: Cache) -> int:
+    """The KV bytes the last forward's attention moved: the sum of ``kv_read_terms``."""
+    return sum(kv_read_terms(cache).values())

@@ -115,7 +115,7 @@ def test_bench_resumes_after_interruption(tmp_path, monkeypatch):
 
 
 def test_bench_errors_are_clear(tmp_path):
-    with pytest.raises(bench.BenchError, match="unknown method preset 'nope'.*known: dense, fastv, .*lazy, "):
+    with pytest.raises(bench.BenchError, match="unknown method preset 'nope'.*known: dense, dense_explicit, fastv, .*lazy, "):
         bench.run_bench(bench_cfg(tmp_path, "methods=[nope]"))
     with pytest.raises(bench.BenchError, match="Could not override 'method.ratoi'"):
         bench.run_bench(bench_cfg(tmp_path, "methods=['lazy ratoi=0.5']"))

@@ -19,7 +19,7 @@ from harness.tasks import shapes
 from harness.generate import conversation, prompt_inputs
 from lazyattn import attention
 from lazyattn.cache import (Growing, NoKVLayer, PreallocatedCache, PreallocatedLayer, ValueOnlyLayer, kv_cache_bytes,
-                            kv_read_bytes, new_cache)
+                            kv_read_bytes, kv_read_terms, new_cache)
 
 STEPS = 4
 METHODS = {
@@ -148,7 +148,8 @@ def test_inheriting_probabilities_equals_recomputing(models, family, impl, dtype
             t_inh, l_inh, d = _run(model, inputs, method, "static")
             slots = [layer for layer in d.cache.layers if isinstance(layer, ValueOnlyLayer)]
             anchor_keys = d.cache.layers[0].keys
-            assert slots and all(s.extra_read_bytes < anchor_keys.numel() * anchor_keys.element_size() for s in slots)
+            assert slots and all(s.extra_reads["scores"] < anchor_keys.numel() * anchor_keys.element_size()
+                                 for s in slots)
             with monkeypatch.context() as m:
                 m.setattr(attention, "inherits", lambda module, q_len: False)
                 t_rec, l_rec, d_rec = _run(model, inputs, method, "static")
@@ -156,7 +157,7 @@ def test_inheriting_probabilities_equals_recomputing(models, family, impl, dtype
             lazy = {i for i, s in enumerate(layers) if isinstance(s, ValueOnlyLayer)}
             for i, anchor in lazyattn.anchors_of(lazy, len(layers)).items():  # recomputing re-reads the anchor's keys
                 keys = layers[anchor].keys
-                assert layers[i].extra_read_bytes == keys.numel() * keys.element_size()
+                assert layers[i].extra_reads == {"keys": keys.numel() * keys.element_size()}
             tol = 1e-5 if dtype == torch.float32 else 5e-2  # the bfloat16 tolerance of gpu_check
             # the same inputs up to the first step where a greedy token differs (bfloat16 may flip a near-tie)
             same = next((k for k in range(STEPS) if any(a[k] != b[k] for a, b in zip(t_inh, t_rec))), STEPS - 1)
@@ -209,13 +210,19 @@ def test_kv_read_bytes_per_reading(models):
     for name in ("dense", "lazy", "lazy_qkv", "lazy_visual"):
         _, _, d = _run(loaded.model, inputs, lazyattn.build(METHODS[name]), "static", steps=2)
         reads[name] = (kv_read_bytes(d.cache), kv_cache_bytes(d.cache), d.cache)
-    read, held, _ = reads["dense"]
-    assert read == held  # dense reads every key and value it holds
+    read, held, cache = reads["dense"]
+    assert read == held and kv_read_terms(cache)["scores"] == 0  # every key and value it holds; SDPA writes no score
     read, held, cache = reads["lazy"]
-    probs = sum(s.extra_read_bytes for s in cache.layers if isinstance(s, ValueOnlyLayer))
     tokens = cache.get_seq_length()
-    # each lazy layer reads its values and its anchor's probabilities: B x H x 1 x T floats
-    assert probs == 2 * (2 * 4 * 1 * tokens * 4) and read == held + probs
+    probs = 2 * 4 * 1 * tokens * 4  # B x H x 1 x T floats: one layer's probabilities of a decode step
+    # each lazy layer (1 and 3) reads its values and its anchor's probabilities; each anchor (0 and 2) wrote its
+    # scores and read them back (softmax) and wrote its probabilities and read them back (times its values)
+    lazy_reads = sum(s.extra_reads.get("scores", 0) for s in cache.layers if isinstance(s, ValueOnlyLayer))
+    anchor_traffic = sum(cache.layers[i].extra_reads.get("scores", 0) for i in (0, 2))
+    assert lazy_reads == 2 * probs and anchor_traffic == 2 * 4 * probs
+    terms = kv_read_terms(cache)
+    assert terms["scores"] == lazy_reads + anchor_traffic and read == held + terms["scores"]
+    assert terms["keys"] + terms["values"] == held
     read, held, cache = reads["lazy_qkv"]
     assert read == held and sum(isinstance(s, NoKVLayer) for s in cache.layers) == 2  # qkv layers read nothing
     read, held, cache = reads["lazy_visual"]
@@ -274,3 +281,17 @@ def test_vla_decode_path_equals_the_mixed_key_path(models, family, monkeypatch):
     t_slow, l_slow, _ = _run(loaded.model, inputs, method, "static")
     assert t_fast == t_slow
     torch.testing.assert_close(l_fast, l_slow, rtol=1e-5, atol=1e-5)
+
+
+def test_the_explicit_attention_control_answers_as_dense_and_prices_the_scores(models):
+    """ExplicitDense (method dense_explicit): every layer's decode attention formed explicitly, as an
+    anchor's is: the same tokens and logits as dense, and every layer's score traffic counted."""
+    loaded = models["llava_llama"]
+    inputs = _inputs(loaded, True, 32)
+    t_dense, l_dense, _ = _run(loaded.model, inputs, lazyattn.build({"name": "dense"}), "static")
+    t_exp, l_exp, d = _run(loaded.model, inputs, lazyattn.build({"name": "dense_explicit"}), "static")
+    assert t_exp == t_dense
+    torch.testing.assert_close(l_exp, l_dense, rtol=1e-5, atol=1e-5)
+    tokens = d.cache.get_seq_length()
+    probs = 2 * 4 * 1 * tokens * 4  # B x H x 1 x T floats
+    assert [layer.extra_reads for layer in d.cache.layers] == [{"scores": 4 * probs}] * len(d.cache.layers)

@@ -25,7 +25,7 @@ from harness.bench.variants import (
 )
 from harness.bench.prompts import Prompts
 from harness.bench.budget import _free, _row, budget_plan, compare_caches, run_budget
-from harness.bench.tables import format_table
+from harness.bench.tables import format_table, terms_line
 
 
 def run_bench(cfg: DictConfig) -> Path:
@@ -125,6 +125,9 @@ def run_bench(cfg: DictConfig) -> Path:
             f"e2e x{x['e2e_speedup']:.3f} prefill x{x['prefill_speedup']:.3f} (speed-ups: method over dense)",
             flush=True,
         )
+        if r.get("decode_read_terms") and r["dense"].get("decode_read_terms"):
+            print(f"{'':<22} predicted = dense / method bytes a step: {terms_line(r['dense']['decode_read_terms'])} / "
+                  f"{terms_line(r['decode_read_terms'])}", flush=True)
 
     if cfg.get("compare_caches") and result.get("caches") is None:
         result["caches"] = compare_caches(model, prompts, contexts[-1], [dense, *variants[:1]], settings)

@@ -17,6 +17,13 @@ def _mb(value) -> str:
     return "-" if value is None else f"{value / 2**20:.1f}"
 
 
+def terms_line(terms: dict) -> str:
+    """A decode step's bytes by term, in MB: ``W 12.3 + K 4.5 + V 4.5 + S 0.1 = 21.4 MB``."""
+    parts = [(name[0].upper(), terms.get(name) or 0) for name in ("weights", "keys", "values", "scores")]
+    total = sum(n for _, n in parts)
+    return " + ".join(f"{tag} {n / 2**20:.2f}" for tag, n in parts) + f" = {total / 2**20:.2f} MB"
+
+
 def _x(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -48,6 +55,9 @@ def format_table(result: dict) -> str:
             f"{x['e2e_speedup']:>7.3f}{r['kv_cache_bytes'] / 2**20:>10.2f}{x['kv_fraction']:>8.4f}"
             f"{_mb(r.get('peak_memory_bytes')):>9}{_x(pred):>8}{_pct(frac):>8}"
         )
+        if r.get("decode_read_terms") and (r.get("dense") or {}).get("decode_read_terms"):
+            lines.append(f"{'':<24}pred x = dense / method bytes a step (weights, K, V, scores): "
+                         f"{terms_line(r['dense']['decode_read_terms'])} / {terms_line(r['decode_read_terms'])}")
     if any(r.get("host_sync") for r in result["rows"]):
         lines.append("note: " + next(r["host_sync"] for r in result["rows"] if r.get("host_sync")))
     c = result.get("caches")
