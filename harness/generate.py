@@ -99,16 +99,28 @@ _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def compiled_decode(model):
-    """The model's forward through ``torch.compile`` (dynamic shapes, no CUDA graphs), one per model.
-
-    The decode step attends over the valid prefix of the preallocated cache, whose length grows
-    by one each step, so its shapes are dynamic: CUDA graphs, which replay fixed shapes, would need
-    attention over the whole storage with a mask (gpt-fast's design; not this harness's yet). What
-    compiling buys is fused kernels and less Python per layer. A method's patched attention
-    forwards are traced too (a different method recompiles once, by dynamo's guards)."""
+    """The model's forward compiled for one-token decode steps with static shapes, one per model, the
+    way gpt-fast decodes: ``fullgraph=True, dynamic=False``, and on CUDA ``mode="reduce-overhead"``
+    (CUDA graphs). The step it is given attends over the whole preallocated storage with a validity
+    mask and writes the cache at device cursors (``PreallocatedCache.enter_graph``), so the shapes do
+    not change as the cache fills and the graph is captured once per (batch, storage length). A
+    method's patched attention forwards are traced too (another method recompiles once, by dynamo's
+    guards)."""
     if model not in _COMPILED:
-        _COMPILED[model] = torch.compile(model.forward, dynamic=True)
+        cuda = next(model.parameters()).device.type == "cuda"
+        _COMPILED[model] = torch.compile(model.forward, fullgraph=True, dynamic=False,
+                                         mode="reduce-overhead" if cuda else None)
     return _COMPILED[model]
+
+
+def storage_mask(mask: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """The (B, 1, 1, T) attention mask of a one-token step over the whole storage from its (B, T)
+    validity (0 at padding, ended rows' slots and the room not yet written), as the backend takes a
+    prepared mask: boolean for SDPA, additive for eager attention."""
+    valid = mask.bool()[:, None, None, :]
+    if implementation == "eager":
+        return torch.zeros(valid.shape, dtype=dtype, device=mask.device).masked_fill(~valid, torch.finfo(dtype).min)
+    return valid
 
 
 @dataclasses.dataclass
@@ -153,8 +165,10 @@ class Generator:
         if cache not in CACHE_KINDS:
             raise ValueError(f"cache must be one of {list(CACHE_KINDS)}, got {cache!r}.")
         self.model, self.processor, self.device = model, processor, device
-        # single-token decode forwards through torch.compile (compiled_decode); prefill and chunks stay eager
+        # single-token decode forwards through torch.compile (compiled_decode) as one static graph where the
+        # cache allows it (``graph_blocker``); prefill and chunks stay eager
         self.decode_forward = compiled_decode(model) if compile else None
+        self.graph_note: str | None = None  # why the last decode could not run as a graph (compile=True)
         self.cache_kind = cache
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.cache_arg = cache_kwarg(model)
@@ -182,12 +196,41 @@ class Generator:
         dialogue.next_position = dialogue.next_position + new_mask.long().sum(dim=1)
         if dialogue.holes and isinstance(dialogue.cache, PreallocatedCache):  # a masked step reads nothing on the host
             dialogue.cache.masks_on_device = True
-        one_step = self.decode_forward is not None and ids.shape[1] == 1 and "pixel_values" not in extra
-        out = (self.decode_forward if one_step else self.model)(
+        if getattr(dialogue.cache, "graph", False):  # one static graph: the whole storage, a validity mask
+            out = self.decode_forward(
+                input_ids=ids, attention_mask=storage_mask(dialogue.grow_mask.storage, self.implementation,
+                                                           self.model.dtype),
+                use_cache=True, logits_to_keep=1, position_ids=positions, **{self.cache_arg: dialogue.cache},
+            )
+            dialogue.cache.catch_up(ids.shape[1])  # the valid views, on the host
+            return out.logits[:, -1].float()
+        out = self.model(
             input_ids=ids, attention_mask=dialogue.mask if dialogue.holes else None, use_cache=True,
             logits_to_keep=1, position_ids=positions, **{self.cache_arg: dialogue.cache}, **extra,
         )
         return out.logits[:, -1].float()
+
+    @property
+    def implementation(self) -> str:
+        return self.model.config.get_text_config(decoder=True)._attn_implementation
+
+    def _enter_graph(self, dialogue: Dialogue, steps: int) -> bool:
+        """Switch the dialogue's cache to graph mode for ``steps`` one-token steps, where it can be."""
+        cache = dialogue.cache
+        blocker = (cache.graph_blocker() if isinstance(cache, PreallocatedCache)
+                   else "transformers' concatenating cache (cache=dynamic)")
+        if blocker is None and self.implementation not in ("sdpa", "eager"):
+            blocker = f"the {self.implementation} backend (a static graph needs a prepared mask: sdpa or eager)"
+        self.graph_note = None if blocker is None else f"decode ran eagerly: {blocker}"
+        if blocker is not None:
+            return False
+        cache.enter_graph(steps)
+        dialogue.grow_mask.enter_graph(steps)
+        if dialogue.grow_mask.storage.shape[1] != cache.storage_length():
+            cache.exit_graph()
+            self.graph_note = "decode ran eagerly: the mask's storage and the cache's differ in length"
+            return False
+        return True
 
     def _decode(self, dialogue: Dialogue, logits: torch.Tensor, budgets: Sequence[int],
                 on_step: Callable[[Dialogue], None] | None = None) -> list[list[int]]:
@@ -207,10 +250,29 @@ class Generator:
             return [[] for _ in range(batch)]
         # which rows still have budget at each step, built once for the call
         within = torch.arange(horizon, device=device)[None, :] < torch.tensor(budgets, device=device)[:, None]
-        alive = within[:, 0]
         mask_dtype = dialogue.mask.dtype
         stops = self.eos is not None
         steps: list[torch.Tensor] = []
+        graph = self.decode_forward is not None and horizon > 1 and self._enter_graph(dialogue, horizon)
+        try:
+            self._steps(dialogue, logits, budgets, horizon, within, mask_dtype, steps, on_step)
+        finally:
+            if graph:
+                dialogue.cache.exit_graph()
+        table = torch.stack(steps, dim=1).tolist()  # (B, steps): one device read
+        answers = []
+        for row, budget in zip(table, budgets):
+            row = row[:budget]
+            answers.append(row[: row.index(self.eos) + 1] if stops and self.eos in row else row)
+        # the tokens of the last step were never fed: they are the pending tails of the rows that ended there
+        last = len(steps) - 1
+        dialogue.pending = [[a[-1]] if a and len(a) - 1 == last else [] for a in answers]
+        return answers
+
+    def _steps(self, dialogue, logits, budgets, horizon, within, mask_dtype, steps, on_step) -> None:
+        """The decode steps of ``_decode`` (appending each step's greedy tokens to ``steps``)."""
+        stops = self.eos is not None
+        alive = within[:, 0]
         for step in range(horizon):
             if self.suppress is not None:
                 logits.select(-1, self.suppress).fill_(float("-inf"))
@@ -233,15 +295,6 @@ class Generator:
             logits = self._forward(dialogue, ids, fed[:, None].to(mask_dtype))
             if on_step is not None:
                 on_step(dialogue)
-        table = torch.stack(steps, dim=1).tolist()  # (B, steps): one device read
-        answers = []
-        for row, budget in zip(table, budgets):
-            row = row[:budget]
-            answers.append(row[: row.index(self.eos) + 1] if stops and self.eos in row else row)
-        # the tokens of the last step were never fed: they are the pending tails of the rows that ended there
-        last = len(steps) - 1
-        dialogue.pending = [[a[-1]] if a and len(a) - 1 == last else [] for a in answers]
-        return answers
 
     def new_dialogue(self, batch: int, reserve: int) -> Dialogue:
         """An empty dialogue with a fresh cache of the generator's kind (``reserve``: the tokens to

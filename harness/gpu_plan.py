@@ -11,7 +11,9 @@ Phases (``--profile gpu``, the default on CUDA; the points of ``--tier N`` only,
 - ``env``: the machine, the packages (the carried transformers must be the one imported), a
   device-to-device copy and a bf16 matmul against the card's peak, so a broken machine shows first;
 - ``throughput``: ``model=llava15_7b_random`` (float16, sdpa): dense, Lazy r=0.5, r=0.7 and the
-  ``share=qkv`` reading at 0.35, all variants of a point timed in one ABBA set
+  ``share=qkv`` reading at 0.35, and the backend control (``dense_explicit``: dense with explicit
+  decode attention, as anchors form theirs); at the first point dense, r=0.5 and r=0.7 once more
+  with compiled static-graph decode steps (CUDA graphs); all variants of a point timed in one ABBA set
   (``harness.measure.interleaved``): decode-only and end-to-end tokens/s, KV bytes, peak memory;
   batch 1, 8, 32 x the 584-token prompt and 2048 tokens, 128 new tokens, point-major;
 - ``correctness``: the mask and timing-protocol checks, calibration and VTW's ``k=auto`` on the
@@ -47,6 +49,9 @@ LOAD_S = 30  # estimated: a phase's imports, CUDA start and the 7B model built o
 NEW_TOKENS = 128
 REPEATS, WARMUP = 5, 1
 LAZY_VARIANTS = ["lazy ratio=0.5", "lazy ratio=0.7", "lazy ratio=0.35 share=qkv"]
+# the backend control beside them: dense with every layer's decode attention formed explicitly, as an anchor's is
+CONTROL_VARIANTS = ["dense_explicit"]
+COMPILED_VARIANTS = 3  # dense and the first two lazy settings, once more as compiled static-graph decode steps
 PRUNING_VARIANTS = ["fastv ratio=0.5", "sparsevlm budget=128", "vtw k=16", "lazy_fastv"]
 # (batch, context length or None for the 584-token prompt, tier): by value, point-major
 THROUGHPUT_POINTS = [(8, None, 1), (32, 2048, 1), (1, None, 2), (32, None, 2), (8, 2048, 2), (1, 2048, 2)]
@@ -216,7 +221,8 @@ def _variants(entries: list[str], profile: str = "gpu"):
 
 FIGURES = ("prefill_ms", "prefill_ms_iqr", "decode_tokens_per_s", "decode_tokens_per_s_iqr", "e2e_tokens_per_s",
            "e2e_tokens_per_s_iqr", "kv_cache_bytes", "peak_memory_bytes", "decode_bandwidth_bytes_per_s",
-           "bandwidth_utilisation", "decode_step_bytes", "decode_weight_bytes", "decode_kv_read_bytes", "lazy_layers",
+           "bandwidth_utilisation", "decode_step_bytes", "decode_weight_bytes", "decode_kv_read_bytes",
+           "decode_read_terms", "graph_note", "lazy_layers",
            "repeats", "cache")
 
 
@@ -224,9 +230,9 @@ def time_point(model, prompts, variants, batch: int, context: dict, new_tokens: 
                warmup: int, compiled: bool = False) -> dict:
     """Every variant of one point (dense first) in one ABBA set, on the preallocated cache, and dense
     once more on transformers' concatenating cache (``dense dynamic``: what the copying costs);
-    with ``compiled``, dense and the first method once more with their decode steps compiled
-    (``harness.generate.compiled_decode``); figures, ratios to dense and the speed-up the bytes per
-    step predict."""
+    with ``compiled``, dense and the first lazy settings once more with their decode steps compiled
+    as one static graph (``harness.generate.compiled_decode``: CUDA graphs on a GPU); figures, ratios
+    to dense and the speed-up the bytes per step predict."""
     import torch
 
     from harness import measure
@@ -237,7 +243,7 @@ def time_point(model, prompts, variants, batch: int, context: dict, new_tokens: 
     timed["dense dynamic"] = (inputs, lambda: variants[0].method.apply(model), "dynamic")
     extra = ["dense dynamic"]
     if compiled:
-        for v in variants[:2]:
+        for v in variants[:COMPILED_VARIANTS]:
             timed[f"{v.label} compiled"] = (inputs, lambda v=v: v.method.apply(model),
                                             {"cache": "static", "compile": True})
             extra.append(f"{v.label} compiled")
@@ -424,7 +430,7 @@ def _status(ph: Phase, gpu: bool) -> str:
 
 
 def phase_throughput(ph: Phase) -> str:
-    return _timing_phase(ph, LAZY_VARIANTS, THROUGHPUT_POINTS)
+    return _timing_phase(ph, LAZY_VARIANTS + CONTROL_VARIANTS, THROUGHPUT_POINTS)
 
 
 def phase_pruning(ph: Phase) -> str:

@@ -153,6 +153,8 @@ def generate_once(model, inputs: dict, new_tokens: int, cache: str = "static", c
         "lazy_layers": sorted(lazy_cache_layers(dialogue.cache)),
         "cache": cache,
         "compiled": compile,
+        # compiled decode ran as one static graph, or why not (then its steps ran eagerly)
+        "graph_note": gen.graph_note if compile else None,
     }
 
 
@@ -189,6 +191,8 @@ def summarise(runs: list[dict], batch_size: int, new_tokens: int, model=None, pe
     if "cache" in runs[0]:
         out["cache"] = runs[0]["cache"]
         out["compiled"] = bool(runs[0].get("compiled"))
+        if runs[0].get("graph_note"):  # compiled, but its decode could not run as one graph
+            out["graph_note"] = runs[0]["graph_note"]
     if "kv_read_bytes" in runs[0]:
         steps = runs[0].get("decode_steps", new_tokens)
         kv_step = runs[0]["kv_read_bytes"] / max(1, steps)

@@ -444,10 +444,10 @@ def _own_text_keys(slot, hidden_states, key, value, flags, past_key_values):
     values, and the image flags of every cached token: from its text-key slot, or, without a cache,
     from this forward's tokens."""
     if past_key_values is not None:
-        image = flags.of_last(hidden_states.shape[1], prefill=slot.get_seq_length() == 0)
+        image = flags.of_last(hidden_states.shape[1], prefill=not slot.is_initialized)
         text_key, value, image = slot.update(key, value, image)
         own_key = text_key.new_zeros(value.shape[:-1] + text_key.shape[-1:])  # the text keys at their columns
-        columns = slot.columns[:, None, :, None].expand(*text_key.shape)
+        columns = slot.text_columns[:, None, :, None].expand(*text_key.shape)
         return own_key.scatter_(2, columns, text_key), value, image
     image = flags.of_last(hidden_states.shape[1], prefill=True)
     return key * (~image)[:, None, :, None].to(key.dtype), value, image
@@ -479,11 +479,13 @@ def _vla_decode(module, family, qcache, anchor_idx, last, flags, hidden_states, 
     text_key, value, image = slot.update(key, value, image_new)
     anchor_query, anchor_key, _ = _take_anchor(module, qcache, anchor_idx, last, value)
     slot.extra_reads = {"keys": _nbytes(anchor_key)}
-    rows = image[:, -query.shape[-2]:][:, None, :, None]
-    mixed_query = torch.where(rows, anchor_query, query)
+    if slot.graph:  # graph mode (whole storages): a decode step's tokens are text
+        mixed_query = query
+    else:
+        mixed_query = torch.where(image[:, -query.shape[-2]:][:, None, :, None], anchor_query, query)
     scores = _scores(mixed_query, anchor_key)  # every column; the text ones are replaced below
     own = _scores(mixed_query, text_key)  # (B, H_kv, g, q, T_text)
-    scores = scores.scatter(-1, slot.columns[:, None, None, None, :].expand(own.shape), own)  # text columns
+    scores = scores.scatter(-1, slot.text_columns[:, None, None, None, :].expand(own.shape), own)  # text columns
     probs = _probs(module, scores, attention_mask, query.dtype)
     return module.o_proj(_inherit(probs, value)), _weights(module, probs)
 
@@ -500,7 +502,7 @@ def _lazy_vla_forward(
 
     def forward(hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, cache=None, **kwargs):
         past_key_values = cache if cache is not None else past_key_values
-        if past_key_values is not None and past_key_values.get_seq_length(module.layer_idx) > 0:
+        if past_key_values is not None and _holds_tokens(past_key_values, module.layer_idx):
             if inherits(module, hidden_states.shape[1]):  # decode: no mixed key tensor over the whole cache
                 return _vla_decode(module, family, qcache, anchor_idx, last, flags, hidden_states,
                                    position_embeddings, past_key_values, attention_mask)
@@ -549,6 +551,12 @@ def _lazy_visual_forward(
         return module.o_proj(out), weights
 
     return forward
+
+
+def _holds_tokens(cache: Cache, layer_idx: int) -> bool:
+    """Whether the layer's cache slot holds tokens already (a decode step or a later chunk), asked
+    without reading a length (a compiled step must not depend on one)."""
+    return layer_idx < len(cache.layers) and cache.layers[layer_idx].is_initialized
 
 
 def _lazy_slot(cache: Cache, layer_idx: int, kind: type) -> DynamicLayer:

@@ -41,6 +41,7 @@ class Growing:
         self.storage: torch.Tensor | None = None
         self.view: torch.Tensor | None = None
         self.length = 0
+        self.cursor: torch.Tensor | None = None  # graph mode: the next write's index, on the device
 
     def start(self, like: torch.Tensor) -> torch.Tensor:
         """An empty tensor shaped like ``like`` with no tokens (as ``DynamicLayer`` starts)."""
@@ -71,6 +72,40 @@ class Growing:
         self.length = need
         self.view = self.storage.narrow(self.dim, 0, need)
         return self.view
+
+    # -- graph mode: writes at a device cursor, the whole storage returned (static shapes) ---------------
+    def enter_graph(self, extra: int) -> None:
+        """Make room for ``extra`` more tokens (one re-allocation at most, here, outside any graph) and
+        start writing at a device cursor: ``write`` then reads no Python length and returns the whole
+        storage, so a compiled step keeps one shape as the tensor fills. The room is zeroed (attention
+        over the whole storage masks it, and a masked column's value must not be NaN: 0 x NaN is NaN).
+        The storage's address is fixed for CUDA graphs."""
+        if self.reserve is None or self.storage is None:
+            raise ValueError("graph mode needs preallocated storage (reserve=int) holding the prompt.")
+        capacity = self.storage.shape[self.dim]
+        if self.length + extra > capacity:
+            shape = list(self.storage.shape)
+            shape[self.dim] = self.length + extra
+            storage = self.storage.new_empty(shape)
+            storage.narrow(self.dim, 0, self.length).copy_(self.view)
+            self.storage = storage
+            self.view = storage.narrow(self.dim, 0, self.length)
+        self.storage.narrow(self.dim, self.length, self.storage.shape[self.dim] - self.length).zero_()
+        self.cursor = torch.tensor(self.length, device=self.storage.device)
+        torch._dynamo.mark_static_address(self.storage)
+        torch._dynamo.mark_static_address(self.cursor)
+
+    def write(self, new: torch.Tensor) -> torch.Tensor:
+        """Graph mode: ``new`` written at the cursor (in place, no Python length read); the storage."""
+        index = self.cursor + torch.arange(new.shape[self.dim], device=new.device)
+        self.storage.index_copy_(self.dim, index, new)
+        self.cursor.add_(new.shape[self.dim])
+        return self.storage
+
+    def advance(self, n: int) -> None:
+        """Graph mode, outside the graph: the Python length and valid view catch up with ``n`` written tokens."""
+        self.length += n
+        self.view = self.storage.narrow(self.dim, 0, self.length)
 
     def apply(self, fn) -> None:
         """Apply a batch-wise ``fn`` (select, repeat, reorder) to the held tokens."""
@@ -115,9 +150,30 @@ class GrowingLayer(DynamicLayer):
         self._grow = {name: Growing(dim, self.reserve) for name, dim in self.FIELDS.items()}
         self.is_initialized = True
 
+    graph = False  # graph mode (``PreallocatedCache.enter_graph``): updates write at device cursors
+
     def _append(self, **new: torch.Tensor) -> None:
         for name, tensor in new.items():
             setattr(self, name, self._grow[name].append(tensor))
+
+    def _write(self, **new: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Graph mode: write at the cursors, return the whole storages; the attributes (valid views)
+        catch up in ``advance``, outside the graph."""
+        return {name: self._grow[name].write(tensor) for name, tensor in new.items()}
+
+    def enter_graph(self, extra: int) -> None:
+        for grow in self._grow.values():
+            grow.enter_graph(extra)
+        self.graph = True
+
+    def catch_up(self, n: int) -> None:
+        """Graph mode, outside the graph: the valid views after a step that wrote ``n`` tokens."""
+        for name, grow in self._grow.items():
+            grow.advance(n)
+            setattr(self, name, grow.view)
+
+    def exit_graph(self) -> None:
+        self.graph = False
 
     def get_seq_length(self) -> int:
         if not self.is_initialized:
@@ -171,6 +227,9 @@ class PreallocatedLayer(GrowingLayer):
     FIELDS = {"keys": -2, "values": -2}
 
     def update(self, key_states, value_states, *args, **kwargs):
+        if self.graph:
+            out = self._write(keys=key_states, values=value_states)
+            return out["keys"], out["values"]
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._append(keys=key_states, values=value_states)
@@ -192,6 +251,41 @@ class PreallocatedCache(DynamicCache):
         self.reserve = reserve
         self.layers = [PreallocatedLayer(reserve) if type(layer) is DynamicLayer else layer for layer in self.layers]
         self.masks_on_device = False
+        self.pruned = False  # a token pruner runs hooks on this cache's forwards (set by the pruning engine)
+        self.graph = False
+
+    def graph_blocker(self) -> str | None:
+        """Why this cache's decode steps cannot run as one static-shape graph, or None: every layer
+        must be a preallocated one of ours, all holding the same tokens, and no pruner may run
+        per-step hooks on it (a pruned stage's masks and positions are built from Python lengths)."""
+        if self.pruned:
+            return "a token pruner's stages (their masks and positions are built on the host each step)"
+        if not all(isinstance(layer, GrowingLayer) and layer.is_initialized for layer in self.layers):
+            return "a layer whose cache is not preallocated (e.g. a sliding window)"
+        if len({layer.get_seq_length() for layer in self.layers}) != 1:
+            return "layers holding different numbers of tokens"
+        return None
+
+    def enter_graph(self, extra: int) -> None:
+        """Room for ``extra`` more tokens in every layer, then writes at device cursors: each update
+        returns whole storages (one shape while the cache fills, as a compiled decode step needs)."""
+        for layer in self.layers:
+            layer.enter_graph(extra)
+        self.graph = True
+
+    def storage_length(self) -> int:
+        """The tokens the first layer's storage has room for (in graph mode, what attention runs over)."""
+        return self.layers[0]._grow["values"].storage.shape[-2]
+
+    def catch_up(self, n: int) -> None:
+        """After a graph step that wrote ``n`` tokens: every layer's valid views catch up (host only)."""
+        for layer in self.layers:
+            layer.catch_up(n)
+
+    def exit_graph(self) -> None:
+        for layer in self.layers:
+            layer.exit_graph()
+        self.graph = False
 
     @property
     def is_compileable(self) -> bool:
@@ -229,6 +323,8 @@ class ValueOnlyLayer(GrowingLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if key_states is not None:
             raise ValueError("ValueOnlyLayer stores values only; call update(None, values).")
+        if self.graph:
+            return None, self._write(values=value_states)["values"]
         if not self.is_initialized:
             self.lazy_initialization(None, value_states)
         self._append(values=value_states)
@@ -247,9 +343,14 @@ class NoKVLayer(GrowingLayer):
         raise ValueError("NoKVLayer stores nothing; call advance(n_tokens).")
 
     def advance(self, n_tokens: int) -> None:
+        if self.graph:  # counted by the cache's own advance, outside the graph
+            return
         if not self.is_initialized:
             self.lazy_initialization(None, None)
         self.length += n_tokens
+
+    def catch_up(self, n: int) -> None:
+        self.length += n
 
     def get_seq_length(self) -> int:
         return self.length if self.is_initialized else 0
@@ -286,6 +387,14 @@ class TextKeyLayer(GrowingLayer):
         token is text); returns the text keys, all values and the image flags of every cached token."""
         if key_states is None:
             raise ValueError("TextKeyLayer.update takes keys, values and the new tokens' image flags (or None).")
+        if self.graph:  # decode in graph mode: every new token is text, written at the cursors
+            if image is not None:
+                raise ValueError("a text-key layer in graph mode takes text tokens only (image=None).")
+            batch, n = key_states.shape[0], key_states.shape[-2]
+            columns = (self._grow["values"].cursor + torch.arange(n, device=key_states.device)).expand(batch, n)
+            out = self._write(keys=key_states, values=value_states,
+                              image=torch.zeros(batch, n, dtype=torch.bool, device=key_states.device), columns=columns)
+            return out["keys"], out["values"], out["image"]
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         batch, n, start = key_states.shape[0], key_states.shape[-2], self.get_seq_length()
@@ -305,6 +414,18 @@ class TextKeyLayer(GrowingLayer):
             columns = (~image).nonzero()[:, 1].view(batch, -1) + start  # row-major: each row's text columns in order
         self._append(keys=text, values=value_states, image=image, columns=columns)
         return self.keys, self.values, self.image
+
+    @property
+    def text_columns(self) -> torch.Tensor:
+        """Where each text key sits among the cached tokens (B, T_text); in graph mode the whole
+        storage, whose unwritten slots point at the last storage column (masked, zero keys)."""
+        return self._grow["columns"].storage if self.graph else self.columns
+
+    def enter_graph(self, extra: int) -> None:
+        super().enter_graph(extra)
+        columns, values = self._grow["columns"], self._grow["values"]
+        columns.storage.narrow(1, columns.length, columns.storage.shape[1] - columns.length).fill_(
+            values.storage.shape[-2] - 1)
 
     def crop(self, tokens_to_remove: int) -> None:
         raise ValueError("a text-key cache layer cannot be cropped (its keys are not aligned with its tokens).")

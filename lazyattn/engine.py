@@ -190,6 +190,8 @@ class PruneEngine:
                 f"({type(mask2d).__name__}); call the model with the processor's attention_mask."
             )
         self.step = {"positions": positions, "mask2d": mask2d, "past": past, "cache": cache}
+        if cache is not None:  # its decode steps run these hooks, which read lengths on the host: no static graph
+            cache.pruned = True
         self.prefill = past == 0
         if self.prefill:
             self._start_prefill(embeds, positions, mask2d)

@@ -27,7 +27,7 @@ def _figures(summary: dict) -> dict:
     """A variant's figures as a row keeps them: medians with their IQRs, KV, memory, bandwidth."""
     keys = [k for t in TIMINGS for k in (t, f"{t}_iqr")] + [
         "kv_cache_bytes", "peak_memory_bytes", "decode_step_bytes", "decode_weight_bytes", "decode_kv_read_bytes",
-        "decode_read_terms", "decode_bandwidth_bytes_per_s", "bandwidth_utilisation"]
+        "decode_read_terms", "decode_bandwidth_bytes_per_s", "bandwidth_utilisation", "graph_note"]
     return {k: summary.get(k) for k in keys}
 
 
