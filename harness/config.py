@@ -108,6 +108,22 @@ def output_dir(cfg: DictConfig) -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
+def in_multirun() -> bool:
+    """Whether this run is one point of a Hydra multirun (``-m``; a SLURM or submitit job included)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def skips_finished(cfg: DictConfig) -> bool:
+    """Whether a finished out_dir is skipped rather than refused. A multirun point is skipped by
+    default: re-running an interrupted sweep's own command (or a requeued SLURM job) must resume it,
+    not stop at its first finished point nor redo finished work; ``skip_finished=true`` asks the
+    same of a single run. ``overwrite=true`` redoes either."""
+    return not cfg.overwrite and (bool(cfg.get("skip_finished")) or in_multirun())
+
+
 def positive_int(value: Any, key: str, minimum: int = 1, allow_none: bool = False) -> int | None:
     """``value`` as an int >= ``minimum``, or a RunError that names ``key`` and says what to pass."""
     if value is None and allow_none:

@@ -27,6 +27,7 @@ from harness.config import (
     relative_to_repo,
     result_key,
     setup,
+    skips_finished,
     writable_dir,
 )
 from harness.generate import prompt_inputs
@@ -166,8 +167,9 @@ def describe_run(cfg: DictConfig, loaded, method_info: dict, method, task) -> li
 def run(cfg: DictConfig) -> Path:
     out_dir = output_dir(cfg)
     result_path = out_dir / "result.json"
-    if result_path.exists() and cfg.get("skip_finished") and not cfg.overwrite:
-        print(f"skipping finished point {out_dir} (skip_finished=true; overwrite=true redoes it)")
+    if result_path.exists() and skips_finished(cfg):
+        why = "skip_finished=true" if cfg.get("skip_finished") else "a sweep skips its finished points"
+        print(f"skipping finished point {out_dir} ({why}; overwrite=true redoes it)")
         return result_path
     if result_path.exists() and not cfg.overwrite:
         raise RunError(f"{out_dir} already holds a finished run; pass overwrite=true or choose another out_dir=DIR.")
