@@ -32,7 +32,7 @@ from harness.config import (
 )
 from harness.generate import prompt_inputs
 from harness.models import load_model
-from harness.results import SCHEMA_VERSION, SampleLog, env_info, write_json_atomic
+from harness.results import SCHEMA_VERSION, RunLock, RunLocked, SampleLog, check_unlocked, env_info, write_json_atomic
 from harness import tasks
 
 
@@ -49,6 +49,10 @@ def preflight(cfg: DictConfig, multirun: bool = False) -> None:
         writable_dir(out_dir, "out_dir")
         if (out_dir / "result.json").exists() and not cfg.overwrite and not cfg.get("skip_finished"):
             raise RunError(f"{out_dir} already holds a finished run; pass overwrite=true or choose another out_dir=DIR.")
+        try:  # a live run in this folder: refused before Hydra writes its .hydra/ over the other's
+            check_unlocked(out_dir)
+        except RunLocked as err:
+            raise RunError(str(err)) from None
     else:
         writable_dir(Path(str(cfg.runs_root)), "runs_root")
     check_run(cfg)
@@ -173,6 +177,22 @@ def run(cfg: DictConfig) -> Path:
         return result_path
     if result_path.exists() and not cfg.overwrite:
         raise RunError(f"{out_dir} already holds a finished run; pass overwrite=true or choose another out_dir=DIR.")
+    lock = RunLock(out_dir)
+    try:
+        lock.acquire()
+    except RunLocked as err:
+        raise RunError(str(err)) from None
+    if lock.took_over is not None:
+        t = lock.took_over
+        print(f"took over a stale lock in {out_dir} (host {t.get('host')}, pid {t.get('pid')}, since "
+              f"{t.get('since')}: that process is gone)", file=sys.stderr)
+    try:  # released however the run ends: finished, refused, interrupted
+        return _run(cfg, out_dir, result_path)
+    finally:
+        lock.release()
+
+
+def _run(cfg: DictConfig, out_dir: Path, result_path: Path) -> Path:
     check_run(cfg)
     task = build_task(cfg.task)
     auto = calibration.wanted(cfg.method)
