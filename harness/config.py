@@ -154,6 +154,14 @@ def check_run(cfg: DictConfig) -> None:
         raise RunError("calibration.select=blocks takes no calibration.max_per_anchor (it merges every layer below "
                        "epsilon into its block); drop one of them.")
     positive_int(cal.get("max_per_anchor"), "calibration.max_per_anchor", allow_none=True)
+    positive_int(cal.get("samples"), "calibration.samples")
+    threshold = cal.get("threshold")
+    # a JS divergence is >= 0: a negative threshold selects no lazy layer at all, and the run would
+    # report "lazy layers none" as if it were a result
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or threshold < 0):
+        raise RunError(f"calibration.threshold must be a JS divergence >= 0 (or null: method.ratio decides), "
+                       f"got {threshold!r}; e.g. calibration.threshold=0.05.")
     check_cache(cfg.get("cache", "static"))
     resolve_device(str(cfg.device))
 

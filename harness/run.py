@@ -142,11 +142,33 @@ def record_comparison(comparison: dict, method_rows: list[dict], scores: dict) -
     return comparison
 
 
+def samples_scored(limit: int | None, task) -> str:
+    """The console's n: what will be scored and why (the limit, the whole set, the task's default)."""
+    sizes = task.sizes()
+    if sizes:
+        each = [f"{name} {size if limit is None else min(limit, size)}" for name, size in sizes.items()]
+        n = ", ".join(each) if len(sizes) > 1 else each[0].rsplit(" ", 1)[1]
+        if limit is None:
+            return f"n={n} (every row)"
+        return f"n={n} (limit={limit}{' or fewer rows' if any(size < limit for size in sizes.values()) else ''})"
+    if limit is not None:
+        return f"n={limit} (limit)"
+    default = getattr(task, "n", None)  # the shapes sets' task.n; the lmms-eval benchmarks have none
+    return f"n={default} (task.n, the task's default)" if default is not None else "n=every sample (no limit)"
+
+
+def limit_notes(limit: int | None, task) -> list[str]:
+    """One line for each set a limit exceeds: it scores fewer samples than asked, said before the run."""
+    if limit is None:
+        return []
+    return [f"note: limit={limit} exceeds the {size} row(s) of {name}: {size} will be scored"
+            for name, size in (task.sizes() or {}).items() if size < limit]
+
+
 def describe_run(cfg: DictConfig, loaded, method_info: dict, method, task) -> list[str]:
     """The console's first lines: model, method label and schedule, task, n and protocol."""
     weights = "RANDOM weights" if loaded.random_weights else "trained weights"
     t = cfg.task
-    n = cfg.limit if cfg.limit is not None else getattr(task, "n", None)
     qtypes = list(t.get("qtypes") or [])
     protocol = [f"split={t.get('split')}"] if t.get("split") else []
     if qtypes:
@@ -163,8 +185,7 @@ def describe_run(cfg: DictConfig, loaded, method_info: dict, method, task) -> li
     return [
         f"model: {loaded.name} ({loaded.n_layers} layers, {loaded.n_params / 1e6:.2f} M parameters, {weights})",
         f"method: {method_info['label']} [{method.name}]: {method.plan(loaded.n_layers).schedule}",
-        f"task: {t.name}, n={n if n is not None else 'the task default'} "
-        f"({'limit' if cfg.limit is not None else 'task default'}); {'; '.join(protocol)}; {dense}",
+        f"task: {t.name}, {samples_scored(cfg.limit, task)}; {'; '.join(protocol)}; {dense}",
     ]
 
 
@@ -202,6 +223,8 @@ def _run(cfg: DictConfig, out_dir: Path, result_path: Path) -> Path:
     else:  # bad method settings, and a family the method is not defined for, fail before the model loads
         method = lazyattn.build(method_spec(cfg.method))
         lazyattn.check_method_family(method, model_family(cfg.model))
+    for line in limit_notes(cfg.limit, task):
+        print(line, flush=True)
     device = setup(cfg)
 
     loaded = load_model(cfg.model, device)  # says so on stderr when the weights are random
@@ -242,6 +265,8 @@ def _run(cfg: DictConfig, out_dir: Path, result_path: Path) -> Path:
             repeats=int(cfg.efficiency.repeats), warmup=int(cfg.efficiency.warmup), method=method,
             cache=str(cfg.cache),
         )
+        # the verdict travels with the numbers: result.json, W&B (headline/timing_noisy), tables
+        efficiency["noisy"], efficiency["noise"] = headline.timing_verdict(efficiency)
 
     rows = {v: e.rows for v, e in evaluations.items()}
     comparison = record_comparison(compare_to_dense(rows, evaluations["method"].scores, loaded.processor),
@@ -261,6 +286,9 @@ def _run(cfg: DictConfig, out_dir: Path, result_path: Path) -> Path:
     }
     if "dense" in evaluations:
         result["tasks_dense"] = evaluations["dense"].scores
+        # every task, not only the headline's: a dataset dense cannot do makes its delta meaningless
+        result["dense_below_floor_tasks"] = [name for name, scores in result["tasks_dense"].items()
+                                             if headline.task_below_floor(scores)]
     first_task = next(iter(result["tasks"]), None)
 
     def of_first(variant_rows):  # the headline is the first task's: a run over several scores each apart
@@ -309,6 +337,7 @@ def _num(value, digits: int = 4) -> str:
 def print_summary(result: dict) -> None:
     head = result.get("headline") or {}
     flagged = set(head.get("dense_below_floor") or [])
+    tasks_flagged = set(result.get("dense_below_floor_tasks") or [])
     for name, scores in result["tasks"].items():
         dense = result.get("tasks_dense", {}).get(name, {})
         print(f"task {name}: n={scores['n']}")
@@ -329,6 +358,9 @@ def print_summary(result: dict) -> None:
             if key in flagged and name == head.get("task"):
                 line += (f"  † dense below {headline.DENSE_FLOOR:.0%}: a type dense cannot do "
                          "(left out of acc_mean_types_capable)")
+            if key == "all" and name in tasks_flagged:
+                line += (f"  † dense below {headline.DENSE_FLOOR:.0%} on the whole task: one dense cannot do, "
+                         "so the delta says nothing about the method")
             print(line)
     for name, scores in result["tasks"].items():
         if "agreement" in scores:  # VLMEvalKit's verdicts beside the harness's own scorer (the shapes sets)
@@ -370,9 +402,15 @@ def print_summary(result: dict) -> None:
             )
         if eff.get("host_sync"):
             print(f"  note: {eff['host_sync']}")
+        if eff.get("noisy"):
+            print(f"  warning: timing is noise ({eff['noise']}): these speed-ups are no finding; time on a quiet "
+                  "machine or with more efficiency.repeats")
+        elif min(eff["dense"].get("repeats", 1), eff["method"].get("repeats", 1)) < 2:
+            print("  note: one timed repeat: the speed-ups carry no spread, so their noise cannot be judged "
+                  "(efficiency.repeats=3 or more)")
     if head:
         print(f"headline ({head.get('task')}; result.json 'headline', W&B 'headline/*', the tables; "
               "docs/results.md#headline-numbers):")
-        keys = [k for k in headline.KEYS if head.get(k) is not None]
+        keys = [k for k in headline.KEYS if head.get(k) is not None and k != "timing_noise"]  # said above
         for i in range(0, len(keys), 4):
             print("  " + "  ".join(f"{k}={_num(head[k])}" for k in keys[i:i + 4]))

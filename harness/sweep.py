@@ -21,7 +21,7 @@ from hydra.experimental.callback import Callback
 from harness import results
 from harness.tracking import SWEEP_COLUMNS as COLUMNS
 SHOWN = ["model", "label", "n", "acc_mean_types", "acc_mean_types_capable", "delta_score", "kv_cut_workload",
-         "kv_cut_timing_batch", "decode_speedup_timing_batch"]
+         "kv_cut_timing_batch", "decode_speedup_timing_batch", "timing_noisy"]
 
 
 def points(sweep_dir: Path) -> list[dict]:

@@ -58,3 +58,124 @@ def test_lock_is_exclusive_and_released(tmp_path):
     assert not (tmp_path / LOCK_NAME).exists()
     with RunLock(tmp_path):  # free again
         pass
+
+
+# --- item 2: degenerate settings refused before the model loads; limit above the data said;
+# a task dense cannot do flagged wherever the numbers go
+
+@pytest.mark.parametrize("setting, said", [
+    ("calibration.threshold=-1", "calibration.threshold must be a JS divergence >= 0"),
+    ("calibration.samples=0", "calibration.samples must be an integer >= 1"),
+    ("task.n=0", "task.n must be an integer >= 1"),
+])
+def test_meaningless_settings_are_refused_in_one_line(setting, said, tmp_path, monkeypatch, capfd):
+    out = tmp_path / "r"
+    status, stdout, err = harness_cli(["+exp=llava_lazy", "model=llava_tiny_random", setting, f"out_dir={out}"],
+                                      monkeypatch, capfd, cwd=tmp_path)
+    assert status == 2, stdout[-1000:] + err[-1000:]
+    assert err.strip().startswith("error: ") and said in err and err.strip().count("\n") == 0
+    assert "model:" not in stdout  # refused before the model loaded
+    assert not out.exists()  # nothing left behind
+
+
+def test_an_empty_vlmevalkit_tsv_is_refused(tmp_path):
+    from harness.vlmeval import data as vdata
+
+    (tmp_path / "Empty.tsv").write_text("index\tquestion\tanswer\timage\n")
+    with pytest.raises(ValueError, match="holds a header and no rows; nothing to score"):
+        vdata.check(["Empty"], str(tmp_path))
+
+
+def test_a_limit_above_the_data_is_said():
+    from harness.run import limit_notes, samples_scored
+
+    class EightRows:  # a task whose one set holds 8 rows (as VlmevalDatasets.sizes says)
+        def sizes(self):
+            return {"POPE": 8}
+
+    assert limit_notes(50, EightRows()) == ["note: limit=50 exceeds the 8 row(s) of POPE: 8 will be scored"]
+    assert limit_notes(4, EightRows()) == [] and limit_notes(None, EightRows()) == []
+    assert samples_scored(50, EightRows()) == "n=8 (limit=50 or fewer rows)"
+    assert samples_scored(None, EightRows()) == "n=8 (every row)"
+
+    class Generated:  # the shapes sets: any limit is there
+        n = 400
+
+        def sizes(self):
+            return None
+
+    assert samples_scored(None, Generated()) == "n=400 (task.n, the task's default)"
+    assert samples_scored(16, Generated()) == "n=16 (limit)"
+
+
+def test_a_task_dense_cannot_do_is_flagged_everywhere(tmp_path, monkeypatch, capfd):
+    """The random model cannot name a colour: dense scores 0 on the whole task. The console, result.json
+    (top level and headline), W&B's score rows and the main table all say so."""
+    from harness import report, tracking
+
+    out = tmp_path / "r"
+    status, stdout, err = harness_cli(
+        ["model=llava_tiny_random", "method=lazy", "method.layers=null", "limit=2", "batch_size=2",
+         "task.qtypes=[colour]", "efficiency.repeats=1", "efficiency.warmup=0", "efficiency.new_tokens=2",
+         f"out_dir={out}"], monkeypatch, capfd, cwd=tmp_path)
+    assert status == 0, err[-2000:]
+    result = json.loads((out / "result.json").read_text())
+    assert result["tasks_dense"]["shapes"]["acc"] == 0.0
+    assert result["dense_below_floor_tasks"] == ["shapes"] and result["headline"]["dense_task_below_floor"] is True
+    assert "on the whole task: one dense cannot do" in stdout
+    assert "one timed repeat" in stdout  # efficiency.repeats=1: no spread to judge
+    assert [row for row in tracking.score_rows(result) if row[1] == "all"][0][-1] is True
+    header, rows = report.main_table(report.collect(out))
+    delta = header.index("Δ Avg")
+    lazy = [row for row in rows if row[0].startswith("Lazy")][0]
+    assert lazy[delta].endswith(" §") and report.table_notes(header, rows)[-1].startswith("§ dense scores below 10% on the whole task")
+
+    # item 3 in the tables: the same point with an implausible achieved share is marked ‡
+    assert result["efficiency"]["noisy"] is False and result["headline"]["timing_noisy"] is False
+    result["efficiency"]["decode_speedup_of_predicted"] = 3.05
+    (out / "result.json").write_text(json.dumps(result))
+    header, rows = report.efficiency_table(report.collect(out))
+    assert rows[0][header.index("Decode ×")].endswith(" ‡") and report.table_notes(header, rows)[0].startswith("‡ timing is noise")
+
+
+# --- item 3: timing carries its own noise verdict
+
+def timing(decode=(100.0, 5.0), method=(300.0, 6.0), achieved=1.0):
+    return {"device": "cpu", "batch_size": 1, "prompt_tokens": 10, "new_tokens": 4, "kv_reduction": 0.5,
+            "decode_speedup": method[0] / decode[0], "prefill_speedup": 1.0, "e2e_speedup": 1.0,
+            "decode_speedup_of_predicted": achieved, "predicted_decode_speedup": 1.0,
+            "dense": {"kv_cache_bytes": 2, "prefill_ms": 50.0, "prefill_ms_iqr": 1.0, "decode_tokens_per_s": decode[0],
+                      "decode_tokens_per_s_iqr": decode[1], "e2e_tokens_per_s": 1.0, "e2e_tokens_per_s_iqr": 0.0,
+                      "repeats": 3},
+            "method": {"kv_cache_bytes": 1, "prefill_ms": 50.0, "prefill_ms_iqr": 1.0, "decode_tokens_per_s": method[0],
+                       "decode_tokens_per_s_iqr": method[1], "e2e_tokens_per_s": 1.0, "e2e_tokens_per_s_iqr": 0.0,
+                       "repeats": 3}}
+
+
+def test_timing_noise_verdict():
+    from harness.headline import timing_verdict
+
+    assert timing_verdict(timing()) == (False, None)
+    noisy, why = timing_verdict(timing(decode=(100.0, 90.0)))  # dense's IQR 90 % of its median
+    assert noisy and why.startswith("decode_speedup 3.00 ± ")
+    noisy, why = timing_verdict(timing(achieved=3.05))  # the issue's "achieved 305 % of it"
+    assert noisy and "achieved 305% of what its bytes predict" in why
+    assert timing_verdict(None) == (None, None)
+
+
+def test_noisy_timing_is_said_and_marked(capsys):
+    from harness import report
+    from harness.headline import compute, timing_verdict
+    from harness.run import print_summary
+
+    eff = timing(achieved=3.05)
+    eff["noisy"], eff["noise"] = timing_verdict(eff)
+    result = {"method": {"name": "lazy", "label": "Lazy r=0.5"}, "tasks": {}, "efficiency": eff,
+              "model": {"name": "m"}, "_path": "x/result.json"}
+    result["headline"] = compute(result)
+    assert result["headline"]["timing_noisy"] is True and "305%" in result["headline"]["timing_noise"]
+    print_summary(result)
+    out = capsys.readouterr().out
+    warning = [line for line in out.splitlines() if "warning: timing is noise" in line]
+    assert len(warning) == 1 and "305%" in warning[0]
+    assert "timing_noisy=True" in out and "timing_noise=" not in out  # the headline block: the flag, once
