@@ -166,6 +166,26 @@ def check_run(cfg: DictConfig) -> None:
     resolve_device(str(cfg.device))
 
 
+def check_dtype(cfg: DictConfig) -> None:
+    """float16 on a CPU refused in one line: its kernels are slow emulation, so the timings mean
+    nothing, and a run would go on silently with KV bytes half float32's. ``model.dtype=auto`` is
+    judged by the dtype it would read, a checkpoint's config.json."""
+    import json
+
+    if resolve_device(str(cfg.device)).type != "cpu":
+        return
+    dtype, read = str(cfg.model.get("dtype", "auto")), ""
+    if dtype == "auto" and cfg.model.get("path"):
+        try:
+            config = json.loads((Path(str(cfg.model.path)).expanduser() / "config.json").read_text())
+        except (OSError, ValueError):
+            return  # the checkpoint check says what is wrong with it
+        dtype, read = str(config.get("torch_dtype") or config.get("dtype") or "auto"), " (model.dtype=auto: config.json)"
+    if dtype == "float16":
+        raise RunError(f"model.dtype=float16{read} on a CPU: emulated half-precision kernels make timings meaningless; "
+                       "pass model.dtype=float32 (or bfloat16), or run on device=cuda.")
+
+
 def check_cache(cache) -> None:
     from lazyattn.cache import CACHE_KINDS
 
@@ -363,6 +383,26 @@ def clean_refused(out_dir: Path) -> None:
         out_dir.rmdir()
 
 
+SLURM_LAUNCHERS = ("slurm", "submitit_slurm")  # conf/hydra/launcher/slurm.yaml and the plugin's own
+
+
+def check_launcher(overrides: Sequence[str], multirun: bool) -> None:
+    """A SLURM launcher where SLURM is absent (no ``sbatch`` on PATH) refused in one line, naming
+    submitit_local (the same submitit machinery, jobs as local processes) for a rehearsal; a launcher
+    without ``-m`` too, since Hydra would ignore it and run one point here."""
+    import shutil
+
+    launchers = [o.split("=", 1)[1] for o in overrides if o.lstrip("+~").startswith("hydra/launcher=")]
+    if not launchers:
+        return
+    if not multirun:
+        raise RunError(f"hydra/launcher={launchers[-1]} launches the points of a multirun: add -m (a single run "
+                       "runs here, without a launcher).")
+    if launchers[-1] in SLURM_LAUNCHERS and shutil.which("sbatch") is None:
+        raise RunError(f"hydra/launcher={launchers[-1]} needs SLURM, and this machine has none (no sbatch on PATH); "
+                       "rehearse the sweep here with hydra/launcher=submitit_local, or submit from a SLURM login node.")
+
+
 def check_command_line(config_name: str = "config", preflight=None) -> None:
     """Refuse unknown presets and keys on the command line, and whatever ``preflight(cfg,
     multirun)`` refuses in the composed config (``harness.run.preflight`` for ``python -m
@@ -375,6 +415,7 @@ def check_command_line(config_name: str = "config", preflight=None) -> None:
     if args.shell_completion or args.help or args.hydra_help or args.cfg or args.info:
         return
     try:
+        check_launcher(args.overrides, bool(args.multirun))
         check_overrides(args.overrides, config_name)
         cfg = _compose_plain_point(args.overrides, config_name) if preflight is not None else None
         if cfg is not None:

@@ -20,6 +20,7 @@ from harness import calibration, compare, figures, headline, measure, tracking
 from harness.config import (
     PREEXISTING,
     RunError,
+    check_dtype,
     check_run,
     method_spec,
     output_dir,
@@ -56,14 +57,15 @@ def preflight(cfg: DictConfig, multirun: bool = False) -> None:
     else:
         writable_dir(Path(str(cfg.runs_root)), "runs_root")
     check_run(cfg)
+    if str(cfg.model.get("kind")) == "hf":  # the checkpoint first: check_dtype reads its config.json
+        from harness.models.local import check_checkpoint
+
+        check_checkpoint(cfg.model.get("path"), cfg.model.get("model_type"))
+    check_dtype(cfg)
     if calibration.wanted(cfg.method):
         calibration.check(cfg.method)
     else:
         lazyattn.check_method_family(lazyattn.build(method_spec(cfg.method)), model_family(cfg.model))
-    if str(cfg.model.get("kind")) == "hf":
-        from harness.models.local import check_checkpoint
-
-        check_checkpoint(cfg.model.get("path"), cfg.model.get("model_type"))
 
 
 def model_family(model_cfg: DictConfig) -> str | None:
@@ -183,7 +185,8 @@ def describe_run(cfg: DictConfig, loaded, method_info: dict, method, task) -> li
     dense = "dense scored beside it on the same samples" if cfg.compare_dense and method.name != "dense" \
         else "no dense in this run"
     return [
-        f"model: {loaded.name} ({loaded.n_layers} layers, {loaded.n_params / 1e6:.2f} M parameters, {weights})",
+        f"model: {loaded.name} ({loaded.n_layers} layers, {loaded.n_params / 1e6:.2f} M parameters, "
+        f"{str(loaded.model.dtype).removeprefix('torch.')}, {weights})",
         f"method: {method_info['label']} [{method.name}]: {method.plan(loaded.n_layers).schedule}",
         f"task: {t.name}, {samples_scored(cfg.limit, task)}; {'; '.join(protocol)}; {dense}",
     ]

@@ -78,6 +78,14 @@ def summarize(sweep_dir: Path, wandb_cfg: dict, name: str) -> list[dict]:
     return rows
 
 
+def remove_stray_submitit_folder(sweep_dir: Path) -> None:
+    """submitit makes its folder setting literally (``.submitit/%j``) before it puts job ids in the
+    name; the jobs' logs go to ``.submitit/<job id>``, so the literal one stays empty: removed."""
+    stray = Path(sweep_dir) / ".submitit" / "%j"
+    if stray.is_dir() and not any(stray.iterdir()):
+        stray.rmdir()
+
+
 class SweepSummary(Callback):
     """Hydra callback: at the end of a multirun, ``summarize`` its sweep folder. A failure is one
     line on stderr: the points' results are on disk already."""
@@ -87,6 +95,7 @@ class SweepSummary(Callback):
 
         try:
             sweep_dir = Path(str(config.hydra.sweep.dir))
+            remove_stray_submitit_folder(sweep_dir)
             if not any(sweep_dir.rglob("result.json")):
                 return
             wandb_cfg = OmegaConf.to_container(config.wandb, resolve=True)

@@ -175,3 +175,19 @@ def _counting(real, asked):
         asked.append(len(conversations))
         yield from real(model, processor, conversations, *a, **k)
     return answer
+
+
+def test_submitit_local_rehearses_a_slurm_sweep(tmp_path, monkeypatch, capfd):
+    """hydra/launcher=submitit_local: the SLURM launcher's machinery (submitit, a job folder per
+    point, pickled jobs) with the jobs as local processes; a 2-point sweep finishes, each point in
+    sweep_root/<its overrides>, and the literal .submitit/%j folder submitit makes is gone."""
+    root = tmp_path / "sweep"
+    args = ["-m", "model=llava_tiny_random", "method=lazy", "method.layers=null", "method.ratio=0.25,0.5", "limit=1",
+            "batch_size=1", "efficiency.enabled=false", "compare_dense=false", "hydra/launcher=submitit_local",
+            "threads=1", f"sweep_root={root}"]
+    status, out, err = harness_cli(args, monkeypatch, capfd, cwd=tmp_path, env={"PYTHONPATH": str(ROOT)})
+    assert status == 0, out[-2000:] + err[-2000:]
+    assert "Submitit 'local' sweep output dir" in out + err and "sweep summary: 2 point(s)" in out
+    assert len(points(root)) == 2
+    logs = [p for p in (root / ".submitit").iterdir()]
+    assert logs and "%j" not in [p.name for p in logs]  # the jobs' own folders only

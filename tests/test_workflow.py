@@ -179,3 +179,65 @@ def test_noisy_timing_is_said_and_marked(capsys):
     warning = [line for line in out.splitlines() if "warning: timing is noise" in line]
     assert len(warning) == 1 and "305%" in warning[0]
     assert "timing_noisy=True" in out and "timing_noise=" not in out  # the headline block: the flag, once
+
+
+# --- item 5: one-line errors that leave nothing behind
+
+def checkpoint_copy(tmp_path, name="ckpt"):
+    import shutil
+
+    from harness.results import REPO_ROOT
+
+    dest = tmp_path / name
+    shutil.copytree(REPO_ROOT / "harness" / "assets" / "llava_tiny", dest)
+    return dest
+
+
+@pytest.mark.parametrize("damage", ["cut", "header"])
+def test_a_corrupted_safetensors_is_one_line_and_leaves_nothing(damage, tmp_path, monkeypatch, capfd):
+    ckpt = checkpoint_copy(tmp_path)
+    weights = ckpt / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "cut" else b"\xff" * 64 + data[64:])
+    out = tmp_path / "r"
+    status, stdout, err = harness_cli(["model=hf", f"model.path={ckpt}", "limit=2", f"out_dir={out}"],
+                                      monkeypatch, capfd, cwd=tmp_path)
+    assert status == 2 and err.strip().count("\n") == 0 and "Traceback" not in err, err[-3000:]
+    assert f"error: {weights}" in err and "download or save the weights again" in err
+    assert not out.exists()  # refused before Hydra: no .hydra/, no empty log
+
+
+def test_a_text_only_checkpoint_is_told_so_first(tmp_path, monkeypatch, capfd):
+    ckpt = checkpoint_copy(tmp_path)
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config["text_config"], "model_type": "llama"}))
+    (ckpt / "processor_config.json").unlink()  # the processor files missing too: the model type is said first
+    status, _, err = harness_cli(["model=hf", f"model.path={ckpt}", f"out_dir={tmp_path / 'r'}"],
+                                 monkeypatch, capfd, cwd=tmp_path)
+    assert status == 2 and "holds a 'llama' model, which is not an image-text-to-text model" in err, err
+
+
+def test_float16_on_a_cpu_is_refused_and_the_dtype_shown(tmp_path, monkeypatch, capfd):
+    status, _, err = harness_cli([*QUICK, "model.dtype=float16", "device=cpu", f"out_dir={tmp_path / 'r'}"],
+                                 monkeypatch, capfd, cwd=tmp_path)
+    assert status == 2 and err.startswith("error: model.dtype=float16 on a CPU") and err.strip().count("\n") == 0
+    ckpt = checkpoint_copy(tmp_path)
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "torch_dtype": "float16"}))
+    status, _, err = harness_cli(["model=hf", f"model.path={ckpt}", "device=cpu", f"out_dir={tmp_path / 'r'}"],
+                                 monkeypatch, capfd, cwd=tmp_path)
+    assert status == 2 and "model.dtype=float16 (model.dtype=auto: config.json) on a CPU" in err
+    status, out, err = harness_cli([*QUICK, f"out_dir={tmp_path / 'ok'}"], monkeypatch, capfd, cwd=tmp_path)
+    assert status == 0 and " float32, RANDOM weights)" in out.splitlines()[0], out[:500] + err[-1000:]
+
+
+def test_slurm_without_slurm_names_the_rehearsal(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    status, _, err = harness_cli(["-m", *QUICK, "hydra/launcher=slurm", f"sweep_root={tmp_path / 's'}"],
+                                 monkeypatch, capfd, cwd=tmp_path)
+    assert status == 2 and err.strip().count("\n") == 0, err[-2000:]
+    assert "needs SLURM" in err and "hydra/launcher=submitit_local" in err
+    assert not (tmp_path / "s").exists()
+    status, _, err = harness_cli([*QUICK, "hydra/launcher=local", f"out_dir={tmp_path / 'r'}"],
+                                 monkeypatch, capfd, cwd=tmp_path)
+    assert status == 2 and "add -m" in err
