@@ -5,6 +5,7 @@ one-line errors that leave nothing behind. Everything in this process (``harness
 import json
 import platform
 import subprocess
+from pathlib import Path
 
 import pytest
 from helpers import harness_cli
@@ -241,3 +242,47 @@ def test_slurm_without_slurm_names_the_rehearsal(tmp_path, monkeypatch, capfd):
     status, _, err = harness_cli([*QUICK, "hydra/launcher=local", f"out_dir={tmp_path / 'r'}"],
                                  monkeypatch, capfd, cwd=tmp_path)
     assert status == 2 and "add -m" in err
+
+
+# --- item 6: the README tour as written: limits, nothing inside the repository; CLI names
+
+def tour_lines():
+    import shlex
+
+    from harness.results import REPO_ROOT
+
+    text = (REPO_ROOT / "README.md").read_text()
+    block = text.split("## A 5-minute tour", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [shlex.split(line.split("  #")[0]) for line in block.splitlines() if line.startswith("python -m ")]
+
+
+def test_the_readme_tour_is_limited_and_writes_outside_the_repository(tmp_path, monkeypatch, capsys):
+    from helpers import harness_precheck
+
+    from harness.results import REPO_ROOT
+
+    lines = tour_lines()
+    runs = [argv[3:] for argv in lines if argv[2] == "harness"]
+    assert len(runs) >= 10
+    for args in runs:
+        assert any(a.startswith("limit=") for a in args), args  # under a minute each (about 25 s on one core)
+        for a in args:
+            if a.startswith(("out_dir=", "runs_root=", "sweep_root=")):
+                path = Path(a.split("=", 1)[1]).expanduser()
+                assert path.is_absolute() and REPO_ROOT not in path.parents, a
+        # checked into tmp_path: a finished run of the tour in /tmp must not fail this test
+        local = [f"out_dir={tmp_path / 'r'}" if a.startswith("out_dir=") else a for a in args]
+        status, err = harness_precheck(local, monkeypatch, capsys)
+        assert status is None, (args, err)  # every line composes and passes the checks
+    for argv in lines:
+        if argv[2] == "harness.report":
+            out = Path(argv[argv.index("--out") + 1])
+            assert out.is_absolute() and REPO_ROOT not in out.parents
+
+
+def test_module_clis_name_themselves():
+    from harness import sweep
+    from harness.report import cli
+
+    assert cli.parser().format_usage().startswith("usage: python -m harness.report ")
+    assert sweep.parser().format_usage().startswith("usage: python -m harness.sweep ")
