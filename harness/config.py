@@ -180,7 +180,8 @@ def check_dtype(cfg: DictConfig) -> None:
             config = json.loads((Path(str(cfg.model.path)).expanduser() / "config.json").read_text())
         except (OSError, ValueError):
             return  # the checkpoint check says what is wrong with it
-        dtype, read = str(config.get("torch_dtype") or config.get("dtype") or "auto"), " (model.dtype=auto: config.json)"
+        dtype = str(config.get("torch_dtype") or config.get("dtype") or "auto")
+        read = " (model.dtype=auto: config.json)"
     if dtype == "float16":
         raise RunError(f"model.dtype=float16{read} on a CPU: emulated half-precision kernels make timings meaningless; "
                        "pass model.dtype=float32 (or bfloat16), or run on device=cuda.")

@@ -32,8 +32,9 @@ KEYS: dict[str, str] = {
     "acc_mean_types_capable": f"acc_mean_types over the types dense scores at least {DENSE_FLOOR:.0%} on "
                               "(dense_below_floor left out; null without dense)",
     "dense_below_floor": f"the question types dense scores below {DENSE_FLOOR:.0%} on (null without dense)",
-    "dense_task_below_floor": f"whether dense scores below {DENSE_FLOOR:.0%} on the whole task (its primary score "
-                              "over samples): a task dense cannot do, on which a delta means nothing (null without dense)",
+    "dense_task_below_floor": f"whether dense scores below {DENSE_FLOOR:.0%} on the whole task (its primary "
+                              "score over samples): a task dense cannot do, on which a delta means nothing "
+                              "(null without dense)",
     "acc_samples": "accuracy over samples (every sample right or wrong, describe and long by exact match)",
     "delta_score": "method minus dense on the same samples: the mean change of the per-sample score (F1 for "
                    "describe and long), paired",

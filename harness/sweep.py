@@ -106,7 +106,8 @@ class SweepSummary(Callback):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m harness.sweep", description="Summarize a finished sweep folder: a table and a W&B summary run.")
+    p = argparse.ArgumentParser(
+        prog="python -m harness.sweep", description="Summarize a finished sweep folder: a table and a W&B summary run.")
     p.add_argument("sweep_dir", type=Path)
     p.add_argument("--wandb", default=os.environ.get("WANDB_MODE", "offline"), help="offline | online | disabled")
     p.add_argument("--wandb-project", default="lazyattn-harness")

@@ -168,7 +168,8 @@ def log_bench(result: dict, wandb_cfg: dict, out_dir: Path, name: str) -> str | 
 
 SWEEP_COLUMNS = ["model", "seed", "label", "method", "n", "limit", "multiturn", "acc_mean_types",
                  "acc_mean_types_capable", "dense_below_floor", "acc_samples", "delta_score", "kv_cut_workload",
-                 "kv_cut_timing_batch", "decode_speedup_timing_batch", "decode_tokens_per_s_timing_batch", "timing_noisy",
+                 "kv_cut_timing_batch", "decode_speedup_timing_batch", "decode_tokens_per_s_timing_batch",
+                 "timing_noisy",
                  "dense_task_below_floor", "path"]
 
 

@@ -129,14 +129,16 @@ def test_a_task_dense_cannot_do_is_flagged_everywhere(tmp_path, monkeypatch, cap
     header, rows = report.main_table(report.collect(out))
     delta = header.index("Δ Avg")
     lazy = [row for row in rows if row[0].startswith("Lazy")][0]
-    assert lazy[delta].endswith(" §") and report.table_notes(header, rows)[-1].startswith("§ dense scores below 10% on the whole task")
+    assert lazy[delta].endswith(" §")
+    assert report.table_notes(header, rows)[-1].startswith("§ dense scores below 10% on the whole task")
 
     # item 3 in the tables: the same point with an implausible achieved share is marked ‡
     assert result["efficiency"]["noisy"] is False and result["headline"]["timing_noisy"] is False
     result["efficiency"]["decode_speedup_of_predicted"] = 3.05
     (out / "result.json").write_text(json.dumps(result))
     header, rows = report.efficiency_table(report.collect(out))
-    assert rows[0][header.index("Decode ×")].endswith(" ‡") and report.table_notes(header, rows)[0].startswith("‡ timing is noise")
+    assert rows[0][header.index("Decode ×")].endswith(" ‡")
+    assert report.table_notes(header, rows)[0].startswith("‡ timing is noise")
 
 
 # --- item 3: timing carries its own noise verdict
