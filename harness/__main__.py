@@ -10,7 +10,7 @@ if __name__ == "__main__":  # task=vlmeval from a Python without VLMEvalKit: the
 import hydra
 from omegaconf import DictConfig
 
-from harness.config import (CONF_DIR, RunError, check_command_line, clean_refused, output_dir,
+from harness.config import (CONF_DIR, RunError, check_command_line, clean_refused, in_multirun, output_dir,
                             register_method_presets)
 from harness.results import SampleLog
 from harness.run import preflight, run
@@ -32,8 +32,13 @@ def main(cfg: DictConfig) -> None:
     except KeyboardInterrupt:
         out_dir = output_dir(cfg)
         kept = SampleLog(out_dir, "").count()
-        print(f"\ninterrupted: {kept} finished sample(s) kept in {out_dir}; re-run the same command "
-              f"(same out_dir) to resume.", file=sys.stderr)
+        if in_multirun():  # the same command: its finished points are skipped, this one resumes
+            how = "re-run the same command to resume the sweep (finished points are skipped, this one resumes)"
+        elif cfg.get("out_dir"):
+            how = "re-run the same command (same out_dir) to resume"
+        else:  # the default out_dir carries a time stamp: the same command would start afresh
+            how = f"re-run the same command with out_dir={out_dir} to resume"
+        print(f"\ninterrupted: {kept} finished sample(s) kept in {out_dir}; {how}.", file=sys.stderr)
         sys.exit(130)
     print(path)
 

@@ -108,6 +108,22 @@ def output_dir(cfg: DictConfig) -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
+def in_multirun() -> bool:
+    """Whether this run is one point of a Hydra multirun (``-m``; a SLURM or submitit job included)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def skips_finished(cfg: DictConfig) -> bool:
+    """Whether a finished out_dir is skipped rather than refused. A multirun point is skipped by
+    default: re-running an interrupted sweep's own command (or a requeued SLURM job) must resume it,
+    not stop at its first finished point nor redo finished work; ``skip_finished=true`` asks the
+    same of a single run. ``overwrite=true`` redoes either."""
+    return not cfg.overwrite and (bool(cfg.get("skip_finished")) or in_multirun())
+
+
 def positive_int(value: Any, key: str, minimum: int = 1, allow_none: bool = False) -> int | None:
     """``value`` as an int >= ``minimum``, or a RunError that names ``key`` and says what to pass."""
     if value is None and allow_none:
@@ -138,8 +154,37 @@ def check_run(cfg: DictConfig) -> None:
         raise RunError("calibration.select=blocks takes no calibration.max_per_anchor (it merges every layer below "
                        "epsilon into its block); drop one of them.")
     positive_int(cal.get("max_per_anchor"), "calibration.max_per_anchor", allow_none=True)
+    positive_int(cal.get("samples"), "calibration.samples")
+    threshold = cal.get("threshold")
+    # a JS divergence is >= 0: a negative threshold selects no lazy layer at all, and the run would
+    # report "lazy layers none" as if it were a result
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or threshold < 0):
+        raise RunError(f"calibration.threshold must be a JS divergence >= 0 (or null: method.ratio decides), "
+                       f"got {threshold!r}; e.g. calibration.threshold=0.05.")
     check_cache(cfg.get("cache", "static"))
     resolve_device(str(cfg.device))
+
+
+def check_dtype(cfg: DictConfig) -> None:
+    """float16 on a CPU refused in one line: its kernels are slow emulation, so the timings mean
+    nothing, and a run would go on silently with KV bytes half float32's. ``model.dtype=auto`` is
+    judged by the dtype it would read, a checkpoint's config.json."""
+    import json
+
+    if resolve_device(str(cfg.device)).type != "cpu":
+        return
+    dtype, read = str(cfg.model.get("dtype", "auto")), ""
+    if dtype == "auto" and cfg.model.get("path"):
+        try:
+            config = json.loads((Path(str(cfg.model.path)).expanduser() / "config.json").read_text())
+        except (OSError, ValueError):
+            return  # the checkpoint check says what is wrong with it
+        dtype = str(config.get("torch_dtype") or config.get("dtype") or "auto")
+        read = " (model.dtype=auto: config.json)"
+    if dtype == "float16":
+        raise RunError(f"model.dtype=float16{read} on a CPU: emulated half-precision kernels make timings meaningless; "
+                       "pass model.dtype=float32 (or bfloat16), or run on device=cuda.")
 
 
 def check_cache(cache) -> None:
@@ -339,6 +384,26 @@ def clean_refused(out_dir: Path) -> None:
         out_dir.rmdir()
 
 
+SLURM_LAUNCHERS = ("slurm", "submitit_slurm")  # conf/hydra/launcher/slurm.yaml and the plugin's own
+
+
+def check_launcher(overrides: Sequence[str], multirun: bool) -> None:
+    """A SLURM launcher where SLURM is absent (no ``sbatch`` on PATH) refused in one line, naming
+    submitit_local (the same submitit machinery, jobs as local processes) for a rehearsal; a launcher
+    without ``-m`` too, since Hydra would ignore it and run one point here."""
+    import shutil
+
+    launchers = [o.split("=", 1)[1] for o in overrides if o.lstrip("+~").startswith("hydra/launcher=")]
+    if not launchers:
+        return
+    if not multirun:
+        raise RunError(f"hydra/launcher={launchers[-1]} launches the points of a multirun: add -m (a single run "
+                       "runs here, without a launcher).")
+    if launchers[-1] in SLURM_LAUNCHERS and shutil.which("sbatch") is None:
+        raise RunError(f"hydra/launcher={launchers[-1]} needs SLURM, and this machine has none (no sbatch on PATH); "
+                       "rehearse the sweep here with hydra/launcher=submitit_local, or submit from a SLURM login node.")
+
+
 def check_command_line(config_name: str = "config", preflight=None) -> None:
     """Refuse unknown presets and keys on the command line, and whatever ``preflight(cfg,
     multirun)`` refuses in the composed config (``harness.run.preflight`` for ``python -m
@@ -351,6 +416,7 @@ def check_command_line(config_name: str = "config", preflight=None) -> None:
     if args.shell_completion or args.help or args.hydra_help or args.cfg or args.info:
         return
     try:
+        check_launcher(args.overrides, bool(args.multirun))
         check_overrides(args.overrides, config_name)
         cfg = _compose_plain_point(args.overrides, config_name) if preflight is not None else None
         if cfg is not None:

@@ -560,7 +560,7 @@ def cpu_checks(out: Path, threads: int = 1) -> tuple[bool, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m harness.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None, help="results folder (default results/gpu/<device>, or runs/gpu_check/cpu)")
     p.add_argument("--quick", action="store_true", help="a smaller bench grid (batch 1 and 8, the unpadded prompt)")
     p.add_argument("--skip-bench", action="store_true", help="correctness only")

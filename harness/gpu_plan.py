@@ -562,7 +562,7 @@ RUNNERS = {"env": phase_env, "throughput": phase_throughput, "correctness": phas
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m harness.gpu_plan", description=__doc__.split("\n\n")[0])
     p.add_argument("phase", choices=PHASES)
     p.add_argument("--out", required=True)
     p.add_argument("--tier", type=int, default=1)

@@ -19,7 +19,12 @@ from typing import Any
 
 from harness import compare
 
-DENSE_FLOOR = 0.10  # dense below this on a question type: a type dense cannot do
+DENSE_FLOOR = 0.10  # dense below this on a question type, or on a whole task: one dense cannot do
+# A speed-up whose spread (harness.measure.ratio_spread: its relative half-IQRs, method and dense) is
+# wider than this fraction of it is noise, and so is an achieved share of the bytes prediction above
+# ACHIEVED_MAX (a method cannot beat what its bytes allow by half again: the dense timing was slowed).
+NOISE_FRACTION = 0.25
+ACHIEVED_MAX = 1.5
 
 # key -> what it is; the order is the order of the console's headline block and of W&B's keys.
 KEYS: dict[str, str] = {
@@ -27,6 +32,9 @@ KEYS: dict[str, str] = {
     "acc_mean_types_capable": f"acc_mean_types over the types dense scores at least {DENSE_FLOOR:.0%} on "
                               "(dense_below_floor left out; null without dense)",
     "dense_below_floor": f"the question types dense scores below {DENSE_FLOOR:.0%} on (null without dense)",
+    "dense_task_below_floor": f"whether dense scores below {DENSE_FLOOR:.0%} on the whole task (its primary "
+                              "score over samples): a task dense cannot do, on which a delta means nothing "
+                              "(null without dense)",
     "acc_samples": "accuracy over samples (every sample right or wrong, describe and long by exact match)",
     "delta_score": "method minus dense on the same samples: the mean change of the per-sample score (F1 for "
                    "describe and long), paired",
@@ -40,6 +48,9 @@ KEYS: dict[str, str] = {
     "prefill_speedup_timing_batch": "dense / method prefill ms on the timing batch",
     "e2e_speedup_timing_batch": "method / dense end-to-end tokens/s on the timing batch",
     "decode_tokens_per_s_timing_batch": "the method's decode tokens/s on the timing batch",
+    "timing_noisy": f"whether the timing batch's speed-ups are noise: a spread wider than {NOISE_FRACTION:.0%} of a "
+                    f"speed-up, or over {ACHIEVED_MAX:.0%} of the bytes prediction achieved (null without timing)",
+    "timing_noise": "why timing_noisy is true, one line (null otherwise)",
 }
 
 
@@ -65,6 +76,33 @@ def below_floor(dense_scores: Mapping | None) -> list[str] | None:
     return [t for t, v in type_scores(dense_scores).items() if v < DENSE_FLOOR]
 
 
+def task_below_floor(dense_scores: Mapping | None) -> bool | None:
+    """Whether dense cannot do the task at all (its primary score over samples below ``DENSE_FLOOR``);
+    None when dense or its score is unknown (an lmms-eval benchmark's own metrics)."""
+    value = primary(dense_scores) if dense_scores else None
+    return None if value is None else value < DENSE_FLOOR
+
+
+def timing_verdict(eff: Mapping | None) -> tuple[bool | None, str | None]:
+    """Whether a run's timing is noise, and why in one line: any speed-up (decode, end-to-end,
+    prefill) whose spread is wider than ``NOISE_FRACTION`` of it, or an achieved share of the
+    predicted decode speed-up above ``ACHIEVED_MAX``. (None, None) without timing; with one repeat
+    there is no spread to judge, only the prediction."""
+    from harness.measure import SPEEDUPS, ratio_spread  # here: measure imports torch, the report's readers need not
+
+    if not eff:
+        return None, None
+    reasons = []
+    for speedup, measure_key in SPEEDUPS:
+        value, spread = eff.get(speedup), ratio_spread(eff, speedup, measure_key)
+        if value and spread is not None and spread > NOISE_FRACTION * value:
+            reasons.append(f"{speedup} {value:.2f} ± {spread:.2f} (spread {spread / value:.0%} of it)")
+    achieved = eff.get("decode_speedup_of_predicted")
+    if achieved is not None and achieved > ACHIEVED_MAX:
+        reasons.append(f"decode_speedup achieved {achieved:.0%} of what its bytes predict")
+    return bool(reasons), "; ".join(reasons) or None
+
+
 def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -87,6 +125,7 @@ def compute(result: Mapping, method_rows: Sequence[dict] | None = None, dense_ro
     if flagged is not None:
         out["dense_below_floor"] = flagged
         out["acc_mean_types_capable"] = _mean([v for t, v in per_type.items() if t not in flagged])
+    out["dense_task_below_floor"] = task_below_floor(dense_scores)
     out["acc_samples"] = scores.get("acc")
     method_rows = list(method_rows or [])
     dense_rows = [] if is_dense else list(dense_rows or [])
@@ -109,6 +148,7 @@ def compute(result: Mapping, method_rows: Sequence[dict] | None = None, dense_ro
         out["prefill_speedup_timing_batch"] = eff.get("prefill_speedup")
         out["e2e_speedup_timing_batch"] = eff.get("e2e_speedup")
         out["decode_tokens_per_s_timing_batch"] = m.get("decode_tokens_per_s")
+        out["timing_noisy"], out["timing_noise"] = timing_verdict(eff)
     return out
 
 

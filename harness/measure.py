@@ -332,3 +332,20 @@ def time_against_dense(
     if method is not None and method.plan(len(decoder_layers(model))).host_sync:
         out["host_sync"] = SPARSEVLM_HOST_SYNC
     return out
+
+
+# each speed-up and the per-variant median it is a ratio of
+SPEEDUPS = (("decode_speedup", "decode_tokens_per_s"), ("e2e_speedup", "e2e_tokens_per_s"),
+            ("prefill_speedup", "prefill_ms"))
+
+
+def ratio_spread(eff: dict, speedup: str, measure_key: str) -> float | None:
+    """The spread of an in-process speed-up: the ratio times the sum of the two medians' relative
+    half-IQRs (method and dense, over the interleaved repeats); None when the IQRs were not kept."""
+    m, d = eff.get("method") or {}, eff.get("dense") or {}
+    if eff.get(speedup) is None or m.get(f"{measure_key}_iqr") is None or d.get(f"{measure_key}_iqr") is None:
+        return None
+    if not m.get(measure_key) or not d.get(measure_key):
+        return None
+    rel = m[f"{measure_key}_iqr"] / (2 * m[measure_key]) + d[f"{measure_key}_iqr"] / (2 * d[measure_key])
+    return eff[speedup] * rel

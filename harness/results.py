@@ -157,3 +157,98 @@ def _series_from_sort_key(name: str, order: list) -> str:
     if order and isinstance(order[0], str):  # a method's own family of settings, e.g. lazy (calibrated)
         return f"{name} ({order[0]})"
     return name
+
+
+LOCK_NAME = "run.lock"
+
+
+class RunLocked(Exception):
+    """Another live process holds the out_dir's lock (its one-line reason is the message)."""
+
+
+def lock_holder(out_dir: Path) -> dict | None:
+    """What ``out_dir``'s lock says of its holder (host, pid, since), {} for an unreadable lock (one
+    being written this instant, or damaged), None when there is no lock."""
+    path = Path(out_dir) / LOCK_NAME
+    try:
+        return json.loads(path.read_text()) or {}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+
+
+def holder_alive(holder: dict) -> bool | None:
+    """Whether a lock's holder still runs: on this host, whether its pid exists; on another host
+    it cannot be told (None), and the lock is taken as live."""
+    if holder.get("host") != platform.node() or not isinstance(holder.get("pid"), int):
+        return None
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        return True
+    return True
+
+
+def describe_holder(out_dir: Path, holder: dict) -> str:
+    return (f"{out_dir} is in use by another run (host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, "
+            f"since {holder.get('since', '?')}; its lock {Path(out_dir) / LOCK_NAME})")
+
+
+def check_unlocked(out_dir: Path) -> None:
+    """A RunLocked of one line when a live run holds ``out_dir`` (one on another host counts as
+    live). Read-only: the pre-Hydra check, so a second run leaves nothing in the first's folder."""
+    holder = lock_holder(out_dir)
+    if holder is not None and holder_alive(holder) is not False:
+        raise RunLocked(f"{describe_holder(out_dir, holder)}; one writer per out_dir: wait for it, choose another "
+                        "out_dir=DIR, or delete the lock if that run is gone.")
+
+
+class RunLock:
+    """One writer per out_dir: ``out_dir/run.lock``, made with O_EXCL and holding this process's host,
+    pid and start time, removed when the run ends (finished, refused or interrupted). Without it a
+    second run into the same folder (an overlapping requeued cluster job) would read the first's live
+    rows as an interrupted run and both would write result.json. A lock whose holder is gone (a
+    killed process on this host) is taken over, and ``took_over`` says whose it was."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / LOCK_NAME
+        self.took_over: dict | None = None
+        self.held = False
+
+    def acquire(self) -> "RunLock":
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        me = {"host": platform.node(), "pid": os.getpid(),
+              "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        for _ in range(2):  # a second try after removing a stale lock
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = lock_holder(self.out_dir)
+                if holder is None:
+                    continue  # released between the two calls
+                if holder_alive(holder) is not False:
+                    check_unlocked(self.out_dir)  # raises RunLocked with the holder named
+                    continue
+                self.took_over = holder  # its process is gone: a killed run's lock
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise RunLocked(f"{self.path} could not be taken (another run took it first); re-run.")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

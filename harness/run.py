@@ -20,6 +20,7 @@ from harness import calibration, compare, figures, headline, measure, tracking
 from harness.config import (
     PREEXISTING,
     RunError,
+    check_dtype,
     check_run,
     method_spec,
     output_dir,
@@ -27,11 +28,12 @@ from harness.config import (
     relative_to_repo,
     result_key,
     setup,
+    skips_finished,
     writable_dir,
 )
 from harness.generate import prompt_inputs
 from harness.models import load_model
-from harness.results import SCHEMA_VERSION, SampleLog, env_info, write_json_atomic
+from harness.results import SCHEMA_VERSION, RunLock, RunLocked, SampleLog, check_unlocked, env_info, write_json_atomic
 from harness import tasks
 
 
@@ -48,17 +50,22 @@ def preflight(cfg: DictConfig, multirun: bool = False) -> None:
         writable_dir(out_dir, "out_dir")
         if (out_dir / "result.json").exists() and not cfg.overwrite and not cfg.get("skip_finished"):
             raise RunError(f"{out_dir} already holds a finished run; pass overwrite=true or choose another out_dir=DIR.")
+        try:  # a live run in this folder: refused before Hydra writes its .hydra/ over the other's
+            check_unlocked(out_dir)
+        except RunLocked as err:
+            raise RunError(str(err)) from None
     else:
         writable_dir(Path(str(cfg.runs_root)), "runs_root")
     check_run(cfg)
+    if str(cfg.model.get("kind")) == "hf":  # the checkpoint first: check_dtype reads its config.json
+        from harness.models.local import check_checkpoint
+
+        check_checkpoint(cfg.model.get("path"), cfg.model.get("model_type"))
+    check_dtype(cfg)
     if calibration.wanted(cfg.method):
         calibration.check(cfg.method)
     else:
         lazyattn.check_method_family(lazyattn.build(method_spec(cfg.method)), model_family(cfg.model))
-    if str(cfg.model.get("kind")) == "hf":
-        from harness.models.local import check_checkpoint
-
-        check_checkpoint(cfg.model.get("path"), cfg.model.get("model_type"))
 
 
 def model_family(model_cfg: DictConfig) -> str | None:
@@ -137,11 +144,33 @@ def record_comparison(comparison: dict, method_rows: list[dict], scores: dict) -
     return comparison
 
 
+def samples_scored(limit: int | None, task) -> str:
+    """The console's n: what will be scored and why (the limit, the whole set, the task's default)."""
+    sizes = task.sizes()
+    if sizes:
+        each = [f"{name} {size if limit is None else min(limit, size)}" for name, size in sizes.items()]
+        n = ", ".join(each) if len(sizes) > 1 else each[0].rsplit(" ", 1)[1]
+        if limit is None:
+            return f"n={n} (every row)"
+        return f"n={n} (limit={limit}{' or fewer rows' if any(size < limit for size in sizes.values()) else ''})"
+    if limit is not None:
+        return f"n={limit} (limit)"
+    default = getattr(task, "n", None)  # the shapes sets' task.n; the lmms-eval benchmarks have none
+    return f"n={default} (task.n, the task's default)" if default is not None else "n=every sample (no limit)"
+
+
+def limit_notes(limit: int | None, task) -> list[str]:
+    """One line for each set a limit exceeds: it scores fewer samples than asked, said before the run."""
+    if limit is None:
+        return []
+    return [f"note: limit={limit} exceeds the {size} row(s) of {name}: {size} will be scored"
+            for name, size in (task.sizes() or {}).items() if size < limit]
+
+
 def describe_run(cfg: DictConfig, loaded, method_info: dict, method, task) -> list[str]:
     """The console's first lines: model, method label and schedule, task, n and protocol."""
     weights = "RANDOM weights" if loaded.random_weights else "trained weights"
     t = cfg.task
-    n = cfg.limit if cfg.limit is not None else getattr(task, "n", None)
     qtypes = list(t.get("qtypes") or [])
     protocol = [f"split={t.get('split')}"] if t.get("split") else []
     if qtypes:
@@ -156,21 +185,38 @@ def describe_run(cfg: DictConfig, loaded, method_info: dict, method, task) -> li
     dense = "dense scored beside it on the same samples" if cfg.compare_dense and method.name != "dense" \
         else "no dense in this run"
     return [
-        f"model: {loaded.name} ({loaded.n_layers} layers, {loaded.n_params / 1e6:.2f} M parameters, {weights})",
+        f"model: {loaded.name} ({loaded.n_layers} layers, {loaded.n_params / 1e6:.2f} M parameters, "
+        f"{str(loaded.model.dtype).removeprefix('torch.')}, {weights})",
         f"method: {method_info['label']} [{method.name}]: {method.plan(loaded.n_layers).schedule}",
-        f"task: {t.name}, n={n if n is not None else 'the task default'} "
-        f"({'limit' if cfg.limit is not None else 'task default'}); {'; '.join(protocol)}; {dense}",
+        f"task: {t.name}, {samples_scored(cfg.limit, task)}; {'; '.join(protocol)}; {dense}",
     ]
 
 
 def run(cfg: DictConfig) -> Path:
     out_dir = output_dir(cfg)
     result_path = out_dir / "result.json"
-    if result_path.exists() and cfg.get("skip_finished") and not cfg.overwrite:
-        print(f"skipping finished point {out_dir} (skip_finished=true; overwrite=true redoes it)")
+    if result_path.exists() and skips_finished(cfg):
+        why = "skip_finished=true" if cfg.get("skip_finished") else "a sweep skips its finished points"
+        print(f"skipping finished point {out_dir} ({why}; overwrite=true redoes it)")
         return result_path
     if result_path.exists() and not cfg.overwrite:
         raise RunError(f"{out_dir} already holds a finished run; pass overwrite=true or choose another out_dir=DIR.")
+    lock = RunLock(out_dir)
+    try:
+        lock.acquire()
+    except RunLocked as err:
+        raise RunError(str(err)) from None
+    if lock.took_over is not None:
+        t = lock.took_over
+        print(f"took over a stale lock in {out_dir} (host {t.get('host')}, pid {t.get('pid')}, since "
+              f"{t.get('since')}: that process is gone)", file=sys.stderr)
+    try:  # released however the run ends: finished, refused, interrupted
+        return _run(cfg, out_dir, result_path)
+    finally:
+        lock.release()
+
+
+def _run(cfg: DictConfig, out_dir: Path, result_path: Path) -> Path:
     check_run(cfg)
     task = build_task(cfg.task)
     auto = calibration.wanted(cfg.method)
@@ -180,6 +226,8 @@ def run(cfg: DictConfig) -> Path:
     else:  # bad method settings, and a family the method is not defined for, fail before the model loads
         method = lazyattn.build(method_spec(cfg.method))
         lazyattn.check_method_family(method, model_family(cfg.model))
+    for line in limit_notes(cfg.limit, task):
+        print(line, flush=True)
     device = setup(cfg)
 
     loaded = load_model(cfg.model, device)  # says so on stderr when the weights are random
@@ -220,6 +268,8 @@ def run(cfg: DictConfig) -> Path:
             repeats=int(cfg.efficiency.repeats), warmup=int(cfg.efficiency.warmup), method=method,
             cache=str(cfg.cache),
         )
+        # the verdict travels with the numbers: result.json, W&B (headline/timing_noisy), tables
+        efficiency["noisy"], efficiency["noise"] = headline.timing_verdict(efficiency)
 
     rows = {v: e.rows for v, e in evaluations.items()}
     comparison = record_comparison(compare_to_dense(rows, evaluations["method"].scores, loaded.processor),
@@ -239,6 +289,9 @@ def run(cfg: DictConfig) -> Path:
     }
     if "dense" in evaluations:
         result["tasks_dense"] = evaluations["dense"].scores
+        # every task, not only the headline's: a dataset dense cannot do makes its delta meaningless
+        result["dense_below_floor_tasks"] = [name for name, scores in result["tasks_dense"].items()
+                                             if headline.task_below_floor(scores)]
     first_task = next(iter(result["tasks"]), None)
 
     def of_first(variant_rows):  # the headline is the first task's: a run over several scores each apart
@@ -287,6 +340,7 @@ def _num(value, digits: int = 4) -> str:
 def print_summary(result: dict) -> None:
     head = result.get("headline") or {}
     flagged = set(head.get("dense_below_floor") or [])
+    tasks_flagged = set(result.get("dense_below_floor_tasks") or [])
     for name, scores in result["tasks"].items():
         dense = result.get("tasks_dense", {}).get(name, {})
         print(f"task {name}: n={scores['n']}")
@@ -307,6 +361,9 @@ def print_summary(result: dict) -> None:
             if key in flagged and name == head.get("task"):
                 line += (f"  † dense below {headline.DENSE_FLOOR:.0%}: a type dense cannot do "
                          "(left out of acc_mean_types_capable)")
+            if key == "all" and name in tasks_flagged:
+                line += (f"  † dense below {headline.DENSE_FLOOR:.0%} on the whole task: one dense cannot do, "
+                         "so the delta says nothing about the method")
             print(line)
     for name, scores in result["tasks"].items():
         if "agreement" in scores:  # VLMEvalKit's verdicts beside the harness's own scorer (the shapes sets)
@@ -348,9 +405,15 @@ def print_summary(result: dict) -> None:
             )
         if eff.get("host_sync"):
             print(f"  note: {eff['host_sync']}")
+        if eff.get("noisy"):
+            print(f"  warning: timing is noise ({eff['noise']}): these speed-ups are no finding; time on a quiet "
+                  "machine or with more efficiency.repeats")
+        elif min(eff["dense"].get("repeats", 1), eff["method"].get("repeats", 1)) < 2:
+            print("  note: one timed repeat: the speed-ups carry no spread, so their noise cannot be judged "
+                  "(efficiency.repeats=3 or more)")
     if head:
         print(f"headline ({head.get('task')}; result.json 'headline', W&B 'headline/*', the tables; "
               "docs/results.md#headline-numbers):")
-        keys = [k for k in headline.KEYS if head.get(k) is not None]
+        keys = [k for k in headline.KEYS if head.get(k) is not None and k != "timing_noise"]  # said above
         for i in range(0, len(keys), 4):
             print("  " + "  ".join(f"{k}={_num(head[k])}" for k in keys[i:i + 4]))

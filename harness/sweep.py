@@ -21,7 +21,7 @@ from hydra.experimental.callback import Callback
 from harness import results
 from harness.tracking import SWEEP_COLUMNS as COLUMNS
 SHOWN = ["model", "label", "n", "acc_mean_types", "acc_mean_types_capable", "delta_score", "kv_cut_workload",
-         "kv_cut_timing_batch", "decode_speedup_timing_batch"]
+         "kv_cut_timing_batch", "decode_speedup_timing_batch", "timing_noisy"]
 
 
 def points(sweep_dir: Path) -> list[dict]:
@@ -78,6 +78,14 @@ def summarize(sweep_dir: Path, wandb_cfg: dict, name: str) -> list[dict]:
     return rows
 
 
+def remove_stray_submitit_folder(sweep_dir: Path) -> None:
+    """submitit makes its folder setting literally (``.submitit/%j``) before it puts job ids in the
+    name; the jobs' logs go to ``.submitit/<job id>``, so the literal one stays empty: removed."""
+    stray = Path(sweep_dir) / ".submitit" / "%j"
+    if stray.is_dir() and not any(stray.iterdir()):
+        stray.rmdir()
+
+
 class SweepSummary(Callback):
     """Hydra callback: at the end of a multirun, ``summarize`` its sweep folder. A failure is one
     line on stderr: the points' results are on disk already."""
@@ -87,6 +95,7 @@ class SweepSummary(Callback):
 
         try:
             sweep_dir = Path(str(config.hydra.sweep.dir))
+            remove_stray_submitit_folder(sweep_dir)
             if not any(sweep_dir.rglob("result.json")):
                 return
             wandb_cfg = OmegaConf.to_container(config.wandb, resolve=True)
@@ -97,7 +106,8 @@ class SweepSummary(Callback):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Summarize a finished sweep folder: a table and a W&B summary run.")
+    p = argparse.ArgumentParser(
+        prog="python -m harness.sweep", description="Summarize a finished sweep folder: a table and a W&B summary run.")
     p.add_argument("sweep_dir", type=Path)
     p.add_argument("--wandb", default=os.environ.get("WANDB_MODE", "offline"), help="offline | online | disabled")
     p.add_argument("--wandb-project", default="lazyattn-harness")

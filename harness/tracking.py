@@ -69,6 +69,7 @@ def score_rows(result: dict) -> list[list]:
     """One row per task and question type (and ``all``): the score with its 95 % interval, dense's
     score, the paired change and its interval, and whether dense is below the floor there."""
     flagged = set((result.get("headline") or {}).get("dense_below_floor") or [])
+    tasks_flagged = set(result.get("dense_below_floor_tasks") or [])
     rows = []
     for task, scores in result["tasks"].items():
         dense = (result.get("tasks_dense") or {}).get(task) or {}
@@ -81,7 +82,7 @@ def score_rows(result: dict) -> list[list]:
             d = dense if key == "all" else dense.get(key) or {}
             dci = value.get("delta_ci95") or [None, None]
             rows.append([task, key, metric, value[metric], ci[0], ci[1], d.get(metric), value.get("delta"),
-                         dci[0], dci[1], key in flagged])
+                         dci[0], dci[1], key in flagged or (key == "all" and task in tasks_flagged)])
     return rows
 
 
@@ -167,7 +168,9 @@ def log_bench(result: dict, wandb_cfg: dict, out_dir: Path, name: str) -> str | 
 
 SWEEP_COLUMNS = ["model", "seed", "label", "method", "n", "limit", "multiturn", "acc_mean_types",
                  "acc_mean_types_capable", "dense_below_floor", "acc_samples", "delta_score", "kv_cut_workload",
-                 "kv_cut_timing_batch", "decode_speedup_timing_batch", "decode_tokens_per_s_timing_batch", "path"]
+                 "kv_cut_timing_batch", "decode_speedup_timing_batch", "decode_tokens_per_s_timing_batch",
+                 "timing_noisy",
+                 "dense_task_below_floor", "path"]
 
 
 def _scatter(wandb, rows: list[dict], x: str, y: str, title: str):

@@ -126,3 +126,68 @@ def test_multirun_without_a_sweep_experiment_keeps_every_point_under_sweep_root(
     assert status == 0, err[-2000:]
     assert len(list((tmp_path / "runs").rglob("result.json"))) == 1
     assert not list(work.iterdir())  # nothing written into the working directory
+
+
+def test_plain_multirun_resumes_by_its_own_command(tmp_path, monkeypatch, capfd):
+    """Issue 34, item 1: a multirun that no sweep_* experiment marks (skip_finished=false), Ctrl-C
+    half-way through its second point. The same command again skips the finished point, resumes the
+    partial one from its kept samples, and says which; a single run into a finished out_dir still
+    refuses without overwrite=true."""
+    import harness.tasks as tasks_mod
+
+    root = tmp_path / "sweep"
+    args = ["-m", "model=llava_tiny_random", "method=lazy", "method.layers=null", "method.ratio=0.25,0.5", "limit=4",
+            "batch_size=1", "efficiency.enabled=false", "compare_dense=false", f"sweep_root={root}"]
+    real, asked = tasks_mod.answer, []
+
+    def interrupted(model, processor, conversations, *a, **k):
+        conversations = list(conversations)
+        asked.append(len(conversations))
+        for i, ans in enumerate(real(model, processor, conversations, *a, **k)):
+            if sum(asked) > 4 and i == 2:  # the second point, two samples answered
+                raise KeyboardInterrupt
+            yield ans
+
+    monkeypatch.setattr(tasks_mod, "answer", interrupted)
+    status, _, err = harness_cli(args, monkeypatch, capfd, cwd=tmp_path)
+    assert status == 130, err[-2000:]
+    assert "re-run the same command to resume the sweep" in err.strip().splitlines()[-1]
+    (first,) = points(root).values()
+    before = first.stat().st_mtime_ns
+    asked.clear()
+    monkeypatch.setattr(tasks_mod, "answer", _counting(real, asked))
+    status, out, err = harness_cli(args, monkeypatch, capfd, cwd=tmp_path)
+    assert status == 0, out[-2000:] + err[-2000:]
+    assert f"skipping finished point {first.parent} (a sweep skips its finished points" in out
+    assert "resuming " in out and "2 finished sample(s)" in out
+    assert first.stat().st_mtime_ns == before and len(points(root)) == 2
+    assert sum(asked) == 2  # only the partial point's two unanswered samples were generated
+
+    single = ["model=llava_tiny_random", "limit=2", "efficiency.enabled=false", "compare_dense=false",
+              f"out_dir='{first.parent}'"]  # quoted: the point's folder name holds '='
+    status, _, err = harness_cli(single, monkeypatch, capfd, cwd=tmp_path)
+    assert status == 2 and "already holds a finished run; pass overwrite=true" in err, err[-3000:]
+
+
+def _counting(real, asked):
+    def answer(model, processor, conversations, *a, **k):
+        conversations = list(conversations)
+        asked.append(len(conversations))
+        yield from real(model, processor, conversations, *a, **k)
+    return answer
+
+
+def test_submitit_local_rehearses_a_slurm_sweep(tmp_path, monkeypatch, capfd):
+    """hydra/launcher=submitit_local: the SLURM launcher's machinery (submitit, a job folder per
+    point, pickled jobs) with the jobs as local processes; a 2-point sweep finishes, each point in
+    sweep_root/<its overrides>, and the literal .submitit/%j folder submitit makes is gone."""
+    root = tmp_path / "sweep"
+    args = ["-m", "model=llava_tiny_random", "method=lazy", "method.layers=null", "method.ratio=0.25,0.5", "limit=1",
+            "batch_size=1", "efficiency.enabled=false", "compare_dense=false", "hydra/launcher=submitit_local",
+            "threads=1", f"sweep_root={root}"]
+    status, out, err = harness_cli(args, monkeypatch, capfd, cwd=tmp_path, env={"PYTHONPATH": str(ROOT)})
+    assert status == 0, out[-2000:] + err[-2000:]
+    assert "Submitit 'local' sweep output dir" in out + err and "sweep summary: 2 point(s)" in out
+    assert len(points(root)) == 2
+    logs = [p for p in (root / ".submitit").iterdir()]
+    assert logs and "%j" not in [p.name for p in logs]  # the jobs' own folders only

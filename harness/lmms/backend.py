@@ -215,6 +215,9 @@ class LmmsBenchmarks:
 
     calibration_prompts = calibrates_on_shapes_only
 
+    def sizes(self) -> None:
+        return None  # lmms-eval counts a benchmark's documents only once it loads them
+
     def evaluate(self, loaded, method, *, limit, batch_size, device, work_dir, finished, on_row,
                  cache: str = "static") -> Evaluation:
         _static_only(cache)

@@ -397,7 +397,9 @@ def hub_offline() -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m harness.lmms.benchmarks", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=os.environ.get(DATA_ENV, "data"),
                         help=f"holds <dataset_path>/ per benchmark (default: ${DATA_ENV} or ./data)")
     parser.add_argument("--out", type=Path, required=True, help="where to write the task YAMLs (--include_path)")

@@ -101,7 +101,9 @@ def write_task_dir(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m harness.lmms.export_shapes", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None,
                         help=f"a directory for the parquet and task YAMLs (default: only {DEFAULT_DATA})")
     parser.add_argument("--split", default="test", choices=sorted(shapes.SPLITS))

@@ -36,6 +36,16 @@ def check_checkpoint(path, model_type: str | None = None) -> Path:
             f"{path} holds a {found_type!r} checkpoint but this preset expects model_type {model_type!r}: "
             "point model.path at the right checkpoint, or use model=hf for any LLaVA-family checkpoint."
         )
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    # before the processor files: a text-only checkpoint needs another model, not more files
+    if found_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        raise ValueError(
+            f"{path} holds a {found_type!r} model, which is not an image-text-to-text model; model.path must be a "
+            "multimodal checkpoint such as LLaVA-1.5, LLaVA-NeXT, Qwen2-VL or Qwen2.5-VL."
+        )
+    for weights in sorted(path.glob("*.safetensors")):
+        check_safetensors(weights)
     missing = [f"{what} files (one of {', '.join(names)})"
                for what, names in (("processor", PROCESSOR_FILES), ("tokenizer", TOKENIZER_FILES))
                if not any((path / name).is_file() for name in names)]
@@ -45,6 +55,29 @@ def check_checkpoint(path, model_type: str | None = None) -> Path:
             "AutoProcessor.from_pretrained(SOURCE).save_pretrained(model.path)."
         )
     return path
+
+
+def check_safetensors(path: Path) -> None:
+    """A ValueError of one line unless ``path`` is a whole safetensors file, read from its header
+    alone: an 8-byte length, a JSON header of that length, and tensors that end where the file does
+    (a truncated download or an overwritten header is caught before the model loads)."""
+    import struct
+
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if not 2 <= length <= size - 8:
+                raise ValueError(f"a header length of {length} bytes in a file of {size}")
+            header = json.loads(f.read(length))
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+        raise ValueError(f"{path} is no readable safetensors file ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else 'unreadable header'}); download or save "
+                         "the weights again.") from None
+    if 8 + length + max(ends, default=0) != size:
+        raise ValueError(f"{path} is cut or padded: its header describes {8 + length + max(ends, default=0)} bytes, "
+                         f"the file holds {size}; download or save the weights again.")
 
 
 def load_local(
@@ -71,9 +104,16 @@ def load_local(
             f"{path} holds a {model_type!r} model, which is not an image-text-to-text model; model.path must be a "
             "multimodal checkpoint such as LLaVA-1.5, LLaVA-NeXT, Qwen2-VL or Qwen2.5-VL."
         )
-    model = AutoModelForImageTextToText.from_pretrained(
-        path, local_files_only=True, attn_implementation=attn_implementation, dtype=dtype
-    )
+    from safetensors import SafetensorError
+
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, local_files_only=True, attn_implementation=attn_implementation, dtype=dtype
+        )
+    except (SafetensorError, OSError) as err:  # damage the header check cannot see: one line, not a traceback
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot load the weights in {path} ({type(err).__name__}: {first}); download or save "
+                         "them again.") from None
     processor_cls = IMAGE_ONLY_PROCESSORS.get(model_type, AutoProcessor)
     processor = processor_cls.from_pretrained(path, local_files_only=True)
     tokenizer = getattr(processor, "tokenizer", processor)

@@ -42,7 +42,8 @@ def main(argv=None) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Render paper tables and figures from result.json files.")
+    p = argparse.ArgumentParser(
+        prog="python -m harness.report", description="Render paper tables and figures from result.json files.")
     p.add_argument("what", choices=["main", "protocol", "efficiency", "calibration", "layers", "pareto", "fidelity",
                                     "longform", "all", "versus"])
     p.add_argument("labels", nargs="*", help="versus: the two table labels to compare, A then B (A - B)")

@@ -29,7 +29,7 @@ def write_table(name: str, header, rows, out: Path, source: str) -> list[Path]:
     folder = out / "tables"
     folder.mkdir(parents=True, exist_ok=True)
     md, tex = folder / f"{name}.md", folder / f"{name}.tex"
-    notes = table_notes(header)
+    notes = table_notes(header, rows)
     md.write_text(f"<!-- rendered by `python -m harness.report` from {source}; do not edit -->\n" + markdown(header, rows)
                   + "".join(f"\n{n}\n" for n in notes))
     tex.write_text(f"% rendered by `python -m harness.report` from {source}\n" + latex(header, rows)

@@ -6,6 +6,7 @@ import sys
 from collections.abc import Sequence
 
 from harness import headline, longform
+from harness.measure import SPEEDUPS, ratio_spread  # one definition, shared with the noise verdict
 from harness.report.index import (
     _calibrated, _pm, _task_columns, _unique, anchor_js, comparison, dense_rows, headline_of, label,
     main_points, protocol, rows_of, unpaired, with_in_run_dense,
@@ -17,6 +18,15 @@ FLAG = "†"
 
 FLAG_NOTE = (f"{FLAG} dense scores below {headline.DENSE_FLOOR:.0%} on this question type (a type dense cannot do): it "
              f"counts in `Avg` (acc_mean_types) and is left out of `Avg w/o {FLAG}` (acc_mean_types_capable).")
+
+
+TASK_FLAG = "§"
+TASK_FLAG_NOTE = (f"{TASK_FLAG} dense scores below {headline.DENSE_FLOOR:.0%} on the whole task (one dense cannot do): "
+                  "the row's Δ says nothing about the method.")
+NOISE_FLAG = "‡"
+NOISE_FLAG_NOTE = (f"{NOISE_FLAG} timing is noise (result.json headline.timing_noisy): a speed-up's spread wider than "
+                   f"{headline.NOISE_FRACTION:.0%} of it, or over {headline.ACHIEVED_MAX:.0%} of the bytes prediction "
+                   "achieved; not a finding.")
 
 
 def main_table(results: Sequence[dict], task: str = "shapes") -> tuple[list[str], list[list[str]]]:
@@ -36,7 +46,8 @@ def main_table(results: Sequence[dict], task: str = "shapes") -> tuple[list[str]
     seeds = len({protocol(r)["seed"] for r in chosen}) > 1
     header = ["Method", "Model", *(["Seed"] if seeds else []), "n",
               *[c + (" F1" if c in ("describe", "long") else "") + (f" {FLAG}" if c in flagged else "") for c in cols],
-              "Avg", *([f"Avg w/o {FLAG}"] if flagged else []), "Δ Avg", "KV cut workload", "= dense"]
+              "Avg", *([f"Avg w/o {FLAG}"] if flagged else []),
+              "Δ Avg", "KV cut workload", "= dense"]
     rows = []
     for note in unpaired(chosen, results):
         print(note, file=sys.stderr)
@@ -47,15 +58,20 @@ def main_table(results: Sequence[dict], task: str = "shapes") -> tuple[list[str]
         cut = "0 %" if dense else ("–" if head["kv_cut_workload"] is None else f"{100 * head['kv_cut_workload']:.1f} %")
         same = "" if dense else ("–" if head["exact_match"] is None else f"{100 * head['exact_match']:.0f} %")
         delta = "" if dense else _pm({"delta": head["delta_score"], "delta_ci95": head["delta_score_ci95"]})
+        if head.get("dense_task_below_floor") and not dense:
+            delta = f"{delta} {TASK_FLAG}"
         rows.append([label(r), r["model"]["name"], *([str(protocol(r)["seed"])] if seeds else []), str(scores["n"]),
                      *[headline.percent(v) for v in values], headline.percent(head["acc_mean_types"]),
                      *([headline.percent(head["acc_mean_types_capable"])] if flagged else []), delta, cut, same])
     return header, rows
 
 
-def table_notes(header: Sequence[str]) -> list[str]:
-    """The footnotes a table's header calls for (the † of a type dense cannot do)."""
-    return [FLAG_NOTE] if any(FLAG in h for h in header) else []
+def table_notes(header: Sequence[str], rows: Sequence[Sequence[str]] = ()) -> list[str]:
+    """The footnotes a table's marks call for: † a type dense cannot do (in the header), § a task dense
+    cannot do and ‡ noisy timing (in the cells)."""
+    marks = ((FLAG, FLAG_NOTE), (TASK_FLAG, TASK_FLAG_NOTE), (NOISE_FLAG, NOISE_FLAG_NOTE))
+    cells = [*header, *(cell for row in rows for cell in row)]  # the column names keep their names
+    return [note for mark, note in marks if any(mark in str(c) for c in cells)]
 
 
 def protocol_table(results: Sequence[dict], task: str = "shapes") -> tuple[list[str], list[list[str]]]:
@@ -97,21 +113,9 @@ def protocol_table(results: Sequence[dict], task: str = "shapes") -> tuple[list[
     return header, rows
 
 
-SPEEDUPS = (("decode_speedup", "decode_tokens_per_s"), ("e2e_speedup", "e2e_tokens_per_s"),
-            ("prefill_speedup", "prefill_ms"))
 
 
 DRIFT = 0.10  # dense timed against itself beyond this: the machine was not steady
-
-
-def ratio_spread(eff: dict, speedup: str, measure_key: str) -> float | None:
-    """The spread of an in-process speed-up: the ratio times the sum of the two medians' relative
-    half-IQRs (method and dense, over the interleaved repeats); None when the IQRs were not kept."""
-    m, d = eff["method"], eff.get("dense") or {}
-    if eff.get(speedup) is None or m.get(f"{measure_key}_iqr") is None or d.get(f"{measure_key}_iqr") is None:
-        return None
-    rel = m[f"{measure_key}_iqr"] / (2 * m[measure_key]) + d[f"{measure_key}_iqr"] / (2 * d[measure_key])
-    return eff[speedup] * rel
 
 
 def _x(eff: dict, speedup: str, measure_key: str) -> str:
@@ -146,13 +150,14 @@ def efficiency_table(results: Sequence[dict]) -> tuple[list[str], list[list[str]
     methods by the in-process ratios. A dense point timed against itself that drifts by more than
     10 % is named on stderr (``timing_drift``). Results written before end-to-end throughput and
     device memory were measured show "–" there."""
+    chosen = [r for r in main_points(results) if r.get("efficiency")]
+    noisy = [headline.timing_verdict(r["efficiency"])[0] for r in chosen]  # recomputed: older results lack it
     header = ["Method", "Model", "KV MB", "KV cut timing batch", "Mem GB", "Prefill ms", "Decode tok/s", "E2E tok/s",
               "Decode ×", "E2E ×", "Prefill ×", "Device"]
     rows = []
-    chosen = [r for r in main_points(results) if r.get("efficiency")]
     for warning in timing_drift(chosen):
         print(warning, file=sys.stderr)
-    for r in chosen:
+    for r, noise in zip(chosen, noisy):
         eff = r["efficiency"]
         m = eff["method"]
         mem = m.get("peak_memory_bytes")
@@ -166,7 +171,7 @@ def efficiency_table(results: Sequence[dict]) -> tuple[list[str], list[list[str]
             f"{m['prefill_ms']:.1f}",
             f"{m['decode_tokens_per_s']:.0f}",
             "–" if e2e is None else f"{e2e:.0f}",
-            *[_x(eff, speedup, key) for speedup, key in SPEEDUPS],
+            *[_x(eff, speedup, key) + (f" {NOISE_FLAG}" if noise else "") for speedup, key in SPEEDUPS],
             f"{eff['device']} b={eff['batch_size']} L={eff['prompt_tokens']}",
         ])
     return header, rows

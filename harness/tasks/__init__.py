@@ -45,6 +45,10 @@ class Task(Protocol):
 
     def check(self) -> None: ...
 
+    def sizes(self) -> dict[str, int] | None:
+        """How many samples each of the task's sets holds (a limit above it scores fewer), or None
+        where that is unbounded or unknown before the data loads."""
+
     def calibration_prompts(self, n: int) -> list[Prompt]: ...
 
     def evaluate(
@@ -99,6 +103,11 @@ class ShapesTask:
             raise ValueError(f"task.max_new_tokens must be an integer >= 1 (or one per turn kind), got {self.max_new_tokens!r}.")
         if isinstance(self.min_new_tokens, bool) or not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0:
             raise ValueError(f"task.min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}.")
+        if self.n < 1:  # n=0 would score nothing and print acc 0.000 as if it were a result
+            raise ValueError(f"task.n must be an integer >= 1 (the samples scored without limit), got {self.n!r}.")
+
+    def sizes(self) -> None:
+        return None  # the shapes sets are generated: any limit is available
 
     def samples(self, limit: int | None) -> list[shapes.Sample]:
         return shapes.load_split(self.split, self.n if limit is None else int(limit), self.qtypes)

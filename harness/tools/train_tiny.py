@@ -484,7 +484,7 @@ def train(
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m harness.tools.train_tiny", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", choices=sorted(ARCHES), default="llava_tiny", help="which architecture (ARCHES)")
     p.add_argument("--out", type=Path, default=None, help="default: harness/assets/<arch>")
     p.add_argument("--seed", type=int, default=0)

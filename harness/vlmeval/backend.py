@@ -70,6 +70,10 @@ class VlmevalDatasets:
 
     calibration_prompts = calibrates_on_shapes_only
 
+    def sizes(self) -> dict[str, int]:
+        """Each dataset's rows (``check`` has read them)."""
+        return {name: found.rows for name, found in (self.found or {}).items()}
+
     def evaluate(self, loaded, method, *, limit, batch_size, device, work_dir, finished, on_row,
                  cache: str = "static") -> Evaluation:
         from vlmeval.inference import infer_data_job

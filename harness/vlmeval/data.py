@@ -69,6 +69,12 @@ def check(names, data_dir: str | None, verify_md5: bool = True) -> dict[str, Fou
         if not path.is_file():
             raise ValueError(f"VLMEvalKit dataset {name}: {path} does not exist, and the harness never downloads; put the "
                              f"released TSV there (docs/benchmarks.md, VLMEvalKit) or pass task.data_dir=DIR.")
+        try:  # one row of one column: cheap even for a TSV of base64 images
+            empty = pd.read_csv(path, sep="\t", usecols=[0], nrows=1).empty
+        except Exception:  # noqa: BLE001 - an unreadable file: the full read below says why
+            empty = False
+        if empty:  # a header alone would score n=0 and print acc 0.000 as if it were a result
+            raise ValueError(f"VLMEvalKit dataset {name}: {path} holds a header and no rows; nothing to score.")
     from harness.vlmeval import import_vlmeval
 
     import_vlmeval()
@@ -87,6 +93,8 @@ def check(names, data_dir: str | None, verify_md5: bool = True) -> dict[str, Fou
                              f"{str(err).splitlines()[0] if str(err) else ''}).") from err
         columns = set(data.columns)
         header = set(pd.read_csv(path, sep="\t", nrows=0).columns)
+        if len(data) == 0:  # (the early check read one column; this is every row but the images)
+            raise ValueError(f"VLMEvalKit dataset {name}: {path} holds a header and no rows; nothing to score.")
         missing = [c for c in ("index", "question", "answer") if c not in columns]
         if "image" not in header and "image_path" not in header:
             missing.append("image (or image_path)")

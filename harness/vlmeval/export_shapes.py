@@ -82,7 +82,9 @@ def export(out_dir: Path, n: int = 100, split: str = "test", image_size: int = 6
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m harness.vlmeval.export_shapes", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="the folder (task.data_dir / $LMUData)")
     parser.add_argument("--n", type=int, default=100, help="rows per set (default 100)")
     parser.add_argument("--split", default="test", choices=sorted(shapes.SPLITS))

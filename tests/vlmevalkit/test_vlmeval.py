@@ -152,6 +152,23 @@ def test_missing_and_malformed_tsvs_fail_in_one_line(lmu, tmp_path):
         vdata.check(["x"], str(tmp_path / "absent"))
 
 
+def test_an_empty_tsv_is_refused_and_a_limit_above_the_rows_said(lmu, tmp_path):
+    """Issue 34: a header without rows would score n=0 and print acc 0.000; a limit above a set's rows
+    scores fewer samples than asked, said before the model loads and in the console's n."""
+    from harness.run import limit_notes, samples_scored
+
+    (tmp_path / "Empty.tsv").write_text("index\tquestion\tanswer\timage\n")
+    with pytest.raises(ValueError, match="Empty.tsv holds a header and no rows; nothing to score") as err:
+        vdata.check(["Empty"], str(tmp_path))
+    assert "\n" not in str(err.value)
+    task = build_task(cfg_for("task=vlmeval", "task.datasets=[shapes_yorn]", f"task.data_dir={lmu}").task)
+    rows = task.sizes()["shapes_yorn"]
+    assert rows > 0
+    assert limit_notes(rows + 10, task) == [f"note: limit={rows + 10} exceeds the {rows} row(s) of shapes_yorn: "
+                                            f"{rows} will be scored"]
+    assert samples_scored(rows + 10, task) == f"n={rows} (limit={rows + 10} or fewer rows)"
+
+
 def test_corrupt_image_names_the_row(lmu, tmp_path):
     data = (lmu / "shapes_yorn.tsv").read_text().splitlines()
     cells = data[4].split("\t")
