@@ -239,9 +239,10 @@ class Generator:
 
         Within one call every row that has not ended has generated as many tokens as the step count,
         so the stop token is suppressed for all rows alike while the step is below ``min_new_tokens``.
-        A row ends on the device (``alive``); its token of a step is fed (mask 1) if it was alive at
-        that step, as a row's last token before its end is. The host reads the device only every
-        ``CHECK_EVERY`` steps (has every row ended?) and once at the end (the token table)."""
+        A row ends on the device (``alive``); its token of a step is fed (mask 1) only if the row goes
+        on after it, so every row's last token is pending, not cached, at the end of the call. The
+        host reads the device only every ``CHECK_EVERY`` steps (has every row ended?) and once at the
+        end (the token table)."""
         batch, device = logits.shape[0], logits.device
         budgets = [max(0, int(b)) for b in budgets]
         horizon = max(budgets, default=0)
@@ -264,9 +265,8 @@ class Generator:
         for row, budget in zip(table, budgets):
             row = row[:budget]
             answers.append(row[: row.index(self.eos) + 1] if stops and self.eos in row else row)
-        # the tokens of the last step were never fed: they are the pending tails of the rows that ended there
-        last = len(steps) - 1
-        dialogue.pending = [[a[-1]] if a and len(a) - 1 == last else [] for a in answers]
+        # a row's last token was never fed (``_steps``): it is the row's pending tail
+        dialogue.pending = [[a[-1]] if a else [] for a in answers]
         return answers
 
     def _steps(self, dialogue, logits, budgets, horizon, within, mask_dtype, steps, on_step) -> None:
@@ -282,17 +282,19 @@ class Generator:
             steps.append(tokens)
             if step + 1 == horizon:
                 break
-            fed = alive  # this step's tokens of the rows alive at it go into the cache
             alive = alive & within[:, step + 1]
             if stops and step >= self.min_new_tokens:
                 alive = alive & (tokens != self.eos)
                 if (step + 1) % CHECK_EVERY == 0 and not bool(alive.any()):  # the only read in the loop
                     break
-            # a row may have ended before this step (a budget, or a stop token): the mask may have a hole
-            if min(budgets) <= step or (stops and step > self.min_new_tokens):
+            # a row may have ended at this step or before (a budget, or a stop token): the mask may have a hole
+            if min(budgets) <= step + 1 or (stops and step >= self.min_new_tokens):
                 dialogue.holes = True
-            ids = torch.where(fed, tokens, self.pad)[:, None]
-            logits = self._forward(dialogue, ids, fed[:, None].to(mask_dtype))
+            # a token goes into the cache only if its row goes on after it: a row's last token (its stop
+            # token, or the last of its budget) stays pending, whichever step the row ends at and whatever
+            # its neighbours do, so a row's KV bytes do not depend on the batch or the check cadence
+            ids = torch.where(alive, tokens, self.pad)[:, None]
+            logits = self._forward(dialogue, ids, alive[:, None].to(mask_dtype))
             if on_step is not None:
                 on_step(dialogue)
 

@@ -14,28 +14,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any
 
 from torch import nn
 
 from lazyattn.attention import patch_attention
-from lazyattn.base import Plan
+from lazyattn.base import Dense, Plan
 
 
 @dataclasses.dataclass
-class ExplicitDense:
-    """Dense, with explicit decode attention in every layer (anchors' cost, no lazy layer)."""
+class ExplicitDense(Dense):
+    """Dense, with explicit decode attention in every layer (anchors' cost, no lazy layer); no settings."""
 
     name = "dense_explicit"
 
-    def params(self) -> dict[str, Any]:
-        return {}
-
     def label(self, n_layers: int) -> str:
         return "Dense (explicit decode attn)"
-
-    def sort_key(self, n_layers: int) -> tuple:
-        return ()
 
     def plan(self, n_layers: int) -> Plan:
         return Plan(schedule="every layer forms its decode attention explicitly, as an anchor does (a control)",

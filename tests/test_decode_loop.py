@@ -133,3 +133,23 @@ def test_m_rope_models_answer_through_the_loop_as_generate_does(models, family, 
         row = row[:budget]
         expected = row[: row.index(eos) + 1] if eos in row else row
         assert answer == expected, (family, name)
+
+
+def test_answers_and_kv_bytes_do_not_depend_on_the_batch():
+    """The shipped tiny model (it stops on its own, at different steps per row) answers a mix of short,
+    long and carried multi-turn conversations alone and in batches of 4: the same turns and the same
+    KV bytes per turn (a row's last token is never cached within its turn, whichever row ends first)."""
+    from harness.generate import answer
+    from harness.models import load_model
+    from harness.tasks import ShapesTask
+    from helpers import cfg_for
+
+    loaded = load_model(cfg_for("model=llava_tiny").model, "cpu")
+    task = ShapesTask("shapes", "test", 12, ["colour", "count", "multiturn", "describe"], 64,
+                      {"short": 8, "describe": 48, "long": 160})
+    conversations = task.conversations(task.samples(None))
+    alone = list(answer(loaded.model, loaded.processor, conversations, 1, "cpu"))
+    batched = list(answer(loaded.model, loaded.processor, conversations, 4, "cpu"))
+    assert [a.turns for a in alone] == [a.turns for a in batched]
+    assert [a.kv_bytes for a in alone] == [a.kv_bytes for a in batched]
+    assert len({len(a.turns[0].split()) for a in alone}) > 1  # rows end at different steps

@@ -250,7 +250,8 @@ def test_cpu_profile_throughput_runs_and_resumes(tmp_path, monkeypatch):
         assert data["status"] == "skipped" and list(data["points"]) == ["B1/prompt"]
         assert data["not_run"] == ["B2/prompt"]
         point = data["points"]["B1/prompt"]
-        assert point["variants"][0] == "dense" and set(point["rows"]) == {"dense", "dense dynamic", *gpu_plan.LAZY_VARIANTS}
+        assert point["variants"][0] == "dense" and set(point["rows"]) == {"dense", "dense dynamic", *gpu_plan.LAZY_VARIANTS,
+                                                                       *gpu_plan.CONTROL_VARIANTS}
         assert point["rows"]["dense"]["cache"] == "static" and point["rows"]["dense dynamic"]["cache"] == "dynamic"
         assert point["rows"]["lazy ratio=0.5"]["kv_fraction"] < 1.0 and point["order"] == "abba"
         monkeypatch.setattr(gpu_plan, "time_point", lambda *a, **k: pytest.fail("a finished point was redone"))

@@ -342,7 +342,7 @@ def test_bad_settings_are_refused(spec, message):
 def test_families_the_method_is_not_defined_for_are_refused_before_the_model_loads(method, model, message, tmp_path):
     from harness.run import preflight
 
-    cfg = cfg_for(f"model={model}", f"method={method}", f"out_dir={tmp_path / 'run'}")
+    cfg = cfg_for(f"model={model}", f"method={method}", f"out_dir={tmp_path / 'run'}", "model.dtype=float32")
     with pytest.raises(ValueError, match=message) as err:
         preflight(cfg)
     assert "\n" not in str(err.value)
