@@ -153,6 +153,7 @@ sweeps-deep: $(STAMP)
 	$(SWEEP) +exp=sweep_pruning method=vtw sweep_root=results/tiny_deep/vtw $(DEEP)
 	$(SWEEP) +exp=sweep_lazy method.scope=visual method.layers=null method.ratio=0.5 sweep_root=results/tiny_deep/lazy_visual $(DEEP)
 	$(SWEEP) +exp=sweep_pruning method=prumerge_plus sweep_root=results/tiny_deep/prumerge $(DEEP)
+	$(SWEEP) +exp=sweep_pruning method=prumerge_plus method.neighbours_rule=capped sweep_root=results/tiny_deep/prumerge $(DEEP)
 	$(SWEEP) +exp=sweep_reencode method=dense,lazy,fastv,sparsevlm,lazy_fastv sweep_root=results/tiny_deep/reencode $(DEEP)
 	$(SWEEP) +exp=sweep_long method=dense,lazy,fastv,sparsevlm,lazy_fastv sweep_root=results/tiny_deep/long $(DEEP)
 
