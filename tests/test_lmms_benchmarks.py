@@ -39,9 +39,11 @@ PRESETS = [*(("task=benchmarks", f"task.lmms_tasks=[{name}]") for name in (
     "vizwiz_vqa_val", "ai2d", "coco2017_cap_val", "nocaps_val", "flickr30k_test", "llava_in_the_wild")),
     ("task=paper",)]
 # The paper's twelve (GQA, VQAv2, TextVQA, VizWiz, AI2D, ScienceQA-IMG, MMMU, MMBench, POPE, COCO Captions,
-# NoCaps, Flickr30K) as lmms-eval tasks, written out here rather than read from the code under test
-TWELVE = ["gqa", "vqav2_val", "textvqa_val", "vizwiz_vqa_val", "ai2d", "scienceqa_img", "mmmu_val",
-          "mmbench_en_dev_static", "pope", "coco2017_cap_val", "nocaps_val", "flickr30k_test"]
+# NoCaps, Flickr30K) as lmms-eval tasks under the references' protocols (TextVQA with OCR tokens, POPE as
+# its three subsets), written out here rather than read from the code under test
+TWELVE = ["gqa", "vqav2_val", "textvqa_val_ocr", "vizwiz_vqa_val", "ai2d", "scienceqa_img", "mmmu_val",
+          "mmbench_en_dev_static", "pope_adv", "pope_pop", "pope_random", "coco2017_cap_val", "nocaps_val",
+          "flickr30k_test"]
 needs_java = pytest.mark.skipif(shutil.which("java") is None,
                                 reason="caption scoring (pycocoevalcap's PTB tokenizer, METEOR) needs `java` on PATH")
 POPE_POST = "\nAnswer the question using a single word or phrase."  # pope.yaml's default post_prompt
@@ -104,13 +106,15 @@ def test_every_preset_composes_to_installed_lmms_eval_tasks():
             assert isinstance(task, LmmsBenchmarks) and task.data_dir is None
         for name in benchmarks.expand(cfg.lmms_tasks):
             installed = load_yaml_config(str(benchmarks.task_yaml(benchmarks.BENCHMARKS[name])), mode="simple")
-            assert installed["task"] == name and installed["dataset_path"], name
+            assert installed["task"] == benchmarks.BENCHMARKS[name].installed_task and installed["dataset_path"], name
     assert list(cfg_for("task=paper").task.lmms_tasks) == list(benchmarks.PAPER) == TWELVE
     assert "mme" in benchmarks.BENCHMARKS and "mme" not in benchmarks.PAPER  # available, not the paper's
     assert [t for t in TWELVE if benchmarks.BENCHMARKS[t].captions] == ["coco2017_cap_val", "nocaps_val",
                                                                          "flickr30k_test"]
-    assert benchmarks.expand(["paper", "pope", "llava_in_the_wild"]) == [*benchmarks.PAPER, "llava_in_the_wild"]
+    assert benchmarks.expand(["paper", "pope_adv", "llava_in_the_wild"]) == [*benchmarks.PAPER, "llava_in_the_wild"]
+    assert benchmarks.expand(["paper", "pope"]) == [*TWELVE, "pope"]  # the mixed 9,000: another protocol
     assert benchmarks.expand(["paper", "mme"]) == [*TWELVE, "mme"]
+    assert benchmarks.expand(["pope_full"]) == ["pope_adv", "pope_pop", "pope_random"]
     with pytest.raises(ValueError, match="unknown lmms-eval benchmark 'coco_karpathy_test'"):
         benchmarks.expand(["coco_karpathy_test"])
     with pytest.raises(ValueError, match="no benchmarks given"):
@@ -145,6 +149,18 @@ def test_local_task_yamls_load_in_lmms_eval(tmp_path, monkeypatch):
     flickr = load_yaml_config(str(tmp_path / "tasks" / "flickr30k_test_local.yaml"), mode="full")
     assert flickr["doc_to_target"] == "caption"  # its references, not the literal word lmms-eval's YAML gives
     assert flickr["process_results"].__name__ == "flickr_process_result"  # scoring stays lmms-eval's
+    ocr = load_yaml_config(str(tmp_path / "tasks" / "textvqa_val_ocr_local.yaml"), mode="full")
+    plain = load_yaml_config(str(tmp_path / "tasks" / "textvqa_val_local.yaml"), mode="full")
+    assert ocr["lmms_eval_specific_kwargs"]["default"]["ocr"] is True  # every model's entry asks for OCR tokens
+    assert all(entry["ocr"] is True for entry in ocr["lmms_eval_specific_kwargs"].values())
+    assert plain["lmms_eval_specific_kwargs"]["default"]["ocr"] is False  # lmms-eval's default left alone
+    for entry, default in zip(ocr["lmms_eval_specific_kwargs"].values(), plain["lmms_eval_specific_kwargs"].values()):
+        assert {k: v for k, v in entry.items() if k != "ocr"} == {k: v for k, v in default.items() if k != "ocr"}
+    assert {k: v for k, v in ocr.items() if k not in ("task", "lmms_eval_specific_kwargs")}.keys() == {
+        k for k in plain if k not in ("task", "lmms_eval_specific_kwargs")}
+    for subset, split in zip(("pope_adv", "pope_pop", "pope_random"), ("adversarial", "popular", "random")):
+        config = load_yaml_config(str(tmp_path / "tasks" / f"{subset}_local.yaml"), mode="full")
+        assert (config["dataset_name"], config["test_split"].strip()) == ("Full", split)
 
 
 def test_missing_dataset_is_one_clear_error_before_the_model_loads(tmp_path, monkeypatch, capfd):
@@ -178,7 +194,7 @@ def test_missing_dataset_is_one_clear_error_before_the_model_loads(tmp_path, mon
                                      "device=cpu"], monkeypatch, capfd, cwd=ROOT, env=OFFLINE)
     assert status == 2 and "Traceback" not in stderr
     assert stderr.strip().splitlines() == [stderr.strip()]
-    assert stderr.startswith(f"error: 12 of 12 benchmarks have no usable local data under {tmp_path / 'empty'} "
+    assert stderr.startswith(f"error: 14 of 14 benchmarks have no usable local data under {tmp_path / 'empty'} "
                                   f"({', '.join(TWELVE)}): ")
     for task in TWELVE:  # every missing dataset is named, each once
         what = f"{task} ({benchmarks.BENCHMARKS[task].title}) needs the HF dataset"
@@ -445,14 +461,29 @@ def scripted_evaluate(tasks: list[str], data_dir: Path, work: Path, answers: dic
     """lmms-eval's ``simple_evaluate`` on the local task YAMLs the harness writes, with a model that
     answers each document from ``answers[task][doc_id]``: lmms-eval builds the requests, reads every
     image and scores the answers with its own task code. Returns its results and what was asked."""
-    from lmms_eval.api.model import lmms
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
+
+    local = benchmarks.write_task_dir(tasks, data_dir, work / "tasks")
+    model = scripted_model(answers)
+    with benchmarks.hub_offline():
+        results = simple_evaluate(
+            model=model, tasks=local, batch_size=1, log_samples=True, bootstrap_iters=0, verbosity="WARNING",
+            task_manager=TaskManager("WARNING", include_path=str(work / "tasks"), include_defaults=False),
+            process_docs_parallel=1, cli_args=argparse.Namespace(output_path=str(work), process_with_media=False))
+    return {name: results["results"][benchmarks.local_name(name)] for name in tasks}, model.asked
+
+
+def scripted_model(answers: dict[str, list[str]]):
+    """An lmms-eval model that answers each document from ``answers[task][doc_id]`` and records what it
+    was asked (task, doc_id, prompt, image sizes) in ``asked``."""
+    from lmms_eval.api.model import lmms
 
     class Scripted(lmms):
         def __init__(self):
             super().__init__()
             self.asked = []
+            self.first_prompt = None  # what the harness's LazyAttnLMM keeps for timing: nothing here
 
         def generate_until(self, requests):
             out = []
@@ -469,14 +500,7 @@ def scripted_evaluate(tasks: list[str], data_dir: Path, work: Path, answers: dic
         def generate_until_multi_round(self, requests):
             raise NotImplementedError
 
-    local = benchmarks.write_task_dir(tasks, data_dir, work / "tasks")
-    model = Scripted()
-    with benchmarks.hub_offline():
-        results = simple_evaluate(
-            model=model, tasks=local, batch_size=1, log_samples=True, bootstrap_iters=0, verbosity="WARNING",
-            task_manager=TaskManager("WARNING", include_path=str(work / "tasks"), include_defaults=False),
-            process_docs_parallel=1, cli_args=argparse.Namespace(output_path=str(work), process_with_media=False))
-    return {name: results["results"][benchmarks.local_name(name)] for name in tasks}, model.asked
+    return Scripted()
 
 
 def test_vizwiz_and_ai2d_are_scored_by_lmms_eval(tmp_path):
@@ -584,7 +608,9 @@ def test_new_benchmarks_run_end_to_end_from_local_data(tmp_path, one_meteor_proc
     result = json.loads(path.read_text())
     tasks = result["tasks"]
     assert list(tasks) == ["ai2d", "vizwiz_vqa_val", "flickr30k_test"]
-    assert set(tasks["ai2d"]) == set(tasks["vizwiz_vqa_val"]) == {"n", "exact_match", "exact_match_stderr_clt"}
+    assert set(tasks["ai2d"]) == {"n", "exact_match", "exact_match_stderr_clt"}
+    assert set(tasks["vizwiz_vqa_val"]) == {"n", "exact_match", "exact_match_stderr_clt", "protocol"}
+    assert "val" in tasks["vizwiz_vqa_val"]["protocol"] and "test-dev" in tasks["vizwiz_vqa_val"]["protocol"]
     assert set(tasks["flickr30k_test"]) == {"n", *(f"flickr_{m}" for m in (
         "Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"))}
     assert all(t["n"] == 2 for t in tasks.values())
@@ -593,3 +619,139 @@ def test_new_benchmarks_run_end_to_end_from_local_data(tmp_path, one_meteor_proc
     assert [r["id"] for r in rows] == [f"{t}/{d}" for t in tasks for d in (0, 1)]
     assert [r["target"] for r in rows[:2]] == ["B", "A"]
     assert rows[4]["target"] == CAPTIONS[0]  # the references a caption was scored against
+
+
+# ---- task=paper under the references' protocols: TextVQA with OCR tokens, POPE as its subsets' mean F1 ----
+
+
+def fake_textvqa(data_dir: Path) -> list[dict]:
+    """TextVQA validation (save_to_disk copy): question_id, question, image, ten answers, ocr_tokens."""
+    import datasets
+
+    s = datasets.Value("string")
+    rows = [{"question_id": 0, "image_id": "a0", "question": "what BRAND is the drink?", "image": image(1),
+             "answers": ["coca cola"] * 7 + ["coke"] * 3, "ocr_tokens": ["COCA", "Cola", "330ml"]},
+            {"question_id": 1, "image_id": "a1", "question": "what does the sign say?", "image": image(2),
+             "answers": ["stop"] * 10, "ocr_tokens": ["STOP"]}]
+    save(data_dir, "lmms-lab-encoder/textvqa", "validation", rows,
+         {"question_id": datasets.Value("int64"), "image_id": s, "question": s, "image": datasets.Image(),
+          "answers": datasets.Sequence(s), "ocr_tokens": datasets.Sequence(s)}, as_repo=False)
+    return rows
+
+
+# POPE's three subsets (the `Full` config): ground truth and the scripted answers, per subset
+POPE_GT = ["yes", "yes", "no", "no"]
+POPE_ANSWERS = {"pope_adv": ["yes", "no", "yes", "no"],  # TP 1, FP 1, FN 1: P 1/2, R 1/2, F1 1/2
+                "pope_pop": ["Yes", "yes", "no", " No "],  # all right (lowercased, stripped): F1 1
+                "pope_random": ["yes", "Yes.", "no", "yes"]}  # "yes." is neither: TP 1, FP 1, FN 0: F1 2/3
+
+
+def fake_pope_full(data_dir: Path) -> None:
+    """POPE's `Full` config as a save_to_disk copy (<root>/Full/): splits adversarial, popular, random."""
+    import datasets
+
+    features = datasets.Features({"question_id": datasets.Value("string"), "question": datasets.Value("string"),
+                                  "answer": datasets.Value("string"), "image": datasets.Image(),
+                                  "category": datasets.Value("string")})
+    splits = {}
+    for k, split in enumerate(("adversarial", "popular", "random")):
+        rows = [{"question_id": f"{split}{i}", "question": f"is there a thing {i} in the {split} image ?",
+                 "answer": gt, "image": image(k + i), "category": split} for i, gt in enumerate(POPE_GT)]
+        splits[split] = datasets.Dataset.from_list(rows, features=features)
+    datasets.DatasetDict(splits).save_to_disk(str(data_dir / "lmms-lab-encoder" / "POPE" / "Full"))
+
+
+def hand_f1(truth: list[str], said: list[str]) -> float:
+    """POPE's F1, by hand: an answer counts as "yes" or "no" only when it is exactly that (lowercased, stripped)."""
+    said = [a.lower().strip() for a in said]
+    tp = sum(t == "yes" and a == "yes" for t, a in zip(truth, said))
+    fp = sum(t == "no" and a == "yes" for t, a in zip(truth, said))
+    fn = sum(t == "yes" and a == "no" for t, a in zip(truth, said))
+    precision, recall = tp / (tp + fp), tp / (tp + fn)
+    return 2 * precision * recall / (precision + recall)
+
+
+def test_paper_preset_names_the_references_protocols(tmp_path, monkeypatch):
+    """task=paper runs TextVQA with the reference OCR tokens (lmms-eval's textvqa_val, ocr: true) and POPE as
+    its three subsets (the Full config's adversarial, popular, random splits), not textvqa_val / pope."""
+    tasks = list(cfg_for("task=paper").task.lmms_tasks)
+    assert "textvqa_val_ocr" in tasks and "textvqa_val" not in tasks
+    assert [t for t in tasks if t.startswith("pope")] == ["pope_adv", "pope_pop", "pope_random"]
+    assert benchmarks.BENCHMARKS["textvqa_val_ocr"].installed_task == "textvqa_val"
+    assert benchmarks.source(benchmarks.BENCHMARKS["textvqa_val_ocr"]) == benchmarks.Source(
+        "lmms-lab-encoder/textvqa", None, "validation")
+    for name, split in zip(("pope_adv", "pope_pop", "pope_random"), ("adversarial", "popular", "random")):
+        assert benchmarks.source(benchmarks.BENCHMARKS[name]) == benchmarks.Source("lmms-lab-encoder/POPE", "Full",
+                                                                                     split)
+    # the test-dev references of VQAv2 and VizWiz are named beside the val scores
+    for name in ("vqav2_val", "vizwiz_vqa_val"):
+        assert "test-dev" in benchmarks.PROTOCOL[name] and "val" in benchmarks.PROTOCOL[name]
+    assert "mean" in benchmarks.PROTOCOL["pope_full"] and "OCR" in benchmarks.PROTOCOL["textvqa_val_ocr"]
+
+    # the local data check looks for POPE's Full config, each split
+    data = tmp_path / "data"
+    fake_pope(data)  # the default config only (the mixed `test` split): not what the subsets need
+    with pytest.raises(benchmarks.MissingDataset, match=r"pope_adv \(POPE adversarial\) needs the HF dataset "
+                                                          r"lmms-lab-encoder/POPE \(config Full, split adversarial\)"):
+        benchmarks.check(["pope_adv"], data)
+    fake_pope_full(data)
+    found = benchmarks.check(["pope_full"], data)
+    assert list(found) == ["pope_adv", "pope_pop", "pope_random"]
+    assert {local.path for local in found.values()} == {data / "lmms-lab-encoder" / "POPE" / "Full"}
+
+
+def test_textvqa_ocr_prompt_reaches_the_model(tmp_path):
+    """textvqa_val_ocr asks lmms-eval's prompt with the reference OCR tokens (question capitalised as
+    lmms-eval does, then "\nReference OCR token: a, b, c"); textvqa_val asks without them; both are
+    scored by lmms-eval's VQA accuracy."""
+    data = tmp_path / "data"
+    fake_textvqa(data)
+    answers = {"textvqa_val_ocr": ["Coca Cola", "go"], "textvqa_val": ["coke", "stop"]}
+    results, asked = scripted_evaluate(["textvqa_val_ocr", "textvqa_val"], data, tmp_path / "w", answers)
+    prompts = {(task, doc): text for task, doc, text, _ in asked}
+    post = "\nAnswer the question using a single word or phrase."
+    assert prompts[("textvqa_val_ocr_local", 0)] == (
+        "What brand is the drink?\nReference OCR token: COCA, Cola, 330ml" + post)
+    assert prompts[("textvqa_val_ocr_local", 1)] == "What does the sign say?\nReference OCR token: STOP" + post
+    assert prompts[("textvqa_val_local", 0)] == "What brand is the drink?" + post  # lmms-eval's default: no tokens
+    # VQA accuracy (leave one answer out, min(1, matches / 3), averaged): "Coca Cola" matches 7 of 10 (1 on
+    # every subset), "go" none; "coke" matches 3 of 10 (1 on the 7 subsets that keep all three, 2/3 on the
+    # other 3), "stop" all
+    assert _metrics(results["textvqa_val_ocr"])["exact_match"] == pytest.approx(0.5)
+    assert _metrics(results["textvqa_val"])["exact_match"] == pytest.approx(((7 * 1 + 3 * 2 / 3) / 10 + 1) / 2)
+
+
+def test_pope_number_is_the_mean_of_its_subsets_f1(tmp_path, monkeypatch):
+    """POPE's three subsets scored by lmms-eval from local rows (scripted answers, through the harness's
+    lmms-eval backend and run): result.json keeps each subset's scores and adds pope_full, whose
+    pope_f1_score is the mean of the three F1 computed by hand here; TextVQA's and POPE's protocol notes
+    are recorded beside their scores."""
+    from harness.lmms.model import LazyAttnLMM
+
+    data = tmp_path / "data"
+    fake_pope_full(data)
+    fake_textvqa(data)
+    answers = {**POPE_ANSWERS, "textvqa_val_ocr": ["coca cola", "stop"]}
+    scripted = scripted_model(answers)
+    monkeypatch.setattr(LazyAttnLMM, "from_loaded", classmethod(lambda cls, *args, **kwargs: scripted))
+    out = tmp_path / "out"
+    path = run(cfg_for("task=benchmarks", "task.lmms_tasks=[pope_full,textvqa_val_ocr]", f"task.data_dir={data}",
+                       "method=dense", "model=llava_tiny_random", "device=cpu", f"out_dir={out}",
+                       "efficiency.enabled=false", "wandb.mode=disabled"))
+    tasks = json.loads(path.read_text())["tasks"]
+    assert list(tasks) == ["pope_adv", "pope_pop", "pope_random", "pope_full", "textvqa_val_ocr"]
+    f1 = {name: hand_f1(POPE_GT, said) for name, said in POPE_ANSWERS.items()}
+    assert f1 == pytest.approx({"pope_adv": 1 / 2, "pope_pop": 1.0, "pope_random": 2 / 3})
+    for name in POPE_ANSWERS:  # each subset as lmms-eval scores it, kept
+        assert tasks[name]["n"] == 4 and tasks[name]["pope_f1_score"] == pytest.approx(f1[name]), name
+    pope = tasks["pope_full"]
+    assert pope["pope_f1_score"] == pytest.approx((1 / 2 + 1 + 2 / 3) / 3)  # the POPE number: mean subset F1
+    assert pope["subsets"] == pytest.approx(f1) and pope["of"] == ["pope_adv", "pope_pop", "pope_random"]
+    assert pope["n"] == 12 and pope["pope_accuracy"] == pytest.approx((2 / 4 + 4 / 4 + 2 / 4) / 3)
+    assert "mean" in pope["protocol"] and "pope_f1_score" in pope["protocol"]
+    assert tasks["textvqa_val_ocr"]["exact_match"] == pytest.approx(1.0)
+    assert "Reference OCR token" in tasks["textvqa_val_ocr"]["protocol"]
+    assert {task for task, *_ in scripted.asked} == {f"{t}_local" for t in [*POPE_ANSWERS, "textvqa_val_ocr"]}
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows[:4]] == [f"pope_adv/{i}" for i in range(4)]  # per-sample rows keep the subset
+    assert not any(r["task"] == "pope_full" for r in rows)

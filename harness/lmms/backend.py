@@ -95,7 +95,7 @@ def evaluate_shapes(task, loaded, method, samples, batch_size: int, device, work
 
 @dataclasses.dataclass
 class BenchmarkRun:
-    scores: dict[str, dict[str, Any]]  # per lmms-eval task: {"n": N, "<metric>": value, ...}
+    scores: dict[str, dict[str, Any]]  # per lmms-eval task: {"n": N, "<metric>": value, ..., "protocol": note}
     rows: list[dict]  # one per document: task, id, target, prediction, per-sample metrics
     summary: dict  # lmms-eval's own results, n-samples, versions
     first_prompt: tuple | None  # (chat history, images) of the first request: the efficiency prompt
@@ -144,13 +144,14 @@ def evaluate_benchmarks(task, loaded, method, limit, batch_size: int, device, wo
     scores, rows = {}, []
     for name, lname in zip(names, local):
         metrics = _metrics(results["results"][lname])
-        scores[name] = {"n": int(results["n-samples"][lname]["effective"]), **metrics}
+        scores[name] = benchmarks.with_protocol(name, {"n": int(results["n-samples"][lname]["effective"]), **metrics})
         for row in results["samples"][lname]:
             prediction = row["filtered_resps"][0] if isinstance(row["filtered_resps"], list) else row["filtered_resps"]
             rows.append({"task": name, "id": f"{name}/{row['doc_id']}", "target": row.get("target"),
                          "prediction": str(prediction), **_sample_metrics(row, set(metrics))})
     summary = {k: results[k] for k in ("results", "n-samples", "versions") if k in results}
-    return BenchmarkRun(scores, rows, summary, lmm.first_prompt)
+    # POPE's three subsets also as their mean (pope_full: mean F1, the references' POPE number)
+    return BenchmarkRun(benchmarks.combine(scores), rows, summary, lmm.first_prompt)
 
 
 def require_lmms_eval() -> None:

@@ -32,6 +32,17 @@ Per benchmark (``BENCHMARKS``), beyond the data source:
   val split (5,000 images, held in the dataset); lmms-eval's Karpathy-split tasks fetch every
   image from a URL at scoring time, which a local run cannot do. Flickr30K's logged target is its
   references (lmms-eval's YAML names a column the dataset lacks; scoring does not read it).
+- ``textvqa_val_ocr``: lmms-eval's ``textvqa_val`` with ``ocr: true`` in its prompt kwargs, so each
+  question is followed by ``\nReference OCR token: a, b, ...`` (the dataset's ``ocr_tokens``), the
+  prompt of LLaVA-1.5's ``llava_textvqa_val_v051_ocr`` behind the reference TextVQA numbers. Plain
+  ``textvqa_val`` stays lmms-eval's default (no OCR tokens).
+- ``pope_adv``, ``pope_pop``, ``pope_random``: POPE's adversarial, popular and random subsets (the
+  dataset's ``Full`` config); with all three in a run, result.json also gets ``pope_full``: each
+  metric's mean over the three (``pope_f1_score``: the mean F1, the POPE number of LLaVA-1.5 and
+  SparseVLM's Table 1), the subsets' F1 in ``subsets``. ``pope`` (the 9,000 mixed, one F1) is another
+  protocol.
+- ``vqav2_val``, ``vizwiz_vqa_val``: val; the reference numbers are test-dev (evaluation server), so
+  result.json's ``protocol`` note says so.
 - ``llava_in_the_wild``: scored by an LLM judge over the OpenAI API (``openai`` package and
   ``OPENAI_API_KEY``, or ``API_TYPE=azure`` with ``AZURE_API_KEY``/``AZURE_ENDPOINT``); refused
   up front without them. Not part of ``task=paper``.
@@ -52,9 +63,31 @@ import yaml
 
 LOCAL_SUFFIX = "_local"
 DATA_ENV = "LAZYATTN_DATA"
-# The paper's twelve benchmarks, in its order (MME is available, but not one of them).
-PAPER = ("gqa", "vqav2_val", "textvqa_val", "vizwiz_vqa_val", "ai2d", "scienceqa_img", "mmmu_val",
-         "mmbench_en_dev_static", "pope", "coco2017_cap_val", "nocaps_val", "flickr30k_test")
+# POPE's three subsets (the `Full` config's splits), whose mean F1 is the POPE number of the references
+POPE_SUBSETS = ("pope_adv", "pope_pop", "pope_random")
+# The paper's twelve benchmarks, in its order (MME is available, but not one of them), each under the
+# protocol of the reference numbers: TextVQA with the reference OCR tokens, POPE as its three subsets
+# (their mean F1: ``pope_full``, added by ``combine``).
+PAPER = ("gqa", "vqav2_val", "textvqa_val_ocr", "vizwiz_vqa_val", "ai2d", "scienceqa_img", "mmmu_val",
+         "mmbench_en_dev_static", *POPE_SUBSETS, "coco2017_cap_val", "nocaps_val", "flickr30k_test")
+# Notes recorded beside a benchmark's scores in result.json (``tasks.<name>.protocol``): where its
+# protocol is not the one of the reference numbers (docs/methods.md, "Numbers to compare against").
+TEST_DEV = "the reference numbers (LLaVA-1.5, SparseVLM Table 1) are test-dev, scored by the evaluation server"
+PROTOCOL = {
+    "vqav2_val": f"scored on val (lmms-eval vqav2_val); {TEST_DEV}: val is a proxy, not comparable digit for digit",
+    "vizwiz_vqa_val": f"scored on val (lmms-eval vizwiz_vqa_val); {TEST_DEV}: val is a proxy, not comparable "
+                      "digit for digit",
+    "textvqa_val": "val without OCR tokens (lmms-eval's default, ocr: false); the reference numbers use the "
+                   "'Reference OCR token' prompt: textvqa_val_ocr",
+    "textvqa_val_ocr": "val with the 'Reference OCR token' prompt (lmms-eval textvqa_val, ocr: true), as LLaVA-1.5's "
+                       "llava_textvqa_val_v051_ocr behind the reference numbers",
+    "pope": "the 9,000 questions of all three subsets mixed, one F1; the reference POPE number is the mean F1 of "
+            "the adversarial, popular and random subsets: pope_full",
+    "pope_full": "the mean over POPE's adversarial, popular and random subsets (pope_adv, pope_pop, pope_random) "
+                 "of each metric; pope_f1_score is the POPE number of the references (mean subset F1)",
+    "mmbench_en_dev_static": "MMBench en dev, lmms-eval's regex choice extraction, not circular; the reference "
+                             "numbers are circular (task=vlmeval)",
+}
 # What lmms-eval's caption scoring (pycocoevalcap: BLEU, METEOR, ROUGE-L, CIDEr) needs beyond the
 # `lmms` extra's core: Python modules (installed by the extra) and a Java runtime (PTB tokenizer, METEOR).
 CAPTION_MODULES = {"pycocoevalcap": "pycocoevalcap.tokenizer.ptbtokenizer", "pycocotools": "pycocotools.coco"}
@@ -77,6 +110,12 @@ class Benchmark:
     extra_configs: tuple[str, ...] = ()  # other configs of the same dataset that its utils load
     judge: bool = False  # scored by an API judge
     captions: bool = False  # scored by pycocoevalcap (needs Java)
+    base: str | None = None  # the installed lmms-eval task when ``task`` is the harness's own variant of it
+    prompt_kwargs: tuple[tuple[str, object], ...] = ()  # set in every entry of its lmms_eval_specific_kwargs
+
+    @property
+    def installed_task(self) -> str:
+        return self.base or self.task
 
 
 BENCHMARKS = {
@@ -89,6 +128,11 @@ BENCHMARKS = {
         Benchmark("scienceqa_img", "scienceqa/scienceqa_img.yaml", "ScienceQA-IMG"),
         Benchmark("vqav2_val", "vqav2/vqav2_val.yaml", "VQAv2 val"),
         Benchmark("textvqa_val", "textvqa/textvqa_val.yaml", "TextVQA val"),
+        Benchmark("textvqa_val_ocr", "textvqa/textvqa_val.yaml", "TextVQA val, reference OCR tokens",
+                  base="textvqa_val", prompt_kwargs=(("ocr", True),)),
+        Benchmark("pope_adv", "pope/pope_adv.yaml", "POPE adversarial"),
+        Benchmark("pope_pop", "pope/pope_pop.yaml", "POPE popular"),
+        Benchmark("pope_random", "pope/pope_random.yaml", "POPE random"),
         Benchmark("mmmu_val", "mmmu/mmmu_val.yaml", "MMMU val"),
         Benchmark("vizwiz_vqa_val", "vizwiz_vqa/vizwiz_vqa_val.yaml", "VizWiz-VQA val"),
         Benchmark("ai2d", "ai2d/ai2d.yaml", "AI2D test"),
@@ -99,7 +143,9 @@ BENCHMARKS = {
                   judge=True),
     )
 }
-GROUPS = {"paper": PAPER}
+GROUPS = {"paper": PAPER, "pope_full": POPE_SUBSETS}
+# scores result.json gets from other benchmarks' when all of them ran: name -> its parts
+COMBINED = {"pope_full": POPE_SUBSETS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,8 +190,37 @@ def expand(names: Sequence[str]) -> list[str]:
 def task_yaml(bench: Benchmark) -> Path:
     path = tasks_dir() / bench.yaml
     if not path.is_file():
-        raise ValueError(f"{path} not found: this lmms-eval install has no task {bench.task!r}.")
+        raise ValueError(f"{path} not found: this lmms-eval install has no task {bench.installed_task!r}.")
     return path
+
+
+def with_protocol(task: str, scores: dict) -> dict:
+    """``scores`` with the benchmark's protocol note (``PROTOCOL``), if it has one."""
+    return {**scores, "protocol": PROTOCOL[task]} if task in PROTOCOL else scores
+
+
+def combine(scores: dict[str, dict]) -> dict[str, dict]:
+    """``scores`` (per benchmark, in run order) with each ``COMBINED`` entry whose parts all ran, placed
+    after its last part (a run's first task stays one that has rows, for its headline): ``n`` summed,
+    every numeric metric the parts share averaged (standard errors left out), the parts' names in
+    ``of`` and their F1 (or first metric) in ``subsets``. POPE's ``pope_full.pope_f1_score`` is the
+    mean of its three subsets' F1."""
+    out: dict[str, dict] = {}
+    for name, value in scores.items():
+        out[name] = value
+        for combined, parts in COMBINED.items():
+            if name == parts[-1] and combined not in scores and all(p in scores for p in parts):
+                numeric = [{k: v for k, v in scores[p].items() if k != "n" and "stderr" not in k
+                            and isinstance(v, (int, float)) and not isinstance(v, bool)} for p in parts]
+                shared = [k for k in numeric[0] if all(k in m for m in numeric[1:])]
+                head = next((k for k in shared if k.endswith("f1_score")), shared[0] if shared else None)
+                out[combined] = with_protocol(combined, {
+                    "n": sum(int(scores[p]["n"]) for p in parts),
+                    **{k: sum(m[k] for m in numeric) / len(parts) for k in shared},
+                    "of": list(parts),
+                    "subsets": {p: m.get(head) for p, m in zip(parts, numeric)},
+                })
+    return out
 
 
 def installed(bench: Benchmark) -> dict:
@@ -347,6 +422,10 @@ def write_task_dir(names: Sequence[str], data_dir: str | Path | None, out_dir: s
         # lmms-eval refuses a task with both keys (and an empty group is read as no tags).
         labels = "group" if "group" in installed(bench) else "tag"
         config: dict = {"include": str(task_yaml(bench)), "task": local_name(task), labels: []}
+        if bench.prompt_kwargs:  # the whole mapping: an include is merged key by key at the top level only
+            kwargs = installed(bench).get("lmms_eval_specific_kwargs") or {"default": {}}
+            config["lmms_eval_specific_kwargs"] = {
+                model: {**(entry or {}), **dict(bench.prompt_kwargs)} for model, entry in kwargs.items()}
         if local is not None:
             config["dataset_path"] = str(local.path)
             config["dataset_kwargs"] = {"load_from_disk": True} if local.from_disk else {}
@@ -366,7 +445,7 @@ def write_task_dir(names: Sequence[str], data_dir: str | Path | None, out_dir: s
             # its doc_to_target names a column Flickr30K lacks ("answer"), so every logged target was that
             # word; the references (what flickr_process_result scores against) instead. Scores are unchanged.
             config["doc_to_target"] = "caption"
-        header = f"# {bench.title}: lmms-eval's {task} reading {local.path if local else 'its default source'}.\n"
+        header = f"# {bench.title}: lmms-eval's {bench.installed_task} reading {local.path if local else 'its default source'}.\n"
         text = header + yaml.dump(config, Dumper=_Dumper, sort_keys=False)
         (out / f"{local_name(task)}.yaml").write_text(text)
         written.append(local_name(task))
