@@ -9,8 +9,8 @@ A conversation's answer depends on it alone: every row in a batch is cut to its 
 budget, so accuracy does not change with batch size. Each first-turn prompt goes through the
 processor once; batches are formed among conversations with the same number of image tokens
 (token pruning needs that; LLaVA-NeXT's anyres tiling and Qwen2-VL's dynamic resolution vary it
-with the image), counted in that pass, and stacked from the processed prompts; answers still
-come out in order.
+with the image), counted in that pass, and the same longest token budget (a batch decodes until
+its longest row ends), and stacked from the processed prompts; answers still come out in order.
 
 Multi-turn conversations run in one of two modes (``task.multiturn``):
 
@@ -469,7 +469,8 @@ def answer(model, processor, conversations: Iterable[Conversation], batch_size: 
     ``conversations`` is read ``WINDOW_BATCHES`` batches ahead (pass a generator to load images
     lazily: memory stays bounded by the window). Each first-turn prompt goes through the
     processor once; within a window conversations with the same number of image tokens (counted
-    in that one pass) form batches of ``batch_size``, stacked from the processed prompts."""
+    in that one pass) and the same longest budget form batches of ``batch_size``, stacked from the
+    processed prompts."""
     if multiturn not in MULTITURN_MODES:
         raise ValueError(f"task.multiturn must be one of {list(MULTITURN_MODES)}, got {multiturn!r}.")
     gen = Generator(model, processor, device, min_new_tokens, cache=cache)
@@ -482,7 +483,10 @@ def answer(model, processor, conversations: Iterable[Conversation], batch_size: 
     with torch.inference_mode():
         while chunk := list(itertools.islice(source, window)):
             processed = [prompt_inputs(processor, [c.history], c.images, "cpu") for c in chunk]
-            keys = [0 if image_token is None else int((p["input_ids"] == image_token).sum()) for p in processed]
+            # a batch shares its image-token count (pruning needs it) and its longest budget (a batch decodes
+            # until its longest row ends: short answers batched with long ones would wait for them)
+            keys = [(0 if image_token is None else int((p["input_ids"] == image_token).sum()), max(c.budgets, default=0))
+                    for p, c in zip(processed, chunk)]
             for index in batches(keys, batch_size):
                 batch = [chunk[i] for i in index]
                 inputs = collate([processed[i] for i in index], pad_id) if len(index) > 1 else processed[index[0]]

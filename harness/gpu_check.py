@@ -306,7 +306,7 @@ def correctness(device: torch.device, dtypes: list[str], impls: list[str], path:
 
 
 def _recording_attention():
-    """Register ``recording_sdpa`` (transformers' sdpa, recording each decoder layer's mask)."""
+    """Register ``gpu_check_recording_sdpa`` (transformers' sdpa, recording each decoder layer's mask)."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -318,8 +318,8 @@ def _recording_attention():
             seen.append((module.layer_idx, attention_mask))
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
-    AttentionInterface.register("recording_sdpa", recording_sdpa)
-    AttentionMaskInterface.register("recording_sdpa", sdpa_mask)
+    AttentionInterface.register("gpu_check_recording_sdpa", recording_sdpa)
+    AttentionMaskInterface.register("gpu_check_recording_sdpa", sdpa_mask)
     return seen
 
 
@@ -331,7 +331,7 @@ def mask_check(device: torch.device, dtype_name: str = "float32") -> dict:
 
     seen = _recording_attention()
     family, text, vision = FAMILIES["llava_llama"]
-    loaded = families.build_random(family, text, vision, attn_implementation="recording_sdpa",
+    loaded = families.build_random(family, text, vision, attn_implementation="gpu_check_recording_sdpa",
                                    dtype=getattr(torch, dtype_name), device=device, initializer_range=INIT_RANGE)
     model = loaded.model
     original = engine._stage_mask

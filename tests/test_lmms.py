@@ -4,6 +4,7 @@ lmms-eval is an optional install (``make lmms-install``; ``make test`` does it).
 tests skip, except in CI, where a missing lmms-eval is a failure.
 """
 
+import copy
 import json
 import os
 import subprocess
@@ -238,11 +239,29 @@ def _corrupt_row(samples):
     return f"error: {task_name(s.qtype)} (test split) doc {doc} (sample {s.id}): its image cannot be decoded"
 
 
+_DEFAULT_INDEX: dict = {}
+
+
 def lmms_eval_cli(args, cwd, monkeypatch, capfd):
     """``python -m lmms_eval ARGS`` in this process (lmms-eval's own CLI dispatcher): (status, stdout,
-    stderr), captured at the file-descriptor level (lmms-eval logs through loguru)."""
+    stderr), captured at the file-descriptor level (lmms-eval logs through loguru). lmms-eval indexes
+    its own shipped task YAMLs (about 2,000 files, 4-5 s) on every run; that index is the same for
+    every case, so it is built once per session (the cases' own task folders are indexed each time)."""
+    import lmms_eval.tasks as lmms_tasks
     from lmms_eval.cli.dispatch import main
     from loguru import logger
+
+    real = lmms_tasks.TaskManager._get_task_and_group
+    defaults = str(Path(lmms_tasks.__file__).parent)
+
+    def index(self, task_dir):
+        if str(task_dir).rstrip("/") != defaults:
+            return real(self, task_dir)
+        if "index" not in _DEFAULT_INDEX:
+            _DEFAULT_INDEX["index"] = real(self, task_dir)
+        return copy.deepcopy(_DEFAULT_INDEX["index"])
+
+    monkeypatch.setattr(lmms_tasks.TaskManager, "_get_task_and_group", index)
 
     monkeypatch.chdir(cwd)
     for key, value in {**OFFLINE, "HF_DATASETS_CACHE": str(cwd / "hf"), "VERBOSITY": "INFO"}.items():

@@ -18,7 +18,7 @@ from harness.vlmeval import import_vlmeval
 
 import_vlmeval()
 
-from helpers import cfg_for  # noqa: E402
+from helpers import cfg_for, harness_cli  # noqa: E402
 from vlmeval.smp import dump  # noqa: E402
 
 from harness.config import RunError  # noqa: E402
@@ -219,3 +219,16 @@ def test_circular_evaluation_scores_a_question_with_its_variants(lmu, tmp_path):
     result = json.loads((out / "result.json").read_text())
     overall = result["vlmeval"]["method"]["shapes_circular"]["scores"]["Overall"][0]
     assert result["tasks"]["shapes_circular"]["acc"] == pytest.approx(overall)
+
+
+def test_a_missing_dataset_from_the_command_line_is_one_line(tmp_path, monkeypatch, capfd):
+    """``python -m harness task=vlmeval 'task.datasets=[POPE]'`` without POPE.tsv (its entry point's code,
+    in this environment's process: what the re-executed command runs): exit 2, the one line last,
+    no result."""
+    status, _, err = harness_cli(["model=llava_tiny", "task=vlmeval", "task.datasets=[POPE]", f"task.data_dir={tmp_path}",
+                                  f"out_dir={tmp_path / 'run'}"], monkeypatch, capfd, cwd=tmp_path,
+                                 env={"LMUData": str(tmp_path)})
+    assert status == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: VLMEvalKit dataset POPE:") and "POPE.tsv does not exist" in last
+    assert not (tmp_path / "run" / "result.json").exists()
