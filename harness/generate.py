@@ -196,7 +196,8 @@ class Generator:
         dialogue.next_position = dialogue.next_position + new_mask.long().sum(dim=1)
         if dialogue.holes and isinstance(dialogue.cache, PreallocatedCache):  # a masked step reads nothing on the host
             dialogue.cache.masks_on_device = True
-        if getattr(dialogue.cache, "graph", False):  # one static graph: the whole storage, a validity mask
+        # one static graph: the whole storage, a validity mask
+        if isinstance(dialogue.cache, PreallocatedCache) and dialogue.cache.graph:
             out = self.decode_forward(
                 input_ids=ids, attention_mask=storage_mask(dialogue.grow_mask.storage, self.implementation,
                                                            self.model.dtype),
@@ -256,7 +257,31 @@ class Generator:
         steps: list[torch.Tensor] = []
         graph = self.decode_forward is not None and horizon > 1 and self._enter_graph(dialogue, horizon)
         try:
-            self._steps(dialogue, logits, budgets, horizon, within, mask_dtype, steps, on_step)
+            alive = within[:, 0]
+            for step in range(horizon):
+                if self.suppress is not None:
+                    logits.select(-1, self.suppress).fill_(float("-inf"))
+                if stops and step < self.min_new_tokens:
+                    logits.select(-1, self.eos).fill_(float("-inf"))
+                tokens = logits.argmax(dim=-1)
+                steps.append(tokens)
+                if step + 1 == horizon:
+                    break
+                alive = alive & within[:, step + 1]
+                if stops and step >= self.min_new_tokens:
+                    alive = alive & (tokens != self.eos)
+                    if (step + 1) % CHECK_EVERY == 0 and not bool(alive.any()):  # the only read in the loop
+                        break
+                # a row may have ended at this step or before (a budget, or a stop token): the mask may have a hole
+                if min(budgets) <= step + 1 or (stops and step >= self.min_new_tokens):
+                    dialogue.holes = True
+                # a token goes into the cache only if its row goes on after it: a row's last token (its stop
+                # token, or the last of its budget) stays pending, whichever step the row ends at and whatever
+                # its neighbours do, so a row's KV bytes do not depend on the batch or the check cadence
+                ids = torch.where(alive, tokens, self.pad)[:, None]
+                logits = self._forward(dialogue, ids, alive[:, None].to(mask_dtype))
+                if on_step is not None:
+                    on_step(dialogue)
         finally:
             if graph:
                 dialogue.cache.exit_graph()
@@ -269,34 +294,6 @@ class Generator:
         dialogue.pending = [[a[-1]] if a else [] for a in answers]
         return answers
 
-    def _steps(self, dialogue, logits, budgets, horizon, within, mask_dtype, steps, on_step) -> None:
-        """The decode steps of ``_decode`` (appending each step's greedy tokens to ``steps``)."""
-        stops = self.eos is not None
-        alive = within[:, 0]
-        for step in range(horizon):
-            if self.suppress is not None:
-                logits.select(-1, self.suppress).fill_(float("-inf"))
-            if stops and step < self.min_new_tokens:
-                logits.select(-1, self.eos).fill_(float("-inf"))
-            tokens = logits.argmax(dim=-1)
-            steps.append(tokens)
-            if step + 1 == horizon:
-                break
-            alive = alive & within[:, step + 1]
-            if stops and step >= self.min_new_tokens:
-                alive = alive & (tokens != self.eos)
-                if (step + 1) % CHECK_EVERY == 0 and not bool(alive.any()):  # the only read in the loop
-                    break
-            # a row may have ended at this step or before (a budget, or a stop token): the mask may have a hole
-            if min(budgets) <= step + 1 or (stops and step >= self.min_new_tokens):
-                dialogue.holes = True
-            # a token goes into the cache only if its row goes on after it: a row's last token (its stop
-            # token, or the last of its budget) stays pending, whichever step the row ends at and whatever
-            # its neighbours do, so a row's KV bytes do not depend on the batch or the check cadence
-            ids = torch.where(alive, tokens, self.pad)[:, None]
-            logits = self._forward(dialogue, ids, alive[:, None].to(mask_dtype))
-            if on_step is not None:
-                on_step(dialogue)
 
     def new_dialogue(self, batch: int, reserve: int) -> Dialogue:
         """An empty dialogue with a fresh cache of the generator's kind (``reserve``: the tokens to
@@ -485,8 +482,8 @@ def answer(model, processor, conversations: Iterable[Conversation], batch_size: 
             processed = [prompt_inputs(processor, [c.history], c.images, "cpu") for c in chunk]
             # a batch shares its image-token count (pruning needs it) and its longest budget (a batch decodes
             # until its longest row ends: short answers batched with long ones would wait for them)
-            keys = [(0 if image_token is None else int((p["input_ids"] == image_token).sum()), max(c.budgets, default=0))
-                    for p, c in zip(processed, chunk)]
+            keys = [(0 if image_token is None else int((p["input_ids"] == image_token).sum()),
+                     max(c.budgets, default=0)) for p, c in zip(processed, chunk)]
             for index in batches(keys, batch_size):
                 batch = [chunk[i] for i in index]
                 inputs = collate([processed[i] for i in index], pad_id) if len(index) > 1 else processed[index[0]]
