@@ -96,6 +96,7 @@ def row_kv_bytes(cache, mask: torch.Tensor) -> list[int]:
 
 
 _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+RECOMPILE_LIMIT = 64  # graphs dynamo keeps for one forward (its default, 8, is one bench's variants)
 
 
 def compiled_decode(model):
@@ -108,6 +109,8 @@ def compiled_decode(model):
     guards)."""
     if model not in _COMPILED:
         cuda = next(model.parameters()).device.type == "cuda"
+        # one graph per (method, batch, storage length) on the model's forward: room for a bench's variants
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         _COMPILED[model] = torch.compile(model.forward, fullgraph=True, dynamic=False,
                                          mode="reduce-overhead" if cuda else None)
     return _COMPILED[model]

@@ -218,3 +218,29 @@ def test_the_command_finds_its_config(tmp_path):
                           env={**__import__("os").environ, "PYTHONPATH": str(CONF.parent), "WANDB_MODE": "disabled"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "batch_sizes:" in proc.stdout and "methods:" in proc.stdout
+
+
+def test_compile_both_times_every_point_eager_then_compiled_side_by_side(tmp_path, monkeypatch):
+    """``compile=both``: each point twice (eager, then compiled with at least one warm-up: compiling is
+    not decoding), rows keyed by both, and the table's compiled-vs-eager section pairs them. The
+    compiled timing itself is the compiled-decode tests' business: here the calls run eagerly."""
+    calls = []
+    real = bench.measure.time_against_dense
+
+    def recorded(*args, **kwargs):
+        calls.append((kwargs["compile"], kwargs["warmup"]))
+        return {**real(*args, **{**kwargs, "compile": False}), "compiled": kwargs["compile"]}
+
+    monkeypatch.setattr(bench.measure, "time_against_dense", recorded)
+    cfg = bench_cfg(tmp_path, "methods=['lazy ratio=0.5']", "budget.enabled=false", "batch_sizes=[1]", "compile=both")
+    result = json.loads(bench.run_bench(cfg).read_text())
+    assert calls == [(False, 0), (True, 1)]
+    assert [(r["label"], r["compiled"]) for r in result["rows"]] == [("lazy ratio=0.5", False), ("lazy ratio=0.5", True)]
+    table = bench.format_table(result).splitlines()
+    start = next(i for i, line in enumerate(table) if line.startswith("compiled (one static graph"))
+    pair = table[start + 2:start + 4]
+    assert pair[0].startswith("lazy ratio=0.5 ") and pair[1].startswith("  its dense")
+    assert any(v in pair[0] for v in ("within noise", "compiled faster", "compiled SLOWER beyond noise"))
+    assert any(line.startswith("lazy ratio=0.5 compiled") for line in table)
+    with pytest.raises(bench.BenchError, match="compile must be false, true or both, got 'sometimes'"):
+        bench.run_bench(bench_cfg(tmp_path / "x", "compile=sometimes"))

@@ -80,17 +80,19 @@ def run_bench(cfg: DictConfig) -> Path:
     }
     done = {}
     if previous:
-        done = {(r["label"], r["batch_size"], r["context_length"]): r for r in previous.get("rows", [])}
+        done = {(r["label"], r["batch_size"], r["context_length"], bool(r.get("compiled"))): r
+                for r in previous.get("rows", [])}
         if (previous.get("budget") or {}).get("complete"):
             result["budget"] = previous["budget"]
         print(f"resuming {path}: {len(done)} finished point(s) kept")
-    grid = [(v, c, b) for v in variants for c in contexts for b in settings["batch_sizes"]]
+    grid = [(v, c, b, compiled) for compiled in settings["compile"] for v in variants for c in contexts
+            for b in settings["batch_sizes"]]
 
     if previous and previous.get("caches"):
         result["caches"] = previous["caches"]
 
     def save() -> None:
-        result["rows"] = [done[k] for k in ((v.label, b, c["context_length"]) for v, c, b in grid) if k in done]
+        result["rows"] = [done[k] for k in ((v.label, b, c["context_length"], x) for v, c, b, x in grid) if k in done]
         write_json_atomic(path, result)
 
     budget_context = None
@@ -103,15 +105,17 @@ def run_bench(cfg: DictConfig) -> Path:
                                        settings["cache"])
     save()
 
-    for v, context, batch in grid:
-        point = (v.label, batch, context["context_length"])
+    for v, context, batch, compiled in grid:
+        point = (v.label, batch, context["context_length"], compiled)
         if point in done:
             continue
         inputs = prompts.inputs(context["extra_words"], batch)
         res = measure.time_against_dense(
             model, inputs, lambda v=v: v.method.apply(model),
-            new_tokens=settings["new_tokens"], repeats=settings["repeats"], warmup=settings["warmup"], method=v.method,
-            cache=settings["cache"], compile=settings["compile"],
+            new_tokens=settings["new_tokens"], repeats=settings["repeats"],
+            warmup=max(1, settings["warmup"]) if compiled else settings["warmup"],  # compiling is not decoding
+            method=v.method,
+            cache=settings["cache"], compile=compiled,
         )
         done[point] = _row(v, res, context, dev)
         save()
@@ -120,7 +124,7 @@ def run_bench(cfg: DictConfig) -> Path:
         r = done[point]
         x = r["ratios"]
         print(
-            f"{v.label:<22} B={batch:<3} prompt={r['prompt_tokens']:<5} new={r['new_tokens']:<4} "
+            f"{v.label + (' compiled' if compiled else ''):<22} B={batch:<3} prompt={r['prompt_tokens']:<5} new={r['new_tokens']:<4} "
             f"kv x{x['kv_fraction']:.4f} decode x{x['decode_speedup']:.3f} (predicted x{r['predicted_decode_speedup'] or 0:.3f}) "
             f"e2e x{x['e2e_speedup']:.3f} prefill x{x['prefill_speedup']:.3f} (speed-ups: method over dense)",
             flush=True,

@@ -32,6 +32,36 @@ def _pct(value) -> str:
     return "-" if value is None else f"{value:.0%}"
 
 
+def _compiled_against_eager(rows: list[dict]) -> list[str]:
+    """Where a point was timed eager and compiled (``compile=both``): each variant's decode tok/s
+    both ways (dense's from the same rows), compiled over eager, and whether the difference is
+    beyond the noise the bench reports (the two medians' IQRs added)."""
+    eager = {(r["label"], r["batch_size"], r["context_length"]): r for r in rows if not r.get("compiled")}
+    pairs = [(eager[k], r) for r in rows if r.get("compiled")
+             for k in [(r["label"], r["batch_size"], r["context_length"])] if k in eager]
+    if not pairs:
+        return []
+    lines = ["", "compiled (one static graph a decode step) vs eager decode, same points; x = compiled over eager, "
+             "noise = the two medians' IQRs added",
+             f"{'variant':<24}{'B':>4}{'prompt':>7}{'eager tok/s':>16}{'compiled tok/s':>18}{'x':>7}  verdict"]
+    for e, c in pairs:
+        for who, fe, fc in ((e["label"], e, c), ("  its dense", e["dense"], c["dense"])):
+            a, b = fe["decode_tokens_per_s"], fc["decode_tokens_per_s"]
+            noise = (fe.get("decode_tokens_per_s_iqr") or 0) + (fc.get("decode_tokens_per_s_iqr") or 0)
+            verdict = ("within noise" if abs(b - a) <= noise else "compiled faster" if b > a
+                       else "compiled SLOWER beyond noise")
+            lines.append(f"{who:<24}{e['batch_size']:>4}{e['prompt_tokens']:>7}"
+                         f"{_pm(a, fe.get('decode_tokens_per_s_iqr')):>16}{_pm(b, fc.get('decode_tokens_per_s_iqr')):>18}"
+                         f"{b / a:>7.3f}  {verdict}")
+            if fc.get("graph_note"):
+                lines.append(f"{'':<24}{fc['graph_note']}")
+    return lines
+
+
+def _pm(value: float, iqr) -> str:
+    return f"{value:.1f}±{iqr or 0:.1f}"
+
+
 def format_table(result: dict) -> str:
     """The rows and the budget as text. Every "x" is a speed-up of the method over dense (higher
     is better), except KV (method / dense bytes); "±" is the IQR over repeats."""
@@ -49,8 +79,9 @@ def format_table(result: dict) -> str:
         pred, frac = r.get("predicted_decode_speedup"), r.get("decode_speedup_of_predicted")
         prefill = f"{r['prefill_ms']:.1f}±{r.get('prefill_ms_iqr') or 0:.1f}"
         decode = f"{r['decode_tokens_per_s']:.1f}±{r.get('decode_tokens_per_s_iqr') or 0:.1f}"
+        label = r["label"] + (" compiled" if r.get("compiled") else "")
         lines.append(
-            f"{r['label']:<24}{r['batch_size']:>4}{r['prompt_tokens']:>7}{r['new_tokens']:>5}{prefill:>16}"
+            f"{label:<24}{r['batch_size']:>4}{r['prompt_tokens']:>7}{r['new_tokens']:>5}{prefill:>16}"
             f"{x['prefill_speedup']:>7.3f}{decode:>18}{x['decode_speedup']:>7.3f}{r['e2e_tokens_per_s']:>11.1f}"
             f"{x['e2e_speedup']:>7.3f}{r['kv_cache_bytes'] / 2**20:>10.2f}{x['kv_fraction']:>8.4f}"
             f"{_mb(r.get('peak_memory_bytes')):>9}{_x(pred):>8}{_pct(frac):>8}"
@@ -58,6 +89,7 @@ def format_table(result: dict) -> str:
         if r.get("decode_read_terms") and (r.get("dense") or {}).get("decode_read_terms"):
             lines.append(f"{'':<24}pred x = dense / method bytes a step (weights, K, V, scores): "
                          f"{terms_line(r['dense']['decode_read_terms'])} / {terms_line(r['decode_read_terms'])}")
+    lines += _compiled_against_eager(result["rows"])
     if any(r.get("host_sync") for r in result["rows"]):
         lines.append("note: " + next(r["host_sync"] for r in result["rows"] if r.get("host_sync")))
     c = result.get("caches")

@@ -97,6 +97,16 @@ def _int(value, what: str, minimum: int) -> int:
     return value
 
 
+def _compile_modes(value) -> list[bool]:
+    """``compile``: false (eager decode), true (compiled static-graph decode) or both (every point
+    timed eager, then compiled: the rows side by side)."""
+    if isinstance(value, bool):
+        return [value]
+    if value == "both":
+        return [False, True]
+    raise BenchError(f"compile must be false, true or both, got {value!r}.")
+
+
 def check_settings(cfg: DictConfig) -> dict:
     batch_sizes = plain(cfg.batch_sizes)
     contexts = plain(cfg.context_lengths)
@@ -120,7 +130,7 @@ def check_settings(cfg: DictConfig) -> dict:
         "repeats": _int(cfg.repeats, "repeats", 1),
         "warmup": _int(cfg.warmup, "warmup", 0),
         "cache": str(cfg.get("cache", "static")),
-        "compile": bool(cfg.get("compile", False)),
+        "compile": _compile_modes(cfg.get("compile", False)),
     }
     from harness.config import check_cache
 
