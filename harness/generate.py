@@ -96,6 +96,9 @@ def row_kv_bytes(cache, mask: torch.Tensor) -> list[int]:
 
 
 _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# what compiles the captured graph: inductor (generated kernels; CUDA graphs on a GPU). The suite checks
+# some methods' capture with "aot_eager" (the same one static graph, run by ATen: no code generation)
+COMPILE_BACKEND = "inductor"
 RECOMPILE_LIMIT = 64  # graphs dynamo keeps for one forward (its default, 8, is one bench's variants)
 
 
@@ -107,13 +110,15 @@ def compiled_decode(model):
     not change as the cache fills and the graph is captured once per (batch, storage length). A
     method's patched attention forwards are traced too (another method recompiles once, by dynamo's
     guards)."""
-    if model not in _COMPILED:
+    compiled = _COMPILED.setdefault(model, {})
+    if COMPILE_BACKEND not in compiled:
         cuda = next(model.parameters()).device.type == "cuda"
         # one graph per (method, batch, storage length) on the model's forward: room for a bench's variants
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        _COMPILED[model] = torch.compile(model.forward, fullgraph=True, dynamic=False,
-                                         mode="reduce-overhead" if cuda else None)
-    return _COMPILED[model]
+        inductor = COMPILE_BACKEND == "inductor"
+        compiled[COMPILE_BACKEND] = torch.compile(model.forward, backend=COMPILE_BACKEND, fullgraph=True, dynamic=False,
+                                                  mode="reduce-overhead" if cuda and inductor else None)
+    return compiled[COMPILE_BACKEND]
 
 
 def storage_mask(mask: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
@@ -229,10 +234,13 @@ class Generator:
         if blocker is not None:
             return False
         cache.enter_graph(steps)
-        dialogue.grow_mask.enter_graph(steps)
-        if dialogue.grow_mask.storage.shape[1] != cache.storage_length():
+        mask = dialogue.grow_mask
+        mask.enter_graph(steps)
+        # every layer (a pruner's stages too) takes the steps at the same storage columns as the mask
+        if (cache.rooms() != {mask.storage.shape[1] - mask.length}
+                or not cache.pruned and cache.storage_length() != mask.storage.shape[1]):
             cache.exit_graph()
-            self.graph_note = "decode ran eagerly: the mask's storage and the cache's differ in length"
+            self.graph_note = "decode ran eagerly: the layers' storage and the mask's differ in length or room"
             return False
         return True
 

@@ -251,20 +251,23 @@ class PreallocatedCache(DynamicCache):
         self.reserve = reserve
         self.layers = [PreallocatedLayer(reserve) if type(layer) is DynamicLayer else layer for layer in self.layers]
         self.masks_on_device = False
-        self.pruned = False  # a token pruner runs hooks on this cache's forwards (set by the pruning engine)
+        self.pruned = False  # a token pruner's stages hold fewer tokens in later layers (set by the pruning engine)
         self.graph = False
 
     def graph_blocker(self) -> str | None:
         """Why this cache's decode steps cannot run as one static-shape graph, or None: every layer
-        must be a preallocated one of ours, all holding the same tokens, and no pruner may run
-        per-step hooks on it (a pruned stage's masks and positions are built from Python lengths)."""
-        if self.pruned:
-            return "a token pruner's stages (their masks and positions are built on the host each step)"
+        must be a preallocated one of ours, all holding the same tokens unless a token pruner's stages
+        hold fewer (its engine masks each stage over that stage's own storage)."""
         if not all(isinstance(layer, GrowingLayer) and layer.is_initialized for layer in self.layers):
             return "a layer whose cache is not preallocated (e.g. a sliding window)"
-        if len({layer.get_seq_length() for layer in self.layers}) != 1:
+        if not self.pruned and len({layer.get_seq_length() for layer in self.layers}) != 1:
             return "layers holding different numbers of tokens"
         return None
+
+    def rooms(self) -> set[int]:
+        """The tokens each layer's storage has room for beyond what it holds (one value where every
+        layer can take a static graph's steps alike)."""
+        return {grow.storage.shape[grow.dim] - grow.length for layer in self.layers for grow in layer._grow.values()}
 
     def enter_graph(self, extra: int) -> None:
         """Room for ``extra`` more tokens in every layer, then writes at device cursors: each update

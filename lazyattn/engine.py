@@ -33,6 +33,7 @@ from torch import nn
 from lazyattn.arch import attention_modules, decoder_layers, image_token_id, sliding_window
 from lazyattn.attention import patch_attention
 from lazyattn.base import Plan
+from lazyattn.cache import PreallocatedCache
 
 
 # --------------------------------------------------------------------------- stage bookkeeping
@@ -168,6 +169,9 @@ class PruneEngine:
         if embeds is None:
             raise ValueError("token pruning expects the language model to be called with inputs_embeds (LLaVA-style).")
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        if isinstance(cache, PreallocatedCache) and cache.graph:
+            self._graph_step(kwargs)
+            return
         past = cache.get_seq_length() if cache is not None else 0
         if past and self.stages and self.stages[0].first_layer == 0:
             # layer 0 caches the reduced prompt (a pre-LLM reducer): the prompt's own length is the model's
@@ -190,11 +194,29 @@ class PruneEngine:
                 f"({type(mask2d).__name__}); call the model with the processor's attention_mask."
             )
         self.step = {"positions": positions, "mask2d": mask2d, "past": past, "cache": cache}
-        if cache is not None:  # its decode steps run these hooks, which read lengths on the host: no static graph
+        if cache is not None:  # its layers hold different numbers of tokens (a static graph checks their room)
             cache.pruned = True
         self.prefill = past == 0
         if self.prefill:
             self._start_prefill(embeds, positions, mask2d)
+        for stage in self.stages:
+            stage.mask = stage.position_embeddings = stage.position_ids = None
+
+    def _graph_step(self, kwargs) -> None:
+        """A decode step compiled as one static graph (``PreallocatedCache.enter_graph``): the decoder
+        gets the prepared (B, 1, 1, T) mask over its layers' whole storage, and each stage's layers
+        get theirs over their own storage (the stage's prompt columns, then the decoder's columns after
+        the prompt: every layer holds the same tokens since), built on the device; nothing is read on
+        the host and no shape depends on how full the cache is."""
+        mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or positions is None:
+            raise ValueError("a compiled decode step with token pruning needs the prepared storage mask (B, 1, 1, T) "
+                             "and the position ids, as harness.generate passes them.")
+        valid = mask[:, 0, 0, :] if mask.dtype == torch.bool else mask[:, 0, 0, :] == 0
+        if positions.dim() == 2 and self.mrope:
+            positions = positions[None].expand(3, -1, -1)
+        self.step = {"positions": positions, "after_prompt": valid[:, self.prefill_len:]}
+        self.prefill = False
         for stage in self.stages:
             stage.mask = stage.position_embeddings = stage.position_ids = None
 
@@ -299,15 +321,18 @@ class PruneEngine:
             real, positions = stage.real, stage.positions
             stage.unpadded = unpadded = bool(real.all())
         else:
-            mask2d = self.step["mask2d"]
-            n_new = self.step["past"] + q_len - self.prefill_len  # tokens after the prompt, these included
-            new = (
-                torch.ones(hidden.shape[0], n_new, dtype=torch.bool, device=hidden.device)
-                if mask2d is None
-                else mask2d[:, -n_new:].bool()
-            )
-            real = torch.cat([stage.real, new], dim=1)
-            unpadded = stage.unpadded if mask2d is None else None  # no decode-time host sync when unpadded
+            if "after_prompt" in self.step:  # a static-graph step: the whole storage, its room masked
+                real, unpadded = torch.cat([stage.real, self.step["after_prompt"]], dim=1), False
+            else:
+                mask2d = self.step["mask2d"]
+                n_new = self.step["past"] + q_len - self.prefill_len  # tokens after the prompt, these included
+                new = (
+                    torch.ones(hidden.shape[0], n_new, dtype=torch.bool, device=hidden.device)
+                    if mask2d is None
+                    else mask2d[:, -n_new:].bool()
+                )
+                real = torch.cat([stage.real, new], dim=1)
+                unpadded = stage.unpadded if mask2d is None else None  # no decode-time host sync when unpadded
             step_pos = self.step["positions"]
             positions = step_pos - (stage.shift[:, None] if step_pos.dim() == 2 else stage.shift[None, :, None])
         stage.mask = _stage_mask(self.impl, real, q_len, hidden.dtype, unpadded)

@@ -173,7 +173,7 @@ def run_budget(model, prompts: Prompts, context: dict, variants: list[Variant], 
         del inputs
     summaries = measure.interleaved(
         model, timed, new_tokens=new_tokens, repeats=settings["repeats"], warmup=settings["warmup"], cache=cache,
-        compile=settings["compile"][0],  # compile=both: the budget is timed eagerly
+        compile=settings.get("compile", [False])[0],  # compile=both: the budget is timed eagerly
     )
     dense = summaries[variants[0].label]
     dense_batch = plan["entries"][0]["max_batch"]
