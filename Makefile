@@ -46,7 +46,8 @@ bench: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python -m harness.bench $(ARGS)
 
 # The KV-bound preset (conf/preset/kv.yaml): dense vs Lazy Attention (every reading) and FastV where a
-# decode step reads ~5x more KV than weights, both KV caches, dense's KV budget; about 15 min on 2 cores.
+# decode step reads ~5x more KV than weights, both KV caches, eager and compiled decode, dense's KV budget, and the
+# explicit-attention control; about 27 min on 2 cores.
 bench-kv: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python -m harness.bench +preset=kv out_dir=results/bench/llava_kv_random $(ARGS)
 
