@@ -785,6 +785,8 @@ def test_pope_number_is_the_mean_of_its_subsets_f1_and_the_paper_table(tmp_path,
         assert row[2:4] == ["100.0", f"{100 * (1 / 2 + 1 + 2 / 3) / 3:.1f}"]
     assert by_label[lazy][4] == "12.5 %"  # 3 lazy layers of 12 keep no keys: 3/24 of the KV cache
     assert float(by_label[lazy][5]) > 0 and float(by_label[lazy][6].split()[0]) > 0
+    dense_tps = result["efficiency"]["dense"]["decode_tokens_per_s"]  # dense's, timed beside the method
+    assert by_label["Dense (in-run)"][4:] == ["0.0 %", f"{dense_tps:.0f}", "–"]
     assert (tmp_path / "rendered" / "tables" / "paper.tex").read_text().count(r"\\") == 3
 
     # make table-paper renders this tree; `make tables` lists it

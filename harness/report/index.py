@@ -181,6 +181,7 @@ def with_in_run_dense(points: Sequence[dict], task: str) -> list[dict]:
             continue
         have.add(key)
         out.append({**r, "tasks": r["tasks_dense"], "efficiency": None, "_in_run_dense": True,
+                    "_timed_beside": r.get("efficiency"),  # the method's timing, dense's numbers in it
                     "method": {"name": "dense", "label": "Dense (in-run)", "sort_key": [], "params": {}, "series": "dense"}})
     return sorted(out, key=_sort_key)
 

@@ -36,8 +36,8 @@ def layers_figure(results: Sequence[dict], out: Path) -> Path:
 def pareto_figure(results: Sequence[dict], out: Path, task: str = "shapes") -> Path:
     """The figure of ``pareto_points``: one line per series."""
     points, y_key, without = pareto_points(results, task)
-    if not points:
-        raise NothingToRender(f"no {task} point with a workload KV cut (a dense of its protocol) to plot.")
+    if not any(task in r["tasks"] for r in results):
+        raise NothingToRender(f"no {task} results to plot.")
     return figures.pareto_png(points, out / "figures" / "pareto.png",
                               f"{task}: {y_key} vs kv_cut_workload (each line: one method, one protocol)",
                               xlabel="kv_cut_workload: KV cache reduction on the scored samples (%)",

@@ -116,6 +116,8 @@ def benchmark_table(results: Sequence[dict], columns: Sequence[str] | None = Non
         noise = f" {NOISE_FLAG}" if head.get("timing_noisy") else ""
         cut, tps, speedup = (head.get(k) for k in ("kv_cut_timing_batch", "decode_tokens_per_s_timing_batch",
                                                      "decode_speedup_timing_batch"))
+        if r.get("_in_run_dense") and r.get("_timed_beside"):  # dense timed beside the method, in its run
+            cut, tps = 0.0, r["_timed_beside"]["dense"].get("decode_tokens_per_s")
         rows.append([label(r), r["model"]["name"], *cells, "–" if cut is None else f"{100 * cut:.1f} %",
                      "–" if tps is None else f"{tps:.0f}", "–" if speedup is None else f"{speedup:.2f}{noise}"])
     return header, rows
