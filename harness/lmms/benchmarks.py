@@ -189,7 +189,7 @@ def declared(name: str) -> Metrics:
 
 
 def column_title(name: str) -> str:
-    """A benchmark's column in the paper table: its short name and its protocol's metric."""
+    """A benchmark's column in the paper table: its short name and its protocol's metric (its first)."""
     short = "POPE" if name == "pope_full" else BENCHMARKS[name].short or name
     metric = declared(name).metrics[0]
     return f"{short} {metric.title or metric.name}"

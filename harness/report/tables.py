@@ -6,6 +6,7 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from harness import headline, longform
+from harness.metrics import Metric
 from harness.measure import SPEEDUPS, ratio_spread  # one definition, shared with the noise verdict
 from harness.report.index import (
     NothingToRender, _calibrated, _pm, _task_columns, _unique, against_dense_of, anchor_js, dense_rows, headline_of, label,
@@ -79,12 +80,14 @@ def _metric_suffix(points: Sequence[dict], task: str, column: str) -> str:
 
 
 def benchmark_table(results: Sequence[dict], columns: Sequence[str] | None = None,
-                    titles: Mapping[str, str] | None = None) -> tuple[list[str], list[list[str]]]:
-    """Tasks (benchmarks, datasets) as columns, each by the metric its task declares first (its
-    protocol's: ``harness.metrics``; printed on the metric's own scale), methods as rows, with the
-    timing batch's KV cut and decode throughput (tokens/s and speed-up over dense, ‡ where timing is
+                    titles: Mapping[str, str] | None = None,
+                    columns_metrics: Mapping[str, Metric] | None = None) -> tuple[list[str], list[list[str]]]:
+    """Tasks (benchmarks, datasets) as columns, each by the metric its scores are judged by (the first
+    declared one they hold, ``harness.metrics``: a benchmark's protocol's; printed on its own scale),
+    methods as rows, with the timing batch's KV cut and decode throughput (tokens/s and speed-up over dense, ‡ where timing is
     noise). ``columns``: the tasks to show, in order (default: every task of ``results``, in the order
-    they appear), ``titles`` their names (default: the task and its metric). Every result that holds
+    they appear), ``titles`` their names (default: the task and its metric), ``columns_metrics`` the
+    metric of a column where it is not the one its scores are judged by. Every result that holds
     one of them is a row, newest per label and protocol; a dense scored beside a method
     (``compare_dense=true``) is a "Dense (in-run)" row."""
     if columns is None:
@@ -95,23 +98,26 @@ def benchmark_table(results: Sequence[dict], columns: Sequence[str] | None = Non
     if dense_task is not None:
         chosen = with_in_run_dense(chosen, dense_task)
 
+    def judged(name: str):  # the metric the task's scores are judged by (a benchmark's: its protocol's)
+        return next((m for r in chosen if (m := metrics_of(r, name).judged_by(r["tasks"].get(name)))), None)
+
+    metric_of = {name: m for name in present if (m := (columns_metrics or {}).get(name) or judged(name))}
+    present = [c for c in present if c in metric_of]
+    if not present:
+        return ["Method", "Model"], []
+
     def title(name: str) -> str:
         if titles and name in titles:
             return titles[name]
-        declared = next(metrics_of(r, name) for r in chosen if name in r["tasks"])
-        metric = declared.metrics[0]
-        return f"{name} {metric.title or metric.name}"
+        return f"{name} {metric_of[name].title or metric_of[name].name}"
 
     header = ["Method", "Model", *[title(c) for c in present], "KV cut timing batch", "Decode tok/s", "Decode ×"]
     rows = []
     for r in chosen:
         cells = []
         for name in present:
-            scores = r["tasks"].get(name)
-            declared = metrics_of(r, name)
-            metric = declared.metrics[0]  # the protocol's metric, never another in its place
-            value = (scores or {}).get(metric.name)
-            cells.append(metric.shown(value if isinstance(value, (int, float)) else None))
+            value = (r["tasks"].get(name) or {}).get(metric_of[name].name)  # never another metric in its place
+            cells.append(metric_of[name].shown(value if isinstance(value, (int, float)) else None))
         head = headline.compute(r, task=present[0]) if r.get("efficiency") else {}
         noise = f" {NOISE_FLAG}" if head.get("timing_noisy") else ""
         cut, tps, speedup = (head.get(k) for k in ("kv_cut_timing_batch", "decode_tokens_per_s_timing_batch",
@@ -128,7 +134,7 @@ def paper_table(results: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
     its protocol's metric (``harness.lmms.benchmarks.PAPER_COLUMNS``: POPE as its subsets' mean F1),
     methods as rows, with KV cut and throughput (``benchmark_table``). The paper's benchmarks the
     results lack are named on stderr; results with none of them are refused (``NothingToRender``)."""
-    from harness.lmms.benchmarks import PAPER_COLUMNS, column_title
+    from harness.lmms.benchmarks import PAPER_COLUMNS, column_title, declared
 
     present = [c for c in PAPER_COLUMNS if any(c in r["tasks"] for r in results)]
     if not present:
@@ -139,7 +145,8 @@ def paper_table(results: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
     if missing:
         print(f"note: the paper table has no results for {', '.join(missing)}: their columns are left out.",
               file=sys.stderr)
-    return benchmark_table(results, present, {c: column_title(c) for c in present})
+    return benchmark_table(results, present, {c: column_title(c) for c in present},
+                           {c: declared(c).metrics[0] for c in present})
 
 
 def table_notes(header: Sequence[str], rows: Sequence[Sequence[str]] = ()) -> list[str]:
