@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 LMMS_EVAL ?= lmms-eval==0.7.3
 LMMS_STAMP := $(VENV)/.lmms-installed
 
-.PHONY: install lmms-install vlmeval-install run test bench bench-kv gpu-check gpu-wheels gpu-dryrun gpu-collect clean tiny-model tiny-model-deep sweeps sweeps-readings sweeps-deep tables table-main table-protocol table-efficiency table-calibration fig-layers fig-pareto fig-fidelity table-longform
+.PHONY: install lmms-install vlmeval-install run test bench bench-kv gpu-check gpu-wheels gpu-dryrun gpu-collect clean tiny-model tiny-model-deep sweeps sweeps-readings sweeps-deep tables table-main table-protocol table-efficiency table-calibration fig-layers fig-pareto fig-fidelity table-longform table-paper
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -182,4 +182,13 @@ fig-pareto: $(STAMP) $(REPORT_DEPS)
 	$(REPORT) pareto --results $(RESULTS) --out $(OUT)
 table-longform: $(STAMP) $(REPORT_DEPS)
 	$(REPORT) longform --results $(RESULTS) --out $(OUT)
-tables: table-main table-protocol table-efficiency table-calibration fig-layers fig-pareto fig-fidelity table-longform
+# The paper's table (benchmarks as columns, each by its protocol's metric; methods as rows, with KV cut
+# and throughput) from task=paper results under $(PAPER_RESULTS), e.g. one folder per method:
+#   python -m harness task=paper method=lazy out_dir=results/paper/lazy
+# Skipped, with a note, where that folder does not exist (the tiny sweeps have no task=paper results).
+PAPER_RESULTS ?= results/paper
+PAPER_OUT ?= $(if $(filter results/paper,$(PAPER_RESULTS)),results,$(PAPER_RESULTS))
+table-paper: $(STAMP)
+	@if [ -d $(PAPER_RESULTS) ]; then $(REPORT) paper --results $(PAPER_RESULTS) --out $(PAPER_OUT); \
+	else echo "note: no $(PAPER_RESULTS): no task=paper results, the paper table is skipped (make table-paper PAPER_RESULTS=DIR)"; fi
+tables: table-main table-protocol table-efficiency table-calibration fig-layers fig-pareto fig-fidelity table-longform table-paper

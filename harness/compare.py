@@ -7,9 +7,11 @@ dense beside its method and the report that pairs two sweep points compute the s
 - ``bootstrap``: 95 % percentile bootstrap interval of a mean (F1 scores), seeded.
 - ``paired_delta``: method minus dense on the same samples, with a 95 % paired bootstrap interval
   (samples resampled together); identical predictions give exactly 0 with a zero-width interval.
+- ``deltas``, ``score_delta``: paired differences of the metrics a task declares (``harness.metrics``).
 - ``fidelity``: whether the method's generated tokens equal dense's, how long their common prefix
   is relative to dense's output, and where they first diverge (token counts over all turns).
 - ``kv_workload``: the mean over samples of each sample's peak KV cache bytes.
+- ``against_dense``: all of the above for one method against dense, the one builder of that comparison.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import statistics
 from collections.abc import Callable, Sequence
 
 import numpy as np
+
+from harness.metrics import Metric, Metrics
 
 Z95 = 1.959963984540054
 BOOTSTRAP_RESAMPLES = 2000
@@ -51,6 +55,18 @@ def interval(values: Sequence[float]) -> list[float]:
     return bootstrap(values)
 
 
+def ci95(metric: Metric, values: Sequence[float]) -> list[float] | None:
+    """The 95 % interval of ``metric``'s per-sample ``values`` as the metric declares it (``Metric.interval``:
+    Wilson, bootstrap, ``auto``: Wilson for 0/1 values, bootstrap otherwise), or None where it declares none."""
+    if metric.interval == "wilson":
+        return wilson(sum(values), len(values))
+    if metric.interval == "bootstrap":
+        return bootstrap(values)
+    if metric.interval == "auto":
+        return interval(values)
+    return None
+
+
 def paired_delta(method: Sequence[float], dense: Sequence[float], seed: int = 0) -> dict:
     diff = np.asarray(method, dtype=float) - np.asarray(dense, dtype=float)
     if len(diff) == 0:
@@ -59,26 +75,47 @@ def paired_delta(method: Sequence[float], dense: Sequence[float], seed: int = 0)
     return {"delta": float(diff.mean()), "delta_ci95": [lo, hi], "n": int(len(diff))}
 
 
-def metric_of(row: dict) -> str:
-    """The score a row is judged by: F1 for descriptions, accuracy otherwise."""
-    return "f1" if "f1" in row else "acc"
-
-
 def paired(method_rows: Sequence[dict], dense_rows: Sequence[dict]) -> list[tuple[dict, dict]]:
     """Method and dense rows of the same samples (by id), in the method's order."""
     dense = {r["id"]: r for r in dense_rows}
     return [(m, dense[m["id"]]) for m in method_rows if m["id"] in dense]
 
 
-def deltas(method_rows: Sequence[dict], dense_rows: Sequence[dict], group: str = "qtype") -> dict:
-    """Paired differences overall (``all``, accuracy of every sample) and per ``group``."""
+def common_metric(rows: Sequence[dict], metrics: Metrics) -> Metric | None:
+    """The metric a set of rows is judged by together: the first declared per-sample one every row holds
+    (shapes: F1 for a group of descriptions, accuracy over every sample); None when there is none."""
+    for metric in metrics.metrics:
+        if metric.per_sample and rows and all(isinstance(r.get(metric.name), (int, float)) for r in rows):
+            return metric
+    return None
+
+
+def deltas(method_rows: Sequence[dict], dense_rows: Sequence[dict], metrics: Metrics,
+           group: str | None = None) -> dict:
+    """Paired differences overall (``all``) and per ``group`` (the task's declared group unless given),
+    each of the metric its rows are judged by together (``common_metric``: accuracy over all of
+    shapes' samples, F1 for its descriptions); a set of rows without one is left out."""
     pairs = paired(method_rows, dense_rows)
-    out = {"all": paired_delta([m["acc"] for m, _ in pairs], [d["acc"] for _, d in pairs])}
-    for key in dict.fromkeys(m.get(group) for m, _ in pairs):
-        sub = [(m, d) for m, d in pairs if m.get(group) == key]
-        metric = metric_of(sub[0][0])
-        out[key] = {"metric": metric, **paired_delta([m[metric] for m, _ in sub], [d[metric] for _, d in sub])}
+    group = group or metrics.group
+    out = {}
+    for key in ["all", *(dict.fromkeys(m.get(group) for m, _ in pairs) if group else [])]:
+        sub = pairs if key == "all" else [(m, d) for m, d in pairs if m.get(group) == key]
+        metric = common_metric([r for pair in sub for r in pair], metrics)
+        if metric is not None:
+            out[key] = {"metric": metric.name, **paired_delta([m[metric.name] for m, _ in sub],
+                                                                [d[metric.name] for _, d in sub])}
     return out
+
+
+def score_delta(method_rows: Sequence[dict], dense_rows: Sequence[dict], metrics: Metrics) -> dict | None:
+    """The paired change of the per-sample score: each pair by the first declared per-sample metric its
+    method row holds (shapes: F1 for a description, accuracy otherwise), when dense's row holds it too;
+    None where a pair has no such score (an lmms-eval benchmark scored by its own aggregate only)."""
+    pairs = paired(method_rows, dense_rows)
+    judged = [metrics.judged_by(m, per_sample=True) for m, _ in pairs]
+    if not pairs or any(j is None or j.name not in d for j, (_, d) in zip(judged, pairs)):
+        return None
+    return paired_delta([m[j.name] for j, (m, _) in zip(judged, pairs)], [d[j.name] for j, (_, d) in zip(judged, pairs)])
 
 
 def words(text: str) -> list[str]:
@@ -106,7 +143,7 @@ def transcript(row: dict, tokenize: Callable[[str], list]) -> list:
 
 
 def fidelity(method_rows: Sequence[dict], dense_rows: Sequence[dict], tokenize: Callable[[str], list] = words,
-             group: str = "qtype") -> tuple[dict, list[dict]]:
+             group: str | None = "qtype") -> tuple[dict, list[dict]]:
     """Summary (overall and per group) and per-sample fidelity of the method's outputs to dense's."""
     pairs = paired(method_rows, dense_rows)
     per = [sample_fidelity(transcript(m, tokenize), transcript(d, tokenize)) for m, d in pairs]
@@ -121,7 +158,7 @@ def fidelity(method_rows: Sequence[dict], dense_rows: Sequence[dict], tokenize: 
         }
 
     out = summary(per)
-    for key in dict.fromkeys(m.get(group) for m, _ in pairs):
+    for key in dict.fromkeys(m.get(group) for m, _ in pairs) if group else []:
         out[key] = summary([f for (m, _), f in zip(pairs, per) if m.get(group) == key])
     return out, per
 
@@ -155,3 +192,25 @@ def kv_workload(method_rows: Sequence[dict], dense_rows: Sequence[dict] | None =
             out["dense_bytes_mean"] = sum(dense) / len(dense)
             out["reduction"] = 1.0 - sum(peak_kv(m) for m, _ in pairs) / sum(dense)
     return out
+
+
+def against_dense(method_rows: Sequence[dict], dense_rows: Sequence[dict] | None, metrics: Metrics,
+                  group: str | None = None, tokenize: Callable[[str], list] = words) -> dict:
+    """The method against dense on the same samples (paired by id), the one comparison result.json, the
+    headline and every table read: ``n`` pairs; ``score``, the paired change of the per-sample score
+    (``score_delta``); ``deltas``, overall and per group (``deltas``); ``fidelity`` (summary, overall and
+    per group) and ``per_sample`` (a (method row, its fidelity) per pair); ``kv``, the workload KV
+    (``kv_workload``: the method's alone when there is no dense). ``group``: the task's declared one
+    unless given."""
+    dense_rows = list(dense_rows or [])
+    group = group or metrics.group
+    pairs = paired(method_rows, dense_rows)
+    fid, per_sample = fidelity(method_rows, dense_rows, tokenize, group) if pairs else ({}, [])
+    return {
+        "n": len(pairs),
+        "score": score_delta(method_rows, dense_rows, metrics),
+        "deltas": deltas(method_rows, dense_rows, metrics, group) if pairs else {},
+        "fidelity": fid,
+        "per_sample": [(m, f) for (m, _), f in zip(pairs, per_sample)],
+        "kv": kv_workload(method_rows, dense_rows) if method_rows else None,
+    }

@@ -17,7 +17,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from harness import compare
+from harness import compare, metrics as declared
+from harness.metrics import Metrics
 
 DENSE_FLOOR = 0.10  # dense below this on a question type, or on a whole task: one dense cannot do
 # A speed-up whose spread (harness.measure.ratio_spread: its relative half-IQRs, method and dense) is
@@ -28,16 +29,18 @@ ACHIEVED_MAX = 1.5
 
 # key -> what it is; the order is the order of the console's headline block and of W&B's keys.
 KEYS: dict[str, str] = {
-    "acc_mean_types": "mean over question types of each type's score (F1 for describe and long, accuracy otherwise)",
+    "acc_mean_types": "mean over question types (the task's groups) of each type's score, by the metric it is judged "
+                      "by (harness.metrics: F1 for describe and long, accuracy otherwise)",
     "acc_mean_types_capable": f"acc_mean_types over the types dense scores at least {DENSE_FLOOR:.0%} on "
                               "(dense_below_floor left out; null without dense)",
     "dense_below_floor": f"the question types dense scores below {DENSE_FLOOR:.0%} on (null without dense)",
     "dense_task_below_floor": f"whether dense scores below {DENSE_FLOOR:.0%} on the whole task (its primary "
                               "score over samples): a task dense cannot do, on which a delta means nothing "
                               "(null without dense)",
-    "acc_samples": "accuracy over samples (every sample right or wrong, describe and long by exact match)",
-    "delta_score": "method minus dense on the same samples: the mean change of the per-sample score (F1 for "
-                   "describe and long), paired",
+    "acc_samples": "the task's score over samples by its declared metric (shapes: accuracy, every sample right or "
+                   "wrong, describe and long by exact match)",
+    "delta_score": "method minus dense on the same samples: the mean change of the per-sample score (each sample "
+                   "by the metric it is judged by: F1 for describe and long), paired",
     "delta_score_ci95": "its 95 % paired-bootstrap interval",
     "exact_match": "fraction of samples whose generated tokens equal dense's",
     "kv_cut_workload": "1 - method / dense mean per-sample peak KV bytes on the scored samples",
@@ -54,33 +57,22 @@ KEYS: dict[str, str] = {
 }
 
 
-def primary(scores: Mapping) -> float | None:
-    """A question type's score: F1 where there is one (describe, long), accuracy otherwise."""
-    value = scores.get("f1", scores.get("acc"))
-    return None if value is None else float(value)
-
-
-def type_scores(scores: Mapping | None) -> dict[str, float]:
-    """Each question type's score (``primary``) in a task's scores; {} for tasks without types."""
-    out = {}
-    for key, value in (scores or {}).items():
-        if isinstance(value, Mapping) and "n" in value and primary(value) is not None:
-            out[key] = primary(value)
-    return out
-
-
-def below_floor(dense_scores: Mapping | None) -> list[str] | None:
-    """The question types dense cannot do (below ``DENSE_FLOOR``); None when dense is unknown."""
+def below_floor(dense_scores: Mapping | None, metrics: Metrics) -> list[str] | None:
+    """The groups (question types) dense cannot do (below ``DENSE_FLOOR`` by the metric each is judged by,
+    ``metrics``: the task's declaration); None when dense is unknown."""
     if not dense_scores:
         return None
-    return [t for t, v in type_scores(dense_scores).items() if v < DENSE_FLOOR]
+    return [t for t, v in metrics.groups(dense_scores).items() if v < DENSE_FLOOR]
 
 
-def task_below_floor(dense_scores: Mapping | None) -> bool | None:
-    """Whether dense cannot do the task at all (its primary score over samples below ``DENSE_FLOOR``);
-    None when dense or its score is unknown (an lmms-eval benchmark's own metrics)."""
-    value = primary(dense_scores) if dense_scores else None
-    return None if value is None else value < DENSE_FLOOR
+def task_below_floor(dense_scores: Mapping | None, metrics: Metrics) -> bool | None:
+    """Whether dense cannot do the task at all (its score over samples, by the metric the task's scores are
+    judged by, below ``DENSE_FLOOR``); None when dense or its score is unknown, or the metric is not a
+    fraction (``Metric.scale`` 1: MME's points, MMBench's percentage)."""
+    metric = metrics.judged_by(dense_scores) if dense_scores else None
+    if metric is None or metric.scale != 100:
+        return None
+    return float(dense_scores[metric.name]) < DENSE_FLOOR
 
 
 def timing_verdict(eff: Mapping | None) -> tuple[bool | None, str | None]:
@@ -115,27 +107,25 @@ def compute(result: Mapping, method_rows: Sequence[dict] | None = None, dense_ro
     dense result is its own baseline. Keys that cannot be computed are None."""
     task = task or next(iter(result["tasks"]), None)
     scores = result["tasks"].get(task, {}) if task else {}
+    metrics = declared.of_result(result, task) if task else declared.ACCURACY
     is_dense = result["method"]["name"] == "dense"
     if is_dense:
         dense_scores = dense_scores or scores
-    per_type = type_scores(scores)
-    flagged = below_floor(dense_scores)
+    per_type = metrics.groups(scores)
+    flagged = below_floor(dense_scores, metrics)
     out: dict[str, Any] = dict.fromkeys(KEYS)
     out["acc_mean_types"] = _mean(list(per_type.values()))
     if flagged is not None:
         out["dense_below_floor"] = flagged
         out["acc_mean_types_capable"] = _mean([v for t, v in per_type.items() if t not in flagged])
-    out["dense_task_below_floor"] = task_below_floor(dense_scores)
-    out["acc_samples"] = scores.get("acc")
-    method_rows = list(method_rows or [])
+    out["dense_task_below_floor"] = task_below_floor(dense_scores, metrics)
+    out["acc_samples"] = metrics.score(scores)
     dense_rows = [] if is_dense else list(dense_rows or [])
-    pairs = compare.paired(method_rows, dense_rows)
-    if pairs and all(compare.metric_of(m) in m for m, _ in pairs):
-        delta = compare.paired_delta([m[compare.metric_of(m)] for m, _ in pairs],
-                                     [d[compare.metric_of(d)] for _, d in pairs])
-        out["delta_score"], out["delta_score_ci95"] = delta["delta"], delta["delta_ci95"]
-        out["exact_match"] = compare.fidelity(method_rows, dense_rows)[0].get("exact_match")
-    kv = compare.kv_workload(method_rows, dense_rows) if method_rows else None
+    versus = compare.against_dense(list(method_rows or []), dense_rows, metrics)
+    if versus["score"] is not None:
+        out["delta_score"], out["delta_score_ci95"] = versus["score"]["delta"], versus["score"]["delta_ci95"]
+        out["exact_match"] = versus["fidelity"].get("exact_match")
+    kv = versus["kv"]
     if kv:
         out["kv_bytes_workload"] = kv["method_bytes_mean"]
         out["kv_cut_workload"] = 0.0 if is_dense else kv["reduction"]

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 # 2: method.label and method.sort_key; repo-relative paths; 3: headline (harness.headline);
-# 4: method.series and method.plan (the method's Plan: lazy layers, reading, pruning)
-SCHEMA_VERSION = 4
+# 4: method.series and method.plan (the method's Plan: lazy layers, reading, pruning); 5: metrics (each
+# task's declared metrics, harness.metrics; older results get them from harness.metrics.of_result)
+SCHEMA_VERSION = 5
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -142,8 +143,21 @@ def load(path: str | Path) -> dict:
     task = (result.get("config") or {}).get("task")
     if isinstance(task, dict):  # results from before carried caches re-encoded every turn
         task.setdefault("multiturn", "reencode")
+    if version < 5 and isinstance(result.get("tasks"), dict):  # each task's metrics, as its task declares them
+        result["metrics"] = {name: _declared(name, scores).to_json() for name, scores in result["tasks"].items()}
     result["schema_version_read"] = version
     return result
+
+
+def _declared(name: str, scores: dict):
+    """The metrics a task scored as ``name`` declares, for a result written before they were recorded:
+    an lmms-eval benchmark's own (``harness.lmms.benchmarks.declared``), else ``harness.metrics.inferred``."""
+    from harness import metrics
+    from harness.lmms import benchmarks  # the declarations only: no lmms-eval needed
+
+    if name in benchmarks.BENCHMARKS or name in benchmarks.COMBINED:
+        return benchmarks.declared(name)
+    return metrics.inferred(name, scores)
 
 
 def _series_from_sort_key(name: str, order: list) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 import lazyattn
-from harness import calibration, compare, figures, headline, measure, tracking
+from harness import calibration, compare, figures, headline, measure, metrics, tracking
 from harness.config import (
     PREEXISTING,
     RunError,
@@ -32,6 +32,7 @@ from harness.config import (
     writable_dir,
 )
 from harness.generate import prompt_inputs
+from harness.metrics import Metrics
 from harness.models import load_model
 from harness.results import SCHEMA_VERSION, RunLock, RunLocked, SampleLog, check_unlocked, env_info, write_json_atomic
 from harness import tasks
@@ -99,49 +100,36 @@ def describe_method(method, n_layers: int, calibrated: dict | None) -> dict:
     }
 
 
-def compare_to_dense(rows: dict[str, list[dict]], scores: dict, processor) -> dict:
-    """What result.json says of the method against dense on the same samples: the KV cache of the
-    evaluated workload and, when dense was scored too, fidelity to dense's outputs (``fidelity``,
-    and ``per_sample``: one entry per paired method row, by id) and the paired difference of every
-    score with its 95 % interval (``deltas``: question type, or "all", -> delta and interval).
-    Nothing passed in is changed: ``record_comparison`` puts the per-sample and per-type numbers in
-    place."""
+def record_against_dense(rows: dict[str, list[dict]], scores: dict, declared: dict[str, Metrics], processor) -> dict:
+    """What result.json says of the method against dense on the same samples (``compare.against_dense``,
+    each task by the metrics it declares): returns the top-level keys, the workload KV cache
+    (``kv_workload``) and, when dense was scored too, ``fidelity`` to dense's outputs (token by token,
+    overall and per group: the one task's declared group, or per task when a run scores several);
+    writes each method row's own ``fidelity`` into it (samples.jsonl) and the paired differences with
+    their 95 % intervals into the task's scores (``delta``, ``delta_ci95``: overall and per group)."""
     method, dense = rows["method"], rows.get("dense")
     out = {"kv_workload": compare.kv_workload(method, dense)}
     if not dense:
         return out
-    group = "qtype" if method and "qtype" in method[0] else "task"
+    first = next(iter(scores), None)
+    one = declared.get(first) if len(scores) == 1 else None
+    group = (one.group if one else None) or ("task" if method and "task" in method[0] else None)
     tokenizer = getattr(processor, "tokenizer", processor)
-    summary, per_sample = compare.fidelity(
-        method, dense, tokenize=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], group=group
-    )
-    out["fidelity"] = summary
-    out["per_sample"] = {row["id"]: fid for (row, _), fid in zip(compare.paired(method, dense), per_sample)}
-    if all("acc" in r for r in method + dense) and (group == "task" or len(scores) == 1):
-        # per question type within one task, or per task (dataset) when a run scores several
-        out["deltas"] = {key: {"delta": d["delta"], "delta_ci95": d["delta_ci95"]}
-                         for key, d in compare.deltas(method, dense, group=group).items()
-                         if group == "qtype" or key != "all" or len(scores) == 1}
-        out["deltas_by"] = group
-    return out
+    versus = compare.against_dense(method, dense, one or metrics.ACCURACY, group=group,
+                                   tokenize=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"])
+    out["fidelity"] = versus["fidelity"]
+    for row, fid in versus["per_sample"]:
+        row["fidelity"] = fid
+    for name, task_scores in scores.items():
+        def of_task(variant_rows, name=name):
+            return [r for r in variant_rows if r.get("task", first) == name]
 
-
-def record_comparison(comparison: dict, method_rows: list[dict], scores: dict) -> dict:
-    """Write ``compare_to_dense``'s per-sample fidelity into the method's rows (``samples.jsonl``) and
-    its paired differences into the task's scores; returns what result.json keeps at top level."""
-    per_sample, deltas = comparison.pop("per_sample", {}), comparison.pop("deltas", {})
-    by = comparison.pop("deltas_by", "qtype")
-    for row in method_rows:
-        if row["id"] in per_sample:
-            row["fidelity"] = per_sample[row["id"]]
-    if deltas:
-        task_scores = next(iter(scores.values()))
-        groups = scores if by == "task" else task_scores  # per task, or per question type of the one task
-        for key, delta in deltas.items():
-            target = task_scores if key == "all" else groups.get(key)
+        task_group = declared[name].group if one else None
+        for key, delta in compare.deltas(of_task(method), of_task(dense), declared[name], task_group).items():
+            target = task_scores if key == "all" else task_scores.get(key)
             if isinstance(target, dict):
-                target.update(delta)
-    return comparison
+                target.update({"delta": delta["delta"], "delta_ci95": delta["delta_ci95"]})
+    return out
 
 
 def samples_scored(limit: int | None, task) -> str:
@@ -155,8 +143,9 @@ def samples_scored(limit: int | None, task) -> str:
         return f"n={n} (limit={limit}{' or fewer rows' if any(size < limit for size in sizes.values()) else ''})"
     if limit is not None:
         return f"n={limit} (limit)"
-    default = getattr(task, "n", None)  # the shapes sets' task.n; the lmms-eval benchmarks have none
-    return f"n={default} (task.n, the task's default)" if default is not None else "n=every sample (no limit)"
+    if task.n is not None:  # the shapes sets' task.n; the lmms-eval benchmarks have none
+        return f"n={task.n} (task.n, the task's default)"
+    return "n=every sample (no limit)"
 
 
 def limit_notes(limit: int | None, task) -> list[str]:
@@ -251,10 +240,12 @@ def _run(cfg: DictConfig, out_dir: Path, result_path: Path) -> Path:
     for variant, m in variants.items():
         evaluations[variant] = task.evaluate(
             loaded, m, limit=cfg.limit, batch_size=int(cfg.batch_size), device=device,
-            work_dir=out_dir / getattr(task, "work_name", "lmms_eval") / variant, finished=earlier[variant],
+            work_dir=out_dir / task.work_name / variant, finished=earlier[variant],
             on_row=lambda row, variant=variant: log.append({"variant": variant, **row}),
             cache=str(cfg.cache),
         )
+        for row in evaluations[variant].rows:  # the row contract (harness.metrics.ROW), said in one line
+            metrics.check_row(row)
 
     efficiency = None
     if cfg.efficiency.enabled:
@@ -272,8 +263,8 @@ def _run(cfg: DictConfig, out_dir: Path, result_path: Path) -> Path:
         efficiency["noisy"], efficiency["noise"] = headline.timing_verdict(efficiency)
 
     rows = {v: e.rows for v, e in evaluations.items()}
-    comparison = record_comparison(compare_to_dense(rows, evaluations["method"].scores, loaded.processor),
-                                   rows["method"], evaluations["method"].scores)
+    declared = {name: task.metrics_for(name) for name in evaluations["method"].scores}
+    comparison = record_against_dense(rows, evaluations["method"].scores, declared, loaded.processor)
     result = {
         "schema_version": SCHEMA_VERSION,
         "exp": cfg.name,
@@ -282,6 +273,7 @@ def _run(cfg: DictConfig, out_dir: Path, result_path: Path) -> Path:
         "method": method_info,
         "headline": None,  # below: harness.headline, the numbers console, W&B and tables share
         "tasks": evaluations["method"].scores,
+        "metrics": {name: m.to_json() for name, m in declared.items()},  # each task's declaration (harness.metrics)
         "efficiency": efficiency,
         **comparison,
         "env": env_info(),
@@ -291,7 +283,7 @@ def _run(cfg: DictConfig, out_dir: Path, result_path: Path) -> Path:
         result["tasks_dense"] = evaluations["dense"].scores
         # every task, not only the headline's: a dataset dense cannot do makes its delta meaningless
         result["dense_below_floor_tasks"] = [name for name, scores in result["tasks_dense"].items()
-                                             if headline.task_below_floor(scores)]
+                                             if headline.task_below_floor(scores, declared[name])]
     first_task = next(iter(result["tasks"]), None)
 
     def of_first(variant_rows):  # the headline is the first task's: a run over several scores each apart
@@ -306,7 +298,7 @@ def _run(cfg: DictConfig, out_dir: Path, result_path: Path) -> Path:
     if summaries:  # a backend's own numbers, under its name, with its version
         from importlib.metadata import version
 
-        key, package = getattr(task, "SUMMARY", ("lmms_eval", "lmms_eval"))
+        key, package = task.summary_key
         result[key] = {"version": version(package), **summaries}
     images = {}
     if calibrated and "adjacent_js" in calibrated:
@@ -343,13 +335,15 @@ def print_summary(result: dict) -> None:
     tasks_flagged = set(result.get("dense_below_floor_tasks") or [])
     for name, scores in result["tasks"].items():
         dense = result.get("tasks_dense", {}).get(name, {})
+        declared = metrics.of_result(result, name)
         print(f"task {name}: n={scores['n']}")
         entries = [(k, v) for k, v in scores.items() if isinstance(v, dict)] + [("all", scores)]
         for key, value in entries:
-            metric = "f1" if "f1" in value else next((m for m in ("acc",) if m in value), None)
-            if metric is None:  # lmms-eval benchmarks: their own metric names
-                metrics = {k: v for k, v in value.items() if isinstance(v, (int, float)) and k != "n"}
-                print(f"  {key:<10} " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+            judged = declared.judged_by(value)
+            metric = judged.name if judged is not None and judged.per_sample else None
+            if metric is None:  # a scorer's own aggregates (lmms-eval's POPE, captions): every number it gave
+                numbers = {k: v for k, v in value.items() if isinstance(v, (int, float)) and k != "n"}
+                print(f"  {key:<10} " + " ".join(f"{k}={v:.3f}" for k, v in numbers.items()))
                 continue
             shown = "all (over samples)" if key == "all" else key
             line = f"  {shown:<10} {metric}: method {value[metric]:.3f} {_ci(value.get(metric + '_ci95'))}"

@@ -66,18 +66,23 @@ SCORE_COLUMNS = ["task", "type", "metric", "score", "ci95_lo", "ci95_hi", "dense
 
 
 def score_rows(result: dict) -> list[list]:
-    """One row per task and question type (and ``all``): the score with its 95 % interval, dense's
-    score, the paired change and its interval, and whether dense is below the floor there."""
+    """One row per task and group (question type; and ``all``): the score by the metric the task declares
+    for it, with its 95 % interval, dense's score, the paired change and its interval, and whether dense is
+    below the floor there."""
+    from harness import metrics
+
     flagged = set((result.get("headline") or {}).get("dense_below_floor") or [])
     tasks_flagged = set(result.get("dense_below_floor_tasks") or [])
     rows = []
     for task, scores in result["tasks"].items():
         dense = (result.get("tasks_dense") or {}).get(task) or {}
+        declared = metrics.of_result(result, task)
         entries = [(k, v) for k, v in scores.items() if isinstance(v, dict)] + [("all", scores)]
         for key, value in entries:
-            metric = "f1" if "f1" in value else "acc" if "acc" in value else None
-            if metric is None:
+            judged = declared.judged_by(value)  # the metric the task declares for it (harness.metrics)
+            if judged is None:
                 continue
+            metric = judged.name
             ci = value.get(f"{metric}_ci95") or [None, None]
             d = dense if key == "all" else dense.get(key) or {}
             dci = value.get("delta_ci95") or [None, None]

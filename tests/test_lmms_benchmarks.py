@@ -236,7 +236,9 @@ def test_benchmarks_run_end_to_end_from_local_data(tmp_path):
     assert list(result["tasks"]) == ["pope", "gqa"] and list(result["tasks_dense"]) == ["pope", "gqa"]
     assert result["tasks"]["pope"]["n"] == 3 and result["tasks"]["gqa"]["n"] == 2
     assert {"pope_accuracy", "pope_f1_score", "pope_precision", "pope_recall"} <= set(result["tasks"]["pope"])
-    assert set(result["tasks"]["gqa"]) == {"n", "exact_match", "exact_match_stderr_clt"}  # lmms-eval's stderr kept
+    # lmms-eval's stderr kept; the paired change against dense of the declared per-sample metric added
+    assert set(result["tasks"]["gqa"]) == {"n", "exact_match", "exact_match_stderr_clt", "delta", "delta_ci95"}
+    assert set(result["tasks_dense"]["gqa"]) == {"n", "exact_match", "exact_match_stderr_clt"}
     assert set(result["lmms_eval"]) == {"version", "dense", "method"}
     assert result["efficiency"]["kv_reduction"] == pytest.approx(3 / 24)  # 3 lazy layers of 12 drop their keys
 
@@ -721,11 +723,14 @@ def test_textvqa_ocr_prompt_reaches_the_model(tmp_path):
     assert _metrics(results["textvqa_val"])["exact_match"] == pytest.approx(((7 * 1 + 3 * 2 / 3) / 10 + 1) / 2)
 
 
-def test_pope_number_is_the_mean_of_its_subsets_f1(tmp_path, monkeypatch):
+def test_pope_number_is_the_mean_of_its_subsets_f1_and_the_paper_table(tmp_path, monkeypatch, capsys):
     """POPE's three subsets scored by lmms-eval from local rows (scripted answers, through the harness's
-    lmms-eval backend and run): result.json keeps each subset's scores and adds pope_full, whose
-    pope_f1_score is the mean of the three F1 computed by hand here; TextVQA's and POPE's protocol notes
-    are recorded beside their scores."""
+    lmms-eval backend and run, task=paper with two of its benchmarks): result.json keeps each subset's
+    scores and adds pope_full, whose pope_f1_score is the mean of the three F1 computed by hand here;
+    TextVQA's and POPE's protocol notes are recorded beside their scores. The paper table shows each
+    benchmark by its protocol's metric (POPE: the mean subset F1), a row per method, with KV cut and
+    throughput; `make table-paper` renders it; a tree the report cannot render is refused in one line."""
+    from harness import report
     from harness.lmms.model import LazyAttnLMM
 
     data = tmp_path / "data"
@@ -733,12 +738,17 @@ def test_pope_number_is_the_mean_of_its_subsets_f1(tmp_path, monkeypatch):
     fake_textvqa(data)
     answers = {**POPE_ANSWERS, "textvqa_val_ocr": ["coca cola", "stop"]}
     scripted = scripted_model(answers)
+    scripted.first_prompt = ([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "is it ?"}]}],
+                             [image(0)])  # the timing batch's prompt, as LazyAttnLMM keeps its first
     monkeypatch.setattr(LazyAttnLMM, "from_loaded", classmethod(lambda cls, *args, **kwargs: scripted))
-    out = tmp_path / "out"
-    path = run(cfg_for("task=benchmarks", "task.lmms_tasks=[pope_full,textvqa_val_ocr]", f"task.data_dir={data}",
-                       "method=dense", "model=llava_tiny_random", "device=cpu", f"out_dir={out}",
-                       "efficiency.enabled=false", "wandb.mode=disabled"))
-    tasks = json.loads(path.read_text())["tasks"]
+    root = tmp_path / "paper"
+    out = root / "lazy"
+    path = run(cfg_for("task=paper", "task.lmms_tasks=[pope_full,textvqa_val_ocr]", f"task.data_dir={data}",
+                       "method=lazy", "method.layers=[1,3,5]", "model=llava_tiny_random", "device=cpu",
+                       f"out_dir={out}", "efficiency.batch_size=1", "efficiency.repeats=1", "efficiency.warmup=0",
+                       "efficiency.new_tokens=2", "wandb.mode=disabled"))
+    result = json.loads(path.read_text())
+    tasks = result["tasks"]
     assert list(tasks) == ["pope_adv", "pope_pop", "pope_random", "pope_full", "textvqa_val_ocr"]
     f1 = {name: hand_f1(POPE_GT, said) for name, said in POPE_ANSWERS.items()}
     assert f1 == pytest.approx({"pope_adv": 1 / 2, "pope_pop": 1.0, "pope_random": 2 / 3})
@@ -755,3 +765,41 @@ def test_pope_number_is_the_mean_of_its_subsets_f1(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows[:4]] == [f"pope_adv/{i}" for i in range(4)]  # per-sample rows keep the subset
     assert not any(r["task"] == "pope_full" for r in rows)
+    # each benchmark's declared metrics recorded; POPE's subsets judged by their F1, pope_full too
+    assert result["metrics"]["pope_full"]["metrics"][0]["name"] == "pope_f1_score"
+    assert result["headline"]["acc_samples"] == pytest.approx(f1["pope_adv"])  # the first task's, by its F1
+
+    # the paper table: the paper's order (TextVQA before POPE), each column by its protocol's metric
+    capsys.readouterr()
+    report.main(["paper", "--results", str(root), "--out", str(tmp_path / "rendered")])
+    written, err = capsys.readouterr()
+    md = tmp_path / "rendered" / "tables" / "paper.md"
+    assert str(md) in written and "the paper table has no results for gqa, vqav2_val" in err
+    header, *body = [[c.strip() for c in line.strip("|").split("|")] for line in md.read_text().splitlines()
+                     if line.startswith("| ")]
+    assert header == ["Method", "Model", "TextVQA EM", "POPE F1", "KV cut timing batch", "Decode tok/s", "Decode ×"]
+    by_label = {row[0]: row for row in body}
+    lazy = result["method"]["label"]
+    assert set(by_label) == {lazy, "Dense (in-run)"}  # dense scored beside the method
+    for row in by_label.values():  # the same scripted answers for both variants
+        assert row[2:4] == ["100.0", f"{100 * (1 / 2 + 1 + 2 / 3) / 3:.1f}"]
+    assert by_label[lazy][4] == "12.5 %"  # 3 lazy layers of 12 keep no keys: 3/24 of the KV cache
+    assert float(by_label[lazy][5]) > 0 and float(by_label[lazy][6].split()[0]) > 0
+    dense_tps = result["efficiency"]["dense"]["decode_tokens_per_s"]  # dense's, timed beside the method
+    assert by_label["Dense (in-run)"][4:] == ["0.0 %", f"{dense_tps:.0f}", "–"]
+    assert (tmp_path / "rendered" / "tables" / "paper.tex").read_text().count(r"\\") == 3
+
+    # make table-paper renders this tree; `make tables` lists it
+    make = subprocess.run(["make", "-n", "table-paper", f"PAPER_RESULTS={root}", "STAMP=", "BIN=bin"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=30)
+    assert f"bin/python -m harness.report paper --results {root} --out {root}" in make.stdout
+    tables = next(line for line in (ROOT / "Makefile").read_text().splitlines() if line.startswith("tables:"))
+    assert "table-paper" in tables.split()
+
+    # a tree a table cannot show is refused in one line, never rendered empty
+    for what, results, message in (("main", root, "the main table has nothing to show"),
+                                   ("paper", ROOT / "results" / "tiny" / "dense", "no task=paper results")):
+        with pytest.raises(SystemExit) as refused:
+            report.main([what, "--results", str(results), "--out", str(tmp_path / "refused")])
+        assert str(refused.value).startswith(f"error: {message}") and "\n" not in str(refused.value)
+    assert not (tmp_path / "refused").exists()

@@ -104,7 +104,7 @@ def test_calibration_table_compares_the_rules(tmp_path):
     labels = {r["method"]["label"]: r for r in results}
     a, b = "Lazy r=0.5 (anchor-calibrated)", "Lazy r=0.5 (uniform)"
     d = report.versus(results, a, b)
-    score = {lab: {row["id"]: report.primary(row) for row in report.rows_of(labels[lab])} for lab in (a, b)}
+    score = {lab: {row["id"]: report.metrics_of(labels[lab]).row_score(row) for row in report.rows_of(labels[lab])} for lab in (a, b)}
     assert d["n"] == 4 and d["delta"] == pytest.approx(sum(score[a][i] - score[b][i] for i in score[a]) / 4)
     assert d["delta_ci95"][0] <= d["delta"] <= d["delta_ci95"][1] and by_rule["anchor"]
     with pytest.raises(ValueError, match="no main-protocol point labelled"):

@@ -22,7 +22,8 @@ from typing import Any
 
 from harness.lmms import benchmarks, export_shapes
 from harness.generate import conversation
-from harness.tasks import Evaluation, ShapesTask, calibrates_on_shapes_only
+from harness.metrics import Metrics
+from harness.tasks import BaseTask, Evaluation, ShapesTask
 
 _DROP = ("alias", "samples", "sample_len", "name")
 
@@ -168,6 +169,9 @@ class LmmsShapes(ShapesTask):
     """The shapes benchmark asked and scored through lmms-eval: the same samples, prompts and
     scorer as the built-in path, single-turn question types only."""
 
+    work_name = "lmms_eval"  # <out_dir>/lmms_eval/<variant>/: the exported task and lmms-eval's files
+    summary_key = ("lmms_eval", "lmms_eval")
+
     def check(self) -> None:
         super().check()
         require_lmms_eval()
@@ -198,9 +202,13 @@ def _static_only(cache: str) -> None:
 
 
 @dataclasses.dataclass
-class LmmsBenchmarks:
+class LmmsBenchmarks(BaseTask):
     """Benchmarks asked and scored by lmms-eval (``harness.lmms.benchmarks``), each one a key in
-    result.json's ``tasks``; their datasets are read from ``data_dir`` (None: lmms-eval's own loading)."""
+    result.json's ``tasks`` with the metrics lmms-eval reports for it (``benchmarks.declared``); their
+    datasets are read from ``data_dir`` (None: lmms-eval's own loading)."""
+
+    work_name = "lmms_eval"  # <out_dir>/lmms_eval/<variant>/: the local task YAMLs and lmms-eval's files
+    summary_key = ("lmms_eval", "lmms_eval")
 
     name: str
     lmms_tasks: list[str]
@@ -214,10 +222,8 @@ class LmmsBenchmarks:
         require_lmms_eval()
         self.found = benchmarks.check(self.lmms_tasks, self.data_dir)  # every dataset, before any model loads
 
-    calibration_prompts = calibrates_on_shapes_only
-
-    def sizes(self) -> None:
-        return None  # lmms-eval counts a benchmark's documents only once it loads them
+    def metrics_for(self, name: str) -> Metrics:
+        return benchmarks.declared(name)
 
     def evaluate(self, loaded, method, *, limit, batch_size, device, work_dir, finished, on_row,
                  cache: str = "static") -> Evaluation:

@@ -61,6 +61,8 @@ from pathlib import Path
 
 import yaml
 
+from harness.metrics import Metric, Metrics
+
 LOCAL_SUFFIX = "_local"
 DATA_ENV = "LAZYATTN_DATA"
 # POPE's three subsets (the `Full` config's splits), whose mean F1 is the POPE number of the references
@@ -102,6 +104,23 @@ class MissingDataset(FileNotFoundError):
         self.problem, self.dataset = problem or message, dataset
 
 
+def _scorer(*names: str, scale: float = 100.0, title: str | None = None) -> Metrics:
+    """Metrics lmms-eval aggregates over the whole set (no per-sample value), the first its protocol's."""
+    return Metrics(tuple(Metric(n, aggregation="lmms_eval", interval=None, scale=scale, title=title if i == 0 else None)
+                         for i, n in enumerate(names)))
+
+
+# Exact match per sample (VQA accuracy against the ten answers where there are ten), averaged by lmms-eval
+EXACT_MATCH = Metrics((Metric("exact_match", interval=None, title="EM"),))
+POPE = Metrics((Metric("pope_f1_score", aggregation="lmms_eval", interval=None, title="F1"),
+                Metric("pope_accuracy", interval=None, title="Acc")))
+
+
+def _captions(prefix: str) -> Metrics:
+    return _scorer(*(f"{prefix}_{m}" for m in ("CIDEr", "Bleu_4", "Bleu_3", "Bleu_2", "Bleu_1", "METEOR", "ROUGE_L")),
+                   title="CIDEr")
+
+
 @dataclasses.dataclass(frozen=True)
 class Benchmark:
     task: str  # the installed lmms-eval task
@@ -112,6 +131,8 @@ class Benchmark:
     captions: bool = False  # scored by pycocoevalcap (needs Java)
     base: str | None = None  # the installed lmms-eval task when ``task`` is the harness's own variant of it
     prompt_kwargs: tuple[tuple[str, object], ...] = ()  # set in every entry of its lmms_eval_specific_kwargs
+    metrics: Metrics = EXACT_MATCH  # its metrics as lmms-eval reports them, the one its protocol reports first
+    short: str = ""  # the paper table's column name
 
     @property
     def installed_task(self) -> str:
@@ -121,31 +142,57 @@ class Benchmark:
 BENCHMARKS = {
     b.task: b
     for b in (
-        Benchmark("gqa", "gqa/gqa.yaml", "GQA test-dev balanced", extra_configs=("testdev_balanced_images",)),
-        Benchmark("mmbench_en_dev_static", "mmbench/mmbench_en_dev_static.yaml", "MMBench en dev"),
-        Benchmark("mme", "mme/mme.yaml", "MME"),
-        Benchmark("pope", "pope/pope.yaml", "POPE"),
-        Benchmark("scienceqa_img", "scienceqa/scienceqa_img.yaml", "ScienceQA-IMG"),
-        Benchmark("vqav2_val", "vqav2/vqav2_val.yaml", "VQAv2 val"),
-        Benchmark("textvqa_val", "textvqa/textvqa_val.yaml", "TextVQA val"),
+        Benchmark("gqa", "gqa/gqa.yaml", "GQA test-dev balanced", extra_configs=("testdev_balanced_images",),
+                  short="GQA"),
+        Benchmark("mmbench_en_dev_static", "mmbench/mmbench_en_dev_static.yaml", "MMBench en dev",
+                  metrics=_scorer("gpt_eval_score", scale=1, title="Acc"), short="MMB"),  # already a percentage
+        Benchmark("mme", "mme/mme.yaml", "MME",
+                  metrics=_scorer("mme_perception_score", "mme_cognition_score", scale=1, title="Perception"),
+                  short="MME"),
+        Benchmark("pope", "pope/pope.yaml", "POPE", metrics=POPE, short="POPE mixed"),
+        Benchmark("scienceqa_img", "scienceqa/scienceqa_img.yaml", "ScienceQA-IMG", short="SQA-IMG"),
+        Benchmark("vqav2_val", "vqav2/vqav2_val.yaml", "VQAv2 val", short="VQAv2"),
+        Benchmark("textvqa_val", "textvqa/textvqa_val.yaml", "TextVQA val", short="TextVQA (no OCR)"),
         Benchmark("textvqa_val_ocr", "textvqa/textvqa_val.yaml", "TextVQA val, reference OCR tokens",
-                  base="textvqa_val", prompt_kwargs=(("ocr", True),)),
-        Benchmark("pope_adv", "pope/pope_adv.yaml", "POPE adversarial"),
-        Benchmark("pope_pop", "pope/pope_pop.yaml", "POPE popular"),
-        Benchmark("pope_random", "pope/pope_random.yaml", "POPE random"),
-        Benchmark("mmmu_val", "mmmu/mmmu_val.yaml", "MMMU val"),
-        Benchmark("vizwiz_vqa_val", "vizwiz_vqa/vizwiz_vqa_val.yaml", "VizWiz-VQA val"),
-        Benchmark("ai2d", "ai2d/ai2d.yaml", "AI2D test"),
-        Benchmark("coco2017_cap_val", "coco_cap/coco2017_cap_val.yaml", "COCO Captions 2017 val", captions=True),
-        Benchmark("nocaps_val", "nocaps/nocaps_val.yaml", "NoCaps val", captions=True),
-        Benchmark("flickr30k_test", "flickr30k/flickr30k_test.yaml", "Flickr30K test", captions=True),
+                  base="textvqa_val", prompt_kwargs=(("ocr", True),), short="TextVQA"),
+        Benchmark("pope_adv", "pope/pope_adv.yaml", "POPE adversarial", metrics=POPE, short="POPE adv"),
+        Benchmark("pope_pop", "pope/pope_pop.yaml", "POPE popular", metrics=POPE, short="POPE pop"),
+        Benchmark("pope_random", "pope/pope_random.yaml", "POPE random", metrics=POPE, short="POPE rand"),
+        Benchmark("mmmu_val", "mmmu/mmmu_val.yaml", "MMMU val", metrics=_scorer("mmmu_acc", title="Acc"),
+                  short="MMMU"),
+        Benchmark("vizwiz_vqa_val", "vizwiz_vqa/vizwiz_vqa_val.yaml", "VizWiz-VQA val", short="VizWiz"),
+        Benchmark("ai2d", "ai2d/ai2d.yaml", "AI2D test", short="AI2D"),
+        Benchmark("coco2017_cap_val", "coco_cap/coco2017_cap_val.yaml", "COCO Captions 2017 val", captions=True,
+                  metrics=_captions("coco"), short="COCO"),
+        Benchmark("nocaps_val", "nocaps/nocaps_val.yaml", "NoCaps val", captions=True, metrics=_captions("nocaps"),
+                  short="NoCaps"),
+        Benchmark("flickr30k_test", "flickr30k/flickr30k_test.yaml", "Flickr30K test", captions=True,
+                  metrics=_captions("flickr"), short="Flickr30K"),
         Benchmark("llava_in_the_wild", "llava-in-the-wild/llava-in-the-wild.yaml", "LLaVA-Bench in-the-wild",
-                  judge=True),
+                  judge=True, metrics=_scorer("gpt_eval_llava_all", scale=1, title="Score"), short="LLaVA-W"),
     )
 }
 GROUPS = {"paper": PAPER, "pope_full": POPE_SUBSETS}
 # scores result.json gets from other benchmarks' when all of them ran: name -> its parts
 COMBINED = {"pope_full": POPE_SUBSETS}
+# The paper table's columns (python -m harness.report paper): each benchmark under its protocol's
+# metric, POPE as its subsets' mean F1 (pope_full), in the paper's order
+PAPER_COLUMNS = tuple(dict.fromkeys("pope_full" if name in POPE_SUBSETS else name for name in PAPER))
+
+
+def declared(name: str) -> Metrics:
+    """The metrics of result.json ``tasks.<name>`` of a benchmark run (``harness.metrics``): the
+    benchmark's own (``Benchmark.metrics``); POPE's subsets' mean (``pope_full``) is POPE's."""
+    if name in COMBINED:
+        return BENCHMARKS[COMBINED[name][0]].metrics
+    return BENCHMARKS[name].metrics
+
+
+def column_title(name: str) -> str:
+    """A benchmark's column in the paper table: its short name and its protocol's metric (its first)."""
+    short = "POPE" if name == "pope_full" else BENCHMARKS[name].short or name
+    metric = declared(name).metrics[0]
+    return f"{short} {metric.title or metric.name}"
 
 
 @dataclasses.dataclass(frozen=True)

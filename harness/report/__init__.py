@@ -4,6 +4,8 @@
     python -m harness.report efficiency --results results/tiny --out results   # KV / latency table
     python -m harness.report layers     --results results/tiny --out results   # layer divergence figure
     python -m harness.report pareto     --results results/tiny --out results   # accuracy vs KV reduction
+    python -m harness.report tasks      --results DIR                              # any task's results
+    python -m harness.report paper      --results results/paper --out results  # the paper's table (task=paper)
     python -m harness.report all        --results results/tiny --out results
 
 Tables are written as Markdown and LaTeX to ``out/tables``, figures as PNG to ``out/figures``.
@@ -19,6 +21,7 @@ first) and ``cli`` (``python -m harness.report``). Its names are re-exported her
 from __future__ import annotations
 
 from harness.report.index import (  # noqa: F401
+    NothingToRender,
     collect,
     label,
     _sort_key,
@@ -30,10 +33,9 @@ from harness.report.index import (  # noqa: F401
     dense_scores,
     headline_of,
     _task_columns,
-    _metric,
-    primary,
+    metrics_of,
     _pm,
-    comparison,
+    against_dense_of,
     main_points,
     with_in_run_dense,
     unpaired,
@@ -55,6 +57,8 @@ from harness.report.tables import (  # noqa: F401
     efficiency_table,
     calibration_table,
     longform_points,
+    benchmark_table,
+    paper_table,
 )
 from harness.report.render import (  # noqa: F401
     markdown,
@@ -69,6 +73,8 @@ from harness.report.plots import (  # noqa: F401
     longform_figure,
 )
 from harness.report.cli import (  # noqa: F401
+    TABLES,
+    WHAT,
     render,
     main,
     parser,

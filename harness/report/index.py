@@ -9,9 +9,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from harness import compare, headline, results
+from harness import compare, headline, metrics, results
+from harness.metrics import Metrics
 from harness.results import config_key
 from lazyattn import METHODS, anchors_of
+
+
+class NothingToRender(ValueError):
+    """The results hold nothing a table or figure shows (one line: what they hold, what renders it)."""
 
 
 def collect(results_dir: str | Path) -> list[dict]:
@@ -119,12 +124,9 @@ def _task_columns(results: Sequence[dict], task: str) -> list[str]:
     return cols
 
 
-def _metric(scores: dict) -> float:
-    return scores["f1"] if "f1" in scores else scores["acc"]
-
-
-def primary(row: dict) -> float:
-    return row[compare.metric_of(row)]
+def metrics_of(result: dict, task: str | None = None) -> Metrics:
+    """The metrics ``task`` (the result's first unless given) declared (``harness.metrics.of_result``)."""
+    return metrics.of_result(result, task or next(iter(result["tasks"]), ""))
 
 
 def _pm(delta: dict | None, scale: float = 100) -> str:
@@ -136,22 +138,14 @@ def _pm(delta: dict | None, scale: float = 100) -> str:
     return f"{scale * delta['delta']:+.1f} ± {scale * (hi - lo) / 2:.1f}{star}"
 
 
-def comparison(result: dict, results: Sequence[dict]) -> dict:
-    """The result against dense on the same samples: paired differences (per group and of the
-    per-sample score over all samples), fidelity (whitespace tokens) and workload KV."""
+def against_dense_of(result: dict, results: Sequence[dict]) -> dict:
+    """``harness.compare.against_dense`` for a result among ``results`` (fidelity over whitespace tokens),
+    paired with its own dense variant or a dense point of the same protocol; {} for dense itself or
+    a result with no dense rows."""
     method, dense = rows_of(result), dense_rows(result, results)
     if not method or not dense or result["method"]["name"] == "dense":
         return {}
-    pairs = compare.paired(method, dense)
-    fid, per_sample = compare.fidelity(method, dense)
-    return {
-        "n": len(pairs),
-        "all": compare.paired_delta([primary(m) for m, _ in pairs], [primary(d) for _, d in pairs]),
-        "by_qtype": compare.deltas(method, dense),
-        "fidelity": fid,
-        "per_sample": [(m, f) for (m, _), f in zip(pairs, per_sample)],
-        "kv": compare.kv_workload(method, dense),
-    }
+    return compare.against_dense(method, dense, metrics_of(result))
 
 
 def main_points(results: Sequence[dict], notes: bool = False) -> list[dict]:
@@ -187,6 +181,7 @@ def with_in_run_dense(points: Sequence[dict], task: str) -> list[dict]:
             continue
         have.add(key)
         out.append({**r, "tasks": r["tasks_dense"], "efficiency": None, "_in_run_dense": True,
+                    "_timed_beside": r.get("efficiency"),  # the method's timing, dense's numbers in it
                     "method": {"name": "dense", "label": "Dense (in-run)", "sort_key": [], "params": {}, "series": "dense"}})
     return sorted(out, key=_sort_key)
 
@@ -233,4 +228,5 @@ def versus(results: Sequence[dict], a: str, b: str, qtype: str | None = None) ->
              if qtype is None or x.get("qtype") == qtype]
     if not pairs:
         raise ValueError(f"{a!r} and {b!r} share no {qtype or ''} samples.")
-    return compare.paired_delta([primary(x) for x, _ in pairs], [primary(y) for _, y in pairs])
+    declared = metrics_of(points[a])
+    return compare.paired_delta([declared.row_score(x) for x, _ in pairs], [declared.row_score(y) for _, y in pairs])

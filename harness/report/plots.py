@@ -9,7 +9,7 @@ from pathlib import Path
 from harness import compare, figures, headline, longform
 from harness.results import config_key
 from harness.report.index import (
-    _calibrated, _unique, anchor_js, comparison, headline_of, label, main_points, multiturn_mode, protocol,
+    NothingToRender, _calibrated, _unique, against_dense_of, anchor_js, headline_of, label, main_points, multiturn_mode, protocol,
     with_in_run_dense,
 )
 from harness.report.tables import longform_points
@@ -20,7 +20,7 @@ def layers_figure(results: Sequence[dict], out: Path) -> Path:
     calibrated = [r for r in _calibrated(results) if r["method"]["calibration"].get("select", "pairwise") == "pairwise"
                   and not r["method"]["calibration"].get("max_per_anchor")] or _calibrated(results)
     if not calibrated:
-        raise ValueError("no calibrated result (method.layers=auto) found: run +exp=sweep_lazy or +exp=llava_lazy first.")
+        raise NothingToRender("no calibrated result (method.layers=auto) found: run +exp=sweep_lazy or +exp=llava_lazy first.")
     # the budget nearest one half: lazy layers stacked on one anchor show their JS to it
     r = min(calibrated, key=lambda r: abs((r["method"]["calibration"].get("ratio") or 0) - 0.5))
     cal = r["method"]["calibration"]
@@ -36,6 +36,8 @@ def layers_figure(results: Sequence[dict], out: Path) -> Path:
 def pareto_figure(results: Sequence[dict], out: Path, task: str = "shapes") -> Path:
     """The figure of ``pareto_points``: one line per series."""
     points, y_key, without = pareto_points(results, task)
+    if not any(task in r["tasks"] for r in results):
+        raise NothingToRender(f"no {task} results to plot.")
     return figures.pareto_png(points, out / "figures" / "pareto.png",
                               f"{task}: {y_key} vs kv_cut_workload (each line: one method, one protocol)",
                               xlabel="kv_cut_workload: KV cache reduction on the scored samples (%)",
@@ -81,12 +83,12 @@ def fidelity_figure(results: Sequence[dict], out: Path, qtype: str = "long", max
     chosen = [r for r in results if multiturn_mode(r) == "carry" and r["method"]["name"] != "dense"
               and (protocol(r)["task"].get("min_new_tokens") or 0) == longest]  # the forced-long sweep if any
     for r in _unique(chosen):
-        comp = comparison(r, results)
+        comp = against_dense_of(r, results)
         per = [f for m, f in comp.get("per_sample", []) if m.get("qtype") == qtype]
         if per:
             curves[label(r)] = compare.agreement_curve(per, max_tokens)
     if not curves:
-        raise ValueError(f"no carried-cache results with {qtype} samples and a matching dense point.")
+        raise NothingToRender(f"no carried-cache results with {qtype} samples and a matching dense point.")
     forced = f", no stop before {longest} tokens" if longest else ""
     return figures.agreement_png(curves, out / "figures" / "fidelity.png",
                                  f"{qtype} answers{forced}: agreement with dense as generation grows")
@@ -97,7 +99,7 @@ def longform_figure(results: Sequence[dict], out: Path, near: float = 0.25) -> P
     the main table is nearest ``near`` (the equal-KV comparison), for the first model."""
     points = longform_points(results)
     if not points:
-        raise ValueError("no carried-cache point with dialogue or long samples and a dense of its protocol.")
+        raise NothingToRender("no carried-cache point with dialogue or long samples and a dense of its protocol.")
     model = points[0][1]
     chosen = {label(r): r for r in with_in_run_dense(main_points(results), "shapes") if r["model"]["name"] == model}
     best: dict[str, tuple[float, str]] = {}

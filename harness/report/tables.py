@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from harness import headline, longform
+from harness.metrics import Metric
 from harness.measure import SPEEDUPS, ratio_spread  # one definition, shared with the noise verdict
 from harness.report.index import (
-    _calibrated, _pm, _task_columns, _unique, anchor_js, comparison, dense_rows, headline_of, label,
-    main_points, protocol, rows_of, unpaired, with_in_run_dense,
+    NothingToRender, _calibrated, _pm, _task_columns, _unique, against_dense_of, anchor_js, dense_rows, headline_of, label,
+    main_points, metrics_of, protocol, rows_of, unpaired, with_in_run_dense,
 )
 
 
@@ -45,7 +46,7 @@ def main_table(results: Sequence[dict], task: str = "shapes") -> tuple[list[str]
     flagged = {t for h in heads for t in (h.get("dense_below_floor") or [])}
     seeds = len({protocol(r)["seed"] for r in chosen}) > 1
     header = ["Method", "Model", *(["Seed"] if seeds else []), "n",
-              *[c + (" F1" if c in ("describe", "long") else "") + (f" {FLAG}" if c in flagged else "") for c in cols],
+              *[c + _metric_suffix(chosen, task, c) + (f" {FLAG}" if c in flagged else "") for c in cols],
               "Avg", *([f"Avg w/o {FLAG}"] if flagged else []),
               "Δ Avg", "KV cut workload", "= dense"]
     rows = []
@@ -53,7 +54,8 @@ def main_table(results: Sequence[dict], task: str = "shapes") -> tuple[list[str]
         print(note, file=sys.stderr)
     for r, head in zip(chosen, heads):
         scores = r["tasks"][task]
-        values = [headline.primary(scores[c]) if c in scores else None for c in cols]
+        declared = metrics_of(r, task)
+        values = [declared.score(scores[c]) if c in scores else None for c in cols]
         dense = r["method"]["name"] == "dense"
         cut = "0 %" if dense else ("–" if head["kv_cut_workload"] is None else f"{100 * head['kv_cut_workload']:.1f} %")
         same = "" if dense else ("–" if head["exact_match"] is None else f"{100 * head['exact_match']:.0f} %")
@@ -64,6 +66,87 @@ def main_table(results: Sequence[dict], task: str = "shapes") -> tuple[list[str]
                      *[headline.percent(v) for v in values], headline.percent(head["acc_mean_types"]),
                      *([headline.percent(head["acc_mean_types_capable"])] if flagged else []), delta, cut, same])
     return header, rows
+
+
+def _metric_suffix(points: Sequence[dict], task: str, column: str) -> str:
+    """" F1" after a column judged by another metric than the task's score over samples (shapes'
+    describe and long), from the task's declaration; "" otherwise."""
+    for r in points:
+        scores, declared = r["tasks"][task], metrics_of(r, task)
+        metric, overall = declared.judged_by(scores.get(column)), declared.judged_by(scores)
+        if metric is not None:
+            return "" if overall is None or metric.name == overall.name else f" {metric.title or metric.name}"
+    return ""
+
+
+def benchmark_table(results: Sequence[dict], columns: Sequence[str] | None = None,
+                    titles: Mapping[str, str] | None = None,
+                    columns_metrics: Mapping[str, Metric] | None = None) -> tuple[list[str], list[list[str]]]:
+    """Tasks (benchmarks, datasets) as columns, each by the metric its scores are judged by (the first
+    declared one they hold, ``harness.metrics``: a benchmark's protocol's; printed on its own scale),
+    methods as rows, with the timing batch's KV cut and decode throughput (tokens/s and speed-up over dense, ‡ where timing is
+    noise). ``columns``: the tasks to show, in order (default: every task of ``results``, in the order
+    they appear), ``titles`` their names (default: the task and its metric), ``columns_metrics`` the
+    metric of a column where it is not the one its scores are judged by. Every result that holds
+    one of them is a row, newest per label and protocol; a dense scored beside a method
+    (``compare_dense=true``) is a "Dense (in-run)" row."""
+    if columns is None:
+        columns = list(dict.fromkeys(name for r in results for name in r["tasks"]))
+    chosen = _unique([r for r in results if any(c in r["tasks"] for c in columns)])
+    present = [c for c in columns if any(c in r["tasks"] for r in chosen)]
+    dense_task = next((c for c in present if any(c in (r.get("tasks_dense") or {}) for r in chosen)), None)
+    if dense_task is not None:
+        chosen = with_in_run_dense(chosen, dense_task)
+
+    def judged(name: str):  # the metric the task's scores are judged by (a benchmark's: its protocol's)
+        return next((m for r in chosen if (m := metrics_of(r, name).judged_by(r["tasks"].get(name)))), None)
+
+    metric_of = {name: m for name in present if (m := (columns_metrics or {}).get(name) or judged(name))}
+    present = [c for c in present if c in metric_of]
+    if not present:
+        return ["Method", "Model"], []
+
+    def title(name: str) -> str:
+        if titles and name in titles:
+            return titles[name]
+        return f"{name} {metric_of[name].title or metric_of[name].name}"
+
+    header = ["Method", "Model", *[title(c) for c in present], "KV cut timing batch", "Decode tok/s", "Decode ×"]
+    rows = []
+    for r in chosen:
+        cells = []
+        for name in present:
+            value = (r["tasks"].get(name) or {}).get(metric_of[name].name)  # never another metric in its place
+            cells.append(metric_of[name].shown(value if isinstance(value, (int, float)) else None))
+        head = headline.compute(r, task=present[0]) if r.get("efficiency") else {}
+        noise = f" {NOISE_FLAG}" if head.get("timing_noisy") else ""
+        cut, tps, speedup = (head.get(k) for k in ("kv_cut_timing_batch", "decode_tokens_per_s_timing_batch",
+                                                     "decode_speedup_timing_batch"))
+        if r.get("_in_run_dense") and r.get("_timed_beside"):  # dense timed beside the method, in its run
+            cut, tps = 0.0, r["_timed_beside"]["dense"].get("decode_tokens_per_s")
+        rows.append([label(r), r["model"]["name"], *cells, "–" if cut is None else f"{100 * cut:.1f} %",
+                     "–" if tps is None else f"{tps:.0f}", "–" if speedup is None else f"{speedup:.2f}{noise}"])
+    return header, rows
+
+
+def paper_table(results: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
+    """The paper's table from ``task=paper`` results: its benchmarks as columns in its order, each under
+    its protocol's metric (``harness.lmms.benchmarks.PAPER_COLUMNS``: POPE as its subsets' mean F1),
+    methods as rows, with KV cut and throughput (``benchmark_table``). The paper's benchmarks the
+    results lack are named on stderr; results with none of them are refused (``NothingToRender``)."""
+    from harness.lmms.benchmarks import PAPER_COLUMNS, column_title, declared
+
+    present = [c for c in PAPER_COLUMNS if any(c in r["tasks"] for r in results)]
+    if not present:
+        held = sorted({name for r in results for name in r["tasks"]})
+        raise NothingToRender(f"no task=paper results (none of {', '.join(PAPER_COLUMNS)}); these hold "
+                              f"{', '.join(held)}: python -m harness.report tasks renders them.")
+    missing = [c for c in PAPER_COLUMNS if c not in present]
+    if missing:
+        print(f"note: the paper table has no results for {', '.join(missing)}: their columns are left out.",
+              file=sys.stderr)
+    return benchmark_table(results, present, {c: column_title(c) for c in present},
+                           {c: declared(c).metrics[0] for c in present})
 
 
 def table_notes(header: Sequence[str], rows: Sequence[Sequence[str]] = ()) -> list[str]:
@@ -97,12 +180,12 @@ def protocol_table(results: Sequence[dict], task: str = "shapes") -> tuple[list[
         r = carry.get(name) or reencode.get(name) or forced.get(name)
         if r["method"]["name"] == "dense":
             continue
-        comps = {key: comparison(group[name], results) if name in group else {}
+        comps = {key: against_dense_of(group[name], results) if name in group else {}
                  for key, group in (("carry", carry), ("reencode", reencode), ("forced", forced))}
         cells = [name[0], name[1]]
         for qtype in ("multiturn", "dialogue"):
             for key in ("carry", "reencode"):
-                cells.append(_pm((comps[key].get("by_qtype") or {}).get(qtype)))
+                cells.append(_pm((comps[key].get("deltas") or {}).get(qtype)))
         long = (comps["forced"].get("fidelity") or {}).get("long") or {}
         cells.append("–" if long.get("exact_match") is None else f"{100 * long['exact_match']:.0f} %")
         cells.append("–" if long.get("prefix_agreement") is None else f"{100 * long['prefix_agreement']:.0f} %")
@@ -203,13 +286,13 @@ def calibration_table(results: Sequence[dict], task: str = "shapes") -> tuple[li
     for r in sorted(lazy, key=lambda r: (r["model"]["name"], budget(r), rule(r))):
         mine = [m for m, x in matrices if x == r["model"]["name"]]
         js = anchor_js(r, mine[0]) if mine else {}
-        comp = comparison(r, results)
+        comp = against_dense_of(r, results)
         exact = (comp.get("fidelity") or {}).get("exact_match")
         rows.append([
             r["model"]["name"], f"{budget(r):g}", rule(r), " ".join(map(str, r["method"]["lazy_layers"])),
             "–" if not js else f"{sum(js.values()) / len(js):.3f}",
             "–" if not js else f"{max(js.values()):.3f}",
-            _pm(comp.get("all")),
+            _pm(comp.get("score")),
             "–" if exact is None else f"{100 * exact:.0f} %",
         ])
     return header, rows

@@ -1,18 +1,28 @@
 """Tasks: what a run asks the model and how it is scored.
 
-Every task implements one protocol, so ``harness.run`` has a single path whatever the backend::
+Every task implements one protocol (``Task``), so ``harness.run`` has a single path whatever the
+backend; the runner reads nothing else of a task::
 
     task.check()                                    # data present, settings valid: before any model loads
+    task.sizes()                                    # each set's rows, when known before the data load
+    task.n                                          # samples scored without a limit (None: every sample)
     task.calibration_prompts(n)                     # prompts for method.layers=auto (never the scored split)
-    task.evaluate(loaded, method, limit=..., ...)   # -> Evaluation(scores, rows, efficiency_prompt)
+    task.evaluate(loaded, method, limit=..., cache=..., ...)   # -> Evaluation(scores, rows, efficiency_prompt)
+    task.work_name                                  # <out_dir>/<work_name>/<variant>/: a backend's own files
+    task.summary_key                                # (result.json key, package) of a backend's own numbers
+    task.metrics_for(name)                          # the metrics of result.json tasks.<name> (harness.metrics)
+
+``BaseTask`` holds the defaults (no ``n``, accuracy, no backend summary, no calibration), so a task
+defines only what differs. ``Evaluation.scores`` maps a result.json task name to ``{"n": N,
+"<metric>": value, "<group>": {...}}``; each row is what ``harness.metrics.ROW`` says.
 
 ``TASKS`` is the one registry: a ``conf/task`` preset's ``name`` picks a builder, which reads the
-preset (its ``backend`` among them) and imports an optional backend only when asked for it.
+preset (its ``backend`` among them) and imports an optional backend only when asked for it;
+``register`` adds a task from code alone, its preset included (docs/tasks.md, "Adding a task").
 Implementations: ``ShapesTask`` here (the built-in shapes benchmark: it builds
 ``harness.generate.Conversation``s, ``harness.generate.answer`` answers them, it scores each
 answer once), in ``harness.lmms.backend`` the same benchmark asked through lmms-eval and the real
 benchmarks that lmms-eval scores, and in ``harness.vlmeval.backend`` VLMEvalKit's datasets.
-``Evaluation.scores`` always maps a task name to ``{"n": N, "<metric>": value, "<subtask>": {...}}``.
 """
 
 from __future__ import annotations
@@ -23,7 +33,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from harness.compare import interval
+from harness import compare
+from harness.metrics import ACCURACY, SHAPES, Metrics
 from harness.config import plain
 from harness.registry import Registry
 from harness.generate import MULTITURN_MODES, Answer, Conversation, answer, conversation
@@ -41,15 +52,25 @@ class Evaluation:
 
 
 class Task(Protocol):
-    name: str
+    """Everything ``harness.run`` reads of a task (``BaseTask`` gives the defaults)."""
 
-    def check(self) -> None: ...
+    name: str  # the preset's name (its registry entry)
+    n: int | None  # samples scored when limit is null; None: every sample the data hold
+    work_name: str  # <out_dir>/<work_name>/<variant>/: where evaluate may write a backend's own files
+    summary_key: tuple[str, str] | None  # (result.json key, package whose version goes with it) of Evaluation.summary
+
+    def check(self) -> None:
+        """Data present and settings valid, before any model loads; a ValueError of one line otherwise."""
 
     def sizes(self) -> dict[str, int] | None:
         """How many samples each of the task's sets holds (a limit above it scores fewer), or None
         where that is unbounded or unknown before the data loads."""
 
-    def calibration_prompts(self, n: int) -> list[Prompt]: ...
+    def calibration_prompts(self, n: int) -> list[Prompt]:
+        """``n`` prompts for calibration (never the scored split); raise where the task cannot calibrate."""
+
+    def metrics_for(self, name: str) -> Metrics:
+        """The metrics of the scores under ``name`` in ``Evaluation.scores`` (``harness.metrics``)."""
 
     def evaluate(
         self,
@@ -62,7 +83,34 @@ class Task(Protocol):
         work_dir: Path,
         finished: Mapping[str, dict],
         on_row: Callable[[dict], None],
-    ) -> Evaluation: ...
+        cache: str,
+    ) -> Evaluation:
+        """Score ``method`` on ``loaded``: every row to ``on_row`` as it is done; rows in ``finished``
+        (an interrupted run's, by id) need not be asked again; ``cache`` is the run's KV cache kind."""
+
+
+class BaseTask:
+    """The defaults of ``Task``: no default sample count, accuracy, no backend summary, no calibration."""
+
+    work_name = "work"
+    summary_key: tuple[str, str] | None = None
+    metrics: Metrics = ACCURACY  # the declaration of every score the task reports (metrics_for's default)
+
+    def __getattr__(self, name: str):
+        # ``n`` defaults to None without being a class attribute, so that a dataclass task may declare
+        # ``n`` as a field without a default, anywhere among its fields (a class attribute would be its default)
+        if name == "n":
+            return None
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def sizes(self) -> dict[str, int] | None:
+        return None
+
+    def calibration_prompts(self, n: int) -> list[Prompt]:
+        return calibrates_on_shapes_only(self, n)
+
+    def metrics_for(self, name: str) -> Metrics:
+        return self.metrics
 
 
 def calibrates_on_shapes_only(task, n: int):
@@ -78,7 +126,7 @@ def first_turn(sample: shapes.Sample, image_size: int) -> Prompt:
 
 
 @dataclasses.dataclass
-class ShapesTask:
+class ShapesTask(BaseTask):
     """The built-in shapes benchmark: data and scoring live in ``harness.tasks.shapes``."""
 
     name: str
@@ -89,6 +137,8 @@ class ShapesTask:
     max_new_tokens: dict[str, int] | int  # per turn kind (short, describe, long), or one budget for every turn
     multiturn: str = "carry"  # carry | reencode (harness.generate)
     min_new_tokens: int = 0  # no stop token before this many: forces long generation, as serving benchmarks do
+
+    metrics = SHAPES  # F1 for describe and long, accuracy otherwise; grouped by question type
 
     def check(self) -> None:
         unknown = [q for q in self.qtypes if q not in shapes.QTYPES]
@@ -105,9 +155,6 @@ class ShapesTask:
             raise ValueError(f"task.min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}.")
         if self.n < 1:  # n=0 would score nothing and print acc 0.000 as if it were a result
             raise ValueError(f"task.n must be an integer >= 1 (the samples scored without limit), got {self.n!r}.")
-
-    def sizes(self) -> None:
-        return None  # the shapes sets are generated: any limit is available
 
     def samples(self, limit: int | None) -> list[shapes.Sample]:
         return shapes.load_split(self.split, self.n if limit is None else int(limit), self.qtypes)
@@ -149,20 +196,20 @@ class ShapesTask:
 
     @staticmethod
     def score_rows(rows: Sequence[dict]) -> dict[str, Any]:
-        """Mean scores overall and per question type, each with its 95 % interval (``*_ci95``:
-        Wilson for accuracy, bootstrap for F1; harness.compare), from rows scored once (``row``)."""
+        """Mean scores overall and per question type, each declared metric with its 95 % interval
+        (``*_ci95``: ``SHAPES``, Wilson for accuracy, bootstrap for F1), from rows scored once (``row``)."""
         by_type: dict[str, Any] = {}
         for qtype in sorted({r["qtype"] for r in rows}, key=shapes.QTYPES.index):
             sub = [r for r in rows if r["qtype"] == qtype]
             by_type[qtype] = {"n": len(sub)}
             for metric in [m for m in ("acc", "f1", "precision", "recall") if m in sub[0]]:
                 by_type[qtype][metric] = sum(r[metric] for r in sub) / len(sub)
-            for metric in ("acc", "f1"):
-                if metric in sub[0]:
-                    by_type[qtype][f"{metric}_ci95"] = interval([r[metric] for r in sub])
-        every = [r["acc"] for r in rows]
-        return {"n": len(rows), "acc": sum(every) / len(every) if every else 0.0, "acc_ci95": interval(every),
-                **by_type}
+            for metric in sorted(SHAPES.metrics, key=lambda m: m.name):  # acc_ci95 before f1_ci95, as ever
+                if metric.name in sub[0]:
+                    by_type[qtype][f"{metric.name}_ci95"] = compare.ci95(metric, [r[metric.name] for r in sub])
+        accuracy = SHAPES.metrics[1]
+        every = [r[accuracy.name] for r in rows]
+        return {"n": len(rows), "acc": accuracy.aggregate(every), "acc_ci95": compare.ci95(accuracy, every), **by_type}
 
     def row(self, sample: shapes.Sample, prediction: str, turns: list[str] | None, kv_bytes: list[int] | None = None) -> dict:
         """One sample's row, scored (once) against its last turn."""
@@ -212,6 +259,17 @@ def shapes_task(cfg) -> ShapesTask:
 
 
 TASKS = Registry("task")  # a preset's name -> a builder, or "module:attribute" of an optional backend's
+
+
+def register(name: str, builder: Callable, preset: Mapping[str, Any]) -> Callable:
+    """Add a task from code alone: ``builder`` (a ``conf/task`` node -> a ``Task``) under ``name``, and its
+    preset (the settings ``task=NAME`` composes to, ``name`` set to ``name``) in Hydra's ConfigStore, so
+    ``harness.config.compose(["task=NAME", "task.SETTING=..."])`` runs it like a shipped one."""
+    from hydra.core.config_store import ConfigStore
+
+    TASKS.register(name)(builder)
+    ConfigStore.instance().store(group="task", name=name, node={**preset, "name": name})
+    return builder
 
 
 def loaded(entry):

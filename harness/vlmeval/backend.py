@@ -28,7 +28,7 @@ from typing import Any
 
 from harness.compare import interval
 from harness.config import RunError
-from harness.tasks import Evaluation, calibrates_on_shapes_only
+from harness.tasks import BaseTask, Evaluation
 from harness.vlmeval import require
 from harness.vlmeval import data as vdata
 
@@ -49,8 +49,9 @@ def prompt(model, dataset, line) -> list[dict]:
 
 
 @dataclasses.dataclass
-class VlmevalDatasets:
-    """VLMEvalKit's yes/no and multiple-choice image datasets, each a key in result.json ``tasks``."""
+class VlmevalDatasets(BaseTask):
+    """VLMEvalKit's yes/no and multiple-choice image datasets, each a key in result.json ``tasks``, scored
+    by accuracy (``BaseTask.metrics``: VLMEvalKit's per-sample verdicts, Wilson intervals)."""
 
     name: str
     datasets: list[str]
@@ -59,7 +60,7 @@ class VlmevalDatasets:
     verify_md5: bool = True
     found: dict | None = None
 
-    SUMMARY = ("vlmeval", "ms-vlmeval")  # result.json key of VLMEvalKit's own numbers, and its package
+    summary_key = ("vlmeval", "ms-vlmeval")  # result.json key of VLMEvalKit's own numbers, and its package
     work_name = "vlmeval"  # <out_dir>/vlmeval/<variant>/: VLMEvalKit's files
 
     def check(self) -> None:
@@ -67,8 +68,6 @@ class VlmevalDatasets:
             raise ValueError(f"task.max_new_tokens must be >= 1, got {self.max_new_tokens}.")
         require()
         self.found = vdata.check(list(self.datasets), self.data_dir, bool(self.verify_md5))
-
-    calibration_prompts = calibrates_on_shapes_only
 
     def sizes(self) -> dict[str, int]:
         """Each dataset's rows (``check`` has read them)."""

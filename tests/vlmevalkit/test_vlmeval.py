@@ -120,6 +120,23 @@ def test_method_changes_answers_and_kv_bytes(lazy_run):
         assert lo <= result["tasks"][name]["acc"] - result["tasks_dense"][name]["acc"] <= hi
 
 
+def test_the_report_renders_its_datasets_and_refuses_the_shapes_tables(lazy_run, tmp_path, capsys):
+    """VLMEvalKit's results in the report: the tasks table shows each dataset by its declared metric
+    (accuracy), a row per method; the shapes-only main table is refused in one line, non-zero."""
+    from harness import report
+
+    result, _, out = lazy_run
+    header, rows = report.benchmark_table(report.collect(out))
+    assert header[2:4] == ["shapes_yorn Acc", "shapes_mcq Acc"]
+    method = next(row for row in rows if row[0] == result["method"]["label"])
+    assert method[2:4] == [f"{100 * result['tasks'][n]['acc']:.1f}" for n in ("shapes_yorn", "shapes_mcq")]
+    with pytest.raises(SystemExit) as refused:
+        report.main(["main", "--results", str(out), "--out", str(tmp_path)])
+    assert str(refused.value).startswith("error: the main table has nothing to show") and "shapes_yorn" in str(
+        refused.value)
+    assert not (tmp_path / "tables").exists()
+
+
 def test_vlmeval_inference_job_builds_the_model_by_name(lazy_run, lmu, tmp_path):
     """VLMEvalKit's own tooling: the model registered under a name, built by infer_data_job, one
     message at a time (batch size 1): the route's answers (batch size 4)."""
