@@ -247,8 +247,8 @@ def _leaves(node: Any, prefix: str = "") -> list[str]:
         return [prefix]
     out: list[str] = []
     for key in node.keys():
-        out += _leaves(node._get_node(key), f"{prefix}{key}.") if isinstance(node._get_node(key), DictConfig) \
-            else [f"{prefix}{key}"]
+        out += (_leaves(node._get_node(key), f"{prefix}{key}.") if isinstance(node._get_node(key), DictConfig)
+                else [f"{prefix}{key}"])
     return [p.rstrip(".") for p in out]
 
 
@@ -335,8 +335,8 @@ def check_overrides(overrides: Sequence[str], config_name: str = "config") -> No
             parent = key.rsplit(".", 1)[0]
             node = OmegaConf.select(cfg, parent)
             siblings = [f"{parent}.{k}" for k in node.keys()] if isinstance(node, DictConfig) else []
-            where = f"{parent} has: {', '.join(k.rsplit('.', 1)[1] for k in siblings)}" if siblings \
-                else f"{parent} holds no settings"
+            where = (f"{parent} has: {', '.join(k.rsplit('.', 1)[1] for k in siblings)}" if siblings
+                     else f"{parent} holds no settings")
             raise RunError(f"unknown setting {key!r} (in {o.input_line!r}); {_closest(key, siblings)}{where}.")
 
 

@@ -182,8 +182,8 @@ def describe_run(cfg: DictConfig, loaded, method_info: dict, method, task) -> li
     if t.get("min_new_tokens"):
         protocol.append(f"min_new_tokens={t.min_new_tokens}")
     protocol.append(f"seed={cfg.seed}")
-    dense = "dense scored beside it on the same samples" if cfg.compare_dense and method.name != "dense" \
-        else "no dense in this run"
+    dense = ("dense scored beside it on the same samples" if cfg.compare_dense and method.name != "dense"
+             else "no dense in this run")
     return [
         f"model: {loaded.name} ({loaded.n_layers} layers, {loaded.n_params / 1e6:.2f} M parameters, "
         f"{str(loaded.model.dtype).removeprefix('torch.')}, {weights})",
