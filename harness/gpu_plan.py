@@ -195,7 +195,8 @@ def _load(profile: str, threads: int | None = None):
     """The model of the profile on its device, via the bench's config (``conf/bench.yaml``)."""
     import torch
 
-    from harness.config import compose, setup
+    from harness.config import compose
+    from harness.device import setup
     from harness.models import load_model
 
     overrides = [MODEL_7B, "device=cuda"] if profile == "gpu" else [CPU["model"], "device=cpu"]
@@ -239,13 +240,12 @@ def time_point(model, prompts, variants, batch: int, context: dict, new_tokens: 
     from lazyattn.arch import decoder_layers
 
     inputs = prompts.inputs(context["extra_words"], batch)
-    timed = {v.label: (inputs, (lambda v=v: v.method.apply(model)), "static") for v in variants}
-    timed["dense dynamic"] = (inputs, lambda: variants[0].method.apply(model), "dynamic")
+    timed = {v.label: (inputs, v.method, "static") for v in variants}
+    timed["dense dynamic"] = (inputs, variants[0].method, "dynamic")
     extra = ["dense dynamic"]
     if compiled:
         for v in variants[:COMPILED_VARIANTS]:
-            timed[f"{v.label} compiled"] = (inputs, lambda v=v: v.method.apply(model),
-                                            {"cache": "static", "compile": True})
+            timed[f"{v.label} compiled"] = (inputs, v.method, {"cache": "static", "compile": True})
             extra.append(f"{v.label} compiled")
     start = time.time()
     summaries = measure.interleaved(model, timed, new_tokens=new_tokens, repeats=repeats, warmup=warmup)

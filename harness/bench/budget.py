@@ -169,7 +169,7 @@ def run_budget(model, prompts: Prompts, context: dict, variants: list[Variant], 
                      verified_bytes=used)
         if kind == "kv":
             entry["verified_kv_cache_bytes"] = used
-        timed[v.label] = (inputs, lambda v=v: v.method.apply(model))  # the inputs of the verified batch
+        timed[v.label] = (inputs, v.method)  # the inputs of the verified batch
         del inputs
     summaries = measure.interleaved(
         model, timed, new_tokens=new_tokens, repeats=settings["repeats"], warmup=settings["warmup"], cache=cache,
@@ -204,7 +204,7 @@ def compare_caches(model, prompts: Prompts, context: dict, variants: list[Varian
     timed = {}
     for v in variants:
         for kind in CACHE_KINDS:
-            timed[f"{v.label} {kind}"] = (inputs, lambda v=v: v.method.apply(model), kind)
+            timed[f"{v.label} {kind}"] = (inputs, v.method, kind)
     summaries = measure.interleaved(model, timed, new_tokens=settings["new_tokens"], repeats=settings["repeats"],
                                     warmup=settings["warmup"])
     entries = []

@@ -10,7 +10,10 @@ from omegaconf import DictConfig
 
 import lazyattn
 from harness import measure, tracking
-from harness.config import CONF_DIR, RunError, plain, relative_to_repo, setup
+from harness.config import CONF_DIR, plain
+from harness.device import setup
+from harness.folders import relative_to_repo
+from harness.settings import RunError
 from harness.models import load_model
 from harness.results import SCHEMA_VERSION, device_info, env_info, write_json_atomic
 from harness.tasks import shapes
@@ -109,8 +112,8 @@ def run_bench(cfg: DictConfig) -> Path:
             continue
         inputs = prompts.inputs(context["extra_words"], batch)
         res = measure.time_against_dense(
-            model, inputs, lambda v=v: v.method.apply(model),
-            new_tokens=settings["new_tokens"], repeats=settings["repeats"], warmup=settings["warmup"], method=v.method,
+            model, inputs, v.method,
+            new_tokens=settings["new_tokens"], repeats=settings["repeats"], warmup=settings["warmup"],
             cache=settings["cache"], compile=settings["compile"],
         )
         done[point] = _row(v, res, context, dev)

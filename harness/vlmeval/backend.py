@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.compare import interval
-from harness.config import RunError
+from harness.settings import RunError
 from harness.tasks import Evaluation, calibrates_on_shapes_only
 from harness.vlmeval import require
 from harness.vlmeval import data as vdata

@@ -21,7 +21,7 @@ import_vlmeval()
 from helpers import cfg_for, harness_cli  # noqa: E402
 from vlmeval.smp import dump  # noqa: E402
 
-from harness.config import RunError  # noqa: E402
+from harness.settings import RunError  # noqa: E402
 from harness.run import build_task, run  # noqa: E402
 from harness.tasks import shapes  # noqa: E402
 from harness.vlmeval import data as vdata  # noqa: E402
