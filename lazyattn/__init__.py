@@ -167,6 +167,9 @@ EXAMPLES: dict[str, Examples] = {
     "sparsevlm": lambda n, family: {"sparsevlm": {"budget": 128, **({"positions": "original", "recycle": 0}
                                                                    if family.startswith("qwen") else {})}},
     "vtw": lambda n, family: {"vtw": {"k": n - 1}},
+    # one scoring layer: the release's three leave no layer a lazy one may take in a shallow model
+    "lazy_sparsevlm": lambda n, family: {"lazy_sparsevlm": {"lazy": {"ratio": 0.5}, "sparsevlm": {
+        "layers": [1], "keep": [4], **({"positions": "original", "recycle": 0} if family.startswith("qwen") else {})}}},
     "lazy_vtw": lambda n, family: {"lazy_vtw": {"lazy": {"ratio": 0.5, "share": "qkv"}, "vtw": {"k": n - 1}}},
 }
 
