@@ -15,20 +15,7 @@ from harness.method import fixed_method
 from harness.config import compose, method_presets, plain
 from harness.settings import RunError
 from harness.results import config_key
-from harness.tasks import shapes
-RESULT = "bench.json"
-QUESTION = "describe the image ."
-# Extra words that lengthen the prompt; all in the tiny tokenizer's vocabulary.
-FILLER = tuple(shapes.words("a red circle at the top left , a blue square at the bottom right ."))
-# Settings that don't change the numbers don't change whether earlier points can be resumed.
-KEY_EXCLUDE = ("out_dir", "overwrite", "wandb", "threads")
-
-
-RESULT = "bench.json"
-
-
-# Settings that don't change the numbers don't change whether earlier points can be resumed.
-KEY_EXCLUDE = ("out_dir", "overwrite", "wandb", "threads")
+from harness.bench.constants import KEY_EXCLUDE
 
 
 class BenchError(RunError):
