@@ -518,7 +518,7 @@ def phase_correctness(ph: Phase) -> str:
 
     from harness.gpu_check import checks as measurement, matrix
 
-    calibrate, vtw = importlib.import_module("lazyattn.calibrate"), importlib.import_module("lazyattn.vtw")
+    calibrate, vtw = importlib.import_module("lazyattn.calibration"), importlib.import_module("lazyattn.vtw")
     gpu = ph.profile == "gpu"
     device = torch.device("cuda" if gpu else "cpu")
     if not gpu:

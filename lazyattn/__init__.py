@@ -17,7 +17,7 @@ from lazyattn.attention import QCache
 from lazyattn.base import Calibrator, Dense, Method, Plan
 from lazyattn.cache import (PreallocatedCache, ValueOnlyLayer, kv_allocated_bytes, kv_cache_bytes, kv_read_bytes,
                             new_cache)
-from lazyattn.calibrate import Calibration, LazyLayersCalibrator, calibrate, layer_divergence, select_lazy_layers
+from lazyattn.calibration import Calibration, LazyLayersCalibrator, calibrate, layer_divergence, select_lazy_layers
 from lazyattn.compose import Composed, compose
 from lazyattn.engine import PruneEngine, TokenPruner
 from lazyattn.fastv import FastV
