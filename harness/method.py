@@ -1,10 +1,9 @@
 """A run's method, resolved once: from its ``method:`` config to a ``lazyattn`` method.
 
-``RunMethod.from_config(cfg.method, family)`` reads the settings and checks them before anything
+``RunMethod.from_config(cfg.method, cfg.model)`` reads the settings and checks them before anything
 loads (unknown names and settings, values out of range, a model family the method is not defined
 for: one line each); ``resolve`` then chooses its ``auto`` settings on the val split
-(``harness.calibration``) and builds the method, and ``describe`` says what result.json keeps of
-it. Everything the harness learns about the method it asks the method, its plan or its
+(``harness.calibration``), builds the method and says what result.json keeps of it (``describe``). Everything the harness learns about the method it asks the method, its plan or its
 calibrators: nothing here names a method.
 """
 
@@ -45,11 +44,12 @@ class RunMethod:
     auto: tuple[calibration.Auto, ...] = ()
 
     @classmethod
-    def from_config(cls, method_cfg: Any, family: str | None = None) -> "RunMethod":
+    def from_config(cls, method_cfg: Any, model_cfg: Any = None) -> "RunMethod":
         """The settings, each checked as the method checks them (``auto`` ones by a stand-in), and
-        the family, before the model loads."""
+        the model's family (``preset_family``; none without a model), before the model loads."""
         spec = method_settings(method_cfg)
         auto = tuple(calibration.auto_settings(spec))
+        family = None if model_cfg is None else preset_family(model_cfg)
         lazyattn.check_method_family(lazyattn.build(calibration.with_stand_ins(spec, list(auto))), family)
         return cls(spec, auto)
 
@@ -64,12 +64,14 @@ class RunMethod:
             )
         return lazyattn.build(self.spec)
 
-    def resolve(self, cfg, loaded, task, device) -> tuple[lazyattn.Method, dict | None]:
+    def resolve(self, cfg, loaded, task, device) -> tuple[lazyattn.Method, dict]:
         """The method with every ``auto`` setting chosen on the task's val prompts (``cfg``'s
-        ``calibration:`` settings; the model and task settings key the cache), and the calibration
-        record (None when nothing was calibrated)."""
+        ``calibration:`` settings; the model and task settings key the cache), built, and what
+        result.json says of it (``describe``; its ``calibration``: the record, None when nothing
+        was calibrated)."""
         if not self.auto:
-            return lazyattn.build(self.spec), None
+            method = lazyattn.build(self.spec)
+            return method, self.describe(method, loaded.n_layers, None)
 
         def batches(n: int) -> list[dict]:
             return [prompt_inputs(loaded.processor, [history], images, device, loaded.model.dtype)
@@ -79,7 +81,8 @@ class RunMethod:
                  "task": OmegaConf.to_container(cfg.task, resolve=True)}
         options = OmegaConf.to_container(cfg.calibration, resolve=True)
         spec, record = calibration.choose(self.spec, list(self.auto), where, options, loaded, batches)
-        return lazyattn.build(spec), record
+        method = lazyattn.build(spec)
+        return method, self.describe(method, loaded.n_layers, record)
 
     def describe(self, method: lazyattn.Method, n_layers: int, calibrated: dict | None) -> dict:
         """What result.json says of the method: its parameters, its plan for this model (lazy layers,

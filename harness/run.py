@@ -22,7 +22,7 @@ from harness.device import setup
 from harness.folders import PREEXISTING, output_dir, relative_to_repo, skips_finished, writable_dir
 from harness.settings import RunError, check_dtype, check_run
 from harness.generate import prompt_inputs
-from harness.method import RunMethod, preset_family
+from harness.method import RunMethod
 from harness.models import load_model
 from harness.results import SCHEMA_VERSION, RunLock, RunLocked, SampleLog, check_unlocked, env_info, write_json_atomic
 from harness import tasks
@@ -53,7 +53,7 @@ def preflight(cfg: DictConfig, multirun: bool = False) -> None:
 
         check_checkpoint(cfg.model.get("path"), cfg.model.get("model_type"))
     check_dtype(cfg)
-    RunMethod.from_config(cfg.method, preset_family(cfg.model))
+    RunMethod.from_config(cfg.method, cfg.model)
 
 
 def build_task(cfg: DictConfig):
@@ -184,7 +184,7 @@ def _run(cfg: DictConfig, out_dir: Path, result_path: Path) -> Path:
     check_run(cfg)
     task = build_task(cfg.task)
     # bad method settings, and a family the method is not defined for, fail before the model loads
-    chosen = RunMethod.from_config(cfg.method, preset_family(cfg.model))
+    chosen = RunMethod.from_config(cfg.method, cfg.model)
     if chosen.auto:
         task.calibration_prompts(0)  # a task that cannot calibrate says so before the model loads too
     for line in limit_notes(cfg.limit, task):
@@ -192,8 +192,9 @@ def _run(cfg: DictConfig, out_dir: Path, result_path: Path) -> Path:
     device = setup(cfg)
 
     loaded = load_model(cfg.model, device)  # says so on stderr when the weights are random
-    method, calibrated = chosen.resolve(cfg, loaded, task, device)  # its auto settings chosen, then built, once
-    method_info = chosen.describe(method, loaded.n_layers, calibrated)  # validates the layers for this model
+    # its auto settings chosen, then built, once; its plan validated for this model's depth
+    method, method_info = chosen.resolve(cfg, loaded, task, device)
+    calibrated = method_info["calibration"]
     for line in describe_run(cfg, loaded, method_info, method, task):
         print(line, flush=True)
 

@@ -209,7 +209,7 @@ def test_cli_error_is_one_clear_line(tmp_path, monkeypatch, capfd):
 
 
 def test_auto_layers_calibrate_once_and_are_recorded(tmp_path, monkeypatch):
-    import harness.calibration as calib
+    import lazyattn.calibration as calib  # where the lazy-layer calibrator measures
 
     extra = ("method.layers=auto", "method.ratio=0.5", "calibration.samples=2",
              f"calibration.dir={tmp_path / 'calib'}", "efficiency.enabled=false", "compare_dense=false")
