@@ -57,10 +57,11 @@ class RunMethod:
         """The method, where nothing can be calibrated (the efficiency benchmark, the lmms-eval and
         VLMEvalKit models): an ``auto`` setting is refused in one line naming ``where``."""
         if self.auto:
+            asked = " and ".join(f"method.{'.'.join(path)}=auto" for path, _ in self.auto)
             raise ValueError(
-                f"method.layers=auto and method.k=auto need the harness's calibration (python -m harness ... "
-                f"task=shapes); {where} takes explicit settings: pass the chosen ones (result.json "
-                "method.lazy_layers, method.params.k)."
+                f"{asked} {'needs' if len(self.auto) == 1 else 'need'} the harness's calibration (python -m harness "
+                f"... task=shapes); {where} takes explicit settings: pass the chosen ones (a calibrated run's "
+                "result.json method.params)."
             )
         return lazyattn.build(self.spec)
 

@@ -17,7 +17,9 @@ class Plan:
     the cache keeps, which families it is defined for, and how it is named in text and figures.
 
     The harness reads a method only through ``method.plan(n_layers)`` (and ``apply``, ``params``,
-    ``label``, ``sort_key``): it never asks what type a method is or which attributes it has."""
+    ``label``, ``sort_key``; a composition also names its ``parts()`` and ``part_labels``), and
+    through what the registry records of it (``lazyattn.parts_of``, ``calibrators_of``,
+    ``examples_of``): it never asks what type a method is or which attributes it has."""
 
     lazy_layers: tuple[int, ...] = ()
     anchors: Mapping[int, int] = dataclasses.field(default_factory=dict)  # lazy layer -> its anchor

@@ -37,9 +37,16 @@ def _recording_attention():
 
 def pruning_entries(family_key: str = "llava_llama") -> dict[str, dict]:
     """The matrix entries on ``family_key`` whose plan prunes tokens (``Plan.pruner``): their stages
-    are the ones ``mask_check`` checks."""
-    return {entry: spec for entry, spec in entries(family_key).items()
-            if lazyattn.build(spec).plan(N_LAYERS).pruner is not None}
+    are the ones ``mask_check`` checks (an entry the model cannot take fails its matrix cells instead)."""
+    out = {}
+    for entry, spec in entries(family_key).items():
+        try:
+            prunes = lazyattn.build(spec).plan(N_LAYERS).pruner is not None
+        except ValueError:
+            continue
+        if prunes:
+            out[entry] = spec
+    return out
 
 
 def mask_check(device: torch.device, dtype_name: str = "float32") -> dict:
