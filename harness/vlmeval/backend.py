@@ -66,7 +66,7 @@ class VlmevalDatasets:
         if int(self.max_new_tokens) < 1:
             raise ValueError(f"task.max_new_tokens must be >= 1, got {self.max_new_tokens}.")
         require()
-        self.found = vdata.locate(list(self.datasets), self.data_dir, bool(self.verify_md5))
+        self.found = vdata.locate_all(list(self.datasets), self.data_dir, bool(self.verify_md5))
 
     calibration_prompts = calibrates_on_shapes_only
 
