@@ -10,8 +10,10 @@ if __name__ == "__main__":  # task=vlmeval from a Python without VLMEvalKit: the
 import hydra
 from omegaconf import DictConfig
 
-from harness.config import (CONF_DIR, RunError, check_command_line, clean_refused, in_multirun, output_dir,
-                            register_method_presets)
+from harness.command_line import check_command_line
+from harness.config import CONF_DIR, register_method_presets
+from harness.folders import clean_refused, in_multirun, output_dir
+from harness.settings import RunError
 from harness.results import SampleLog
 from harness.run import preflight, run
 

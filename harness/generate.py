@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 from transformers import DynamicCache
 
-from lazyattn.cache import CACHE_KINDS, Growing, PreallocatedCache, new_cache
+from lazyattn.cache import CACHE_KINDS, Growing, PreallocatedCache, new_cache, row_padding
 
 MULTITURN_MODES = ("carry", "reencode")
 # Answering learns whether every row has ended (its stop token) from the device at most once every this many
@@ -81,14 +81,14 @@ def row_kv_bytes(cache, mask: torch.Tensor) -> list[int]:
     """KV cache bytes of each row's real tokens: a layer holding ``T`` tokens keeps ``T - holes``
     of them for a row with ``holes`` masked positions (padding and tokens past its end; pruning
     drops only real image tokens, never those). Lazy layers hold values only. A reducer whose samples
-    keep different counts pads the shorter ones in the layers after it; the cache names those slots
-    per layer (``row_padding``, set by the pruning engine) and they are not counted either."""
+    keep different counts pads the shorter ones in the layers after it; ``lazyattn.cache.row_padding``
+    names those slots per layer (the pruning engine records them) and they are not counted either."""
     holes = (mask == 0).sum(dim=1)
-    padding = getattr(cache, "row_padding", None) or {}
+    padding = row_padding(cache)
     total = torch.zeros_like(holes)
     for idx, layer in enumerate(cache.layers):
         layer_holes = holes + padding[idx].to(holes.device) if idx in padding else holes
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+        for tensor in (layer.keys, layer.values):
             if isinstance(tensor, torch.Tensor) and tensor.numel():
                 per_token = tensor[0, ..., 0, :].numel() * tensor.element_size()
                 total += per_token * (tensor.shape[-2] - layer_holes)

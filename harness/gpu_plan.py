@@ -18,8 +18,11 @@ Phases (``--profile gpu``, the default on CUDA; the points of ``--tier N`` only,
   batch 1, 8, 32 x the 584-token prompt and 2048 tokens, 128 new tokens, point-major;
 - ``correctness``: the mask and timing-protocol checks, calibration and VTW's ``k=auto`` on the
   device, then every family x method in float16 and bfloat16, eager and sdpa, and PyTorch's flash
-  kernel forced on the unpadded cells (``harness.gpu_check.correctness``, ``KERNELS``);
-- ``pruning``: FastV, SparseVLM, VTW and Lazy+FastV against dense at batch 8;
+  kernel forced on the unpadded cells (``harness.gpu_check.matrix``: every registered method at the
+  settings it gives for checks, ``lazyattn.examples_of``);
+- ``pruning``: FastV, SparseVLM, VTW and Lazy+FastV against dense at batch 8, and every other registered
+  token pruner defined for LLaVA-1.5 (PruMerge+, a method registered from code) at the settings it
+  gives for checks (``pruning_variants``; HiRED, LLaVA-NeXT only, is in the correctness matrix);
 - ``budget``: the fixed device-memory budget (dense's peak at batch 8) at 2048 tokens: each
   method's largest batch and its throughput there (``harness.bench.budget_plan`` / ``run_budget``).
 
@@ -53,11 +56,12 @@ LAZY_VARIANTS = ["lazy ratio=0.5", "lazy ratio=0.7", "lazy ratio=0.35 share=qkv"
 CONTROL_VARIANTS = ["dense_explicit"]
 COMPILED_VARIANTS = 3  # dense and the first two lazy settings, once more as compiled static-graph decode steps
 PRUNING_VARIANTS = ["fastv ratio=0.5", "sparsevlm budget=128", "vtw k=16", "lazy_fastv"]
+TIMED_FAMILY, TIMED_LAYERS = "llava", 32  # the timed model's (LLaVA-1.5-7B) family and depth
 # (batch, context length or None for the 584-token prompt, tier): by value, point-major
 THROUGHPUT_POINTS = [(8, None, 1), (32, 2048, 1), (1, None, 2), (32, None, 2), (8, 2048, 2), (1, 2048, 2)]
 PRUNING_POINTS = [(8, None, 1), (8, 2048, 2)]
 BUDGET_CONTEXT, BUDGET_REFERENCE_BATCH = 2048, 8
-BUDGET_GROUPS = [("lazy", LAZY_VARIANTS, 1), ("pruning", PRUNING_VARIANTS, 2)]
+BUDGET_GROUPS = [("lazy", LAZY_VARIANTS, 1), ("pruning", PRUNING_VARIANTS, 2)]  # the budget's pruners: the named ones
 CORRECTNESS_DTYPES = ["float16", "bfloat16"]
 # bf16 dense matmul peak (FLOP/s, vendor figures without sparsity) by device name, specific first
 PEAK_BF16 = (("h200", 989e12), ("h100 pcie", 756e12), ("h100", 989e12), ("a100", 312e12))
@@ -195,7 +199,8 @@ def _load(profile: str, threads: int | None = None):
     """The model of the profile on its device, via the bench's config (``conf/bench.yaml``)."""
     import torch
 
-    from harness.config import compose, setup
+    from harness.config import compose
+    from harness.device import setup
     from harness.models import load_model
 
     overrides = [MODEL_7B, "device=cuda"] if profile == "gpu" else [CPU["model"], "device=cpu"]
@@ -207,6 +212,24 @@ def _load(profile: str, threads: int | None = None):
     if device.type == "cuda":
         torch.cuda.synchronize()
     return loaded, device
+
+
+def pruning_variants() -> list[str]:
+    """``PRUNING_VARIANTS``, then every other registered method that prunes tokens (its plan has a
+    ``pruner``), is not a composition and is defined for the timed model's family, as a bench entry
+    at the settings it gives for checks (``lazyattn.examples_of``)."""
+    import lazyattn
+
+    named = {entry.split()[0] for entry in PRUNING_VARIANTS}
+    out = list(PRUNING_VARIANTS)
+    for name in lazyattn.METHODS:
+        if name in named or lazyattn.parts_of(name):
+            continue
+        for spec in lazyattn.examples_of(name, TIMED_LAYERS, TIMED_FAMILY).values():
+            plan = lazyattn.build(spec).plan(TIMED_LAYERS)
+            if plan.pruner is not None and (plan.families is None or TIMED_FAMILY in plan.families):
+                out.append(" ".join([name, *(f"{k}={v}" for k, v in spec.items() if k != "name")]))
+    return out
 
 
 def _variants(entries: list[str], profile: str = "gpu"):
@@ -239,13 +262,12 @@ def time_point(model, prompts, variants, batch: int, context: dict, new_tokens: 
     from lazyattn.arch import decoder_layers
 
     inputs = prompts.inputs(context["extra_words"], batch)
-    timed = {v.label: (inputs, (lambda v=v: v.method.apply(model)), "static") for v in variants}
-    timed["dense dynamic"] = (inputs, lambda: variants[0].method.apply(model), "dynamic")
+    timed = {v.label: (inputs, v.method, "static") for v in variants}
+    timed["dense dynamic"] = (inputs, variants[0].method, "dynamic")
     extra = ["dense dynamic"]
     if compiled:
         for v in variants[:COMPILED_VARIANTS]:
-            timed[f"{v.label} compiled"] = (inputs, lambda v=v: v.method.apply(model),
-                                            {"cache": "static", "compile": True})
+            timed[f"{v.label} compiled"] = (inputs, v.method, {"cache": "static", "compile": True})
             extra.append(f"{v.label} compiled")
     start = time.time()
     summaries = measure.interleaved(model, timed, new_tokens=new_tokens, repeats=repeats, warmup=warmup)
@@ -301,9 +323,9 @@ def phase_env(ph: Phase) -> str:
     info["cuda_available"] = torch.cuda.is_available()
     info["torch_cuda"] = torch.version.cuda
     try:
-        from harness import gpu_check
+        from harness.gpu_check import matrix
 
-        info["flash_attn_2_available"] = gpu_check.flash_available()
+        info["flash_attn_2_available"] = matrix.flash_available()
     except Exception as err:
         info["flash_attn_2_available"] = f"{type(err).__name__}: {err}"
     git = Path(__file__).resolve().parent.parent / ".whl" / "GIT_SHA"
@@ -434,7 +456,7 @@ def phase_throughput(ph: Phase) -> str:
 
 
 def phase_pruning(ph: Phase) -> str:
-    return _timing_phase(ph, PRUNING_VARIANTS, PRUNING_POINTS)
+    return _timing_phase(ph, pruning_variants(), PRUNING_POINTS)
 
 
 def phase_budget(ph: Phase) -> str:
@@ -494,25 +516,25 @@ def phase_correctness(ph: Phase) -> str:
 
     import importlib
 
-    from harness import gpu_check
+    from harness.gpu_check import checks as measurement, matrix
 
-    calibrate, vtw = importlib.import_module("lazyattn.calibrate"), importlib.import_module("lazyattn.vtw")
+    calibrate, vtw = importlib.import_module("lazyattn.calibration"), importlib.import_module("lazyattn.vtw")
     gpu = ph.profile == "gpu"
     device = torch.device("cuda" if gpu else "cpu")
     if not gpu:
         torch.set_num_threads(1)
     ph.use_device(torch.cuda.get_device_name(device) if gpu else "cpu")
-    fams = list(gpu_check.FAMILIES) if gpu else CPU["correctness_families"]
+    fams = list(matrix.FAMILIES) if gpu else CPU["correctness_families"]
     dtypes = CORRECTNESS_DTYPES if gpu else CPU["correctness_dtypes"]
-    impls = ["sdpa", "eager", "sdpa_flash"] + (["flash_attention_2"] if gpu_check.flash_available() else [])
+    impls = ["sdpa", "eager", "sdpa_flash"] + (["flash_attention_2"] if matrix.flash_available() else [])
     cells = [f"{f}/{m}/{d}/{'padded' if p else 'unpadded'}" for f in fams for d in dtypes
-             for m in gpu_check.METHODS for p in (False, True)]
+             for m in matrix.entries(f) for p in (False, True)]
     ph.plan([("checks", 1), *((c, 1) for c in cells)])
     points = ph.data["points"]
     if "checks" not in points:
         checks: dict = {}
-        for name, fn in (("mask", lambda: gpu_check.mask_check(device, "float16" if gpu else "float32")),
-                         ("timing_protocol", lambda: gpu_check.protocol_check(device)),
+        for name, fn in (("mask", lambda: measurement.mask_check(device, "float16" if gpu else "float32")),
+                         ("timing_protocol", lambda: measurement.protocol_check(device)),
                          ("calibration", lambda: _calibration_check(device, calibrate, vtw))):
             try:
                 checks[name] = fn()
@@ -522,18 +544,18 @@ def phase_correctness(ph: Phase) -> str:
         checks["ok"] = all(c.get("ok") for c in checks.values() if isinstance(c, dict))
         ph.record("checks", checks)
 
-    def save(matrix: dict) -> None:
-        for cell in matrix["cells"]:
+    def save(current: dict) -> None:
+        for cell in current["cells"]:
             points[cell["key"]] = {**cell, "device_slug": ph.device_slug}
-        ph.data["matrix"] = {k: v for k, v in matrix.items() if k != "cells"}
+        ph.data["matrix"] = {k: v for k, v in current.items() if k != "cells"}
         ph.save()
 
     previous = {"cells": [p for k, p in points.items() if k != "checks"]}
-    matrix = gpu_check.correctness(device, dtypes, impls, None, families_=fams, previous=previous, save=save,
-                                   stop_at=ph.stop_at)
-    ph.data["matrix"] = {k: v for k, v in matrix.items() if k != "cells"}
+    result = matrix.correctness(device, dtypes, impls, None, families_=fams, previous=previous, save=save,
+                                stop_at=ph.stop_at)
+    ph.data["matrix"] = {k: v for k, v in result.items() if k != "cells"}
     # findings, not a broken phase: the phase ran; the summary lists every failing cell and check
-    ph.data["failed_cells"] = [c["key"] for c in matrix["cells"] if not c["ok"]]
+    ph.data["failed_cells"] = [c["key"] for c in result["cells"] if not c["ok"]]
     ph.data["checks_ok"] = bool(points["checks"].get("ok"))
     if not gpu:
         return "skipped"
@@ -545,15 +567,15 @@ def _calibration_check(device, calibrate, vtw) -> dict:
     their float64 sums live on the CPU while the model's scalars are on the device."""
     import torch
 
-    from harness import gpu_check
+    from harness.gpu_check import matrix
+    from harness.models import families
 
-    family, text, vision = gpu_check.FAMILIES["llava_llama"]
-    loaded = gpu_check.families.build_random(family, text, vision, device=device,
-                                             initializer_range=gpu_check.INIT_RANGE)
-    batches = [gpu_check._inputs(loaded, device, padded=p) for p in (False, True)]
+    family, text, vision = matrix.FAMILIES["llava_llama"]
+    loaded = families.build_random(family, text, vision, device=device, initializer_range=matrix.INIT_RANGE)
+    batches = [matrix.two_prompts(loaded, device, padded=p) for p in (False, True)]
     div = calibrate.layer_divergence(loaded.model, batches)
     kl = vtw.withdrawal_kl(loaded.model, batches)
-    ok = bool(torch.isfinite(div).all()) and div.shape[0] == gpu_check.N_LAYERS and len(kl) == gpu_check.N_LAYERS
+    ok = bool(torch.isfinite(div).all()) and div.shape[0] == matrix.N_LAYERS and len(kl) == matrix.N_LAYERS
     return {"ok": ok and all(k == k for k in kl), "layer_divergence_max": float(div.max()), "withdrawal_kl": kl}
 
 

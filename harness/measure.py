@@ -26,17 +26,15 @@ throughput ratios, ``prefill_speedup`` is dense's latency over the method's;
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
-from collections.abc import Callable
 
 import torch
 from torch import nn
 from harness.generate import Generator
 from lazyattn.arch import decoder_layers
-from lazyattn.cache import (READ_TERMS, NoKVLayer, TextKeyLayer, ValueOnlyLayer, kv_allocated_bytes, kv_cache_bytes,
-                            kv_read_terms)
+from lazyattn.base import Dense, Method, Plan
+from lazyattn.cache import READ_TERMS, kv_allocated_bytes, kv_cache_bytes, kv_read_terms
 
 MIN_CUDA_REPEATS = 5
 # Peak memory bandwidth (bytes/s) by device name (the first pattern found in
@@ -74,42 +72,31 @@ def _bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-# The projections a lazy layer skips, by the kind of its cache slot (what it keeps says what it computes):
-# values only (share="qk"): no q_proj, k_proj; nothing (share="qkv"): no q_proj, k_proj, v_proj;
-# a text-key slot (scope="visual" or "visual_scores") computes all of them.
-SKIPPED_PROJECTIONS = {ValueOnlyLayer: ("q_proj", "k_proj"), NoKVLayer: ("q_proj", "k_proj", "v_proj"),
-                       TextKeyLayer: ()}
-
-
-def decode_weight_bytes(model: nn.Module, cache) -> int:
+def decode_weight_bytes(model: nn.Module, plan: Plan | None = None) -> int:
     """Weight bytes one decode step reads: every decoder layer less the projections its lazy
-    layers skip (``SKIPPED_PROJECTIONS``, from the kind of each layer's slot in ``cache``), the
-    final norm and the LM head. The vision tower is not run when decoding."""
+    layers skip (``Plan.skips``: what a layer's slot keeps says what it computes; dense's plan when
+    None), the final norm and the LM head. The vision tower is not run when decoding."""
     layers = decoder_layers(model)
+    plan = plan or Plan()
     total = sum(_bytes(layer) for layer in layers)
-    slots = getattr(cache, "layers", [])
-    for i, slot in enumerate(slots[: len(layers)]):
-        for name in SKIPPED_PROJECTIONS.get(type(slot), ()):
-            total -= _bytes(getattr(layers[i].self_attn, name))
+    for i, layer in enumerate(layers):
+        for name in plan.skips(i):
+            total -= _bytes(getattr(layer.self_attn, name))
     decoder = model.get_decoder()
     norm = getattr(decoder, "norm", None)
     head = model.get_output_embeddings()
     return total + (_bytes(norm) if norm is not None else 0) + (_bytes(head) if head is not None else 0)
 
 
-def lazy_cache_layers(cache) -> set[int]:
-    """The layers whose cache holds no keys (Lazy Attention's ``share="qk"`` and ``"qkv"`` layers)."""
-    layers = getattr(cache, "layers", [])
-    return {i for i, layer in enumerate(layers) if isinstance(layer, (ValueOnlyLayer, NoKVLayer))}
-
-
 @torch.inference_mode()
-def generate_once(model, inputs: dict, new_tokens: int, cache: str = "static", compile: bool = False) -> dict:
+def generate_once(model, inputs: dict, new_tokens: int, cache: str = "static", compile: bool = False,
+                  plan: Plan | None = None) -> dict:
     """One timed prefill + ``new_tokens`` decode forwards of the harness's own decode loop
     (``harness.generate.Generator``, the loop that answers), forced to that length (no early
     stop). Returns seconds, the peak KV bytes, the peak device memory (None off CUDA), the KV
     bytes the decode forwards read (``lazyattn.cache.kv_read_bytes``, summed over steps), the
-    decoder weight bytes a step reads, and the lazy layers.
+    decoder weight bytes a step reads, and the lazy layers, by ``plan`` (the installed method's;
+    dense's when None).
 
     The prefill forward computes the logits of the last position only; a decode forward feeds
     the greedy token. The mask goes to the model only when the prompt is padded (the efficiency
@@ -149,8 +136,8 @@ def generate_once(model, inputs: dict, new_tokens: int, cache: str = "static", c
         "peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)) if cuda else None,
         "kv_read_bytes": totals["kv_read"],
         "kv_read_terms": {t: totals[f"read_{t}"] for t in READ_TERMS},
-        "weight_read_bytes": decode_weight_bytes(model, dialogue.cache),
-        "lazy_layers": sorted(lazy_cache_layers(dialogue.cache)),
+        "weight_read_bytes": decode_weight_bytes(model, plan),
+        "lazy_layers": (plan or Plan()).keyless_layers(),  # the layers whose slots hold no keys
         "cache": cache,
         "compiled": compile,
         # compiled decode ran as one static graph, or why not (then its steps ran eagerly)
@@ -198,7 +185,7 @@ def summarise(runs: list[dict], batch_size: int, new_tokens: int, model=None, pe
         kv_step = runs[0]["kv_read_bytes"] / max(1, steps)
         weights = runs[0].get("weight_read_bytes")
         if weights is None and model is not None:  # a run recorded without it: every layer's weights
-            weights = decode_weight_bytes(model, None)
+            weights = decode_weight_bytes(model)
         step_bytes = weights + kv_step
         bandwidth = statistics.median(step_bytes * steps / r["decode_s"] for r in runs)
         terms = runs[0].get("kv_read_terms") or {}
@@ -241,19 +228,22 @@ def interleaved(
     cache: str = "static",
     compile: bool = False,
 ) -> dict[str, dict]:
-    """Several variants, each ``name -> (inputs, context factory[, cache kind])``, timed in ABBA
-    order in this process (``abba_order``) on the KV cache ``cache`` (or the variant's own); each
-    variant's summary over its own inputs' batch size."""
+    """Several variants, each ``name -> (inputs, method[, cache kind])``, timed in ABBA order in this
+    process (``abba_order``) on the KV cache ``cache`` (or the variant's own), each with ``method``
+    applied and its plan saying what its layers compute; each variant's summary over its own inputs'
+    batch size."""
     device = next(iter(variants.values()))[0]["input_ids"].device
+    n_layers = len(decoder_layers(model))
     repeats = repeats_for(device, repeats)
     peak_bw = peak_bandwidth(device_name(device))
 
     def once(name: str, tokens: int) -> dict:
-        inputs, ctx, *own = variants[name]  # a third element: this variant's own cache kind, or
+        inputs, method, *own = variants[name]  # a third element: this variant's own cache kind, or
         options = own[0] if own else {}  # {"cache": kind, "compile": bool}
         options = {"cache": options} if isinstance(options, str) else options
-        with ctx():
-            return generate_once(model, inputs, tokens, options.get("cache", cache), options.get("compile", compile))
+        with method.apply(model):
+            return generate_once(model, inputs, tokens, options.get("cache", cache), options.get("compile", compile),
+                                 plan=method.plan(n_layers))
 
     def compiled(name: str) -> bool:
         own = variants[name][2:]
@@ -298,19 +288,18 @@ def speedups(dense: dict, method: dict) -> dict:
 def time_against_dense(
     model,
     inputs: dict,
-    method_ctx: Callable[[], contextlib.AbstractContextManager],
+    method: Method,
     new_tokens: int = 32,
     repeats: int = 3,
     warmup: int = 1,
-    method=None,
     cache: str = "static",
     compile: bool = False,
 ) -> dict:
-    """Dense vs method on identical inputs: both figures and the speed-ups (method over dense).
-    ``method``, when given, adds the notes that concern it (``host_sync`` for SparseVLM)."""
+    """Dense vs ``method`` on identical inputs: both figures and the speed-ups (method over dense),
+    and the notes that concern the method (``host_sync`` for SparseVLM)."""
     summaries = interleaved(
         model,
-        {"dense": (inputs, contextlib.nullcontext), "method": (inputs, method_ctx)},
+        {"dense": (inputs, Dense()), "method": (inputs, method)},
         new_tokens=new_tokens,
         repeats=repeats,
         warmup=warmup,
@@ -333,7 +322,7 @@ def time_against_dense(
         "method": method_summary,
         **speedups(dense, method_summary),
     }
-    if method is not None and method.plan(len(decoder_layers(model))).host_sync:
+    if method.plan(len(decoder_layers(model))).host_sync:
         out["host_sync"] = SPARSEVLM_HOST_SYNC
     return out
 

@@ -23,7 +23,8 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf, open_dict
 
-from harness.config import CONF_DIR, RunError, compose
+from harness.config import CONF_DIR, compose
+from harness.settings import RunError
 
 # Settings of the re-run itself, never taken from the saved config.
 RUN_ONLY = {"out_dir", "overwrite", "skip_finished", "sweep_root", "runs_root", "wandb"}

@@ -16,22 +16,13 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 import lazyattn
-from harness import calibration, compare, figures, headline, measure, metrics, tracking
-from harness.config import (
-    PREEXISTING,
-    RunError,
-    check_dtype,
-    check_run,
-    method_spec,
-    output_dir,
-    plain,
-    relative_to_repo,
-    result_key,
-    setup,
-    skips_finished,
-    writable_dir,
-)
+from harness import compare, figures, headline, measure, metrics, tracking
+from harness.config import plain, result_key
+from harness.device import setup
+from harness.folders import PREEXISTING, output_dir, relative_to_repo, skips_finished, writable_dir
+from harness.settings import RunError, check_dtype, check_run
 from harness.generate import prompt_inputs
+from harness.method import RunMethod
 from harness.metrics import Metrics
 from harness.models import load_model
 from harness.results import SCHEMA_VERSION, RunLock, RunLocked, SampleLog, check_unlocked, env_info, write_json_atomic
@@ -63,16 +54,7 @@ def preflight(cfg: DictConfig, multirun: bool = False) -> None:
 
         check_checkpoint(cfg.model.get("path"), cfg.model.get("model_type"))
     check_dtype(cfg)
-    if calibration.wanted(cfg.method):
-        calibration.check(cfg.method)
-    else:
-        lazyattn.check_method_family(lazyattn.build(method_spec(cfg.method)), model_family(cfg.model))
-
-
-def model_family(model_cfg: DictConfig) -> str | None:
-    """The model's family as its preset names it (``family``, or ``model_type`` for a checkpoint)."""
-    family = model_cfg.get("family") or model_cfg.get("model_type")
-    return None if family is None else str(family)
+    RunMethod.from_config(cfg.method, cfg.model)
 
 
 def build_task(cfg: DictConfig):
@@ -80,24 +62,6 @@ def build_task(cfg: DictConfig):
     task = tasks.build(cfg)
     task.check()
     return task
-
-
-def describe_method(method, n_layers: int, calibrated: dict | None) -> dict:
-    """What result.json says of the method: its parameters, its plan for this model (lazy layers,
-    reading, pruning), and its table label, order and figure series (the calibrated ones when its
-    settings were chosen by calibration)."""
-    plan = method.plan(n_layers)  # validates the settings against this model's depth
-    return {
-        "name": method.name,
-        "params": method.params(),
-        "lazy_layers": list(plan.lazy_layers),
-        "plan": {"share": plan.share, "scope": plan.scope, "pruner": plan.pruner, "pruned_from": plan.pruned_from,
-                 "schedule": plan.schedule},
-        "label": calibration.label(calibrated, method, n_layers) if calibrated else method.label(n_layers),
-        "sort_key": calibration.sort_key(calibrated, method, n_layers) if calibrated else list(method.sort_key(n_layers)),
-        "series": calibration.series(calibrated, plan) if calibrated else plan.series,
-        "calibration": calibrated,
-    }
 
 
 def record_against_dense(rows: dict[str, list[dict]], scores: dict, declared: dict[str, Metrics], processor) -> dict:
@@ -171,8 +135,8 @@ def describe_run(cfg: DictConfig, loaded, method_info: dict, method, task) -> li
     if t.get("min_new_tokens"):
         protocol.append(f"min_new_tokens={t.min_new_tokens}")
     protocol.append(f"seed={cfg.seed}")
-    dense = "dense scored beside it on the same samples" if cfg.compare_dense and method.name != "dense" \
-        else "no dense in this run"
+    dense = ("dense scored beside it on the same samples" if cfg.compare_dense and method.name != "dense"
+             else "no dense in this run")
     return [
         f"model: {loaded.name} ({loaded.n_layers} layers, {loaded.n_params / 1e6:.2f} M parameters, "
         f"{str(loaded.model.dtype).removeprefix('torch.')}, {weights})",
@@ -208,23 +172,18 @@ def run(cfg: DictConfig) -> Path:
 def _run(cfg: DictConfig, out_dir: Path, result_path: Path) -> Path:
     check_run(cfg)
     task = build_task(cfg.task)
-    auto = calibration.wanted(cfg.method)
-    if auto:
-        task.calibration_prompts(0)  # a task that cannot calibrate says so before the model loads
-        calibration.check(cfg.method)  # and so do the method's other settings
-    else:  # bad method settings, and a family the method is not defined for, fail before the model loads
-        method = lazyattn.build(method_spec(cfg.method))
-        lazyattn.check_method_family(method, model_family(cfg.model))
+    # bad method settings, and a family the method is not defined for, fail before the model loads
+    chosen = RunMethod.from_config(cfg.method, cfg.model)
+    if chosen.auto:
+        task.calibration_prompts(0)  # a task that cannot calibrate says so before the model loads too
     for line in limit_notes(cfg.limit, task):
         print(line, flush=True)
     device = setup(cfg)
 
     loaded = load_model(cfg.model, device)  # says so on stderr when the weights are random
-    calibrated = None
-    if auto:  # the settings calibration chooses, then the method, once
-        spec, calibrated = calibration.resolve(cfg, loaded, task, device)
-        method = lazyattn.build(spec)
-    method_info = describe_method(method, loaded.n_layers, calibrated)  # validates the layers for this model
+    # its auto settings chosen, then built, once; its plan validated for this model's depth
+    method, method_info = chosen.resolve(cfg, loaded, task, device)
+    calibrated = method_info["calibration"]
     for line in describe_run(cfg, loaded, method_info, method, task):
         print(line, flush=True)
 
@@ -255,8 +214,8 @@ def _run(cfg: DictConfig, out_dir: Path, result_path: Path) -> Path:
         n = int(cfg.efficiency.batch_size)
         inputs = prompt_inputs(loaded.processor, [history] * n, list(images) * n, device, loaded.model.dtype)
         efficiency = measure.time_against_dense(
-            loaded.model, inputs, lambda: method.apply(loaded.model), new_tokens=int(cfg.efficiency.new_tokens),
-            repeats=int(cfg.efficiency.repeats), warmup=int(cfg.efficiency.warmup), method=method,
+            loaded.model, inputs, method, new_tokens=int(cfg.efficiency.new_tokens),
+            repeats=int(cfg.efficiency.repeats), warmup=int(cfg.efficiency.warmup),
             cache=str(cfg.cache),
         )
         # the verdict travels with the numbers: result.json, W&B (headline/timing_noisy), tables

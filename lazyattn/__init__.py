@@ -14,10 +14,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from lazyattn.attention import QCache
-from lazyattn.base import Dense, Method, Plan
+from lazyattn.base import Calibrator, Dense, Method, Plan
 from lazyattn.cache import (PreallocatedCache, ValueOnlyLayer, kv_allocated_bytes, kv_cache_bytes, kv_read_bytes,
                             new_cache)
-from lazyattn.calibrate import Calibration, calibrate, layer_divergence, select_lazy_layers
+from lazyattn.calibration import Calibration, LazyLayersCalibrator, calibrate, layer_divergence, select_lazy_layers
 from lazyattn.compose import Composed, compose
 from lazyattn.engine import PruneEngine, TokenPruner
 from lazyattn.fastv import FastV
@@ -27,7 +27,7 @@ from lazyattn.control import ExplicitDense
 from lazyattn.prumerge import PruMerge
 from lazyattn.sparsevlm import SparseVLM
 from lazyattn.vision import check_family
-from lazyattn.vtw import VTW, choose_withdrawal_layer, withdrawal_kl
+from lazyattn.vtw import VTW, WithdrawalCalibrator, choose_withdrawal_layer, withdrawal_kl
 
 
 def _part(method: str, role: str, value: Any) -> Method:
@@ -43,7 +43,8 @@ def _part(method: str, role: str, value: Any) -> Method:
 
 def composition(pruner: str) -> Callable[..., Composed]:
     """The constructor of ``lazy_<pruner>``: ``compose(lazy, pruner)``, either part given as a method
-    or as its settings; its two settings are named ``lazy`` and ``<pruner>`` (the registry key)."""
+    or as its settings; its two settings are named ``lazy`` and ``<pruner>`` (the registry key).
+    The registry records its parts (``parts_of``)."""
     name = f"lazy_{pruner}"
     signature = inspect.Signature([inspect.Parameter(p, inspect.Parameter.POSITIONAL_OR_KEYWORD)
                                    for p in ("lazy", pruner)])
@@ -56,7 +57,6 @@ def composition(pruner: str) -> Callable[..., Composed]:
         return compose(_part(name, "lazy", bound.arguments["lazy"]), _part(name, pruner, bound.arguments[pruner]))
 
     make.__signature__ = signature
-    make.parts = ("lazy", pruner)  # the registry keys of its two parts
     make.__name__ = make.__qualname__ = name
     make.__doc__ = f"``compose(lazy, {pruner})``; either part may be given as its settings."
     return make
@@ -66,17 +66,55 @@ def _is_pruner(constructor: Any) -> bool:
     return isinstance(constructor, type) and issubclass(constructor, TokenPruner)
 
 
-def register(name: str, constructor: Callable[..., Method]) -> None:
+Examples = Callable[[int, str], "dict[str, dict[str, Any]]"]
+
+
+def register(name: str, constructor: Callable[..., Method], calibrators: Mapping[str, Calibrator] | None = None,
+             examples: Examples | None = None) -> None:
     """Add a method to the registry (after the built-in ones: its rows come last in tables). A token
     pruner (a ``TokenPruner`` subclass) also gets its composition with Lazy Attention, ``lazy_<name>``.
-    ``constructor(**settings)`` must return a method keeping the ``Method`` protocol."""
+    ``constructor(**settings)`` must return a method keeping the ``Method`` protocol.
+
+    ``calibrators``: setting -> how it is chosen when given as ``auto`` (a ``Calibrator``);
+    ``examples(n_layers, family)``: the settings the checks run it at on a model of that depth and
+    family, by entry name (default: its constructor's defaults, under its own name)."""
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"a method name is an identifier like 'mymethod', got {name!r}.")
     if name in METHODS and METHODS[name] is not constructor:
         raise ValueError(f"method {name!r} is registered already ({METHODS[name]!r}).")
     METHODS[name] = constructor
-    if _is_pruner(constructor):
-        METHODS.setdefault(f"lazy_{name}", composition(name))
+    if calibrators:
+        CALIBRATORS[name] = dict(calibrators)
+    if examples is not None:
+        EXAMPLES[name] = examples
+    if _is_pruner(constructor) and f"lazy_{name}" not in METHODS:
+        METHODS[f"lazy_{name}"] = composition(name)
+        PARTS[f"lazy_{name}"] = ("lazy", name)
+
+
+def parts_of(name: str) -> tuple[str, ...]:
+    """The registry keys of a composition's parts (its settings of the same names); () for a method
+    that is not composed."""
+    return PARTS.get(name, ())
+
+
+def calibrators_of(name: str) -> dict[str, Calibrator]:
+    """Setting -> its ``Calibrator``, for each setting of method ``name`` that may be ``auto``."""
+    return CALIBRATORS.get(name, {})
+
+
+def examples_of(name: str, n_layers: int, family: str) -> dict[str, dict[str, Any]]:
+    """The method specs (``{"name": name, **settings}``) the checks run method ``name`` at, by entry
+    name, on a model of ``n_layers`` layers and family ``family``. A composition's default is its
+    parts' first examples, nested."""
+    if name in EXAMPLES:
+        return {entry: {"name": name, **settings} for entry, settings in EXAMPLES[name](n_layers, family).items()}
+    parts = parts_of(name)
+    if parts:
+        firsts = [next(iter(examples_of(part, n_layers, family).values())) for part in parts]
+        return {name: {"name": name, **{part: {k: v for k, v in spec.items() if k != "name"}
+                                        for part, spec in zip(parts, firsts)}}}
+    return {name: {"name": name}}
 
 
 def check_method_family(method: Method, family: str | None, n_layers: int | None = None) -> None:
@@ -104,9 +142,36 @@ METHODS: dict[str, Callable[..., Method]] = {
     "prumerge_plus": PruMerge,
     "hired": HiRED,
 }
+PARTS: dict[str, tuple[str, ...]] = {}  # a composition's name -> its parts' names
 # Every token pruner composes with Lazy Attention: lazy_fastv, lazy_sparsevlm, ... after the methods.
-METHODS.update({f"lazy_{name}": composition(name) for name, ctor in list(METHODS.items()) if _is_pruner(ctor)})
+for _name, _ctor in list(METHODS.items()):
+    if _is_pruner(_ctor):
+        METHODS[f"lazy_{_name}"], PARTS[f"lazy_{_name}"] = composition(_name), ("lazy", _name)
 METHODS["dense_explicit"] = ExplicitDense  # the backend control (lazyattn/control.py), last in tables
+del _name, _ctor
+
+# How each setting that may be ``auto`` is chosen (``Calibrator``), by method and setting.
+CALIBRATORS: dict[str, dict[str, Calibrator]] = {
+    "lazy": {"layers": LazyLayersCalibrator()},
+    "vtw": {"k": WithdrawalCalibrator()},
+}
+
+# The settings the checks (the GPU check's correctness matrix, the device plan) run each method at,
+# by entry name, for a model of a depth and family; a method without an entry runs at its defaults.
+EXAMPLES: dict[str, Examples] = {
+    "lazy": lambda n, family: {"lazy": {"ratio": 0.5}, "lazy_qkv": {"ratio": 0.5, "share": "qkv"},
+                               "lazy_visual": {"ratio": 0.5, "scope": "visual"},
+                               "lazy_visual_scores": {"ratio": 0.5, "scope": "visual_scores"}},
+    "fastv": lambda n, family: {"fastv": {"k": 2, "ratio": 0.5}},
+    # M-RoPE positions (Qwen2-VL, Qwen2.5-VL): no re-indexing, no merging
+    "sparsevlm": lambda n, family: {"sparsevlm": {"budget": 128, **({"positions": "original", "recycle": 0}
+                                                                   if family.startswith("qwen") else {})}},
+    "vtw": lambda n, family: {"vtw": {"k": n - 1}},
+    # one scoring layer: the release's three leave no layer a lazy one may take in a shallow model
+    "lazy_sparsevlm": lambda n, family: {"lazy_sparsevlm": {"lazy": {"ratio": 0.5}, "sparsevlm": {
+        "layers": [1], "keep": [4], **({"positions": "original", "recycle": 0} if family.startswith("qwen") else {})}}},
+    "lazy_vtw": lambda n, family: {"lazy_vtw": {"lazy": {"ratio": 0.5, "share": "qkv"}, "vtw": {"k": n - 1}}},
+}
 
 
 def settings_of(name: str) -> list[str]:
@@ -140,6 +205,7 @@ __all__ = [
     "METHODS",
     "anchors_of",
     "Calibration",
+    "Calibrator",
     "Composed",
     "Dense",
     "ExplicitDense",
@@ -156,9 +222,11 @@ __all__ = [
     "ValueOnlyLayer",
     "build",
     "calibrate",
+    "calibrators_of",
     "check_method_family",
     "choose_withdrawal_layer",
     "compose",
+    "examples_of",
     "kv_cache_bytes",
     "kv_allocated_bytes",
     "kv_read_bytes",
@@ -166,6 +234,7 @@ __all__ = [
     "PreallocatedCache",
     "Plan",
     "composition",
+    "parts_of",
     "register",
     "layer_divergence",
     "method_families",

@@ -17,7 +17,9 @@ class Plan:
     the cache keeps, which families it is defined for, and how it is named in text and figures.
 
     The harness reads a method only through ``method.plan(n_layers)`` (and ``apply``, ``params``,
-    ``label``, ``sort_key``): it never asks what type a method is or which attributes it has."""
+    ``label``, ``sort_key``; a composition also names its ``parts()`` and ``part_labels``), and
+    through what the registry records of it (``lazyattn.parts_of``, ``calibrators_of``,
+    ``examples_of``): it never asks what type a method is or which attributes it has."""
 
     lazy_layers: tuple[int, ...] = ()
     anchors: Mapping[int, int] = dataclasses.field(default_factory=dict)  # lazy layer -> its anchor
@@ -39,6 +41,55 @@ class Plan:
         if self.share == "qkv":
             return ""
         return "v" if self.scope == "all" else "v+text k"
+
+    def skips(self, layer: int) -> tuple[str, ...]:
+        """The projections a decode step of ``layer`` does not compute, by what its slot keeps: a
+        values-only slot skips ``q_proj`` and ``k_proj`` (the anchor's), an empty one ``v_proj`` too;
+        a text-key slot (visual scope) computes every projection."""
+        return {"v": ("q_proj", "k_proj"), "": ("q_proj", "k_proj", "v_proj")}.get(self.keeps(layer), ())
+
+    def keyless_layers(self) -> list[int]:
+        """The layers whose cache slot holds no keys (``keeps`` is "v" or "")."""
+        return [layer for layer in self.lazy_layers if self.keeps(layer) in ("v", "")]
+
+
+class Calibrator(Protocol):
+    """How a method's ``auto`` setting is chosen on held-out prompts. A method declares one per
+    calibrated setting when it is registered (``lazyattn.register(..., calibrators=...)``); the
+    harness runs it, caches its measurement and records it, and never names the method.
+
+    - ``setting``: the setting it chooses (``"layers"``, ``"k"``);
+    - ``composable``: whether the setting may be ``auto`` inside a composition (``lazy_<pruner>``);
+      ``refusal`` says what to do instead where it may not;
+    - ``stand_in``: a valid value of the setting, so the other settings are checked before it is chosen;
+    - ``key(settings, options, n_layers)``: what the measurement depends on besides the model and the
+      prompts (a cache key: it must stay the same for the same measurement);
+    - ``measure(model, batches, settings, options)``: the measurement, as a JSON-able record;
+    - ``choose(record, settings, options, n_layers)``: the chosen value and the record a result keeps;
+    - ``label``, ``sort_key``, ``series``: how a calibrated point is named, ordered and drawn
+      (``label`` names the method's part whose setting it chose).
+
+    ``settings`` are the method's (or its part's) settings as given; ``options`` the run's
+    calibration settings (``conf/config.yaml``, ``calibration:``)."""
+
+    setting: str
+    composable: bool
+    refusal: str
+    stand_in: Any
+
+    def key(self, settings: Mapping[str, Any], options: Mapping[str, Any], n_layers: int) -> dict: ...
+
+    def measure(self, model: nn.Module, batches: list[dict], settings: Mapping[str, Any],
+                options: Mapping[str, Any]) -> dict: ...
+
+    def choose(self, record: dict, settings: Mapping[str, Any], options: Mapping[str, Any],
+               n_layers: int) -> tuple[Any, dict]: ...
+
+    def label(self, record: dict, method: "Method", n_layers: int) -> str: ...
+
+    def sort_key(self, record: dict, method: "Method", n_layers: int) -> list: ...
+
+    def series(self, record: dict, plan: Plan) -> str: ...
 
 
 @runtime_checkable

@@ -24,6 +24,7 @@ anchor forms explicitly for its lazy layers and each lazy layer's read of them),
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -503,3 +504,17 @@ def kv_read_terms(cache: Cache) -> dict[str, int]:
 def kv_read_bytes(cache: Cache) -> int:
     """The KV bytes the last forward's attention moved: the sum of ``kv_read_terms``."""
     return sum(kv_read_terms(cache).values())
+
+
+_ROW_PADDING: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def pad_rows(cache: Cache, padding: dict[int, torch.Tensor]) -> None:
+    """Record that, in each layer of ``padding``, every row of ``cache`` holds that many padding slots
+    (a pruner whose rows keep different numbers of tokens pads the shorter ones)."""
+    _ROW_PADDING[cache] = {**_ROW_PADDING.get(cache, {}), **padding}
+
+
+def row_padding(cache: Cache) -> dict[int, torch.Tensor]:
+    """Layer -> the padding slots of each row (``pad_rows``); {} where no row is padded."""
+    return _ROW_PADDING.get(cache, {})

@@ -65,12 +65,20 @@ class Composed:
     def params(self) -> dict[str, Any]:
         return {"lazy": self.lazy.params(), self.pruner.name: self.pruner.params()}
 
-    def label(self, n_layers: int) -> str:
+    def parts(self) -> dict[str, Any]:
+        """Its two methods by their settings' names: ``{"lazy": ..., "<pruner>": ...}``."""
+        return {"lazy": self.lazy, self.pruner.name: self.pruner}
+
+    def part_labels(self, n_layers: int) -> dict[str, str]:
+        """The label of each part as the composed label shows it (``label`` joins them with " + ")."""
         if self.lazy.layers is not None:
             first = f"Lazy{self.lazy.reading()} {list(self.lazy.layers)}"
         else:
             first = f"Lazy{self.lazy.reading()} r={self.lazy.ratio:g}"
-        return f"{first} + {self.pruner.label(n_layers)}"
+        return {"lazy": first, self.pruner.name: self.pruner.label(n_layers)}
+
+    def label(self, n_layers: int) -> str:
+        return " + ".join(self.part_labels(n_layers).values())
 
     def sort_key(self, n_layers: int) -> tuple:
         return (self.lazy.sort_key(n_layers), self.pruner.sort_key(n_layers))

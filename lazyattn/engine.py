@@ -33,7 +33,7 @@ from torch import nn
 from lazyattn.arch import attention_modules, decoder_layers, image_token_id, sliding_window
 from lazyattn.attention import patch_attention
 from lazyattn.base import Plan
-from lazyattn.cache import PreallocatedCache
+from lazyattn.cache import PreallocatedCache, pad_rows
 
 
 # --------------------------------------------------------------------------- stage bookkeeping
@@ -81,6 +81,22 @@ def attention_rows(module: nn.Module, query: torch.Tensor, key: torch.Tensor, ro
     return torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(dim=1)
 
 
+_EXPLICIT_MASKS = [False]  # set inside ``explicit_stage_masks()``
+
+
+@contextlib.contextmanager
+def explicit_stage_masks():
+    """Inside this block every pruned stage gets its explicit mask, even where none is needed (an
+    unpadded prefill or decode step on SDPA): the reference against which the checks compare the
+    mask-free path (flash attention, which takes no explicit mask, is left as it is)."""
+    before = _EXPLICIT_MASKS[0]
+    _EXPLICIT_MASKS[0] = True
+    try:
+        yield
+    finally:
+        _EXPLICIT_MASKS[0] = before
+
+
 def _stage_mask(impl: str, real: torch.Tensor, q_len: int, dtype: torch.dtype, unpadded: bool | None = None):
     """The attention mask the model's backend expects, for ``q_len`` queries at the end of ``real``.
 
@@ -98,7 +114,7 @@ def _stage_mask(impl: str, real: torch.Tensor, q_len: int, dtype: torch.dtype, u
     unpadded = bool(real.all()) if unpadded is None else unpadded
     if impl.startswith("flash"):
         return None if unpadded else real.to(torch.long)
-    if impl != "eager" and unpadded and (q_len == 1 or q_len == kv):
+    if impl != "eager" and unpadded and (q_len == 1 or q_len == kv) and not _EXPLICIT_MASKS[0]:
         return None
     cols = torch.arange(kv, device=real.device)
     rows = torch.arange(q_len, device=real.device) + (kv - q_len)
@@ -307,9 +323,7 @@ class PruneEngine:
         cache = self.step.get("cache")
         if pad is not None and cache is not None:  # the cache says which of its slots are padding, per row
             extra = (~real).sum(dim=1) - (~self.base.real).sum(dim=1)
-            padding = dict(getattr(cache, "row_padding", None) or {})
-            padding.update({layer: extra for layer in range(stage.first_layer, self.n_layers)})
-            cache.row_padding = padding
+            pad_rows(cache, {layer: extra for layer in range(stage.first_layer, self.n_layers)})
         self.stages.append(stage)
         return new_hidden
 

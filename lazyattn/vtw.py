@@ -151,3 +151,53 @@ def choose_withdrawal_layer(kl: list[float | None], eta: float, rule: str = "rel
     while k > 1 and kl[k - 2] is not None and kl[k - 2] <= eta:
         k -= 1
     return k
+
+
+def vtw_how(vtw: dict) -> str:
+    """How a calibrated VTW k was chosen, for its label: "KL<=0.003" (the released rule),
+    "KL<=0.003 from L2, scaled" (its search start scaled to a model of another depth),
+    "suffix KL<=0.05" (the harness's earlier rule); older records say only "KL<=0.05"."""
+    eta = vtw.get("eta", vtw.get("kl_threshold"))
+    if "rule" not in vtw:
+        return f"KL<={eta:g}"
+    if vtw["rule"] == "suffix":
+        return f"suffix KL<={eta:g}"
+    return f"KL<={eta:g} from L{vtw['start']}, scaled" if vtw.get("start_scaled") else f"KL<={eta:g}"
+
+
+class WithdrawalCalibrator:
+    """VTW's ``k=auto`` (also inside ``lazy_vtw``): the withdrawal layer by the method's own ``rule``
+    and ``eta`` from ``withdrawal_kl``'s profile (``choose_withdrawal_layer``). It reads no run-level
+    calibration setting. A calibrated point keeps its method's series and sorts by its chosen k."""
+
+    setting = "k"
+    stand_in = 1
+    composable = True
+    refusal = ""
+
+    def key(self, settings, options, n_layers: int) -> dict:
+        rule = settings.get("rule", "release")
+        # the profile depends on the rule (direction and start), not on eta; the suffix rule keeps its older key
+        return {"vtw_kl": True} if rule == "suffix" else {"vtw_kl": "withdrawn||dense",
+                                                           "start": search_start(n_layers, rule)}
+
+    def measure(self, model, batches, settings, options) -> dict:
+        return {"kl": withdrawal_kl(model, batches, rule=settings.get("rule", "release"))}
+
+    def choose(self, record, settings, options, n_layers: int) -> tuple[int, dict]:
+        rule, eta = settings.get("rule", "release"), settings.get("eta", DEFAULT_ETA)
+        start = search_start(n_layers, rule)
+        k = choose_withdrawal_layer(record["kl"], eta, rule)
+        kept = {**record, "k": k, "rule": rule, "eta": eta, "start": start,
+                "start_scaled": rule == "release" and start != RELEASE_START,
+                "direction": "KL(withdrawn||dense)" if rule == "release" else "KL(dense||withdrawn)"}
+        return int(k), kept
+
+    def label(self, record, method, n_layers: int) -> str:
+        return f"VTW K={record['k']} ({vtw_how(record)})"
+
+    def sort_key(self, record, method, n_layers: int) -> list:
+        return list(method.sort_key(n_layers))  # its chosen k orders it among explicit ones
+
+    def series(self, record, plan) -> str:
+        return plan.series

@@ -68,6 +68,12 @@ def test_the_command_line_runs_it(monkeypatch, capfd, tmp_path):
     assert "method: MyMethod note=3 [mymethod]: watches layer 0, changes nothing (note=3)" in out
 
 
+def test_it_reaches_the_gpu_matrix():
+    from harness.gpu_check import matrix
+
+    assert all(matrix.entries(family)["mymethod"] == {"name": "mymethod"} for family in matrix.FAMILIES)
+
+
 def test_a_bad_setting_is_one_line(monkeypatch, capfd, tmp_path):
     status, _, err = harness_cli(["method=mymethod", "method.nothere=1"], monkeypatch, capfd, cwd=tmp_path)
     assert status == 2 and "method mymethod has no setting 'nothere'" in err, err
@@ -103,13 +109,14 @@ def test_adding_a_method_as_the_docs_say(tmp_path):
     (repo / "tests" / "test_mymethod_cli.py").write_text(MYMETHOD_CLI)
     env = {**os.environ, "PYTHONPATH": str(repo), "WANDB_MODE": "disabled"}
     tests = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "tests/test_methods.py",
-                            "tests/test_mymethod_cli.py", "-k", "registry or build or apply_yields or labels or cli"],
+                            "tests/test_mymethod_cli.py", "-k", "registry or build or apply_yields or labels or cli or gpu"],
                            cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert tests.returncode == 0, tests.stdout[-3000:]
     passed = {line.split(" PASSED")[0] for line in tests.stdout.splitlines() if " PASSED" in line}
     for name in ("test_build_every_method_from_a_dict[mymethod]",
                  "test_apply_yields_the_model_and_removes_everything[mymethod]",
-                 "test_mymethod_cli.py::test_the_command_line_runs_it", "test_mymethod_cli.py::test_a_bad_setting_is_one_line"):
+                 "test_mymethod_cli.py::test_the_command_line_runs_it", "test_mymethod_cli.py::test_a_bad_setting_is_one_line",
+                 "test_mymethod_cli.py::test_it_reaches_the_gpu_matrix"):
         assert any(line.endswith(name) for line in passed), (name, tests.stdout[-3000:])
     result = json.loads((repo / "run" / "result.json").read_text())
     assert result["method"]["name"] == "mymethod" and result["method"]["params"] == {"note": 3}

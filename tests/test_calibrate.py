@@ -120,7 +120,7 @@ def test_calibration_errors():
 def test_blocks_rule_merges_adjacent_layers_by_last_row_divergence():
     """The paper's rule: a layer joins the block of the layer before it when their last-row JS is
     below epsilon; a budget takes the smallest ones. Checked on a hand-made matrix and on a model."""
-    from lazyattn.calibrate import _select_blocks
+    from lazyattn.calibration import _select_blocks
 
     adjacent = [0.30, 0.01, 0.02, 0.50, 0.015, 0.40]  # layer l's JS to layer l - 1, l = 1..6
     div = torch.zeros(7, 7, dtype=torch.float64)

@@ -13,7 +13,7 @@ from omegaconf import open_dict
 
 from harness import measure
 from harness.generate import prompt_inputs
-from harness.config import RunError
+from harness.settings import RunError
 from harness.run import build_task, run
 from harness.tasks import first_turn
 from lazyattn import LazyAttention
@@ -179,7 +179,7 @@ def test_time_against_dense_reports_formula(tiny):
     history, images = first_turn(task.samples(1)[0], task.image_size)
     inputs = prompt_inputs(tiny.processor, [history] * 2, images * 2, "cpu")
     method = LazyAttention(layers=[1, 2, 3])
-    eff = measure.time_against_dense(tiny.model, inputs, lambda: method.apply(tiny.model), new_tokens=3, repeats=2, warmup=1)
+    eff = measure.time_against_dense(tiny.model, inputs, method, new_tokens=3, repeats=2, warmup=1)
     assert eff["kv_reduction"] == pytest.approx(3 / 24, abs=1e-12)
     per_token = 2 * 12 * 2 * 2 * 16 * 4  # K and V, layers, batch, kv heads, head dim, fp32
     assert eff["dense"]["kv_cache_bytes"] == per_token * (eff["prompt_tokens"] + 3)
@@ -209,7 +209,7 @@ def test_cli_error_is_one_clear_line(tmp_path, monkeypatch, capfd):
 
 
 def test_auto_layers_calibrate_once_and_are_recorded(tmp_path, monkeypatch):
-    import harness.calibration as calib
+    import lazyattn.calibration as calib  # where the lazy-layer calibrator measures
 
     extra = ("method.layers=auto", "method.ratio=0.5", "calibration.samples=2",
              f"calibration.dir={tmp_path / 'calib'}", "efficiency.enabled=false", "compare_dense=false")
@@ -272,7 +272,7 @@ def test_calibration_cache_knows_retrained_weights(tmp_path, tiny):
 
 
 def test_results_record_no_path_of_this_machine():
-    from harness.config import relative_to_repo
+    from harness.folders import relative_to_repo
     from harness.results import REPO_ROOT
 
     home = Path.home()
@@ -335,7 +335,7 @@ def documented_command_lines():
 
 
 def test_documented_command_lines_pass_the_key_check():
-    from harness.config import check_overrides
+    from harness.command_line import check_overrides
 
     lines = documented_command_lines()
     assert len(lines) >= 25

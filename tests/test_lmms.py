@@ -199,7 +199,7 @@ def test_a_row_the_model_cannot_read_is_named(tiny):
     import datasets
     from PIL import Image
 
-    from harness.config import RunError
+    from harness.settings import RunError
     from lazyattn import Dense
 
     png = io.BytesIO()

@@ -209,7 +209,7 @@ def test_several_missing_datasets_are_named_in_one_error(tmp_path):
     fake_pope(data)
     fake_gqa(data, with_images=False)
     with pytest.raises(benchmarks.MissingDataset) as err:
-        benchmarks.check(["pope", "mme", "gqa", "textvqa_val"], data)
+        benchmarks.locate_all(["pope", "mme", "gqa", "textvqa_val"], data)
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith(f"3 of 4 benchmarks have no usable local data under {data} (mme, gqa, textvqa_val): ")
@@ -582,12 +582,12 @@ def test_caption_benchmarks_are_refused_without_pycocoevalcap_or_java(tmp_path, 
                               "pycocoevalcap")
     assert "missing: the Python packages pycocoevalcap and pycocotools (`make lmms-install`, or pip install " \
            "'pycocoevalcap==1.2' 'pycocotools>=2.0.2' -c constraints/lmms.txt)" in message
-    assert benchmarks.check(["pope"], data)["pope"].from_disk  # no caption task: nothing else is needed
+    assert benchmarks.locate_all(["pope"], data)["pope"].from_disk  # no caption task: nothing else is needed
 
     monkeypatch.undo()
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no `java` on PATH
     with pytest.raises(ValueError) as err:
-        benchmarks.check(["nocaps_val"], data)
+        benchmarks.locate_all(["nocaps_val"], data)
     assert str(err.value) == (
         "the captioning benchmark nocaps_val is scored by lmms-eval with pycocoevalcap (BLEU, METEOR, ROUGE-L, "
         "CIDEr); missing: a Java runtime (`java` on PATH, e.g. apt-get install default-jre-headless) for "
@@ -695,9 +695,9 @@ def test_paper_preset_names_the_references_protocols(tmp_path, monkeypatch):
     fake_pope(data)  # the default config only (the mixed `test` split): not what the subsets need
     with pytest.raises(benchmarks.MissingDataset, match=r"pope_adv \(POPE adversarial\) needs the HF dataset "
                                                           r"lmms-lab-encoder/POPE \(config Full, split adversarial\)"):
-        benchmarks.check(["pope_adv"], data)
+        benchmarks.locate_all(["pope_adv"], data)
     fake_pope_full(data)
-    found = benchmarks.check(["pope_full"], data)
+    found = benchmarks.locate_all(["pope_full"], data)
     assert list(found) == ["pope_adv", "pope_pop", "pope_random"]
     assert {local.path for local in found.values()} == {data / "lmms-lab-encoder" / "POPE" / "Full"}
 

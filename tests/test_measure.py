@@ -54,13 +54,6 @@ def _inputs(loaded, padded: bool):
     return prompt_inputs(loaded.processor, histories, [samples[0].image(64)] * 2, "cpu")
 
 
-def _always_explicit(impl, real, q_len, dtype, unpadded=None):
-    """The mask before the fix: always a 4D mask (causal and padding) for sdpa."""
-    cols = torch.arange(real.shape[1])
-    rows = torch.arange(q_len) + (real.shape[1] - q_len)
-    return (cols[None, :] <= rows[:, None])[None, None] & real[:, None, None, :]
-
-
 def _generate(model, inputs, method):
     RECORDED.clear()
     with lazyattn.build(method).apply(model), torch.no_grad():
@@ -70,19 +63,19 @@ def _generate(model, inputs, method):
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_unpadded_pruned_stages_get_no_mask(recording_model, name, monkeypatch):
+def test_unpadded_pruned_stages_get_no_mask(recording_model, name):
     loaded = recording_model
     model, spec = loaded.model, METHODS[name]
     method = lazyattn.build(spec)
-    first = min(getattr(method, "pruner", method).first_layers(len(decoder_layers(model))))
+    first = method.plan(len(decoder_layers(model))).pruned_from
     inputs = _inputs(loaded, padded=False)
     assert bool(inputs["attention_mask"].all())
     logits, masks = _generate(model, inputs, spec)
     pruned = [m for layer, m in masks if layer >= first]
     assert pruned and all(m is None for m in pruned), "an unpadded pruned stage must leave SDPA's is_causal path"
     assert all(m is None for _, m in masks)  # as dense layers: nothing is padded
-    monkeypatch.setattr(engine, "_stage_mask", _always_explicit)
-    explicit, masks = _generate(model, inputs, spec)
+    with engine.explicit_stage_masks():  # the mask before the fix: always a 4D mask (causal and padding)
+        explicit, masks = _generate(model, inputs, spec)
     assert all(m is not None for layer, m in masks if layer >= first)
     torch.testing.assert_close(logits, explicit, atol=1e-5, rtol=1e-5)
 
@@ -139,15 +132,18 @@ def test_abba_order_iqr_and_e2e(tiny, monkeypatch):
     order = []
     times = {"dense": iter([(0.1, 1.0), (0.1, 1.2), (0.1, 0.8)]), "method": iter([(0.05, 0.5), (0.05, 0.6), (0.05, 0.4)])}
 
-    @contextlib.contextmanager
-    def method_ctx():
-        monkeypatch.setattr(measure, "_current", "method", raising=False)
-        yield
-        monkeypatch.setattr(measure, "_current", "dense", raising=False)
+    class Recorded(lazyattn.Dense):  # a method that only says when it is applied
+        name = "recorded"
+
+        @contextlib.contextmanager
+        def apply(self, model):
+            monkeypatch.setattr(measure, "_current", "method", raising=False)
+            yield model
+            monkeypatch.setattr(measure, "_current", "dense", raising=False)
 
     monkeypatch.setattr(measure, "_current", "dense", raising=False)
 
-    def fake_once(model, inputs, new_tokens, cache="static", compile=False):
+    def fake_once(model, inputs, new_tokens, cache="static", compile=False, plan=None):
         name = measure._current
         if new_tokens == 10:  # a timed run (the warm-up runs min(new_tokens, 4))
             order.append(name)
@@ -159,7 +155,7 @@ def test_abba_order_iqr_and_e2e(tiny, monkeypatch):
 
     monkeypatch.setattr(measure, "generate_once", fake_once)
     inputs = {"input_ids": torch.zeros(2, 5, dtype=torch.long)}
-    res = measure.time_against_dense(tiny.model, inputs, method_ctx, new_tokens=10, repeats=3, warmup=1)
+    res = measure.time_against_dense(tiny.model, inputs, Recorded(), new_tokens=10, repeats=3, warmup=1)
     assert order == ["dense", "method", "method", "dense", "dense", "method"]
     assert measure.abba_order(["a", "b"], 4) == ["a", "b", "b", "a", "a", "b", "b", "a"]
     d, m = res["dense"], res["method"]
@@ -194,7 +190,7 @@ def test_compare_on_cpu_records_new_figures_and_notes(tiny):
     model = tiny.model
     inputs = _inputs(tiny, padded=False)
     lazy = lazyattn.build({"name": "lazy", "layers": [1, 3]})
-    res = measure.time_against_dense(model, inputs, lambda: lazy.apply(model), new_tokens=2, repeats=1, warmup=0, method=lazy)
+    res = measure.time_against_dense(model, inputs, lazy, new_tokens=2, repeats=1, warmup=0)
     for side in ("dense", "method"):
         e = res[side]
         assert e["peak_memory_bytes"] is None and e["e2e_tokens_per_s"] > 0 and e["decode_tokens_per_s_iqr"] == 0.0
@@ -210,7 +206,7 @@ def test_compare_on_cpu_records_new_figures_and_notes(tiny):
     assert res["predicted_decode_speedup"] == pytest.approx(d["decode_step_bytes"] / m["decode_step_bytes"], rel=1e-6)
     assert res["predicted_decode_speedup"] > 1
     sparse = lazyattn.build({"name": "sparsevlm", "budget": 64})
-    res = measure.time_against_dense(model, inputs, lambda: sparse.apply(model), new_tokens=1, repeats=1, warmup=0, method=sparse)
+    res = measure.time_against_dense(model, inputs, sparse, new_tokens=1, repeats=1, warmup=0)
     assert "host_sync" in res and res["kv_reduction"] > 0
 
 

@@ -8,8 +8,9 @@ import pytest
 from helpers import cfg_for
 
 import lazyattn
-from harness import calibration, report, results
-from harness.config import RunError, method_spec
+from harness import report, results
+from harness.settings import RunError
+from harness.method import RunMethod, method_settings
 from harness.run import run
 from lazyattn import choose_withdrawal_layer
 
@@ -19,10 +20,10 @@ PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_method_preset_builds_or_asks_for_calibration(preset):
     cfg = cfg_for(f"method={preset}")
-    if calibration.wanted(cfg.method):
+    if RunMethod.from_config(cfg.method).auto:
         assert preset in ("lazy_calibrated", "vtw", "lazy_vtw")
     else:
-        assert lazyattn.build(method_spec(cfg.method)).name == cfg.method.name
+        assert lazyattn.build(method_settings(cfg.method)).name == cfg.method.name
 
 
 def small(tmp_path, *extra):

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import lazyattn
-from harness import bench, gpu_check, report
+from harness import bench, gpu_plan, report
+from harness.gpu_check import checks, matrix
 from harness.config import compose
 from harness.run import run
 from lazyattn.engine import Stage, TokenPruner
@@ -102,10 +103,9 @@ def test_run_bench_matrix_and_report(tmp_path):
 
     # the correctness matrix: logits against sdpa, and the KV formula from the plan
     torch.set_num_threads(1)
-    matrix = gpu_check.correctness(torch.device("cpu"), ["float32"], ["sdpa", "eager"], None, families_=["llava_llama"],
-                                   methods=[{"name": "halfdrop", "k": 2},
-                                            {"name": "lazy_halfdrop", "lazy": {"ratio": 0.5}, "halfdrop": {"k": 2}}])
-    assert matrix["passed"] == matrix["total"] == 4, [c for c in matrix["cells"] if not c["ok"]]
+    cells = matrix.correctness(torch.device("cpu"), ["float32"], ["sdpa", "eager"], None, families_=["llava_llama"],
+                               methods=["halfdrop", "lazy_halfdrop"])
+    assert cells["passed"] == cells["total"] == 4, [c for c in cells["cells"] if not c["ok"]]
 
     # the report: its rows come after the registered methods', its points form their own series
     results = report.collect(tmp_path / "results")
@@ -116,6 +116,19 @@ def test_run_bench_matrix_and_report(tmp_path):
     assert {s: [p[2] for p in pts] for s, pts in points.items()} == {
         "dense": ["Dense (in-run)"], "halfdrop": ["HalfDrop K=3"], "lazy_halfdrop": ["Lazy r=0.5 + HalfDrop K=3"]}
     assert report.pareto_figure(results, tmp_path / "out").exists()
+
+
+def test_it_reaches_the_gpu_check_and_the_device_plan():
+    """No edit in harness/gpu_check or harness/gpu_plan: the registry alone puts it in the correctness
+    matrix (every family, with its composition), the mask check (it prunes) and the pruning phase."""
+    for family in matrix.FAMILIES:
+        found = matrix.entries(family)
+        assert found["halfdrop"] == {"name": "halfdrop"}
+        assert found["lazy_halfdrop"] == {"name": "lazy_halfdrop", "lazy": {"ratio": 0.5}, "halfdrop": {}}
+    assert {"halfdrop", "lazy_halfdrop"} <= set(checks.pruning_entries())
+    variants = gpu_plan.pruning_variants()
+    assert variants[:len(gpu_plan.PRUNING_VARIANTS)] == gpu_plan.PRUNING_VARIANTS
+    assert "halfdrop" in variants and "prumerge_plus" in variants and "hired" not in variants  # HiRED: LLaVA-NeXT
 
 
 def cfg_for_bench(out, *overrides):

@@ -11,7 +11,7 @@ from helpers import cfg_for, shapes_inputs
 from test_readings import _positions, reference_logits
 
 import lazyattn
-from harness.config import method_spec
+from harness.method import method_settings
 from lazyattn import VTW, choose_withdrawal_layer, withdrawal_kl
 from lazyattn.vtw import search_start
 
@@ -92,7 +92,7 @@ def test_bad_vtw_rule_settings_are_refused_in_one_line(make, message):
 
 
 def test_vtw_params_record_the_rule():
-    method = lazyattn.build(method_spec(cfg_for("method=vtw", "method.k=4").method))
+    method = lazyattn.build(method_settings(cfg_for("method=vtw", "method.k=4").method))
     assert method.params() == {"k": 4, "rule": "release", "eta": 0.003}
     assert math.isfinite(method.eta)
 

@@ -84,7 +84,7 @@ def test_an_empty_vlmevalkit_tsv_is_refused(tmp_path):
 
     (tmp_path / "Empty.tsv").write_text("index\tquestion\tanswer\timage\n")
     with pytest.raises(ValueError, match="holds a header and no rows; nothing to score"):
-        vdata.check(["Empty"], str(tmp_path))
+        vdata.locate_all(["Empty"], str(tmp_path))
 
 
 def test_a_limit_above_the_data_is_said():

@@ -67,7 +67,7 @@ def slugify(name: str) -> str:
 
 
 def device_slug() -> str:
-    """The first GPU's name as ``harness.gpu_check.device_slug`` writes it, or ``cpu``."""
+    """The first GPU's name as ``harness.gpu_check.cli.device_slug`` writes it, or ``cpu``."""
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                              text=True, timeout=20)

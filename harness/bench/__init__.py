@@ -18,50 +18,19 @@ every method is then timed at its own largest batch, in ABBA order with dense at
 ``out_dir/bench.json`` is rewritten atomically after every point, so an interrupted bench keeps
 what finished; running the same command with the same ``out_dir`` resumes it.
 
-The package: ``variants`` (settings and method entries), ``prompts``, ``budget`` (timing rows and the
-memory-budget search), ``tables`` (the console table) and ``cli`` (``run_bench``, ``python -m
-harness.bench``). Its names are re-exported here.
+The package: ``constants``, ``variants`` (settings and method entries), ``prompts``, ``budget`` (timing
+rows and the memory-budget search), ``tables`` (the console table) and ``cli`` (``run_bench``, ``python -m
+harness.bench``). Their public names are re-exported here.
 """
 
 from __future__ import annotations
 
+from harness import measure  # noqa: F401  (bench.measure: what the benchmark times with)
+from harness.bench.budget import budget_plan, compare_caches, free_memory, run_budget, timing_row  # noqa: F401
+from harness.bench.cli import main, run_bench  # noqa: F401
+from harness.bench.constants import FILLER, KEY_EXCLUDE, QUESTION, RESULT, TIMINGS  # noqa: F401
+from harness.bench.prompts import Prompts  # noqa: F401
+from harness.bench.tables import format_table, terms_line  # noqa: F401
 from harness.bench.variants import (  # noqa: F401
-    KEY_EXCLUDE,
-    BenchError,
-    Variant,
-    _dotlist,
-    parse_entry,
-    make_variant,
-    _int,
-    check_settings,
-    bench_key,
-    previous_result,
-    RESULT,
+    BenchError, Variant, bench_key, check_settings, make_variant, parse_entry, previous_result,
 )
-from harness.bench.prompts import (  # noqa: F401
-    QUESTION,
-    FILLER,
-    Prompts,
-)
-from harness.bench.budget import (  # noqa: F401
-    TIMINGS,
-    _figures,
-    _row,
-    _free,
-    _peak,
-    _peak_kv,
-    budget_plan,
-    run_budget,
-    compare_caches,
-)
-from harness.bench.tables import (  # noqa: F401
-    _mb,
-    _x,
-    _pct,
-    format_table,
-)
-from harness.bench.cli import (  # noqa: F401
-    run_bench,
-    main,
-)
-from harness import measure  # noqa: F401,E402  (bench.measure: what the benchmark times with)

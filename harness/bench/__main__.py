@@ -1,7 +1,7 @@
 """``python -m harness.bench``: see ``harness.bench.cli``."""
 
 from harness.bench.cli import main
-from harness.config import check_command_line
+from harness.command_line import check_command_line
 
 check_command_line("bench")
 main()

@@ -8,19 +8,10 @@ import torch
 from omegaconf import DictConfig
 
 from harness import measure
-from harness.tasks import shapes
-from lazyattn.cache import CACHE_KINDS
-RESULT = "bench.json"
-QUESTION = "describe the image ."
-# Extra words that lengthen the prompt; all in the tiny tokenizer's vocabulary.
-FILLER = tuple(shapes.words("a red circle at the top left , a blue square at the bottom right ."))
-# Settings that don't change the numbers don't change whether earlier points can be resumed.
-KEY_EXCLUDE = ("out_dir", "overwrite", "wandb", "threads")
-from harness.bench.variants import BenchError, Variant
+from harness.bench.constants import TIMINGS
 from harness.bench.prompts import Prompts
-
-
-TIMINGS = ("prefill_ms", "decode_tokens_per_s", "e2e_tokens_per_s")
+from harness.bench.variants import BenchError, Variant
+from lazyattn.cache import CACHE_KINDS
 
 
 def _figures(summary: dict) -> dict:
@@ -31,7 +22,7 @@ def _figures(summary: dict) -> dict:
     return {k: summary.get(k) for k in keys}
 
 
-def _row(variant: Variant, res: dict, context: dict, dev: dict) -> dict:
+def timing_row(variant: Variant, res: dict, context: dict, dev: dict) -> dict:
     d, m = res["dense"], res["method"]
     row = {
         "method": variant.config,
@@ -69,7 +60,7 @@ def _row(variant: Variant, res: dict, context: dict, dev: dict) -> dict:
     return row
 
 
-def _free(device: torch.device) -> None:
+def free_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -157,7 +148,7 @@ def run_budget(model, prompts: Prompts, context: dict, variants: list[Variant], 
             try:
                 used = _peak(model, v, inputs, new_tokens, kind, cache)
             except torch.OutOfMemoryError:
-                _free(device)
+                free_memory(device)
                 batch, limited_by, steps, used = batch - 1, "device_memory", steps + 1, None
                 continue
             if used <= budget:
@@ -169,7 +160,7 @@ def run_budget(model, prompts: Prompts, context: dict, variants: list[Variant], 
                      verified_bytes=used)
         if kind == "kv":
             entry["verified_kv_cache_bytes"] = used
-        timed[v.label] = (inputs, lambda v=v: v.method.apply(model))  # the inputs of the verified batch
+        timed[v.label] = (inputs, v.method)  # the inputs of the verified batch
         del inputs
     summaries = measure.interleaved(
         model, timed, new_tokens=new_tokens, repeats=settings["repeats"], warmup=settings["warmup"], cache=cache,
@@ -204,7 +195,7 @@ def compare_caches(model, prompts: Prompts, context: dict, variants: list[Varian
     timed = {}
     for v in variants:
         for kind in CACHE_KINDS:
-            timed[f"{v.label} {kind}"] = (inputs, lambda v=v: v.method.apply(model), kind)
+            timed[f"{v.label} {kind}"] = (inputs, v.method, kind)
     summaries = measure.interleaved(model, timed, new_tokens=settings["new_tokens"], repeats=settings["repeats"],
                                     warmup=settings["warmup"])
     entries = []

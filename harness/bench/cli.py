@@ -10,21 +10,18 @@ from omegaconf import DictConfig
 
 import lazyattn
 from harness import measure, tracking
-from harness.config import CONF_DIR, RunError, plain, relative_to_repo, setup
+from harness.config import CONF_DIR, plain
+from harness.device import setup
+from harness.folders import relative_to_repo
+from harness.settings import RunError
 from harness.models import load_model
 from harness.results import SCHEMA_VERSION, device_info, env_info, write_json_atomic
-from harness.tasks import shapes
-RESULT = "bench.json"
-QUESTION = "describe the image ."
-# Extra words that lengthen the prompt; all in the tiny tokenizer's vocabulary.
-FILLER = tuple(shapes.words("a red circle at the top left , a blue square at the bottom right ."))
-# Settings that don't change the numbers don't change whether earlier points can be resumed.
-KEY_EXCLUDE = ("out_dir", "overwrite", "wandb", "threads")
+from harness.bench.constants import RESULT
 from harness.bench.variants import (
-    BenchError, RESULT, Variant, bench_key, check_settings, make_variant, previous_result,
+    BenchError, Variant, bench_key, check_settings, make_variant, previous_result,
 )
 from harness.bench.prompts import Prompts
-from harness.bench.budget import _free, _row, budget_plan, compare_caches, run_budget
+from harness.bench.budget import budget_plan, compare_caches, free_memory, run_budget, timing_row
 from harness.bench.tables import format_table, terms_line
 
 
@@ -111,16 +108,15 @@ def run_bench(cfg: DictConfig) -> Path:
             continue
         inputs = prompts.inputs(context["extra_words"], batch)
         res = measure.time_against_dense(
-            model, inputs, lambda v=v: v.method.apply(model),
+            model, inputs, v.method,
             new_tokens=settings["new_tokens"], repeats=settings["repeats"],
             warmup=max(1, settings["warmup"]) if compiled else settings["warmup"],  # compiling is not decoding
-            method=v.method,
             cache=settings["cache"], compile=compiled,
         )
-        done[point] = _row(v, res, context, dev)
+        done[point] = timing_row(v, res, context, dev)
         save()
         del inputs
-        _free(device)
+        free_memory(device)
         r = done[point]
         x = r["ratios"]
         print(

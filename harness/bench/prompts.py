@@ -7,20 +7,8 @@ import torch
 
 from harness.generate import conversation, prompt_inputs
 from harness.tasks import shapes
-RESULT = "bench.json"
-QUESTION = "describe the image ."
-# Extra words that lengthen the prompt; all in the tiny tokenizer's vocabulary.
-FILLER = tuple(shapes.words("a red circle at the top left , a blue square at the bottom right ."))
-# Settings that don't change the numbers don't change whether earlier points can be resumed.
-KEY_EXCLUDE = ("out_dir", "overwrite", "wandb", "threads")
+from harness.bench.constants import FILLER, QUESTION
 from harness.bench.variants import BenchError
-
-
-QUESTION = "describe the image ."
-
-
-# Extra words that lengthen the prompt; all in the tiny tokenizer's vocabulary.
-FILLER = tuple(shapes.words("a red circle at the top left , a blue square at the bottom right ."))
 
 
 class Prompts:

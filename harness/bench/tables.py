@@ -3,16 +3,6 @@
 from __future__ import annotations
 
 
-
-from harness.tasks import shapes
-RESULT = "bench.json"
-QUESTION = "describe the image ."
-# Extra words that lengthen the prompt; all in the tiny tokenizer's vocabulary.
-FILLER = tuple(shapes.words("a red circle at the top left , a blue square at the bottom right ."))
-# Settings that don't change the numbers don't change whether earlier points can be resumed.
-KEY_EXCLUDE = ("out_dir", "overwrite", "wandb", "threads")
-
-
 def _mb(value) -> str:
     return "-" if value is None else f"{value / 2**20:.1f}"
 

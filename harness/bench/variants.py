@@ -11,23 +11,11 @@ from typing import Any
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig
 
-from harness import calibration
-from harness.config import RunError, compose, method_presets, plain
+from harness.method import fixed_method
+from harness.config import compose, method_presets, plain
+from harness.settings import RunError
 from harness.results import config_key
-from harness.tasks import shapes
-RESULT = "bench.json"
-QUESTION = "describe the image ."
-# Extra words that lengthen the prompt; all in the tiny tokenizer's vocabulary.
-FILLER = tuple(shapes.words("a red circle at the top left , a blue square at the bottom right ."))
-# Settings that don't change the numbers don't change whether earlier points can be resumed.
-KEY_EXCLUDE = ("out_dir", "overwrite", "wandb", "threads")
-
-
-RESULT = "bench.json"
-
-
-# Settings that don't change the numbers don't change whether earlier points can be resumed.
-KEY_EXCLUDE = ("out_dir", "overwrite", "wandb", "threads")
+from harness.bench.constants import KEY_EXCLUDE
 
 
 class BenchError(RunError):
@@ -83,7 +71,7 @@ def make_variant(entry: Any) -> Variant:
         raise BenchError(f"unknown method preset {name!r} in methods; known: {', '.join(known)} (conf/method/).")
     try:
         cfg = compose([f"method={name}", *(f"method.{p}" for p in dotlist)])
-        method = calibration.build_fixed(cfg.method, "the efficiency benchmark")
+        method = fixed_method(cfg.method, "the efficiency benchmark")
     except ConfigCompositionException as err:  # "Could not override 'method.ratoi'."
         raise BenchError(f"method entry {label!r}: {str(err).splitlines()[0]} (not a key of conf/method/{name}.yaml)") from err
     except ValueError as err:
@@ -132,7 +120,7 @@ def check_settings(cfg: DictConfig) -> dict:
         "cache": str(cfg.get("cache", "static")),
         "compile": _compile_modes(cfg.get("compile", False)),
     }
-    from harness.config import check_cache
+    from harness.settings import check_cache
 
     check_cache(settings["cache"])
     b = cfg.budget

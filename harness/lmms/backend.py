@@ -220,7 +220,7 @@ class LmmsBenchmarks(BaseTask):
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"task.max_new_tokens must be >= 1 or null, got {self.max_new_tokens}.")
         require_lmms_eval()
-        self.found = benchmarks.check(self.lmms_tasks, self.data_dir)  # every dataset, before any model loads
+        self.found = benchmarks.locate_all(self.lmms_tasks, self.data_dir)  # every dataset, before any model loads
 
     def metrics_for(self, name: str) -> Metrics:
         return benchmarks.declared(name)

@@ -373,7 +373,7 @@ def check_captions(names: Sequence[str]) -> None:
         )
 
 
-def check(names: Sequence[str], data_dir: str | Path | None) -> dict[str, Local | None]:
+def locate_all(names: Sequence[str], data_dir: str | Path | None) -> dict[str, Local | None]:
     """Every benchmark's local dataset (and judge), checked before any model is loaded.
 
     ``data_dir=None``: lmms-eval's own loading (HF cache or hub, as the environment says); only
@@ -458,7 +458,7 @@ def write_task_dir(names: Sequence[str], data_dir: str | Path | None, out_dir: s
     """``out_dir``: one ``<task>_local.yaml`` per benchmark (checked first unless ``found`` is given).
     Returns the local task names, in order."""
     tasks = expand(names)
-    found = check(tasks, data_dir) if found is None else found
+    found = locate_all(tasks, data_dir) if found is None else found
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     written = []

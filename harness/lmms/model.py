@@ -34,8 +34,10 @@ import torch
 from lmms_eval.api.model import lmms
 from PIL import Image
 
-from harness import calibration
-from harness.config import RunError, check_overrides, compose, resolve_device
+from harness.method import fixed_method
+from harness.command_line import check_overrides
+from harness.config import compose
+from harness.settings import RunError, resolve_device
 from harness.generate import Conversation, answer
 from harness.models import Loaded, load_model
 from lazyattn import Method
@@ -135,7 +137,7 @@ class LazyAttnLMM(lmms):
         overrides = [f"model={model}", f"method={method}", *(_override(k, v) for k, v in overrides.items())]
         check_overrides(overrides)  # an unknown preset or key: one line naming it
         cfg = compose(overrides)
-        method = calibration.build_fixed(cfg.method, "the lazyattn lmms-eval model")
+        method = fixed_method(cfg.method, "the lazyattn lmms-eval model")
         accelerator, device = _data_parallel(device)
         loaded = load_model(cfg.model, device)
         self._init(loaded, method, device, batch_size, max_new_tokens)

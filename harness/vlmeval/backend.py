@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.compare import interval
-from harness.config import RunError
+from harness.settings import RunError
 from harness.tasks import BaseTask, Evaluation
 from harness.vlmeval import require
 from harness.vlmeval import data as vdata
@@ -67,7 +67,7 @@ class VlmevalDatasets(BaseTask):
         if int(self.max_new_tokens) < 1:
             raise ValueError(f"task.max_new_tokens must be >= 1, got {self.max_new_tokens}.")
         require()
-        self.found = vdata.check(list(self.datasets), self.data_dir, bool(self.verify_md5))
+        self.found = vdata.locate_all(list(self.datasets), self.data_dir, bool(self.verify_md5))
 
     def sizes(self) -> dict[str, int]:
         """Each dataset's rows (``check`` has read them)."""

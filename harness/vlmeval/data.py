@@ -3,7 +3,7 @@
 VLMEvalKit reads ``$LMUData/<name>.tsv`` (columns ``index``, ``image`` as base64 or ``image_path``,
 ``question``, ``answer``, options ``A``-``D`` for multiple choice, ``category``, ...) and, when the
 file is missing or its MD5 differs from the one it records for a released set, downloads it
-again. Here the folder is ``task.data_dir`` (else ``$LMUData``); ``check`` refuses, in one line
+again. Here the folder is ``task.data_dir`` (else ``$LMUData``); ``locate_all`` refuses, in one line
 each, a missing file, an unreadable one, missing columns, a question type the route does not
 score, and an MD5 mismatch (``task.verify_md5=false`` scores the local copy as it is, and
 result.json says so); ``no_downloads`` turns any download VLMEvalKit still attempts into an error.
@@ -59,7 +59,7 @@ def registered(name: str):
     return None
 
 
-def check(names, data_dir: str | None, verify_md5: bool = True) -> dict[str, Found]:
+def locate_all(names, data_dir: str | None, verify_md5: bool = True) -> dict[str, Found]:
     """Every dataset's TSV present, readable, with the columns its kind needs; before the model loads."""
     if not names:
         raise ValueError("task.datasets is empty; name VLMEvalKit datasets, e.g. 'task.datasets=[POPE,MMBench_DEV_EN]'.")

@@ -35,8 +35,10 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from harness import calibration
-from harness.config import check_overrides, compose, resolve_device
+from harness.method import fixed_method
+from harness.command_line import check_overrides
+from harness.config import compose
+from harness.settings import resolve_device
 from harness.generate import Conversation, answer
 from harness.models import Loaded, load_model
 from harness.vlmeval import import_vlmeval
@@ -84,7 +86,7 @@ class LazyAttnVLM(BaseModel):
         args = [f"model={model}", f"method={method}", *(f"{k}={v}" for k, v in overrides.items())]
         check_overrides(args)  # an unknown preset or key: one line naming it
         cfg = compose(args)
-        built = calibration.build_fixed(cfg.method, "the lazyattn VLMEvalKit model")
+        built = fixed_method(cfg.method, "the lazyattn VLMEvalKit model")
         device = resolve_device(str(device or "auto"))
         self._init(load_model(cfg.model, device), built, device, max_new_tokens, batch_size, cache)
 

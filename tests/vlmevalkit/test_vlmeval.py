@@ -21,7 +21,7 @@ import_vlmeval()
 from helpers import cfg_for, harness_cli  # noqa: E402
 from vlmeval.smp import dump  # noqa: E402
 
-from harness.config import RunError  # noqa: E402
+from harness.settings import RunError  # noqa: E402
 from harness.run import build_task, run  # noqa: E402
 from harness.tasks import shapes  # noqa: E402
 from harness.vlmeval import data as vdata  # noqa: E402
@@ -61,7 +61,7 @@ def crafted(found, data):
 @pytest.mark.parametrize("name", [export_shapes.YORN, export_shapes.MCQ])
 def test_vlmeval_scoring_equals_harness_scoring(lmu, tmp_path, name):
     """The same predictions scored by VLMEvalKit's evaluate (its files) and by the harness's scorer."""
-    found = vdata.check([name], str(lmu))[name]
+    found = vdata.locate_all([name], str(lmu))[name]
     dataset = vdata.build(found, lmu)
     data = dataset.data.drop(columns=["image"]).copy()
     data["prediction"] = crafted(found, data)
@@ -147,7 +147,7 @@ def test_vlmeval_inference_job_builds_the_model_by_name(lazy_run, lmu, tmp_path)
 
     _, rows, _ = lazy_run
     register("lazyattn_tiny_lazy", model="llava_tiny", method="lazy", device="cpu", max_new_tokens=8)
-    found = vdata.check(["shapes_mcq"], str(lmu))["shapes_mcq"]
+    found = vdata.locate_all(["shapes_mcq"], str(lmu))["shapes_mcq"]
     dataset = vdata.build(found, lmu)
     dataset.data = dataset.data.iloc[:12]
     infer_data_job("lazyattn_tiny_lazy", work_dir=str(tmp_path), model_name="lazyattn_tiny_lazy", dataset=dataset)
@@ -162,11 +162,11 @@ def test_missing_and_malformed_tsvs_fail_in_one_line(lmu, tmp_path):
     assert "\n" not in str(err.value)
     (tmp_path / "bad.tsv").write_text("index\tquestion\n0\twhat ?\n")
     with pytest.raises(ValueError, match=r"lacks the column\(s\) \['answer', 'image \(or image_path\)'\]"):
-        vdata.check(["bad"], str(tmp_path))
+        vdata.locate_all(["bad"], str(tmp_path))
     with pytest.raises(ValueError, match="task.datasets is empty"):
-        vdata.check([], str(tmp_path))
+        vdata.locate_all([], str(tmp_path))
     with pytest.raises(ValueError, match="is not a directory"):
-        vdata.check(["x"], str(tmp_path / "absent"))
+        vdata.locate_all(["x"], str(tmp_path / "absent"))
 
 
 def test_an_empty_tsv_is_refused_and_a_limit_above_the_rows_said(lmu, tmp_path):
@@ -176,7 +176,7 @@ def test_an_empty_tsv_is_refused_and_a_limit_above_the_rows_said(lmu, tmp_path):
 
     (tmp_path / "Empty.tsv").write_text("index\tquestion\tanswer\timage\n")
     with pytest.raises(ValueError, match="Empty.tsv holds a header and no rows; nothing to score") as err:
-        vdata.check(["Empty"], str(tmp_path))
+        vdata.locate_all(["Empty"], str(tmp_path))
     assert "\n" not in str(err.value)
     task = build_task(cfg_for("task=vlmeval", "task.datasets=[shapes_yorn]", f"task.data_dir={lmu}").task)
     rows = task.sizes()["shapes_yorn"]
@@ -203,8 +203,8 @@ def test_md5_mismatch_is_refused_not_downloaded(lmu, tmp_path):
     again); verify_md5=false scores the copy; and a download VLMEvalKit still tries is an error."""
     shutil.copy(lmu / "shapes_yorn.tsv", tmp_path / "POPE.tsv")
     with pytest.raises(ValueError, match=r"POPE: .*MD5 differs .* task.verify_md5=false"):
-        vdata.check(["POPE"], str(tmp_path))
-    found = vdata.check(["POPE"], str(tmp_path), verify_md5=False)["POPE"]
+        vdata.locate_all(["POPE"], str(tmp_path))
+    found = vdata.locate_all(["POPE"], str(tmp_path), verify_md5=False)["POPE"]
     assert found.kind == "Y/N" and found.md5_verified is False
     assert len(vdata.build(found, tmp_path).data) == 24
     from vlmeval.dataset.image_yorn import ImageYORNDataset

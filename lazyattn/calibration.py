@@ -270,3 +270,87 @@ def calibrate(
     else:
         layers, chosen = _select_anchor(model, batches, div.shape[0], ratio, threshold, max_per_anchor, share, scope)
     return Calibration(lazy_layers=layers, divergence=div.tolist(), select=select, chosen_js=chosen)
+
+
+def _how(record: dict) -> str:
+    how = {"anchor": "anchor-calibrated", "blocks": "block-calibrated"}.get(record.get("select"), "calibrated")
+    if record.get("max_per_anchor"):
+        how += f", <={record['max_per_anchor']}/anchor"
+    return how
+
+
+def _sort_how(record: dict) -> str:
+    # "calibrated+anchor" sorts right after the default rule's "calibrated", before "uniform"
+    select = record.get("select", "pairwise")
+    how = "calibrated" if select == "pairwise" else f"calibrated+{select}"
+    if record.get("max_per_anchor"):
+        how += f", <={record['max_per_anchor']}/anchor"
+    return how
+
+
+class LazyLayersCalibrator:
+    """Lazy Attention's ``layers=auto``: the lazy layers ``calibrate`` chooses for the budget ``ratio``
+    (or the run's ``threshold``), by the run's ``select`` rule with at most ``max_per_anchor`` lazy
+    layers per anchor. The run's calibration settings (``options``): ``threshold``, ``select``,
+    ``max_per_anchor``. A calibrated point keeps its budget in its label: "Lazy r=0.5 (calibrated)"."""
+
+    setting = "layers"
+    stand_in: list = []
+    composable = False
+    refusal = ("calibrate a lazy run (+exp=llava_lazy) and pass its layers (result.json method.lazy_layers) "
+               "as method.lazy.layers=[...]")
+
+    @staticmethod
+    def _options(settings, options) -> tuple:
+        threshold, select = options.get("threshold"), str(options.get("select") or "pairwise")
+        return threshold, select, options.get("max_per_anchor")
+
+    def key(self, settings, options, n_layers: int) -> dict:
+        threshold, select, cap = self._options(settings, options)
+        what = {"ratio": settings.get("ratio"), "threshold": threshold}
+        if select != "pairwise" or cap is not None:  # the default rule keeps its older keys
+            what.update(select=select, max_per_anchor=cap)
+        if select == "anchor":  # only the anchor rule runs the model under the reading; pairwise is the same for all
+            what.update(share=settings.get("share", "qk"))
+            if settings.get("scope", "all") != "all":  # GLA keeps its older key (its cached choices stay valid)
+                what.update(scope=settings.get("scope"))
+        return what
+
+    def measure(self, model, batches, settings, options) -> dict:
+        threshold, select, cap = self._options(settings, options)
+        share, scope = settings.get("share", "qk"), settings.get("scope", "all")
+        result = calibrate(model, batches, ratio=None if threshold is not None else settings.get("ratio"),
+                           threshold=threshold, select=select, max_per_anchor=cap, share=share, scope=scope)
+        return {
+            "lazy_layers": result.lazy_layers,
+            "select": result.select,
+            "max_per_anchor": cap,
+            "anchor_of": {str(k): v for k, v in result.anchor_of.items()},
+            "anchor_js": {str(k): v for k, v in result.anchor_js.items()},
+            "chosen_js": result.chosen_js,
+            "adjacent_js": result.adjacent,
+            "divergence": result.divergence,
+            # the reading the model ran under while choosing (anchor only: the other rules read the dense model)
+            **({"share": share, "scope": scope} if select == "anchor" else {}),
+        }
+
+    def choose(self, record, settings, options, n_layers: int) -> tuple[list[int], dict]:
+        kept = {**record, "ratio": settings.get("ratio"), "threshold": options.get("threshold")}
+        return list(record["lazy_layers"]), kept
+
+    def label(self, record, method, n_layers: int) -> str:
+        reading = method.plan(n_layers).reading
+        if record.get("threshold") is not None:
+            return f"Lazy{reading} JS<={record['threshold']:g} ({_how(record)})"
+        return f"Lazy{reading} r={record['ratio']:g} ({_how(record)})"
+
+    def sort_key(self, record, method, n_layers: int) -> list:
+        plan = method.plan(n_layers)
+        if plan.reading or record.get("max_per_anchor"):
+            return ["variant", plan.share, plan.scope, _sort_how(record), record.get("ratio") or 0]
+        return [_sort_how(record), record.get("ratio") or 0]
+
+    def series(self, record, plan) -> str:
+        """e.g. "lazy (calibrated)", "lazy qkv (calibrated+anchor)"."""
+        reading = "".join(f" {x}" for x in (plan.share, plan.scope) if x not in ("qk", "all"))
+        return f"lazy{reading} ({_sort_how(record)})"
