@@ -79,6 +79,7 @@ $(DRYRUN)/.installed:
 
 gpu-dryrun: $(DRYRUN)/.installed
 	test -f .whl/GIT_SHA || $(MAKE) gpu-wheels
+	git rev-parse HEAD > .whl/GIT_SHA  # the commit the device call will record (its copy has no .git)
 	rm -rf $(DRYRUN)/call1 $(DRYRUN)/call2
 	$(DRYRUN)/venv/bin/python tools/gpu_call.py --out $(DRYRUN)/call1 --deadline $(DRYRUN_DEADLINE)
 	$(DRYRUN)/venv/bin/python tools/gpu_call.py --check $(DRYRUN)/call1

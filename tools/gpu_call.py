@@ -91,14 +91,15 @@ def read_json(path: Path) -> dict:
 
 
 def git_sha() -> str:
-    sha = ROOT / ".whl" / "GIT_SHA"
-    if sha.exists():
-        return sha.read_text().strip()
+    """The tree's commit: git's where it can say (a checkout), else ``.whl/GIT_SHA`` (the device's
+    copy of the tree has no ``.git``; ``make gpu-dryrun`` writes it from HEAD before every call)."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        head = ""
+    sha = ROOT / ".whl" / "GIT_SHA"
+    return head or (sha.read_text().strip() if sha.exists() else "unknown")
 
 
 # ---- install ----------------------------------------------------------------------------------------
