@@ -15,7 +15,7 @@ LMMS_STAMP := $(VENV)/.lmms-installed
 # are compiled, whatever PYTHONDONTWRITEBYTECODE says at run time. Editable builds of this tree take
 # .install.lock: `make test` builds the VLMEvalKit environment beside this one (tools/vlmeval_env.py).
 PIP_INSTALL = -m pip install -q --disable-pip-version-check --no-compile
-EDITABLE_LOCK = flock .install.lock
+EDITABLE_LOCK := $(if $(shell command -v flock),flock .install.lock)
 WARM = PYTHONDONTWRITEBYTECODE= $(BIN)/python -c
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
