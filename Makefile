@@ -9,16 +9,18 @@ LMMS_STAMP := $(VENV)/.lmms-installed
 
 .PHONY: install lmms-install vlmeval-install run test test-envs bench bench-kv gpu-check gpu-wheels gpu-dryrun gpu-collect clean tiny-model tiny-model-deep sweeps sweeps-readings sweeps-deep tables table-main table-protocol table-efficiency table-calibration fig-layers fig-pareto fig-fidelity table-longform
 
-# pip as the venv has it (no self-upgrade), quiet, and without byte-compiling every file it installs
-# (about 60 % of an install's time: tens of thousands of files, most never imported). WARM then
-# imports the harness's entry points once with bytecode writing on, so exactly the modules they use
-# are compiled, whatever PYTHONDONTWRITEBYTECODE says at run time. Editable builds of this tree take
-# .install.lock: `make test` builds the VLMEvalKit environment beside this one (tools/vlmeval_env.py).
+# pip quiet and without byte-compiling every file it installs (most of an install's time: tens of
+# thousands of files, most never imported; the venv's pip is upgraded first, as the one ensurepip
+# brings installs slower). WARM then imports the harness's entry points once with bytecode writing on,
+# so exactly the modules they use are compiled, whatever PYTHONDONTWRITEBYTECODE says at run time.
+# Editable builds of this tree take .install.lock: `make test` builds the VLMEvalKit environment
+# beside this one (tools/vlmeval_env.py).
 PIP_INSTALL = -m pip install -q --disable-pip-version-check --no-compile
 EDITABLE_LOCK := $(if $(shell command -v flock),flock .install.lock)
 WARM = PYTHONDONTWRITEBYTECODE= $(BIN)/python -c
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python $(PIP_INSTALL) --upgrade pip
 	$(EDITABLE_LOCK) $(BIN)/python $(PIP_INSTALL) -e '.[test]'
 	$(WARM) 'import harness.__main__, harness.bench.cli, harness.report.cli, pytest'
 	touch $(STAMP)

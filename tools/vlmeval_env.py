@@ -15,8 +15,8 @@ wheel reachable here links the CUDA torch, so it cannot live in the project's ``
 4. ``python -m harness.vlmeval.check``: the VLMEvalKit pieces the harness uses import, and Hydra
    still composes.
 
-pip runs as the new venv has it (no self-upgrade) and byte-compiles nothing (most of the CUDA torch's
-files are never imported); step 4 and an import of the harness's entry point run with bytecode
+pip (upgraded first: it installs faster than the one ensurepip brings) byte-compiles nothing (most of
+the CUDA torch's files are never imported); step 4 and an import of the harness's entry point run with bytecode
 writing on instead, so what they import is compiled once. The editable build of step 3 takes
 ``.install.lock``, as the Makefile's do: ``make test`` builds this environment beside ``.venv``.
 
@@ -74,6 +74,7 @@ def main(argv=None) -> int:
     python = venv / "bin" / "python"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip(python, "--upgrade", "pip")
     constraints = ["-c", "constraints/vlmeval.txt"]
     pip(python, "torch", "torchvision", *constraints)
     pip(python, *project_requirements(), "-r", "constraints/vlmeval-requirements.txt", *constraints)
