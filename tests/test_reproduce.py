@@ -27,7 +27,7 @@ def test_committed_points_reproduce(point, tmp_path, capsys):
 
 def _reproduce_command(tmp):
     return {"args": [sys.executable, "-m", "harness.reproduce", str(POINTS[0]), "limit=1", "--out", str(tmp / "out")],
-            "cwd": tmp, "timeout": 300, "env": {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}}, None
+            "cwd": ROOT, "timeout": 300, "env": {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}}, None
 
 
 @pytest.mark.real_process(prepare=_reproduce_command)
