@@ -84,7 +84,8 @@ def offline_hf(monkeypatch, tmp_path):
 # inputs) returns ``(subprocess.run keyword arguments, anything the test needs later)``; one thread then
 # runs those commands one after another, while the in-process tests go on, so on two cores they overlap.
 # The test itself takes the ``real_process`` fixture, ``(CompletedProcess, what prepare returned,
-# tmp_dir)``, waiting for its command if it has not finished, and asserts what it always did.
+# tmp_dir)``, waiting for its command if it has not finished (``--durations`` shows that wait as the
+# test's setup), and asserts what it always did.
 
 
 def pytest_configure(config):
@@ -112,10 +113,14 @@ def _real_processes(request, tmp_path_factory):
             kwargs = context = None
         jobs[item.nodeid] = (kwargs, context, tmp, done)
 
+    stop = threading.Event()
+
     def work():
         for kwargs, _, _, done in jobs.values():
             if done.done():
                 continue
+            if stop.is_set():  # the session ended early (-x, Ctrl-C): start no more
+                break
             try:
                 done.set_result(_RUN(**{"capture_output": True, "text": True, "check": False, **kwargs}))
             except Exception as err:
@@ -125,7 +130,8 @@ def _real_processes(request, tmp_path_factory):
     thread.start()
     request.session.stash[_REAL] = jobs
     yield
-    thread.join()
+    stop.set()
+    thread.join()  # the command under way, if any
 
 
 _REAL = pytest.StashKey[dict]()
