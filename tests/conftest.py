@@ -13,8 +13,8 @@ torch.set_num_threads(2)
 
 def _compose_once():
     """Hydra's ``compose`` for this test session, each distinct composition done once (about 0.3 s
-    each; the suite asks for the same few hundreds of times: ``cfg_for``, ``harness.config.compose``,
-    the key checks). Keyed on the config search path, the config name, the overrides and the
+    each; of the suite's 400-odd calls through ``cfg_for``, ``harness.config.compose`` and the key
+    checks, over a quarter repeat an earlier one). Keyed on the config search path, the config name, the overrides and the
     ``method`` presets in Hydra's ConfigStore (tests register methods); every caller gets its own
     deep copy. Failures and ``return_hydra_config`` (which holds the run's time and folders) are not
     kept. Installed before any test module binds ``from hydra import compose``."""
