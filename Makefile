@@ -7,12 +7,22 @@ STAMP := $(VENV)/.installed
 LMMS_EVAL ?= lmms-eval==0.7.3
 LMMS_STAMP := $(VENV)/.lmms-installed
 
-.PHONY: install lmms-install vlmeval-install run test bench bench-kv gpu-check gpu-wheels gpu-dryrun gpu-collect clean tiny-model tiny-model-deep sweeps sweeps-readings sweeps-deep tables table-main table-protocol table-efficiency table-calibration fig-layers fig-pareto fig-fidelity table-longform table-paper
+.PHONY: install lmms-install vlmeval-install run test test-envs bench bench-kv gpu-check gpu-wheels gpu-dryrun gpu-collect clean tiny-model tiny-model-deep sweeps sweeps-readings sweeps-deep tables table-main table-protocol table-efficiency table-calibration fig-layers fig-pareto fig-fidelity table-longform table-paper
 
+# pip quiet and without byte-compiling every file it installs (most of an install's time: tens of
+# thousands of files, most never imported; the venv's pip is upgraded first, as the one ensurepip
+# brings installs slower). WARM then imports the harness's entry points once with bytecode writing on,
+# so exactly the modules they use are compiled, whatever PYTHONDONTWRITEBYTECODE says at run time.
+# Editable builds of this tree take .install.lock: `make test` builds the VLMEvalKit environment
+# beside this one (tools/vlmeval_env.py).
+PIP_INSTALL = -m pip install -q --disable-pip-version-check --no-compile
+EDITABLE_LOCK := $(if $(shell command -v flock),flock .install.lock)
+WARM = PYTHONDONTWRITEBYTECODE= $(BIN)/python -c
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python $(PIP_INSTALL) --upgrade pip
+	$(EDITABLE_LOCK) $(BIN)/python $(PIP_INSTALL) -e '.[test]'
+	$(WARM) 'import harness.__main__, harness.bench.cli, harness.report.cli, pytest'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -21,9 +31,10 @@ install: $(STAMP)
 # needs come from the `lmms` extra (constraints/lmms.txt keeps torch and bars torchvision), the
 # package itself goes in with --no-deps, and pip_check accepts only the documented skips.
 $(LMMS_STAMP): $(STAMP) constraints/lmms.txt constraints/lmms-skipped.txt
-	$(BIN)/python -m pip install -q -e '.[test,lmms]' -c constraints/lmms.txt
-	$(BIN)/python -m pip install -q --no-deps '$(LMMS_EVAL)'
+	$(EDITABLE_LOCK) $(BIN)/python $(PIP_INSTALL) -e '.[test,lmms]' -c constraints/lmms.txt
+	$(BIN)/python $(PIP_INSTALL) --no-deps '$(LMMS_EVAL)'
 	$(BIN)/python -m harness.lmms.pip_check
+	$(WARM) 'import lmms_eval.evaluator, harness.lmms.model, harness.lmms.backend'
 	@command -v java >/dev/null || echo "note: no java on PATH: the caption benchmarks (coco2017_cap_val, nocaps_val, flickr30k_test) are refused until one is installed (apt-get install default-jre-headless)"
 	touch $(LMMS_STAMP)
 
@@ -90,7 +101,12 @@ gpu-dryrun: $(DRYRUN)/.installed
 gpu-collect:
 	$(PY) tools/gpu_call.py --collect $(FROM) results/gpu
 
-test: $(STAMP) $(LMMS_STAMP) $(VLM_STAMP)
+# The environments first, two at a time: VLMEvalKit's (independent of .venv) beside .venv and its
+# lmms-eval layer, each one's output together.
+test-envs:
+	$(MAKE) -j2 --output-sync=target --no-print-directory $(STAMP) $(LMMS_STAMP) $(VLM_STAMP)
+
+test: test-envs
 	WANDB_MODE=offline $(BIN)/python -m pytest tests $(PYTEST_ARGS)
 	WANDB_MODE=offline $(VLM_VENV)/bin/python -m pytest tests/vlmevalkit $(PYTEST_ARGS)
 

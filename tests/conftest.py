@@ -1,4 +1,7 @@
 import os
+import subprocess
+import threading
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -6,6 +9,37 @@ import torch
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(2)
+
+
+def _compose_once():
+    """Hydra's ``compose`` for this test session, each distinct composition done once (about 0.3 s
+    each; of the suite's 400-odd calls through ``cfg_for``, ``harness.config.compose`` and the key
+    checks, over a quarter repeat an earlier one). Keyed on the config search path, the config name, the overrides and the
+    ``method`` presets in Hydra's ConfigStore (tests register methods); every caller gets its own
+    deep copy. Failures and ``return_hydra_config`` (which holds the run's time and folders) are not
+    kept. Installed before any test module binds ``from hydra import compose``."""
+    import copy
+
+    import hydra
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.global_hydra import GlobalHydra
+
+    real, done = hydra.compose, {}
+
+    def compose(config_name=None, overrides=None, return_hydra_config=False, strict=None):
+        if return_hydra_config or not GlobalHydra.instance().is_initialized():
+            return real(config_name, overrides, return_hydra_config, strict)
+        key = (str(GlobalHydra.instance().config_loader().get_search_path()), config_name,
+               tuple(overrides or ()), strict, repr(ConfigStore.instance().repo.get("method")))
+        if key not in done:
+            done[key] = real(config_name, list(overrides or ()), False, strict)
+        return copy.deepcopy(done[key])
+
+    compose.__doc__ = real.__doc__
+    hydra.compose = compose
+
+
+_compose_once()
 
 from harness.models import load_model  # noqa: E402
 from harness.vlmeval import available as vlmeval_available  # noqa: E402
@@ -41,3 +75,69 @@ def offline_hf(monkeypatch, tmp_path):
     for key, value in OFFLINE.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+
+
+# ---- real-process tests, run beside the rest ----------------------------------------------------------
+# Each entry point keeps one test that starts it as a real process (8-20 s, most of it the interpreter's
+# imports). Such a test is marked ``@pytest.mark.real_process(prepare=FUNCTION)``: at the session's start,
+# for the tests selected, ``FUNCTION(tmp_dir)`` (in this thread: it may compose configs and write
+# inputs) returns ``(subprocess.run keyword arguments, anything the test needs later)``; one thread then
+# runs those commands one after another, while the in-process tests go on, so on two cores they overlap.
+# The test itself takes the ``real_process`` fixture, ``(CompletedProcess, what prepare returned,
+# tmp_dir)``, waiting for its command if it has not finished (``--durations`` shows that wait as the
+# test's setup), and asserts what it always did.
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "real_process(prepare): a real-process test whose command runs beside the "
+                                       "in-process tests (tests/conftest.py)")
+
+
+_RUN = subprocess.run  # bound now: a test may patch subprocess.run for its own code while one of these runs
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _real_processes(request, tmp_path_factory):
+    jobs = {}
+    for item in request.session.items:
+        mark = item.get_closest_marker("real_process")
+        if mark is None:
+            continue
+        tmp, done = tmp_path_factory.mktemp(item.name[:40]), Future()
+        try:
+            kwargs, context = mark.kwargs["prepare"](tmp)
+            if kwargs is None:  # nothing to run (the test skips itself)
+                done.set_result(None)
+        except Exception as err:  # the test reports it
+            done.set_exception(err)
+            kwargs = context = None
+        jobs[item.nodeid] = (kwargs, context, tmp, done)
+
+    stop = threading.Event()
+
+    def work():
+        for kwargs, _, _, done in jobs.values():
+            if done.done():
+                continue
+            if stop.is_set():  # the session ended early (-x, Ctrl-C): start no more
+                break
+            try:
+                done.set_result(_RUN(**{"capture_output": True, "text": True, "check": False, **kwargs}))
+            except Exception as err:
+                done.set_exception(err)
+
+    thread = threading.Thread(target=work, name="real-process tests", daemon=True)
+    thread.start()
+    request.session.stash[_REAL] = jobs
+    yield
+    stop.set()
+    thread.join()  # the command under way, if any
+
+
+_REAL = pytest.StashKey[dict]()
+
+
+@pytest.fixture
+def real_process(request):
+    kwargs, context, tmp, done = request.session.stash[_REAL][request.node.nodeid]
+    return done.result(), context, tmp

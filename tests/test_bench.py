@@ -207,15 +207,20 @@ def test_presets_compose_and_the_paper_preset_runs_scaled_down(tmp_path):
     assert all(e["static"]["kv_cache_bytes"] == e["dynamic"]["kv_cache_bytes"] for e in caches)  # same tokens held
 
 
-def test_the_command_finds_its_config(tmp_path):
-    """``python -m harness.bench`` composes conf/bench.yaml from the package's entry point (Hydra's
-    config path is resolved from where ``main`` is defined, so moving it must not lose the config)."""
-    import subprocess
+def _bench_command(tmp):
+    import os
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "harness.bench", "--cfg", "job", "model=llava_tiny_random"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "PYTHONPATH": str(CONF.parent), "WANDB_MODE": "disabled"})
+    return {"args": [sys.executable, "-m", "harness.bench", "--cfg", "job", "model=llava_tiny_random"], "cwd": tmp,
+            "timeout": 300, "env": {**os.environ, "PYTHONPATH": str(CONF.parent), "WANDB_MODE": "disabled"}}, None
+
+
+@pytest.mark.real_process(prepare=_bench_command)
+def test_the_command_finds_its_config(real_process):
+    """``python -m harness.bench`` composes conf/bench.yaml from the package's entry point (Hydra's
+    config path is resolved from where ``main`` is defined, so moving it must not lose the config).
+    Its command runs beside the in-process tests (tests/conftest.py)."""
+    proc, _, _ = real_process
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "batch_sizes:" in proc.stdout and "methods:" in proc.stdout
 

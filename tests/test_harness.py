@@ -186,14 +186,18 @@ def test_time_against_dense_reports_formula(tiny):
     assert eff["dense"]["decode_tokens_per_s"] > 0 and eff["method"]["prefill_ms"] > 0
 
 
-def test_cli_run_with_wandb_offline(tmp_path):
-    out = tmp_path / "run"
+def _harness_command(tmp):
+    out = tmp / "run"
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "harness", "+exp=llava_lazy", "limit=6", f"out_dir={out}",
-         "efficiency.new_tokens=4", "efficiency.repeats=1"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
+    return {"args": [sys.executable, "-m", "harness", "+exp=llava_lazy", "limit=6", f"out_dir={out}",
+                     "efficiency.new_tokens=4", "efficiency.repeats=1"],
+            "cwd": tmp, "env": env, "timeout": 300}, out
+
+
+@pytest.mark.real_process(prepare=_harness_command)
+def test_cli_run_with_wandb_offline(real_process):
+    """``python -m harness`` in a real process (its command runs beside the in-process tests, tests/conftest.py)."""
+    proc, out, _ = real_process
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == str(out / "result.json")
     result = json.loads((out / "result.json").read_text())

@@ -7,7 +7,6 @@ tests skip, except in CI, where a missing lmms-eval is a failure.
 import copy
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -94,19 +93,25 @@ def test_harness_backend_lmms_eval_matches_builtin(tmp_path):
     assert view(rows["lmms_eval"]) == view(rows["builtin"])
 
 
-def test_cli_matches_builtin(tmp_path):
-    """python -m lmms_eval --model lazyattn ... on an exported task dir: the built-in path's answers."""
+def _lmms_eval_command(tmp):
     task = shapes_lmms()
     samples = task.samples(6)
-    tasks_dir = tmp_path / "tasks"
+    tasks_dir = tmp / "tasks"
     write_task_dir(samples, task.qtypes, task.image_size, tasks_dir, task.max_new_tokens)
-    out = tmp_path / "out"
+    out = tmp / "out"
     cmd = [sys.executable, "-m", "lmms_eval", "--model", "lazyattn",
            "--model_args", "model=llava_tiny_random,method=lazy,method.layers=[1,3,5]",
            "--tasks", "lazyattn_shapes", "--include_path", str(tasks_dir), "--batch_size", "4",
            "--device", "cpu", "--output_path", str(out), "--log_samples"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
-                          env={**os.environ, **OFFLINE})
+    env = {**os.environ, **OFFLINE, "HF_DATASETS_CACHE": str(tmp / "hf_datasets")}
+    return {"args": cmd, "cwd": ROOT, "timeout": 600, "env": env}, (task, samples, out)
+
+
+@pytest.mark.real_process(prepare=_lmms_eval_command)
+def test_cli_matches_builtin(real_process):
+    """python -m lmms_eval --model lazyattn ... on an exported task dir: the built-in path's answers.
+    The command runs beside the in-process tests (tests/conftest.py)."""
+    proc, (task, samples, out), _ = real_process
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "lazyattn_shapes" in proc.stdout
 

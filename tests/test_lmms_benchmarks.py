@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -277,21 +276,28 @@ def test_benchmarks_cli_writes_an_include_path(tmp_path, capsys):
     assert "lmms-lab-encoder/GQA" in capsys.readouterr().err
 
 
-def test_data_parallel_cli_equals_single_process(tmp_path):
-    """torchrun, two CPU processes (gloo), ``python -m lmms_eval --model lazyattn``: lmms-eval shards
-    the documents by rank and gathers them; the merged samples and scores equal one process's."""
+def _torchrun_command(tmp):
     task = build_task(cfg_for("task=shapes_lmms").task)
     samples = task.samples(10)  # 2 per question type: every subtask has a document on both ranks
-    tasks_dir = tmp_path / "tasks"
+    tasks_dir = tmp / "tasks"
     write_shapes_dir(samples, task.qtypes, task.image_size, tasks_dir, task.max_new_tokens)
-    out = tmp_path / "out"
+    out = tmp / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "lmms_eval", "--model", "lazyattn",
            "--model_args", "model=llava_tiny_random,method=lazy,method.layers=[1,3,5]",
            "--tasks", "lazyattn_shapes", "--include_path", str(tasks_dir), "--batch_size", "2",
            "--device", "cpu", "--output_path", str(out), "--log_samples"]
-    env = {**os.environ, **OFFLINE, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False, env=env)
+    env = {**os.environ, **OFFLINE, "HF_DATASETS_CACHE": str(tmp / "hf_datasets"), "ACCELERATE_USE_CPU": "true",
+           "OMP_NUM_THREADS": "1"}
+    return {"args": cmd, "cwd": ROOT, "timeout": 600, "env": env}, (task, samples, out)
+
+
+@pytest.mark.real_process(prepare=_torchrun_command)
+def test_data_parallel_cli_equals_single_process(real_process, tmp_path):
+    """torchrun, two CPU processes (gloo), ``python -m lmms_eval --model lazyattn``: lmms-eval shards
+    the documents by rank and gathers them; the merged samples and scores equal one process's. The
+    command runs beside the in-process tests (tests/conftest.py)."""
+    proc, (task, samples, out), _ = real_process
     log = proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.returncode == 0, log
     assert "Running on rank 1" in proc.stdout + proc.stderr, log

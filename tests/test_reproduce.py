@@ -2,7 +2,9 @@
 prediction compared with the committed samples.jsonl."""
 
 import json
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,22 @@ def test_committed_points_reproduce(point, tmp_path, capsys):
     assert reproduce.main([str(point), "limit=8", "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert ": 8 predictions compared, 0 differ" in out
+
+
+def _reproduce_command(tmp):
+    return {"args": [sys.executable, "-m", "harness.reproduce", str(POINTS[0]), "limit=1", "--out", str(tmp / "out")],
+            "cwd": ROOT, "timeout": 300, "env": {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}}, None
+
+
+@pytest.mark.real_process(prepare=_reproduce_command)
+def test_the_command_in_a_real_process(real_process):
+    """``python -m harness.reproduce`` itself (its one real-process test; the cases above call ``main``):
+    a committed point re-run on its first sample, exit status 0, the comparison line on stdout. The
+    command runs beside the in-process tests (tests/conftest.py)."""
+    proc, _, tmp = real_process
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith(f"{POINTS[0]}: 1 predictions compared, 0 differ")
+    assert (tmp / "out" / "result.json").is_file()
 
 
 def test_a_key_added_since_is_filled_from_todays_defaults_and_said(tmp_path, capsys):

@@ -3,7 +3,6 @@ the local parallel launcher runs points side by side, and the tables render from
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -84,13 +83,20 @@ def test_interrupted_sweep_resumes_without_redoing_finished_points(tmp_path, mon
     assert "Lazy r=0.5 (uniform)" in (tmp_path / "rendered" / "tables" / "efficiency.md").read_text()
 
 
-def test_local_launcher_runs_points_in_parallel(tmp_path):
-    root = tmp_path / "sweep"
+def _local_launcher_command(tmp):
+    root = tmp / "sweep"
     cmd = harness_cmd(
         "method.ratio=0.25,0.5", "method.layers=auto", f"sweep_root={root}",
         "hydra/launcher=local", "hydra.launcher.n_jobs=2", "threads=1",
     )
-    out = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=400)
+    return {"args": cmd, "cwd": tmp, "env": env(), "timeout": 400}, root
+
+
+@pytest.mark.real_process(prepare=_local_launcher_command)
+def test_local_launcher_runs_points_in_parallel(real_process, tmp_path):
+    """``python -m harness -m`` with a launcher, in a real process (its command runs beside the
+    in-process tests, tests/conftest.py)."""
+    out, root, _ = real_process
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "Joblib" in out.stdout + out.stderr  # hydra's joblib launcher ran the points
     found = points(root)
@@ -99,6 +105,27 @@ def test_local_launcher_runs_points_in_parallel(tmp_path):
     assert all(r["method"]["calibration"] for r in results)
     figure = report.layers_figure(results, tmp_path / "rendered")
     assert figure.stat().st_size > 0
+
+
+def _report_command(tmp):
+    out = tmp / "rendered"
+    return {"args": [sys.executable, "-m", "harness.report", "main", "--results", "results/tiny", "--out", str(out)],
+            "cwd": ROOT, "env": env(), "timeout": 300}, out
+
+
+@pytest.mark.real_process(prepare=_report_command)
+def test_the_report_command_in_a_real_process(real_process):
+    """``python -m harness.report`` itself (its one real-process test; the rest call its code): the main
+    table of the committed results, its two files printed, the same rows in both. The command runs
+    beside the in-process tests (tests/conftest.py)."""
+    proc, out, _ = real_process
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    md, tex = out / "tables" / "main.md", out / "tables" / "main.tex"
+    assert proc.stdout.split() == [str(md), str(tex)]
+    assert md.read_text().startswith("<!-- rendered by `python -m harness.report` from results/tiny;")
+    rows = [line for line in md.read_text().splitlines() if line.startswith("| ")][1:]  # the header aside
+    tex_rows = [line for line in tex.read_text().splitlines() if line.endswith("\\\\")]
+    assert len(rows) > 10 and len(tex_rows) == len(rows) + 1  # the LaTeX header row ends the same way
 
 
 def test_report_errors_are_clear(tmp_path):

@@ -5,7 +5,6 @@ line's code included, are in tests/vlmevalkit (run in that environment)."""
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -17,25 +16,38 @@ needs_env = pytest.mark.skipif(not (VENV / "bin" / "python").exists(),
                                reason="VLMEvalKit's environment is not built (make vlmeval-install)")
 
 
-def harness(*args, tmp_path):
-    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, check=False, env={**os.environ, **OFFLINE, "LMUData": str(tmp_path)})
-
-
 def test_wants_vlmeval():
     assert wants_vlmeval(["model=llava_tiny", "task=vlmeval"]) and wants_vlmeval(["task.backend=vlmeval"])
     assert not wants_vlmeval(["task=shapes", "task.datasets=[vlmeval]"])
 
 
+def _documented_command(tmp):
+    """The TSVs, from the exporter's command-line code in this process (it needs pandas, not VLMEvalKit;
+    tests/vlmevalkit reads what it writes with VLMEvalKit's own dataset classes), then the command."""
+    import contextlib
+    import io
+
+    from harness.vlmeval import export_shapes
+
+    if not (VENV / "bin" / "python").exists():
+        return None, None  # the test is skipped: nothing to run
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        export_shapes.main(["--out", str(tmp / "lmu"), "--n", "8"])
+    out = tmp / "run"
+    args = [sys.executable, "-m", "harness", "model=llava_tiny", "method=lazy", "task=vlmeval",
+            "task.datasets=[shapes_yorn,shapes_mcq]", f"task.data_dir={tmp / 'lmu'}", "limit=4", f"out_dir={out}",
+            "efficiency.repeats=1", "efficiency.new_tokens=4"]
+    return {"args": args, "cwd": ROOT, "timeout": 600, "env": {**os.environ, **OFFLINE, "LMUData": str(tmp)}}, (
+        printed.getvalue(), out)
+
+
 @needs_env
-def test_the_documented_command_runs_in_vlmevalkits_environment(tmp_path):
-    export = subprocess.run([str(VENV / "bin" / "python"), "-m", "harness.vlmeval.export_shapes", "--out",
-                             str(tmp_path / "lmu"), "--n", "8"], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert "shapes_mcq" in export.stdout
-    out = tmp_path / "run"
-    proc = harness("model=llava_tiny", "method=lazy", "task=vlmeval", "task.datasets=[shapes_yorn,shapes_mcq]",
-                   f"task.data_dir={tmp_path / 'lmu'}", "limit=4", f"out_dir={out}", "efficiency.repeats=1",
-                   "efficiency.new_tokens=4", tmp_path=tmp_path)
+@pytest.mark.real_process(prepare=_documented_command)
+def test_the_documented_command_runs_in_vlmevalkits_environment(real_process):
+    """The command runs beside the in-process tests (tests/conftest.py)."""
+    proc, (exported, out), _ = real_process
+    assert "shapes_mcq" in exported
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "running in VLMEvalKit's environment" in proc.stderr
     result = json.loads((out / "result.json").read_text())

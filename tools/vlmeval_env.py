@@ -15,6 +15,11 @@ wheel reachable here links the CUDA torch, so it cannot live in the project's ``
 4. ``python -m harness.vlmeval.check``: the VLMEvalKit pieces the harness uses import, and Hydra
    still composes.
 
+pip (upgraded first: it installs faster than the one ensurepip brings) byte-compiles nothing (most of
+the CUDA torch's files are never imported); step 4 and an import of the harness's entry point run with bytecode
+writing on instead, so what they import is compiled once. The editable build of step 3 takes
+``.install.lock``, as the Makefile's do: ``make test`` builds this environment beside ``.venv``.
+
 It is idempotent (pip skips what is there) and stamps ``<venv>/.installed`` with the inputs' hash,
 so ``make`` rebuilds it only when one of them changes.
 """
@@ -22,7 +27,9 @@ so ``make`` rebuilds it only when one of them changes.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
+import os
 import re
 import subprocess
 import sys
@@ -50,7 +57,8 @@ def inputs_hash() -> str:
 
 
 def pip(python: Path, *args: str) -> None:
-    subprocess.run([str(python), "-m", "pip", "install", "-q", *args], check=True, cwd=ROOT)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-compile", *args],
+                   check=True, cwd=ROOT)
 
 
 def main(argv=None) -> int:
@@ -70,8 +78,12 @@ def main(argv=None) -> int:
     constraints = ["-c", "constraints/vlmeval.txt"]
     pip(python, "torch", "torchvision", *constraints)
     pip(python, *project_requirements(), "-r", "constraints/vlmeval-requirements.txt", *constraints)
-    pip(python, "--no-deps", "-e", ".", VLMEVAL)
-    subprocess.run([str(python), "-m", "harness.vlmeval.check"], check=True, cwd=ROOT)
+    with open(ROOT / ".install.lock", "w") as lock:  # one editable build of this tree at a time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        pip(python, "--no-deps", "-e", ".", VLMEVAL)
+    writing = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    subprocess.run([str(python), "-m", "harness.vlmeval.check"], check=True, cwd=ROOT, env=writing)
+    subprocess.run([str(python), "-c", "import harness.__main__, pytest"], check=True, cwd=ROOT, env=writing)
     stamp.write_text(want + "\n")
     size = sum(f.stat().st_size for f in venv.rglob("*") if f.is_file() and not f.is_symlink())
     print(f"{venv}: VLMEvalKit environment ready ({size / 2**30:.1f} GiB, {time.monotonic() - start:.0f} s)")
