@@ -31,10 +31,10 @@ METHODS = {
     "lazy_visual": {"name": "lazy", "layers": [1, 3], "scope": "visual"},
     "fastv": {"name": "fastv", "k": 1, "ratio": 0.5},
     "vtw": {"name": "vtw", "k": 2},
-    "sparsevlm": {"name": "sparsevlm", "budget": 64},
-    "prumerge_plus": {"name": "prumerge_plus"},
     "lazy_fastv": {"name": "lazy_fastv", "lazy": {"layers": [3]}, "fastv": {"k": 1, "ratio": 0.5}},
 }
+# more pruners for the compiled-decode test (PruMerge+ is defined for LLaVA-1.5 only)
+MORE_PRUNERS = {"sparsevlm": {"name": "sparsevlm", "budget": 64}, "prumerge_plus": {"name": "prumerge_plus"}}
 
 
 def test_growing_writes_in_place_and_grows_once_on_overflow():
@@ -253,7 +253,7 @@ def test_compiled_decode_is_one_static_graph_and_answers_as_eager(models, family
     torch.set_num_threads(1)
     try:
         for name in names:
-            method = lazyattn.build(METHODS[name])
+            method = lazyattn.build({**METHODS, **MORE_PRUNERS}[name])
             eager = Generator(loaded.model, None, "cpu", min_new_tokens=20)
             with torch.inference_mode(), method.apply(loaded.model):
                 eager_dialogue, eager_tokens = eager.answer_inputs(inputs, [20, 13])
