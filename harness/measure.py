@@ -237,21 +237,22 @@ def interleaved(
     repeats = repeats_for(device, repeats)
     peak_bw = peak_bandwidth(device_name(device))
 
-    def once(name: str, tokens: int) -> dict:
-        inputs, method, *own = variants[name]  # a third element: this variant's own cache kind, or
-        options = own[0] if own else {}  # {"cache": kind, "compile": bool}
-        options = {"cache": options} if isinstance(options, str) else options
-        with method.apply(model):
-            return generate_once(model, inputs, tokens, options.get("cache", cache), options.get("compile", compile),
-                                 plan=method.plan(n_layers))
+    def options(name: str) -> dict:  # a third element: this variant's own cache kind, or {"cache", "compile"}
+        own = variants[name][2] if len(variants[name]) > 2 else {}
+        own = {"cache": own} if isinstance(own, str) else own
+        return {"cache": own.get("cache", cache), "compile": bool(own.get("compile", compile))}
 
-    def compiled(name: str) -> bool:
-        own = variants[name][2:]
-        return bool(own[0].get("compile", compile)) if own and isinstance(own[0], dict) else compile
+    settings = {name: options(name) for name in variants}
+
+    def once(name: str, tokens: int) -> dict:
+        inputs, method = variants[name][:2]
+        with method.apply(model):
+            return generate_once(model, inputs, tokens, settings[name]["cache"], settings[name]["compile"],
+                                 plan=method.plan(n_layers))
 
     for _ in range(warmup):  # a compiled step warms up at the timed length: its graph is shaped by it
         for name in variants:
-            once(name, new_tokens if compiled(name) else min(new_tokens, 4))
+            once(name, new_tokens if settings[name]["compile"] else min(new_tokens, 4))
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     for name in abba_order(list(variants), repeats):
         runs[name].append(once(name, new_tokens))
