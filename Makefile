@@ -106,8 +106,11 @@ gpu-collect:
 test-envs:
 	$(MAKE) -j2 --output-sync=target --no-print-directory $(STAMP) $(LMMS_STAMP) $(VLM_STAMP)
 
+# The suite on one pytest-xdist worker a core (at most 8; TEST_WORKERS=0 runs it in one process),
+# each test handed out as a worker frees up ("worksteal": the slow ones do not queue behind each other).
+TEST_WORKERS ?= auto
 test: test-envs
-	WANDB_MODE=offline $(BIN)/python -m pytest tests $(PYTEST_ARGS)
+	WANDB_MODE=offline $(BIN)/python -m pytest tests -n $(TEST_WORKERS) --maxprocesses 8 --dist worksteal $(PYTEST_ARGS)
 	WANDB_MODE=offline $(VLM_VENV)/bin/python -m pytest tests/vlmevalkit $(PYTEST_ARGS)
 
 clean:

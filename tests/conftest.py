@@ -8,7 +8,10 @@ import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-torch.set_num_threads(2)
+# one torch thread per worker when `make test` runs the suite on several workers (pytest-xdist: one
+# worker a core), two when one process runs it
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+torch.set_num_threads(1 if WORKER else 2)
 
 
 def _compose_once():
@@ -85,7 +88,9 @@ def offline_hf(monkeypatch, tmp_path):
 # runs those commands one after another, while the in-process tests go on, so on two cores they overlap.
 # The test itself takes the ``real_process`` fixture, ``(CompletedProcess, what prepare returned,
 # tmp_dir)``, waiting for its command if it has not finished (``--durations`` shows that wait as the
-# test's setup), and asserts what it always did.
+# test's setup), and asserts what it always did. On a pytest-xdist worker (``make test``: the workers
+# fill the cores already, and a worker cannot know which tests it will be handed) there is no thread:
+# the test prepares and runs its command when it runs.
 
 
 def pytest_configure(config):
@@ -99,19 +104,14 @@ _RUN = subprocess.run  # bound now: a test may patch subprocess.run for its own 
 @pytest.fixture(scope="session", autouse=True)
 def _real_processes(request, tmp_path_factory):
     jobs = {}
+    request.session.stash[_REAL] = jobs
+    if WORKER:  # each test runs its own command (real_process below)
+        yield
+        return
     for item in request.session.items:
         mark = item.get_closest_marker("real_process")
-        if mark is None:
-            continue
-        tmp, done = tmp_path_factory.mktemp(item.name[:40]), Future()
-        try:
-            kwargs, context = mark.kwargs["prepare"](tmp)
-            if kwargs is None:  # nothing to run (the test skips itself)
-                done.set_result(None)
-        except Exception as err:  # the test reports it
-            done.set_exception(err)
-            kwargs = context = None
-        jobs[item.nodeid] = (kwargs, context, tmp, done)
+        if mark is not None:
+            jobs[item.nodeid] = _prepared(item, tmp_path_factory)
 
     stop = threading.Event()
 
@@ -128,7 +128,6 @@ def _real_processes(request, tmp_path_factory):
 
     thread = threading.Thread(target=work, name="real-process tests", daemon=True)
     thread.start()
-    request.session.stash[_REAL] = jobs
     yield
     stop.set()
     thread.join()  # the command under way, if any
@@ -137,7 +136,26 @@ def _real_processes(request, tmp_path_factory):
 _REAL = pytest.StashKey[dict]()
 
 
+def _prepared(item, tmp_path_factory):
+    """``item``'s job: (subprocess.run keyword arguments, what the test needs later, its folder, a Future
+    of the CompletedProcess, done already where prepare failed or left nothing to run)."""
+    tmp, done = tmp_path_factory.mktemp(item.name[:40]), Future()
+    try:
+        kwargs, context = item.get_closest_marker("real_process").kwargs["prepare"](tmp)
+        if kwargs is None:  # nothing to run (the test skips itself)
+            done.set_result(None)
+    except Exception as err:  # the test reports it
+        done.set_exception(err)
+        kwargs = context = None
+    return kwargs, context, tmp, done
+
+
 @pytest.fixture
-def real_process(request):
-    kwargs, context, tmp, done = request.session.stash[_REAL][request.node.nodeid]
+def real_process(request, tmp_path_factory):
+    jobs = request.session.stash[_REAL]
+    if request.node.nodeid not in jobs:  # a worker's test: prepared and run now
+        kwargs, context, tmp, done = jobs[request.node.nodeid] = _prepared(request.node, tmp_path_factory)
+        if not done.done():
+            done.set_result(_RUN(**{"capture_output": True, "text": True, "check": False, **kwargs}))
+    kwargs, context, tmp, done = jobs[request.node.nodeid]
     return done.result(), context, tmp

@@ -233,14 +233,15 @@ def test_kv_read_bytes_per_reading(models):
     assert read == held + 2 * anchor.numel() * anchor.element_size()  # the anchor's keys again, for image columns
 
 
-@pytest.mark.parametrize("family, names, backend", [
+@pytest.mark.parametrize("family, name, backend", [
     # inductor's code generation once (a cold cache compiles for about 30 s: one method), the anchors' explicit
     # attention and its CPU matmuls included; every other method and family captured with aot_eager (the same one
-    # static graph, run by ATen)
-    ("llava_llama", ("lazy",), "inductor"),
-    ("llava_llama", ("dense", "lazy_visual", "fastv", "sparsevlm", "vtw", "prumerge_plus", "lazy_fastv"), "aot_eager"),
-    ("qwen2_vl", ("lazy",), "aot_eager")])
-def test_compiled_decode_is_one_static_graph_and_answers_as_eager(models, family, names, backend, monkeypatch):
+    # static graph, run by ATen). One case a method, so the suite's workers share them out.
+    ("llava_llama", "lazy", "inductor"),
+    *[("llava_llama", name, "aot_eager")
+      for name in ("dense", "lazy_visual", "fastv", "sparsevlm", "vtw", "prumerge_plus", "lazy_fastv")],
+    ("qwen2_vl", "lazy", "aot_eager")])
+def test_compiled_decode_is_one_static_graph_and_answers_as_eager(models, family, name, backend, monkeypatch):
     """``compile=True``: the decode step compiled with ``fullgraph=True, dynamic=False`` over the whole
     preallocated storage (a validity mask, writes at device cursors): one graph per method, captured
     at the first step and never recompiled or broken as the cache fills (16 more steps add none), on a
@@ -254,36 +255,35 @@ def test_compiled_decode_is_one_static_graph_and_answers_as_eager(models, family
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for name in names:
-            method = lazyattn.build({**METHODS, **MORE_PRUNERS}[name])
-            eager = Generator(loaded.model, None, "cpu", min_new_tokens=20)
-            with torch.inference_mode(), method.apply(loaded.model):
-                eager_dialogue, eager_tokens = eager.answer_inputs(inputs, [20, 13])
-            gen = Generator(loaded.model, None, "cpu", min_new_tokens=20, compile=True)
-            graphs, logits, real = [], [], gen._forward
+        method = lazyattn.build({**METHODS, **MORE_PRUNERS}[name])
+        eager = Generator(loaded.model, None, "cpu", min_new_tokens=20)
+        with torch.inference_mode(), method.apply(loaded.model):
+            eager_dialogue, eager_tokens = eager.answer_inputs(inputs, [20, 13])
+        gen = Generator(loaded.model, None, "cpu", min_new_tokens=20, compile=True)
+        graphs, logits, real = [], [], gen._forward
 
-            def forward(*args, **kwargs):
-                out = real(*args, **kwargs)
-                logits.append(out.clone())
-                return out
+        def forward(*args, **kwargs):
+            out = real(*args, **kwargs)
+            logits.append(out.clone())
+            return out
 
-            gen._forward = forward
-            counters.clear()
-            with torch.inference_mode(), method.apply(loaded.model):
-                dialogue, first = gen.prefill(inputs, reserve=20)
-                tokens = gen._decode(dialogue, first, [20, 13],
-                                     on_step=lambda d: graphs.append(counters["stats"]["unique_graphs"]))
-            assert tokens == eager_tokens, (family, name)
-            assert gen.graph_note is None and graphs[3] == graphs[-1] == 1 and len(graphs) == 19, (family, name, graphs)
-            assert not counters["graph_break"], dict(counters["graph_break"])
-            # the views caught up: as long as the eager cache (the prompt, or a reducer's shorter one, + 19 tokens)
-            assert ([layer.get_seq_length() for layer in dialogue.cache.layers]
-                    == [layer.get_seq_length() for layer in eager_dialogue.cache.layers])
-            if not dialogue.cache.pruned:
-                assert dialogue.cache.get_seq_length() == inputs["input_ids"].shape[1] + 19
-            eager_logits = _run(loaded.model, inputs, method, "static", steps=20)[1]
-            scale = eager_logits[:13].abs().max()
-            assert (torch.stack(logits)[:13] - eager_logits[:13]).abs().max() / scale < 1e-4, (family, name)
+        gen._forward = forward
+        counters.clear()
+        with torch.inference_mode(), method.apply(loaded.model):
+            dialogue, first = gen.prefill(inputs, reserve=20)
+            tokens = gen._decode(dialogue, first, [20, 13],
+                                 on_step=lambda d: graphs.append(counters["stats"]["unique_graphs"]))
+        assert tokens == eager_tokens, (family, name)
+        assert gen.graph_note is None and graphs[3] == graphs[-1] == 1 and len(graphs) == 19, (family, name, graphs)
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        # the views caught up: as long as the eager cache (the prompt, or a reducer's shorter one, + 19 tokens)
+        assert ([layer.get_seq_length() for layer in dialogue.cache.layers]
+                == [layer.get_seq_length() for layer in eager_dialogue.cache.layers])
+        if not dialogue.cache.pruned:
+            assert dialogue.cache.get_seq_length() == inputs["input_ids"].shape[1] + 19
+        eager_logits = _run(loaded.model, inputs, method, "static", steps=20)[1]
+        scale = eager_logits[:13].abs().max()
+        assert (torch.stack(logits)[:13] - eager_logits[:13]).abs().max() / scale < 1e-4, (family, name)
     finally:
         torch.set_num_threads(threads)
 
