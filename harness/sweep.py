@@ -40,7 +40,7 @@ def points(sweep_dir: Path) -> list[dict]:
                     baselines.append(other)
     every = mine + baselines
     out = []
-    for r in report._unique(mine):
+    for r in report.newest_per_label(mine):
         head = report.headline_of(r, every)
         proto = report.protocol(r)
         out.append({

@@ -56,8 +56,8 @@ def multiturn_mode(result: dict) -> str:
     return protocol(result)["task"]["multiturn"]
 
 
-def _unique(results: Sequence[dict]) -> list[dict]:
-    """One result per (protocol, label): the newest; the others are named on stderr."""
+def newest_per_label(results: Sequence[dict]) -> list[dict]:
+    """One result per (protocol, label): the newest (the others named on stderr), in table order."""
     newest: dict[str, dict] = {}
     for r in results:
         key = config_key({"protocol": protocol(r), "label": label(r)})
@@ -115,7 +115,9 @@ def headline_of(result: dict, results: Sequence[dict], task: str | None = None) 
                             task)
 
 
-def _task_columns(results: Sequence[dict], task: str) -> list[str]:
+def score_groups(results: Sequence[dict], task: str) -> list[str]:
+    """The groups ``task`` was scored by in ``results`` (the keys of its per-group scores, such as
+    shapes' question types), in the order first seen."""
     cols: list[str] = []
     for r in results:
         for key, value in r["tasks"].get(task, {}).items():
@@ -129,7 +131,7 @@ def metrics_of(result: dict, task: str | None = None) -> Metrics:
     return metrics.of_result(result, task or next(iter(result["tasks"]), ""))
 
 
-def _pm(delta: dict | None, scale: float = 100) -> str:
+def delta_cell(delta: dict | None, scale: float = 100) -> str:
     """``Δ ± half-width`` of a paired difference; a * marks an interval that excludes 0."""
     if not delta or delta.get("delta") is None:
         return "–"
@@ -167,7 +169,7 @@ def main_points(results: Sequence[dict], notes: bool = False) -> list[dict]:
             shown = "multiturn" in qtypes or ("long" in qtypes and t.get("min_new_tokens"))
             print(f"note: main table leaves out {label(r)} [{r['model']['name']}] ({r['_path']}): {why}{extra}"
                   + ("; it is in the protocol table." if shown else "."), file=sys.stderr)
-    return _unique(chosen)
+    return newest_per_label(chosen)
 
 
 def with_in_run_dense(points: Sequence[dict], task: str) -> list[dict]:
@@ -202,7 +204,8 @@ def unpaired(points: Sequence[dict], results: Sequence[dict]) -> list[str]:
     return notes
 
 
-def _calibrated(results: Sequence[dict]) -> list[dict]:
+def calibrated_results(results: Sequence[dict]) -> list[dict]:
+    """The results whose method recorded a calibration (its dense layer divergences)."""
     return [r for r in results if (r["method"].get("calibration") or {}).get("adjacent_js")]
 
 
