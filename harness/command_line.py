@@ -71,11 +71,12 @@ def check_overrides(overrides: Sequence[str], config_name: str = "config") -> No
         except Exception:  # glob or range sweeps of a group: Hydra expands them
             continue
         known = presets(o.key_or_group)  # conf/GROUP/*.yaml and a registered method's or task's preset
-        for value in values:
-            if not isinstance(value, str) or value not in known and not (CONF_DIR / o.key_or_group / f"{value}.yaml").is_file():
-                raise RunError(f"unknown {o.key_or_group} preset {value!r} (in {o.input_line!r}); "
-                               f"{_closest(str(value), known)}the presets: {', '.join(known)} "
-                               f"(conf/{o.key_or_group}/ and registered).")
+        for value in values:  # a _-prefixed YAML is taken where named in full
+            if isinstance(value, str) and (value in known or (CONF_DIR / o.key_or_group / f"{value}.yaml").is_file()):
+                continue
+            raise RunError(f"unknown {o.key_or_group} preset {value!r} (in {o.input_line!r}); "
+                           f"{_closest(str(value), known)}the presets: {', '.join(known)} "
+                           f"(conf/{o.key_or_group}/ and registered).")
         choices.append((o.key_or_group, [f"{prefix.get(o.type, '')}{o.key_or_group}={v}" for v in values]))
     if not keys:
         return

@@ -1,7 +1,7 @@
 """The harness config composed from ``conf/``: ``compose`` builds it from the presets plus overrides,
 exactly as ``python -m harness`` would (the efficiency benchmark and the lmms-eval model use it to
-build their methods), with a preset for every registered method and task (``presets``); ``result_key`` says which settings
-define a result. What is checked in a config is ``harness.settings``'s; where a run writes,
+build their methods), with a preset for every registered method and task (``presets``); ``result_key``
+says which settings define a result. What is checked in a config is ``harness.settings``'s; where a run writes,
 ``harness.folders``'; the command line before Hydra runs, ``harness.command_line``'s.
 """
 

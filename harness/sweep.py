@@ -36,7 +36,7 @@ def points(sweep_dir: Path) -> list[dict]:
         for path in sorted(sweep_dir.resolve().parent.glob(pattern)):
             if path.resolve() not in seen:
                 other = results.load(path)
-                if other["method"]["name"] == "dense":
+                if report.is_dense(other):
                     baselines.append(other)
     every = mine + baselines
     out = []

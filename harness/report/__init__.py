@@ -24,6 +24,7 @@ from harness.report.index import (  # noqa: F401
     NothingToRender,
     collect,
     label,
+    is_dense,
     protocol,
     multiturn_mode,
     newest_per_label,

@@ -9,8 +9,8 @@ from pathlib import Path
 from harness import compare, figures, headline, longform
 from harness.results import config_key
 from harness.report.index import (
-    NothingToRender, against_dense_of, anchor_js, calibrated_results, headline_of, label, main_points, multiturn_mode,
-    newest_per_label, protocol, with_in_run_dense,
+    NothingToRender, against_dense_of, anchor_js, calibrated_results, headline_of, is_dense, label, main_points,
+    multiturn_mode, newest_per_label, protocol, with_in_run_dense,
 )
 from harness.report.tables import longform_points
 
@@ -80,7 +80,7 @@ def fidelity_figure(results: Sequence[dict], out: Path, qtype: str = "long", max
     least t tokens, the fraction whose answer agrees with dense's on all of the first t."""
     curves = {}
     longest = max((protocol(r)["task"].get("min_new_tokens") or 0 for r in results), default=0)
-    chosen = [r for r in results if multiturn_mode(r) == "carry" and r["method"]["name"] != "dense"
+    chosen = [r for r in results if multiturn_mode(r) == "carry" and not is_dense(r)
               and (protocol(r)["task"].get("min_new_tokens") or 0) == longest]  # the forced-long sweep if any
     for r in newest_per_label(chosen):
         comp = against_dense_of(r, results)
@@ -106,7 +106,7 @@ def longform_figure(results: Sequence[dict], out: Path, near: float = 0.25) -> P
     for r in chosen.values():
         cut = headline_of(r, results)["kv_cut_workload"]
         series = r["method"]["series"]
-        if r["method"]["name"] == "dense" or cut is None:
+        if is_dense(r) or cut is None:
             continue
         if series not in best or abs(cut - near) < abs(best[series][0] - near):
             best[series] = (cut, label(r))

@@ -9,8 +9,8 @@ from harness import headline, longform
 from harness.metrics import Metric
 from harness.measure import SPEEDUPS, ratio_spread  # one definition, shared with the noise verdict
 from harness.report.index import (
-    NothingToRender, against_dense_of, anchor_js, calibrated_results, delta_cell, dense_rows, headline_of, label,
-    main_points, metrics_of, newest_per_label, protocol, rows_of, score_groups, unpaired, with_in_run_dense,
+    NothingToRender, against_dense_of, anchor_js, calibrated_results, delta_cell, dense_rows, headline_of, is_dense,
+    label, main_points, metrics_of, newest_per_label, protocol, rows_of, score_groups, unpaired, with_in_run_dense,
 )
 
 
@@ -56,7 +56,7 @@ def main_table(results: Sequence[dict], task: str = "shapes") -> tuple[list[str]
         scores = r["tasks"][task]
         declared = metrics_of(r, task)
         values = [declared.score(scores[c]) if c in scores else None for c in cols]
-        dense = r["method"]["name"] == "dense"
+        dense = is_dense(r)
         cut = "0 %" if dense else ("–" if head["kv_cut_workload"] is None else f"{100 * head['kv_cut_workload']:.1f} %")
         same = "" if dense else ("–" if head["exact_match"] is None else f"{100 * head['exact_match']:.0f} %")
         delta = "" if dense else delta_cell({"delta": head["delta_score"], "delta_ci95": head["delta_score_ci95"]})
@@ -178,7 +178,7 @@ def protocol_table(results: Sequence[dict], task: str = "shapes") -> tuple[list[
     rows = []
     for name in dict.fromkeys([*carry, *reencode, *forced]):
         r = carry.get(name) or reencode.get(name) or forced.get(name)
-        if r["method"]["name"] == "dense":
+        if is_dense(r):
             continue
         comps = {key: against_dense_of(group[name], results) if name in group else {}
                  for key, group in (("carry", carry), ("reencode", reencode), ("forced", forced))}
@@ -217,7 +217,7 @@ def timing_drift(results: Sequence[dict]) -> list[str]:
     out = []
     for r in results:
         eff = r.get("efficiency")
-        if r["method"]["name"] != "dense" or not eff:
+        if not is_dense(r) or not eff:
             continue
         for speedup, measure_key in SPEEDUPS:
             value = eff.get(speedup)
