@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config import CONF_DIR, compose, method_presets
+from harness.config import CONF_DIR, compose, presets
 from harness.settings import RunError
 
 
@@ -70,14 +70,13 @@ def check_overrides(overrides: Sequence[str], config_name: str = "config") -> No
             values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
         except Exception:  # glob or range sweeps of a group: Hydra expands them
             continue
-        presets = sorted(p.stem for p in (CONF_DIR / o.key_or_group).glob("*.yaml") if not p.stem.startswith("_"))
-        if o.key_or_group == "method":  # registered methods without a YAML have a preset too
-            presets = method_presets()
-        for value in values:
-            if not isinstance(value, str) or value not in presets and not (CONF_DIR / o.key_or_group / f"{value}.yaml").is_file():
-                raise RunError(f"unknown {o.key_or_group} preset {value!r} (in {o.input_line!r}); "
-                               f"{_closest(str(value), presets)}the presets: {', '.join(presets)} "
-                               f"(conf/{o.key_or_group}/).")
+        known = presets(o.key_or_group)  # conf/GROUP/*.yaml and a registered method's or task's preset
+        for value in values:  # a _-prefixed YAML is taken where named in full
+            if isinstance(value, str) and (value in known or (CONF_DIR / o.key_or_group / f"{value}.yaml").is_file()):
+                continue
+            raise RunError(f"unknown {o.key_or_group} preset {value!r} (in {o.input_line!r}); "
+                           f"{_closest(str(value), known)}the presets: {', '.join(known)} "
+                           f"(conf/{o.key_or_group}/ and registered).")
         choices.append((o.key_or_group, [f"{prefix.get(o.type, '')}{o.key_or_group}={v}" for v in values]))
     if not keys:
         return

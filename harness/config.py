@@ -1,7 +1,7 @@
 """The harness config composed from ``conf/``: ``compose`` builds it from the presets plus overrides,
 exactly as ``python -m harness`` would (the efficiency benchmark and the lmms-eval model use it to
-build their methods), with a preset for every registered method; ``result_key`` says which settings
-define a result. What is checked in a config is ``harness.settings``'s; where a run writes,
+build their methods), with a preset for every registered method and task (``presets``); ``result_key``
+says which settings define a result. What is checked in a config is ``harness.settings``'s; where a run writes,
 ``harness.folders``'; the command line before Hydra runs, ``harness.command_line``'s.
 """
 
@@ -20,12 +20,21 @@ CONF_DIR = REPO_ROOT / "conf"
 RESULT_KEYS = ("model", "method", "task", "seed", "limit")
 
 
-def method_presets() -> list[str]:
-    """Every method preset ``method=NAME`` accepts: the YAML files in ``conf/method/`` and the
-    registered methods without one (``register_method_presets``)."""
-    import lazyattn
+def presets(group: str) -> list[str]:
+    """Every preset ``GROUP=NAME`` accepts: the YAML files in ``conf/GROUP/`` (but ``_``-prefixed
+    partials) and the presets code stored in Hydra's ConfigStore under ``GROUP``: a registered method's
+    without a YAML (``register_method_presets``, run here for ``method``), a registered task's
+    (``harness.tasks.register``)."""
+    from hydra.core.config_store import ConfigStore
 
-    return sorted({p.stem for p in (CONF_DIR / "method").glob("*.yaml")} | set(lazyattn.METHODS))
+    if group == "method":
+        register_method_presets()
+    shipped = {p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_")}
+    try:
+        stored = {name.removesuffix(".yaml") for name in ConfigStore.instance().list(group)}
+    except OSError:  # nothing stored under this group
+        stored = set()
+    return sorted(shipped | stored)
 
 
 _STORED: dict[str, object] = {}  # method name -> the constructor whose preset is in Hydra's ConfigStore

@@ -36,9 +36,8 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
-from transformers import DynamicCache
 
-from lazyattn.cache import CACHE_KINDS, Growing, PreallocatedCache, new_cache, row_padding
+from lazyattn.cache import CACHE_KINDS, ConcatenatingCache, Growing, PreallocatedCache, new_cache, row_padding
 
 MULTITURN_MODES = ("carry", "reencode")
 # Answering learns whether every row has ended (its stop token) from the device at most once every this many
@@ -135,7 +134,7 @@ def storage_mask(mask: torch.Tensor, implementation: str, dtype: torch.dtype) ->
 class Dialogue:
     """The batch's KV cache and, per row, its mask over the cache and its next position."""
 
-    cache: DynamicCache
+    cache: PreallocatedCache | ConcatenatingCache  # a kind of CACHE_KINDS (new_cache)
     grow_mask: Growing  # (B, cached tokens), preallocated with the cache: 1 for real tokens, written in place
     next_position: torch.Tensor  # (B,): the position of each row's next real token
     pending: list[list[int]]  # per row: generated answer tokens not yet fed to the cache
@@ -202,10 +201,10 @@ class Generator:
             positions = torch.where(new_mask.bool(), positions, torch.ones_like(positions))
         dialogue.grow_mask.append(new_mask)
         dialogue.next_position = dialogue.next_position + new_mask.long().sum(dim=1)
-        if dialogue.holes and isinstance(dialogue.cache, PreallocatedCache):  # a masked step reads nothing on the host
+        if dialogue.holes:  # a masked step reads nothing on the host (where the cache kind allows it)
             dialogue.cache.masks_on_device = True
         # one static graph: the whole storage, a validity mask
-        if isinstance(dialogue.cache, PreallocatedCache) and dialogue.cache.graph:
+        if dialogue.cache.graph:
             out = self.decode_forward(
                 input_ids=ids, attention_mask=storage_mask(dialogue.grow_mask.storage, self.implementation,
                                                            self.model.dtype),
@@ -226,8 +225,7 @@ class Generator:
     def _enter_graph(self, dialogue: Dialogue, steps: int) -> bool:
         """Switch the dialogue's cache to graph mode for ``steps`` one-token steps, where it can be."""
         cache = dialogue.cache
-        blocker = (cache.graph_blocker() if isinstance(cache, PreallocatedCache)
-                   else "transformers' concatenating cache (cache=dynamic)")
+        blocker = cache.graph_blocker()
         if blocker is None and self.implementation not in ("sdpa", "eager"):
             blocker = f"the {self.implementation} backend (a static graph needs a prepared mask: sdpa or eager)"
         self.graph_note = None if blocker is None else f"decode ran eagerly: {blocker}"
@@ -309,10 +307,11 @@ class Generator:
     def new_dialogue(self, batch: int, reserve: int) -> Dialogue:
         """An empty dialogue with a fresh cache of the generator's kind (``reserve``: the tokens to
         preallocate beyond each layer's first chunk; the mask is preallocated alike)."""
-        grow_mask = Growing(1, reserve if self.cache_kind == "static" else None)
+        cache = new_cache(self.cache_kind, self.model.config, reserve)
+        grow_mask = Growing(1, cache.reserve)  # preallocated where the cache is
         grow_mask.start(torch.zeros(batch, 0, dtype=torch.long, device=self.device))
         return Dialogue(
-            cache=new_cache(self.cache_kind, self.model.config, reserve),
+            cache=cache,
             grow_mask=grow_mask,
             next_position=torch.zeros(batch, dtype=torch.long, device=self.device),
             pending=[[] for _ in range(batch)],

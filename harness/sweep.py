@@ -36,11 +36,11 @@ def points(sweep_dir: Path) -> list[dict]:
         for path in sorted(sweep_dir.resolve().parent.glob(pattern)):
             if path.resolve() not in seen:
                 other = results.load(path)
-                if other["method"]["name"] == "dense":
+                if report.is_dense(other):
                     baselines.append(other)
     every = mine + baselines
     out = []
-    for r in report._unique(mine):
+    for r in report.newest_per_label(mine):
         head = report.headline_of(r, every)
         proto = report.protocol(r)
         out.append({

@@ -300,13 +300,30 @@ class PreallocatedCache(DynamicCache):
         return self.masks_on_device
 
 
-def new_cache(kind: str, config, reserve: int) -> DynamicCache:
+class ConcatenatingCache(DynamicCache):
+    """transformers' ``DynamicCache`` as it is (``cache=dynamic``: every update concatenates), answering
+    what a decode loop asks of either kind the harness builds, as ``PreallocatedCache`` does: it
+    preallocates nothing (``reserve``), is never in graph mode (``graph``) and says why its steps
+    cannot run as one static graph (``graph_blocker``). ``masks_on_device`` is taken and changes
+    nothing: transformers checks this cache's padding mask on the host, as it always did."""
+
+    reserve: int | None = None
+    graph = False
+    masks_on_device = False
+
+    def graph_blocker(self) -> str | None:
+        return "transformers' concatenating cache (cache=dynamic)"
+
+
+def new_cache(kind: str, config, reserve: int) -> PreallocatedCache | ConcatenatingCache:
     """A fresh cache of ``kind`` (``CACHE_KINDS``): ``static`` preallocates ``reserve`` tokens beyond
-    each layer's first chunk, ``dynamic`` is transformers' concatenating ``DynamicCache``."""
+    each layer's first chunk, ``dynamic`` is transformers' concatenating ``DynamicCache``
+    (``ConcatenatingCache``). Both answer ``reserve``, ``graph``, ``graph_blocker()`` and take
+    ``masks_on_device``."""
     if kind == "static":
         return PreallocatedCache(config, int(reserve))
     if kind == "dynamic":
-        return DynamicCache(config=config)
+        return ConcatenatingCache(config=config)
     raise ValueError(f"cache must be one of {list(CACHE_KINDS)}, got {kind!r}.")
 
 

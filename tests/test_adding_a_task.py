@@ -1,5 +1,6 @@
 """A task added from this file alone (``harness.tasks.register``: no file in harness/, no YAML in
-conf/task/), as docs/tasks.md "Adding a task" says: it runs through ``run`` (dense beside the
+conf/task/), as docs/tasks.md "Adding a task" says: the command line takes it (``task=colourhit``),
+and it runs through ``run`` (dense beside the
 method, the headline, efficiency), W&B (offline) and the report, which learn what it scores only
 from the metrics it declares (``harness.metrics``). Nothing in the harness names it."""
 
@@ -15,6 +16,7 @@ from harness.generate import Conversation, answer
 from harness.metrics import Metric, Metrics
 from harness.run import run
 from harness.tasks import BaseTask, Evaluation, shapes
+from helpers import harness_cli, harness_precheck
 
 
 @dataclasses.dataclass
@@ -110,6 +112,24 @@ def test_a_registered_task_runs_through_run_wandb_and_the_report(tmp_path):
     names = {p.name for p in report.render("all", root, tmp_path / "all")}  # what can be filled; the rest named
     assert {"tasks.md", "efficiency.md"} <= names and not names & {"main.md", "protocol.md", "paper.md"}
     assert not (tmp_path / "out" / "tables" / "main.md").exists()
+
+
+def test_the_command_line_takes_it(tmp_path, monkeypatch, capfd):
+    """``python -m harness task=colourhit`` in this process: its checks before Hydra accept the task and
+    its settings like a shipped one's, and refuse a typo in one line naming it among the presets;
+    Hydra's main composes and builds it (its own check refuses budget 0, exit 2, before any model loads)."""
+    line = ["model=llava_tiny_random", f"out_dir={tmp_path / 'r'}"]
+    assert harness_precheck(["task=colourhit", "task.budget=3", *line], monkeypatch, capfd) == (None, "")
+    status, err = harness_precheck(["task=colourhitt", *line], monkeypatch, capfd)
+    assert status == 2 and err.strip() == (
+        "error: unknown task preset 'colourhitt' (in 'task=colourhitt'); did you mean 'colourhit'? the presets: "
+        "benchmarks, colourhit, paper, shapes, shapes_lmms, vlmeval (conf/task/ and registered).")
+    status, err = harness_precheck(["task=colourhit", "task.budgt=3", *line], monkeypatch, capfd)
+    assert status == 2 and err.startswith("error: unknown setting 'task.budgt' (in 'task.budgt=3'); "
+                                          "did you mean 'task.budget'? task has: n, budget, name."), err
+    status, out, err = harness_cli(["task=colourhit", "task.budget=0", *line], monkeypatch, capfd)
+    assert (status, err.strip().splitlines()[-1]) == (2, "error: task.budget must be >= 1, got 0."), err
+    assert not (tmp_path / "r").exists()
 
 
 def test_the_row_contract_is_one_line():

@@ -11,6 +11,7 @@ bytes a decode step reads.
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 import lazyattn
 from harness import generate
@@ -19,8 +20,8 @@ from harness.models import families
 from harness.tasks import shapes
 from harness.generate import conversation, prompt_inputs
 from lazyattn import attention
-from lazyattn.cache import (Growing, NoKVLayer, PreallocatedCache, PreallocatedLayer, ValueOnlyLayer, kv_cache_bytes,
-                            kv_read_bytes, kv_read_terms, new_cache)
+from lazyattn.cache import (ConcatenatingCache, Growing, NoKVLayer, PreallocatedCache, PreallocatedLayer,
+                            ValueOnlyLayer, kv_cache_bytes, kv_read_bytes, kv_read_terms, new_cache)
 
 STEPS = 4
 METHODS = {
@@ -61,7 +62,10 @@ def test_cache_kinds_and_bad_kind():
     config = families.build_random("llava", {**families.TINY_TEXT, "backbone": "llama"}, families.TINY_CLIP).model.config
     static = new_cache("static", config, 7)
     assert isinstance(static, PreallocatedCache) and all(type(x) is PreallocatedLayer for x in static.layers)
-    assert static.reserve == 7 and type(new_cache("dynamic", config, 7)).__name__ == "DynamicCache"
+    dynamic = new_cache("dynamic", config, 7)  # transformers' own, answering what the decode loop asks
+    assert static.reserve == 7 and type(dynamic) is ConcatenatingCache and isinstance(dynamic, DynamicCache)
+    assert dynamic.reserve is None and not dynamic.graph
+    assert dynamic.graph_blocker() == "transformers' concatenating cache (cache=dynamic)"
     with pytest.raises(ValueError, match="cache must be one of"):
         new_cache("paged", config, 7)
 
@@ -115,6 +119,18 @@ def test_static_cache_answers_as_the_dynamic_one(models, family):
         assert t_sta == t_dyn, (family, name)
         torch.testing.assert_close(l_sta, l_dyn, rtol=1e-5, atol=1e-5, msg=f"{family} {name}")
         assert type(d.cache).__name__ == "PreallocatedCache"
+
+
+def test_compiled_decode_on_the_dynamic_cache_runs_eagerly_and_says_why(models):
+    """``compile=True`` with ``cache=dynamic``: the cache says it cannot run as a graph, so every step
+    runs eagerly (the same tokens as without compile) and the generator records why."""
+    loaded = models["llava_llama"]
+    inputs = _inputs(loaded, True, 32)
+    with torch.inference_mode():
+        eager = Generator(loaded.model, None, "cpu", min_new_tokens=3, cache="dynamic").answer_inputs(inputs, [3, 3])[1]
+        gen = Generator(loaded.model, None, "cpu", min_new_tokens=3, cache="dynamic", compile=True)
+        assert gen.answer_inputs(inputs, [3, 3])[1] == eager
+    assert gen.graph_note == "decode ran eagerly: transformers' concatenating cache (cache=dynamic)"
 
 
 def test_static_cache_never_copies_while_decoding(models):

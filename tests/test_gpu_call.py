@@ -1,4 +1,4 @@
-"""tools/gpu_call.py (the one device command) and harness/gpu_plan.py: deadline, ordering, resume,
+"""tools/gpu_call.py (the one device command) and harness/gpu_plan/: deadline, ordering, resume,
 phase isolation and the return limits, with fake phases (each test takes seconds; no GPU)."""
 
 import importlib.util
@@ -240,6 +240,21 @@ def test_a_phase_stops_before_a_point_it_cannot_finish(tmp_path):
     assert not ph.fits(60) and ph.fits(40)
 
 
+def test_the_phase_modules_import_only_the_standard_library_at_their_top():
+    """``python -m harness.gpu_plan env`` must run (and say what is broken) on a machine whose packages
+    are broken: every module of the package imports the standard library and its siblings at its top,
+    torch, Hydra and the rest of the harness inside the functions that need them."""
+    import ast
+
+    for path in sorted((ROOT / "harness" / "gpu_plan").glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                for name in names:
+                    top = name.split(".")[0]
+                    assert top in sys.stdlib_module_names or name.startswith("harness.gpu_plan"), (path.name, name)
+
+
 def test_cpu_profile_throughput_runs_and_resumes(tmp_path, monkeypatch):
     import torch
 
@@ -254,7 +269,7 @@ def test_cpu_profile_throughput_runs_and_resumes(tmp_path, monkeypatch):
                                                                        *gpu_plan.CONTROL_VARIANTS}
         assert point["rows"]["dense"]["cache"] == "static" and point["rows"]["dense dynamic"]["cache"] == "dynamic"
         assert point["rows"]["lazy ratio=0.5"]["kv_fraction"] < 1.0 and point["order"] == "abba"
-        monkeypatch.setattr(gpu_plan, "time_point", lambda *a, **k: pytest.fail("a finished point was redone"))
+        monkeypatch.setattr(gpu_plan.phases, "time_point", lambda *a, **k: pytest.fail("a finished point was redone"))
         assert gpu_plan.main(["throughput", "--out", str(tmp_path), "--profile", "cpu"]) == 0
     finally:
         torch.set_num_threads(threads)

@@ -20,10 +20,10 @@ def test_ratio_spread_combines_both_sides_relative_half_iqrs():
     eff = efficiency(1.5, 150.0, 30.0, 100.0, 10.0)
     # 1.5 x (30 / (2 * 150) + 10 / (2 * 100)) = 1.5 x 0.15
     assert report.ratio_spread(eff, "decode_speedup", "decode_tokens_per_s") == pytest.approx(0.225)
-    assert report._x(eff, "decode_speedup", "decode_tokens_per_s") == "1.50 ± 0.23"
+    assert report.speedup_cell(eff, "decode_speedup", "decode_tokens_per_s") == "1.50 ± 0.23"
     old = {**eff, "method": {k: v for k, v in eff["method"].items() if not k.endswith("_iqr")}}
     assert report.ratio_spread(old, "decode_speedup", "decode_tokens_per_s") is None  # results without IQRs
-    assert report._x(old, "decode_speedup", "decode_tokens_per_s") == "1.50"
+    assert report.speedup_cell(old, "decode_speedup", "decode_tokens_per_s") == "1.50"
 
 
 def test_dense_against_itself_that_drifts_is_named(capsys):

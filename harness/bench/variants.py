@@ -12,7 +12,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig
 
 from harness.method import fixed_method
-from harness.config import compose, method_presets, plain
+from harness.config import compose, plain, presets
 from harness.settings import RunError
 from harness.results import config_key
 from harness.bench.constants import KEY_EXCLUDE
@@ -66,7 +66,7 @@ def make_variant(entry: Any) -> Variant:
     label = " ".join([name, *dotlist])
     if any(p.split("=", 1)[0] == "name" for p in dotlist):
         raise BenchError(f"method entry {label!r}: the method's name comes from its preset; don't override it.")
-    known = method_presets()
+    known = presets("method")
     if name not in known:
         raise BenchError(f"unknown method preset {name!r} in methods; known: {', '.join(known)} (conf/method/).")
     try:

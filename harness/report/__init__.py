@@ -15,7 +15,7 @@ made the result. A point measured twice (same label) keeps the newest result.
 
 The package: ``index`` (finding and pairing results; numbers), ``tables`` (the tables as header and
 rows), ``render`` (Markdown and LaTeX files), ``plots`` (figures, each from numbers it computes
-first) and ``cli`` (``python -m harness.report``). Its names are re-exported here.
+first) and ``cli`` (``python -m harness.report``). Its public names are re-exported here.
 """
 
 from __future__ import annotations
@@ -24,22 +24,22 @@ from harness.report.index import (  # noqa: F401
     NothingToRender,
     collect,
     label,
-    _sort_key,
+    is_dense,
     protocol,
     multiturn_mode,
-    _unique,
+    newest_per_label,
     rows_of,
     dense_rows,
     dense_scores,
     headline_of,
-    _task_columns,
+    score_groups,
     metrics_of,
-    _pm,
+    delta_cell,
     against_dense_of,
     main_points,
     with_in_run_dense,
     unpaired,
-    _calibrated,
+    calibrated_results,
     anchor_js,
     versus,
 )
@@ -52,7 +52,7 @@ from harness.report.tables import (  # noqa: F401
     SPEEDUPS,
     DRIFT,
     ratio_spread,
-    _x,
+    speedup_cell,
     timing_drift,
     efficiency_table,
     calibration_table,
@@ -78,5 +78,4 @@ from harness.report.cli import (  # noqa: F401
     render,
     main,
     parser,
-    _main,
 )

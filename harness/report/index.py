@@ -45,6 +45,12 @@ def _sort_key(result: dict):
     return (result["model"]["name"], rank, result["method"]["sort_key"], label(result))
 
 
+def is_dense(result: dict) -> bool:
+    """Whether ``result`` is a dense point (method ``dense``, or the "Dense (in-run)" row made from a
+    run's own dense variant): the baseline the other results of its protocol are paired with."""
+    return result["method"]["name"] == "dense"
+
+
 def protocol(result: dict) -> dict:
     """What must match for two results to be compared sample by sample: model, data, protocol."""
     task = dict((result.get("config") or {}).get("task") or {})
@@ -56,8 +62,8 @@ def multiturn_mode(result: dict) -> str:
     return protocol(result)["task"]["multiturn"]
 
 
-def _unique(results: Sequence[dict]) -> list[dict]:
-    """One result per (protocol, label): the newest; the others are named on stderr."""
+def newest_per_label(results: Sequence[dict]) -> list[dict]:
+    """One result per (protocol, label): the newest (the others named on stderr), in table order."""
     newest: dict[str, dict] = {}
     for r in results:
         key = config_key({"protocol": protocol(r), "label": label(r)})
@@ -87,7 +93,7 @@ def dense_rows(result: dict, results: Sequence[dict]) -> list[dict]:
         return own
     key = config_key(protocol(result))
     for other in results:
-        if other["method"]["name"] == "dense" and config_key(protocol(other)) == key:
+        if is_dense(other) and config_key(protocol(other)) == key:
             return rows_of(other)
     return []
 
@@ -95,14 +101,14 @@ def dense_rows(result: dict, results: Sequence[dict]) -> list[dict]:
 def dense_scores(result: dict, results: Sequence[dict], task: str) -> dict | None:
     """Dense's scores of ``task`` on the same protocol: the run's own ``tasks_dense`` or a dense
     point with equal settings (a dense result is its own); None when there is none."""
-    if result["method"]["name"] == "dense":
+    if is_dense(result):
         return result["tasks"].get(task)
     own = (result.get("tasks_dense") or {}).get(task)
     if own:
         return own
     key = config_key(protocol(result))
     for other in results:
-        if other["method"]["name"] == "dense" and config_key(protocol(other)) == key and task in other["tasks"]:
+        if is_dense(other) and config_key(protocol(other)) == key and task in other["tasks"]:
             return other["tasks"][task]
     return None
 
@@ -115,7 +121,9 @@ def headline_of(result: dict, results: Sequence[dict], task: str | None = None) 
                             task)
 
 
-def _task_columns(results: Sequence[dict], task: str) -> list[str]:
+def score_groups(results: Sequence[dict], task: str) -> list[str]:
+    """The groups ``task`` was scored by in ``results`` (the keys of its per-group scores, such as
+    shapes' question types), in the order first seen."""
     cols: list[str] = []
     for r in results:
         for key, value in r["tasks"].get(task, {}).items():
@@ -129,7 +137,7 @@ def metrics_of(result: dict, task: str | None = None) -> Metrics:
     return metrics.of_result(result, task or next(iter(result["tasks"]), ""))
 
 
-def _pm(delta: dict | None, scale: float = 100) -> str:
+def delta_cell(delta: dict | None, scale: float = 100) -> str:
     """``Δ ± half-width`` of a paired difference; a * marks an interval that excludes 0."""
     if not delta or delta.get("delta") is None:
         return "–"
@@ -143,7 +151,7 @@ def against_dense_of(result: dict, results: Sequence[dict]) -> dict:
     paired with its own dense variant or a dense point of the same protocol; {} for dense itself or
     a result with no dense rows."""
     method, dense = rows_of(result), dense_rows(result, results)
-    if not method or not dense or result["method"]["name"] == "dense":
+    if not method or not dense or is_dense(result):
         return {}
     return compare.against_dense(method, dense, metrics_of(result))
 
@@ -167,13 +175,13 @@ def main_points(results: Sequence[dict], notes: bool = False) -> list[dict]:
             shown = "multiturn" in qtypes or ("long" in qtypes and t.get("min_new_tokens"))
             print(f"note: main table leaves out {label(r)} [{r['model']['name']}] ({r['_path']}): {why}{extra}"
                   + ("; it is in the protocol table." if shown else "."), file=sys.stderr)
-    return _unique(chosen)
+    return newest_per_label(chosen)
 
 
 def with_in_run_dense(points: Sequence[dict], task: str) -> list[dict]:
     """``points`` plus, for every protocol that has no dense point, a "Dense (in-run)" row made from
     the ``tasks_dense`` of the first point that scored dense beside itself (``compare_dense=true``)."""
-    have = {config_key(protocol(r)) for r in points if r["method"]["name"] == "dense"}
+    have = {config_key(protocol(r)) for r in points if is_dense(r)}
     out = list(points)
     for r in points:
         key = config_key(protocol(r))
@@ -190,9 +198,9 @@ def unpaired(points: Sequence[dict], results: Sequence[dict]) -> list[str]:
     """A note for every method point with no dense rows of its own protocol (its Δ stays blank),
     naming what differs from the dense points there are (model, task settings, limit or seed)."""
     notes = []
-    dense = [protocol(r) for r in results if r["method"]["name"] == "dense"]
+    dense = [protocol(r) for r in results if is_dense(r)]
     for r in points:
-        if r["method"]["name"] == "dense" or dense_rows(r, results):
+        if is_dense(r) or dense_rows(r, results):
             continue
         mine = protocol(r)
         differs = sorted({k for d in dense for k in mine if mine[k] != d[k]}) if dense else []
@@ -202,7 +210,8 @@ def unpaired(points: Sequence[dict], results: Sequence[dict]) -> list[str]:
     return notes
 
 
-def _calibrated(results: Sequence[dict]) -> list[dict]:
+def calibrated_results(results: Sequence[dict]) -> list[dict]:
+    """The results whose method recorded a calibration (its dense layer divergences)."""
     return [r for r in results if (r["method"].get("calibration") or {}).get("adjacent_js")]
 
 

@@ -9,16 +9,16 @@ from pathlib import Path
 from harness import compare, figures, headline, longform
 from harness.results import config_key
 from harness.report.index import (
-    NothingToRender, _calibrated, _unique, against_dense_of, anchor_js, headline_of, label, main_points, multiturn_mode, protocol,
-    with_in_run_dense,
+    NothingToRender, against_dense_of, anchor_js, calibrated_results, headline_of, is_dense, label, main_points,
+    multiturn_mode, newest_per_label, protocol, with_in_run_dense,
 )
 from harness.report.tables import longform_points
 
 
 def layers_figure(results: Sequence[dict], out: Path) -> Path:
     # the paper's Fig. 2 with the default rule's choice (any calibrated point when there is none)
-    calibrated = [r for r in _calibrated(results) if r["method"]["calibration"].get("select", "pairwise") == "pairwise"
-                  and not r["method"]["calibration"].get("max_per_anchor")] or _calibrated(results)
+    calibrated = [r for r in calibrated_results(results) if r["method"]["calibration"].get("select", "pairwise") == "pairwise"
+                  and not r["method"]["calibration"].get("max_per_anchor")] or calibrated_results(results)
     if not calibrated:
         raise NothingToRender("no calibrated result (method.layers=auto) found: run +exp=sweep_lazy or +exp=llava_lazy first.")
     # the budget nearest one half: lazy layers stacked on one anchor show their JS to it
@@ -80,9 +80,9 @@ def fidelity_figure(results: Sequence[dict], out: Path, qtype: str = "long", max
     least t tokens, the fraction whose answer agrees with dense's on all of the first t."""
     curves = {}
     longest = max((protocol(r)["task"].get("min_new_tokens") or 0 for r in results), default=0)
-    chosen = [r for r in results if multiturn_mode(r) == "carry" and r["method"]["name"] != "dense"
+    chosen = [r for r in results if multiturn_mode(r) == "carry" and not is_dense(r)
               and (protocol(r)["task"].get("min_new_tokens") or 0) == longest]  # the forced-long sweep if any
-    for r in _unique(chosen):
+    for r in newest_per_label(chosen):
         comp = against_dense_of(r, results)
         per = [f for m, f in comp.get("per_sample", []) if m.get("qtype") == qtype]
         if per:
@@ -106,7 +106,7 @@ def longform_figure(results: Sequence[dict], out: Path, near: float = 0.25) -> P
     for r in chosen.values():
         cut = headline_of(r, results)["kv_cut_workload"]
         series = r["method"]["series"]
-        if r["method"]["name"] == "dense" or cut is None:
+        if is_dense(r) or cut is None:
             continue
         if series not in best or abs(cut - near) < abs(best[series][0] - near):
             best[series] = (cut, label(r))

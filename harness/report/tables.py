@@ -9,8 +9,8 @@ from harness import headline, longform
 from harness.metrics import Metric
 from harness.measure import SPEEDUPS, ratio_spread  # one definition, shared with the noise verdict
 from harness.report.index import (
-    NothingToRender, _calibrated, _pm, _task_columns, _unique, against_dense_of, anchor_js, dense_rows, headline_of, label,
-    main_points, metrics_of, protocol, rows_of, unpaired, with_in_run_dense,
+    NothingToRender, against_dense_of, anchor_js, calibrated_results, delta_cell, dense_rows, headline_of, is_dense,
+    label, main_points, metrics_of, newest_per_label, protocol, rows_of, score_groups, unpaired, with_in_run_dense,
 )
 
 
@@ -41,7 +41,7 @@ def main_table(results: Sequence[dict], task: str = "shapes") -> tuple[list[str]
     carried-cache protocol when there is one; the points left out are named on stderr."""
     results = [r for r in results if task in r["tasks"]]
     chosen = with_in_run_dense(main_points(results, notes=True), task)
-    cols = _task_columns(chosen, task)
+    cols = score_groups(chosen, task)
     heads = [headline_of(r, results, task) for r in chosen]
     flagged = {t for h in heads for t in (h.get("dense_below_floor") or [])}
     seeds = len({protocol(r)["seed"] for r in chosen}) > 1
@@ -56,10 +56,10 @@ def main_table(results: Sequence[dict], task: str = "shapes") -> tuple[list[str]
         scores = r["tasks"][task]
         declared = metrics_of(r, task)
         values = [declared.score(scores[c]) if c in scores else None for c in cols]
-        dense = r["method"]["name"] == "dense"
+        dense = is_dense(r)
         cut = "0 %" if dense else ("–" if head["kv_cut_workload"] is None else f"{100 * head['kv_cut_workload']:.1f} %")
         same = "" if dense else ("–" if head["exact_match"] is None else f"{100 * head['exact_match']:.0f} %")
-        delta = "" if dense else _pm({"delta": head["delta_score"], "delta_ci95": head["delta_score_ci95"]})
+        delta = "" if dense else delta_cell({"delta": head["delta_score"], "delta_ci95": head["delta_score_ci95"]})
         if head.get("dense_task_below_floor") and not dense:
             delta = f"{delta} {TASK_FLAG}"
         rows.append([label(r), r["model"]["name"], *([str(protocol(r)["seed"])] if seeds else []), str(scores["n"]),
@@ -92,7 +92,7 @@ def benchmark_table(results: Sequence[dict], columns: Sequence[str] | None = Non
     (``compare_dense=true``) is a "Dense (in-run)" row."""
     if columns is None:
         columns = list(dict.fromkeys(name for r in results for name in r["tasks"]))
-    chosen = _unique([r for r in results if any(c in r["tasks"] for c in columns)])
+    chosen = newest_per_label([r for r in results if any(c in r["tasks"] for c in columns)])
     present = [c for c in columns if any(c in r["tasks"] for r in chosen)]
     dense_task = next((c for c in present if any(c in (r.get("tasks_dense") or {}) for r in chosen)), None)
     if dense_task is not None:
@@ -165,7 +165,7 @@ def protocol_table(results: Sequence[dict], task: str = "shapes") -> tuple[list[
     results = [r for r in results if task in r["tasks"]]
 
     def points(keep) -> dict[tuple[str, str], dict]:
-        return {(label(r), r["model"]["name"]): r for r in _unique([r for r in results if keep(protocol(r)["task"])])}
+        return {(label(r), r["model"]["name"]): r for r in newest_per_label([r for r in results if keep(protocol(r)["task"])])}
 
     def has(t, qtype):
         return qtype in (t.get("qtypes") or [])
@@ -178,14 +178,14 @@ def protocol_table(results: Sequence[dict], task: str = "shapes") -> tuple[list[
     rows = []
     for name in dict.fromkeys([*carry, *reencode, *forced]):
         r = carry.get(name) or reencode.get(name) or forced.get(name)
-        if r["method"]["name"] == "dense":
+        if is_dense(r):
             continue
         comps = {key: against_dense_of(group[name], results) if name in group else {}
                  for key, group in (("carry", carry), ("reencode", reencode), ("forced", forced))}
         cells = [name[0], name[1]]
         for qtype in ("multiturn", "dialogue"):
             for key in ("carry", "reencode"):
-                cells.append(_pm((comps[key].get("deltas") or {}).get(qtype)))
+                cells.append(delta_cell((comps[key].get("deltas") or {}).get(qtype)))
         long = (comps["forced"].get("fidelity") or {}).get("long") or {}
         cells.append("–" if long.get("exact_match") is None else f"{100 * long['exact_match']:.0f} %")
         cells.append("–" if long.get("prefix_agreement") is None else f"{100 * long['prefix_agreement']:.0f} %")
@@ -201,7 +201,9 @@ def protocol_table(results: Sequence[dict], task: str = "shapes") -> tuple[list[
 DRIFT = 0.10  # dense timed against itself beyond this: the machine was not steady
 
 
-def _x(eff: dict, speedup: str, measure_key: str) -> str:
+def speedup_cell(eff: dict, speedup: str, measure_key: str) -> str:
+    """A speed-up of ``eff`` (a result's efficiency) as a table cell, ``1.50 ± 0.23`` with its spread
+    (``ratio_spread`` of the timings under ``measure_key``) where measured, ``–`` where absent."""
     if eff.get(speedup) is None:
         return "–"
     spread = ratio_spread(eff, speedup, measure_key)
@@ -215,7 +217,7 @@ def timing_drift(results: Sequence[dict]) -> list[str]:
     out = []
     for r in results:
         eff = r.get("efficiency")
-        if r["method"]["name"] != "dense" or not eff:
+        if not is_dense(r) or not eff:
             continue
         for speedup, measure_key in SPEEDUPS:
             value = eff.get(speedup)
@@ -254,7 +256,7 @@ def efficiency_table(results: Sequence[dict]) -> tuple[list[str], list[list[str]
             f"{m['prefill_ms']:.1f}",
             f"{m['decode_tokens_per_s']:.0f}",
             "–" if e2e is None else f"{e2e:.0f}",
-            *[_x(eff, speedup, key) + (f" {NOISE_FLAG}" if noise else "") for speedup, key in SPEEDUPS],
+            *[speedup_cell(eff, speedup, key) + (f" {NOISE_FLAG}" if noise else "") for speedup, key in SPEEDUPS],
             f"{eff['device']} b={eff['batch_size']} L={eff['prompt_tokens']}",
         ])
     return header, rows
@@ -268,7 +270,7 @@ def calibration_table(results: Sequence[dict], task: str = "shapes") -> tuple[li
     exact match to dense."""
     lazy = [r for r in main_points(results) if r["method"]["name"] == "lazy"
             and r["method"]["params"].get("share", "qk") == "qk" and r["method"]["params"].get("scope", "all") == "all"]
-    matrices = [(r["method"]["calibration"]["divergence"], r["model"]["name"]) for r in _calibrated(lazy)
+    matrices = [(r["method"]["calibration"]["divergence"], r["model"]["name"]) for r in calibrated_results(lazy)
                 if r["method"]["calibration"].get("divergence")]
     header = ["Model", "Budget", "Rule", "Lazy layers", "mean JS to anchor", "max JS to anchor", "Δ Avg", "= dense"]
     rows = []
@@ -292,7 +294,7 @@ def calibration_table(results: Sequence[dict], task: str = "shapes") -> tuple[li
             r["model"]["name"], f"{budget(r):g}", rule(r), " ".join(map(str, r["method"]["lazy_layers"])),
             "–" if not js else f"{sum(js.values()) / len(js):.3f}",
             "–" if not js else f"{max(js.values()):.3f}",
-            _pm(comp.get("score")),
+            delta_cell(comp.get("score")),
             "–" if exact is None else f"{100 * exact:.0f} %",
         ])
     return header, rows
