@@ -90,3 +90,20 @@ def test_bench_configs_cover_the_issue():
 def test_flash_is_skipped_without_cuda():
     assert not matrix.flash_available() or torch.cuda.is_available()
     assert cli.device_slug(torch.device("cpu")) == "cpu"
+
+
+def test_a_call_the_flash_kernel_cannot_take_is_not_applicable_not_a_failure():
+    """``sdpa_flash`` forces SDPA's flash kernel: Lazy Attention's ``visual_scores`` reading attends with
+    queries and keys twice the values' head size, which that kernel cannot run (unforced, SDPA picks
+    another). The cell records it as not applicable and passes; dense's flash cell still compares numbers."""
+    torch.set_num_threads(1)
+    found = matrix.correctness(torch.device("cpu"), ["float32"], ["sdpa", "sdpa_flash"], None,
+                               families_=["llava_llama"], methods=["dense", "lazy_visual_scores"])
+    cells = {(c["method"], c["padded"]): c for c in found["cells"]}
+    scores = cells[("lazy_visual_scores", False)]
+    assert scores["ok"] and scores["not_applicable"] == {"sdpa_flash": matrix.NO_FLASH_KERNEL}
+    assert "sdpa_flash" not in scores["errors"] and not scores["impl_errors"]
+    assert cells[("dense", False)]["errors"]["sdpa_flash"] <= matrix.TOLERANCE["float32"]
+    assert "not_applicable" not in cells[("dense", False)]
+    _, rows = readme.correctness_table({**found, "impls": ["sdpa", "sdpa_flash"]})
+    assert ["llava_llama", "lazy_visual_scores", "float32", "no", "n/a", "ok", "ok"] in rows

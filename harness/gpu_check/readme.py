@@ -53,7 +53,8 @@ def correctness_table(matrix: dict) -> tuple[list[str], list[list[str]]]:
     for c in matrix["cells"]:
         errs = c.get("errors", {})
         rows.append([c["family"], c["method"], c["dtype"], "yes" if c["padded"] else "no",
-                     *[f"{errs[i]:.1e}" if i in errs else "error" if i in c.get("impl_errors", {}) else "–"
+                     *[f"{errs[i]:.1e}" if i in errs else "error" if i in c.get("impl_errors", {})
+                       else "n/a" if i in c.get("not_applicable", {}) else "–"
                        for i in impls],
                      "ok" if c.get("kv_ok") else c.get("kv", c.get("error", "–")), "ok" if c["ok"] else "FAIL"])
     return header, rows
