@@ -18,14 +18,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from harness import compare, metrics as declared
+from harness.measure import ACHIEVED_MAX, NOISE_FRACTION, timing_verdict  # the timing's own verdict
 from harness.metrics import Metrics
 
 DENSE_FLOOR = 0.10  # dense below this on a question type, or on a whole task: one dense cannot do
-# A speed-up whose spread (harness.measure.ratio_spread: its relative half-IQRs, method and dense) is
-# wider than this fraction of it is noise, and so is an achieved share of the bytes prediction above
-# ACHIEVED_MAX (a method cannot beat what its bytes allow by half again: the dense timing was slowed).
-NOISE_FRACTION = 0.25
-ACHIEVED_MAX = 1.5
 
 # key -> what it is; the order is the order of the console's headline block and of W&B's keys.
 KEYS: dict[str, str] = {
@@ -57,44 +53,6 @@ KEYS: dict[str, str] = {
 }
 
 
-def below_floor(dense_scores: Mapping | None, metrics: Metrics) -> list[str] | None:
-    """The groups (question types) dense cannot do (below ``DENSE_FLOOR`` by the metric each is judged by,
-    ``metrics``: the task's declaration); None when dense is unknown."""
-    if not dense_scores:
-        return None
-    return [t for t, v in metrics.groups(dense_scores).items() if v < DENSE_FLOOR]
-
-
-def task_below_floor(dense_scores: Mapping | None, metrics: Metrics) -> bool | None:
-    """Whether dense cannot do the task at all (its score over samples, by the metric the task's scores are
-    judged by, below ``DENSE_FLOOR``); None when dense or its score is unknown, or the metric is not a
-    fraction (``Metric.scale`` 1: MME's points, MMBench's percentage)."""
-    metric = metrics.judged_by(dense_scores) if dense_scores else None
-    if metric is None or metric.scale != 100:
-        return None
-    return float(dense_scores[metric.name]) < DENSE_FLOOR
-
-
-def timing_verdict(eff: Mapping | None) -> tuple[bool | None, str | None]:
-    """Whether a run's timing is noise, and why in one line: any speed-up (decode, end-to-end,
-    prefill) whose spread is wider than ``NOISE_FRACTION`` of it, or an achieved share of the
-    predicted decode speed-up above ``ACHIEVED_MAX``. (None, None) without timing; with one repeat
-    there is no spread to judge, only the prediction."""
-    from harness.measure import SPEEDUPS, ratio_spread  # here: measure imports torch, the report's readers need not
-
-    if not eff:
-        return None, None
-    reasons = []
-    for speedup, measure_key in SPEEDUPS:
-        value, spread = eff.get(speedup), ratio_spread(eff, speedup, measure_key)
-        if value and spread is not None and spread > NOISE_FRACTION * value:
-            reasons.append(f"{speedup} {value:.2f} ± {spread:.2f} (spread {spread / value:.0%} of it)")
-    achieved = eff.get("decode_speedup_of_predicted")
-    if achieved is not None and achieved > ACHIEVED_MAX:
-        reasons.append(f"decode_speedup achieved {achieved:.0%} of what its bytes predict")
-    return bool(reasons), "; ".join(reasons) or None
-
-
 def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -112,13 +70,13 @@ def compute(result: Mapping, method_rows: Sequence[dict] | None = None, dense_ro
     if is_dense:
         dense_scores = dense_scores or scores
     per_type = metrics.groups(scores)
-    flagged = below_floor(dense_scores, metrics)
+    flagged = metrics.below(dense_scores, DENSE_FLOOR)  # the types dense cannot do (None: dense unknown)
     out: dict[str, Any] = dict.fromkeys(KEYS)
     out["acc_mean_types"] = _mean(list(per_type.values()))
     if flagged is not None:
         out["dense_below_floor"] = flagged
         out["acc_mean_types_capable"] = _mean([v for t, v in per_type.items() if t not in flagged])
-    out["dense_task_below_floor"] = task_below_floor(dense_scores, metrics)
+    out["dense_task_below_floor"] = metrics.task_below(dense_scores, DENSE_FLOOR)
     out["acc_samples"] = metrics.score(scores)
     dense_rows = [] if is_dense else list(dense_rows or [])
     versus = compare.against_dense(list(method_rows or []), dense_rows, metrics)
@@ -138,7 +96,9 @@ def compute(result: Mapping, method_rows: Sequence[dict] | None = None, dense_ro
         out["prefill_speedup_timing_batch"] = eff.get("prefill_speedup")
         out["e2e_speedup_timing_batch"] = eff.get("e2e_speedup")
         out["decode_tokens_per_s_timing_batch"] = m.get("decode_tokens_per_s")
-        out["timing_noisy"], out["timing_noise"] = timing_verdict(eff)
+        # measured runs carry their verdict (harness.measure); results written before it get it now
+        out["timing_noisy"], out["timing_noise"] = ((eff["noisy"], eff.get("noise")) if "noisy" in eff
+                                                    else timing_verdict(eff))
     return out
 
 

@@ -27,6 +27,7 @@ throughput ratios, ``prefill_speedup`` is dense's latency over the method's;
 from __future__ import annotations
 
 import statistics
+from collections.abc import Mapping
 import time
 
 import torch
@@ -325,6 +326,8 @@ def time_against_dense(
     }
     if method.plan(len(decoder_layers(model))).host_sync:
         out["host_sync"] = SPARSEVLM_HOST_SYNC
+    # the verdict travels with the numbers: result.json, W&B (headline/timing_noisy), tables
+    out["noisy"], out["noise"] = timing_verdict(out)
     return out
 
 
@@ -343,3 +346,28 @@ def ratio_spread(eff: dict, speedup: str, measure_key: str) -> float | None:
         return None
     rel = m[f"{measure_key}_iqr"] / (2 * m[measure_key]) + d[f"{measure_key}_iqr"] / (2 * d[measure_key])
     return eff[speedup] * rel
+
+
+# A speed-up whose spread (ratio_spread: its relative half-IQRs, method and dense) is wider than this
+# fraction of it is noise, and so is an achieved share of the bytes prediction above ACHIEVED_MAX (a
+# method cannot beat what its bytes allow by half again: the dense timing was slowed).
+NOISE_FRACTION = 0.25
+ACHIEVED_MAX = 1.5
+
+
+def timing_verdict(eff: Mapping | None) -> tuple[bool | None, str | None]:
+    """Whether a run's timing is noise, and why in one line: any speed-up (decode, end-to-end,
+    prefill) whose spread is wider than ``NOISE_FRACTION`` of it, or an achieved share of the
+    predicted decode speed-up above ``ACHIEVED_MAX``. (None, None) without timing; with one repeat
+    there is no spread to judge, only the prediction."""
+    if not eff:
+        return None, None
+    reasons = []
+    for speedup, measure_key in SPEEDUPS:
+        value, spread = eff.get(speedup), ratio_spread(eff, speedup, measure_key)
+        if value and spread is not None and spread > NOISE_FRACTION * value:
+            reasons.append(f"{speedup} {value:.2f} ± {spread:.2f} (spread {spread / value:.0%} of it)")
+    achieved = eff.get("decode_speedup_of_predicted")
+    if achieved is not None and achieved > ACHIEVED_MAX:
+        reasons.append(f"decode_speedup achieved {achieved:.0%} of what its bytes predict")
+    return bool(reasons), "; ".join(reasons) or None

@@ -124,6 +124,18 @@ class Metrics:
                 out[key] = self.score(value)
         return out
 
+    def below(self, scores: Mapping | None, floor: float) -> list[str] | None:
+        """The groups of ``scores`` whose score (``groups``) is below ``floor``; None without scores."""
+        return None if not scores else [g for g, v in self.groups(scores).items() if v < floor]
+
+    def task_below(self, scores: Mapping | None, floor: float) -> bool | None:
+        """Whether the task's score over samples (``score``) is below ``floor``; None without one, or when
+        its metric is not a fraction (``Metric.scale`` 1: MME's points, MMBench's percentage)."""
+        metric = self.judged_by(scores) if scores else None
+        if metric is None or metric.scale != 100:
+            return None
+        return float(scores[metric.name]) < floor
+
     def to_json(self) -> dict[str, Any]:
         return {"metrics": [dataclasses.asdict(m) for m in self.metrics], "group": self.group}
 

@@ -218,8 +218,6 @@ def _run(cfg: DictConfig, out_dir: Path, result_path: Path) -> Path:
             repeats=int(cfg.efficiency.repeats), warmup=int(cfg.efficiency.warmup),
             cache=str(cfg.cache),
         )
-        # the verdict travels with the numbers: result.json, W&B (headline/timing_noisy), tables
-        efficiency["noisy"], efficiency["noise"] = headline.timing_verdict(efficiency)
 
     rows = {v: e.rows for v, e in evaluations.items()}
     declared = {name: task.metrics_for(name) for name in evaluations["method"].scores}
@@ -242,7 +240,7 @@ def _run(cfg: DictConfig, out_dir: Path, result_path: Path) -> Path:
         result["tasks_dense"] = evaluations["dense"].scores
         # every task, not only the headline's: a dataset dense cannot do makes its delta meaningless
         result["dense_below_floor_tasks"] = [name for name, scores in result["tasks_dense"].items()
-                                             if headline.task_below_floor(scores, declared[name])]
+                                             if declared[name].task_below(scores, headline.DENSE_FLOOR)]
     first_task = next(iter(result["tasks"]), None)
 
     def of_first(variant_rows):  # the headline is the first task's: a run over several scores each apart

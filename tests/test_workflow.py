@@ -156,7 +156,7 @@ def timing(decode=(100.0, 5.0), method=(300.0, 6.0), achieved=1.0):
 
 
 def test_timing_noise_verdict():
-    from harness.headline import timing_verdict
+    from harness.measure import timing_verdict
 
     assert timing_verdict(timing()) == (False, None)
     noisy, why = timing_verdict(timing(decode=(100.0, 90.0)))  # dense's IQR 90 % of its median
@@ -168,7 +168,8 @@ def test_timing_noise_verdict():
 
 def test_noisy_timing_is_said_and_marked(capsys):
     from harness import report
-    from harness.headline import compute, timing_verdict
+    from harness.headline import compute
+    from harness.measure import timing_verdict
     from harness.run import print_summary
 
     eff = timing(achieved=3.05)

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 
 from harness import headline, longform
 from harness.metrics import Metric
+from harness import measure
 from harness.measure import SPEEDUPS, ratio_spread  # one definition, shared with the noise verdict
 from harness.report.index import (
     NothingToRender, against_dense_of, anchor_js, calibrated_results, delta_cell, dense_rows, headline_of, is_dense,
@@ -26,7 +27,7 @@ TASK_FLAG_NOTE = (f"{TASK_FLAG} dense scores below {headline.DENSE_FLOOR:.0%} on
                   "the row's Δ says nothing about the method.")
 NOISE_FLAG = "‡"
 NOISE_FLAG_NOTE = (f"{NOISE_FLAG} timing is noise (result.json headline.timing_noisy): a speed-up's spread wider than "
-                   f"{headline.NOISE_FRACTION:.0%} of it, or over {headline.ACHIEVED_MAX:.0%} of the bytes prediction "
+                   f"{measure.NOISE_FRACTION:.0%} of it, or over {measure.ACHIEVED_MAX:.0%} of the bytes prediction "
                    "achieved; not a finding.")
 
 
@@ -236,7 +237,7 @@ def efficiency_table(results: Sequence[dict]) -> tuple[list[str], list[list[str]
     10 % is named on stderr (``timing_drift``). Results written before end-to-end throughput and
     device memory were measured show "–" there."""
     chosen = [r for r in main_points(results) if r.get("efficiency")]
-    noisy = [headline.timing_verdict(r["efficiency"])[0] for r in chosen]  # recomputed: older results lack it
+    noisy = [measure.timing_verdict(r["efficiency"])[0] for r in chosen]  # recomputed: older results lack it
     header = ["Method", "Model", "KV MB", "KV cut timing batch", "Mem GB", "Prefill ms", "Decode tok/s", "E2E tok/s",
               "Decode ×", "E2E ×", "Prefill ×", "Device"]
     rows = []
