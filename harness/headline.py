@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from harness import compare, metrics as declared
-from harness.measure import ACHIEVED_MAX, NOISE_FRACTION, timing_verdict  # the timing's own verdict
+from harness.measure import ACHIEVED_MAX, NOISE_FRACTION  # the timing's own verdict's thresholds
 from harness.metrics import Metrics
 
 DENSE_FLOOR = 0.10  # dense below this on a question type, or on a whole task: one dense cannot do
@@ -96,9 +96,8 @@ def compute(result: Mapping, method_rows: Sequence[dict] | None = None, dense_ro
         out["prefill_speedup_timing_batch"] = eff.get("prefill_speedup")
         out["e2e_speedup_timing_batch"] = eff.get("e2e_speedup")
         out["decode_tokens_per_s_timing_batch"] = m.get("decode_tokens_per_s")
-        # measured runs carry their verdict (harness.measure); results written before it get it now
-        out["timing_noisy"], out["timing_noise"] = ((eff["noisy"], eff.get("noise")) if "noisy" in eff
-                                                    else timing_verdict(eff))
+        # the measurement's own verdict (harness.measure; results.load gives older results theirs)
+        out["timing_noisy"], out["timing_noise"] = eff.get("noisy"), eff.get("noise")
     return out
 
 

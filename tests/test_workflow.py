@@ -135,6 +135,7 @@ def test_a_task_dense_cannot_do_is_flagged_everywhere(tmp_path, monkeypatch, cap
     # item 3 in the tables: the same point with an implausible achieved share is marked ‡
     assert result["efficiency"]["noisy"] is False and result["headline"]["timing_noisy"] is False
     result["efficiency"]["decode_speedup_of_predicted"] = 3.05
+    del result["efficiency"]["noisy"], result["efficiency"]["noise"]  # as timed before the verdict: results.load's
     (out / "result.json").write_text(json.dumps(result))
     header, rows = report.efficiency_table(report.collect(out))
     assert rows[0][header.index("Decode ×")].endswith(" ‡")
@@ -289,3 +290,22 @@ def test_module_clis_name_themselves():
 
     assert cli.parser().format_usage().startswith("usage: python -m harness.report ")
     assert sweep.parser().format_usage().startswith("usage: python -m harness.sweep ")
+
+
+def test_a_result_timed_before_the_verdict_gets_it_when_loaded(tmp_path):
+    """results.load gives a result whose efficiency lacks the noise verdict the one its numbers give
+    (measure.timing_verdict), so the headline, W&B and the tables read it the same way."""
+    import json
+
+    from harness import results
+    from harness.measure import timing_verdict
+
+    eff = timing(achieved=3.05)
+    (tmp_path / "result.json").write_text(json.dumps({"schema_version": 5, "method": {"name": "lazy"}, "tasks": {},
+                                                      "efficiency": eff}))
+    loaded = results.load(tmp_path / "result.json")["efficiency"]
+    assert (loaded["noisy"], loaded["noise"]) == timing_verdict(eff) and loaded["noisy"] is True
+    eff.update(noisy=False, noise=None)  # a verdict recorded is kept as it was
+    (tmp_path / "result.json").write_text(json.dumps({"schema_version": 5, "method": {"name": "lazy"}, "tasks": {},
+                                                      "efficiency": eff}))
+    assert results.load(tmp_path / "result.json")["efficiency"]["noisy"] is False

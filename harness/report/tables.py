@@ -237,7 +237,7 @@ def efficiency_table(results: Sequence[dict]) -> tuple[list[str], list[list[str]
     10 % is named on stderr (``timing_drift``). Results written before end-to-end throughput and
     device memory were measured show "–" there."""
     chosen = [r for r in main_points(results) if r.get("efficiency")]
-    noisy = [measure.timing_verdict(r["efficiency"])[0] for r in chosen]  # recomputed: older results lack it
+    noisy = [r["efficiency"].get("noisy") for r in chosen]  # the measurement's verdict (older results: results.load)
     header = ["Method", "Model", "KV MB", "KV cut timing batch", "Mem GB", "Prefill ms", "Decode tok/s", "E2E tok/s",
               "Decode ×", "E2E ×", "Prefill ×", "Device"]
     rows = []
