@@ -12,6 +12,7 @@ dense beside its method and the report that pairs two sweep points compute the s
   is relative to dense's output, and where they first diverge (token counts over all turns).
 - ``kv_workload``: the mean over samples of each sample's peak KV cache bytes.
 - ``against_dense``: all of the above for one method against dense, the one builder of that comparison.
+- ``record_against_dense``: what a run's result.json says of its method against the dense it scored beside it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from harness.metrics import Metric, Metrics
+from harness.metrics import ACCURACY, Metric, Metrics
 
 Z95 = 1.959963984540054
 BOOTSTRAP_RESAMPLES = 2000
@@ -214,3 +215,35 @@ def against_dense(method_rows: Sequence[dict], dense_rows: Sequence[dict] | None
         "per_sample": [(m, f) for (m, _), f in zip(pairs, per_sample)],
         "kv": kv_workload(method_rows, dense_rows) if method_rows else None,
     }
+
+
+def record_against_dense(rows: dict[str, list[dict]], scores: dict, declared: dict[str, Metrics], processor) -> dict:
+    """What result.json says of the method against dense on the same samples (``against_dense``,
+    each task by the metrics it declares): returns the top-level keys, the workload KV cache
+    (``kv_workload``) and, when dense was scored too, ``fidelity`` to dense's outputs (token by token,
+    overall and per group: the one task's declared group, or per task when a run scores several);
+    writes each method row's own ``fidelity`` into it (samples.jsonl) and the paired differences with
+    their 95 % intervals into the task's scores (``delta``, ``delta_ci95``: overall and per group)."""
+    method, dense = rows["method"], rows.get("dense")
+    out = {"kv_workload": kv_workload(method, dense)}
+    if not dense:
+        return out
+    first = next(iter(scores), None)
+    one = declared.get(first) if len(scores) == 1 else None
+    group = (one.group if one else None) or ("task" if method and "task" in method[0] else None)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    versus = against_dense(method, dense, one or ACCURACY, group=group,
+                                   tokenize=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"])
+    out["fidelity"] = versus["fidelity"]
+    for row, fid in versus["per_sample"]:
+        row["fidelity"] = fid
+    for name, task_scores in scores.items():
+        def of_task(variant_rows, name=name):
+            return [r for r in variant_rows if r.get("task", first) == name]
+
+        task_group = declared[name].group if one else None
+        for key, delta in deltas(of_task(method), of_task(dense), declared[name], task_group).items():
+            target = task_scores if key == "all" else task_scores.get(key)
+            if isinstance(target, dict):
+                target.update({"delta": delta["delta"], "delta_ci95": delta["delta_ci95"]})
+    return out

@@ -14,7 +14,8 @@ from omegaconf import open_dict
 from harness import measure
 from harness.generate import prompt_inputs
 from harness.settings import RunError
-from harness.run import build_task, run
+from harness.run import run
+from harness.tasks import build as build_task
 from harness.tasks import first_turn
 from lazyattn import LazyAttention
 

@@ -23,7 +23,7 @@ from harness.lmms.export_shapes import write_task_dir  # noqa: E402
 from harness.lmms.model import LazyAttnLMM, to_history  # noqa: E402
 from harness.models import load_model
 from harness.run import run  # noqa: E402
-from harness.run import build_task  # noqa: E402
+from harness.tasks import build as build_task  # noqa: E402
 from harness.tracking import flatten  # noqa: E402
 from lazyattn import LazyAttention  # noqa: E402
 

@@ -29,7 +29,7 @@ from harness.lmms.export_shapes import write_task_dir as write_shapes_dir  # noq
 from harness.models import load_model  # noqa
 from harness.run import run  # noqa: E402
 from harness.lmms.backend import LmmsBenchmarks  # noqa: E402
-from harness.run import build_task  # noqa: E402
+from harness.tasks import build as build_task  # noqa: E402
 from lazyattn import LazyAttention  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

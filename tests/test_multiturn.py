@@ -11,7 +11,8 @@ import lazyattn
 from harness import compare
 from harness.generate import Generator, conversation
 from harness.models import load_model
-from harness.run import build_task, run
+from harness.run import run
+from harness.tasks import build as build_task
 from lazyattn import FastV, LazyAttention, PruneEngine
 
 

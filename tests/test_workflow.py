@@ -88,7 +88,7 @@ def test_an_empty_vlmevalkit_tsv_is_refused(tmp_path):
 
 
 def test_a_limit_above_the_data_is_said():
-    from harness.run import limit_notes, samples_scored
+    from harness.console import limit_notes, samples_scored
 
     class EightRows:  # a task whose one set holds 8 rows (as VlmevalDatasets.sizes says)
         def sizes(self):
@@ -171,7 +171,7 @@ def test_noisy_timing_is_said_and_marked(capsys):
     from harness import report
     from harness.headline import compute
     from harness.measure import timing_verdict
-    from harness.run import print_summary
+    from harness.console import print_summary
 
     eff = timing(achieved=3.05)
     eff["noisy"], eff["noise"] = timing_verdict(eff)

@@ -282,8 +282,11 @@ def loaded(entry):
 
 
 def build(cfg):
-    """The task a ``conf/task`` preset describes (not yet checked)."""
-    return loaded(TASKS.get(str(cfg.name)))(cfg)
+    """The task a ``conf/task`` preset describes, checked (``Task.check``: its data, its settings)
+    before any model loads."""
+    task = loaded(TASKS.get(str(cfg.name)))(cfg)
+    task.check()
+    return task
 
 
 @TASKS.register("shapes")

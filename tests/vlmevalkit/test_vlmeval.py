@@ -22,7 +22,8 @@ from helpers import cfg_for, harness_cli  # noqa: E402
 from vlmeval.smp import dump  # noqa: E402
 
 from harness.settings import RunError  # noqa: E402
-from harness.run import build_task, run  # noqa: E402
+from harness.run import run  # noqa: E402
+from harness.tasks import build as build_task  # noqa: E402
 from harness.tasks import shapes  # noqa: E402
 from harness.vlmeval import data as vdata  # noqa: E402
 from harness.vlmeval import export_shapes  # noqa: E402
@@ -172,7 +173,7 @@ def test_missing_and_malformed_tsvs_fail_in_one_line(lmu, tmp_path):
 def test_an_empty_tsv_is_refused_and_a_limit_above_the_rows_said(lmu, tmp_path):
     """Issue 34: a header without rows would score n=0 and print acc 0.000; a limit above a set's rows
     scores fewer samples than asked, said before the model loads and in the console's n."""
-    from harness.run import limit_notes, samples_scored
+    from harness.console import limit_notes, samples_scored
 
     (tmp_path / "Empty.tsv").write_text("index\tquestion\tanswer\timage\n")
     with pytest.raises(ValueError, match="Empty.tsv holds a header and no rows; nothing to score") as err:
