@@ -106,6 +106,7 @@ def generate_once(model, inputs: dict, new_tokens: int, cache: str = "static", c
     """
     device = inputs["input_ids"].device
     cuda = device.type == "cuda"
+    weight_bytes = decode_weight_bytes(model, plan)  # host-side, before the clock starts
     gen = Generator(model, None, device, min_new_tokens=new_tokens + 1, cache=cache, compile=compile)
     budgets = [new_tokens + 1] * inputs["input_ids"].shape[0]  # the prefill's token, then one per decode forward
     totals = {"kv_read": 0, "peak": 0, "steps": 0, **{f"read_{t}": 0 for t in READ_TERMS}}
@@ -137,7 +138,7 @@ def generate_once(model, inputs: dict, new_tokens: int, cache: str = "static", c
         "peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)) if cuda else None,
         "kv_read_bytes": totals["kv_read"],
         "kv_read_terms": {t: totals[f"read_{t}"] for t in READ_TERMS},
-        "weight_read_bytes": decode_weight_bytes(model, plan),
+        "weight_read_bytes": weight_bytes,
         "lazy_layers": (plan or Plan()).keyless_layers(),  # the layers whose slots hold no keys
         "cache": cache,
         "compiled": compile,
@@ -160,7 +161,7 @@ def e2e_tokens_per_s(batch_size: int, new_tokens: int, prefill_s: float, decode_
     return batch_size * new_tokens / (prefill_s + decode_s)
 
 
-def summarise(runs: list[dict], batch_size: int, new_tokens: int, model=None, peak_bw: float | None = None) -> dict:
+def summarise(runs: list[dict], batch_size: int, new_tokens: int, peak_bw: float | None = None) -> dict:
     prefill = [1e3 * r["prefill_s"] for r in runs]
     decode = [batch_size * r.get("decode_steps", new_tokens) / r["decode_s"] for r in runs]
     e2e = [e2e_tokens_per_s(batch_size, new_tokens, r["prefill_s"], r["decode_s"]) for r in runs]
@@ -184,9 +185,7 @@ def summarise(runs: list[dict], batch_size: int, new_tokens: int, model=None, pe
     if "kv_read_bytes" in runs[0]:
         steps = runs[0].get("decode_steps", new_tokens)
         kv_step = runs[0]["kv_read_bytes"] / max(1, steps)
-        weights = runs[0].get("weight_read_bytes")
-        if weights is None and model is not None:  # a run recorded without it: every layer's weights
-            weights = decode_weight_bytes(model)
+        weights = runs[0]["weight_read_bytes"]
         step_bytes = weights + kv_step
         bandwidth = statistics.median(step_bytes * steps / r["decode_s"] for r in runs)
         terms = runs[0].get("kv_read_terms") or {}
@@ -258,7 +257,7 @@ def interleaved(
     for name in abba_order(list(variants), repeats):
         runs[name].append(once(name, new_tokens))
     return {
-        name: summarise(runs[name], spec[0]["input_ids"].shape[0], new_tokens, model, peak_bw)
+        name: summarise(runs[name], spec[0]["input_ids"].shape[0], new_tokens, peak_bw)
         for name, spec in variants.items()
     }
 

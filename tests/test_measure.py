@@ -151,7 +151,8 @@ def test_abba_order_iqr_and_e2e(tiny, monkeypatch):
         else:
             prefill, decode = 1.0, 1.0
         return {"prefill_s": prefill, "decode_s": decode, "kv_cache_bytes": 100 if name == "dense" else 60,
-                "peak_memory_bytes": None, "kv_read_bytes": 1000, "lazy_layers": [] if name == "dense" else [1]}
+                "peak_memory_bytes": None, "kv_read_bytes": 1000, "weight_read_bytes": 5000,
+                "lazy_layers": [] if name == "dense" else [1]}
 
     monkeypatch.setattr(measure, "generate_once", fake_once)
     inputs = {"input_ids": torch.zeros(2, 5, dtype=torch.long)}
