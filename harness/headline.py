@@ -20,6 +20,7 @@ from typing import Any
 from harness import compare, metrics as declared
 from harness.measure import ACHIEVED_MAX, NOISE_FRACTION  # the timing's own verdict's thresholds
 from harness.metrics import Metrics
+from harness.results import is_dense
 
 DENSE_FLOOR = 0.10  # dense below this on a question type, or on a whole task: one dense cannot do
 
@@ -66,8 +67,8 @@ def compute(result: Mapping, method_rows: Sequence[dict] | None = None, dense_ro
     task = task or next(iter(result["tasks"]), None)
     scores = result["tasks"].get(task, {}) if task else {}
     metrics = declared.of_result(result, task) if task else declared.ACCURACY
-    is_dense = result["method"]["name"] == "dense"
-    if is_dense:
+    dense_run = is_dense(result)
+    if dense_run:
         dense_scores = dense_scores or scores
     per_type = metrics.groups(scores)
     flagged = metrics.below(dense_scores, DENSE_FLOOR)  # the types dense cannot do (None: dense unknown)
@@ -78,7 +79,7 @@ def compute(result: Mapping, method_rows: Sequence[dict] | None = None, dense_ro
         out["acc_mean_types_capable"] = _mean([v for t, v in per_type.items() if t not in flagged])
     out["dense_task_below_floor"] = metrics.task_below(dense_scores, DENSE_FLOOR)
     out["acc_samples"] = metrics.score(scores)
-    dense_rows = [] if is_dense else list(dense_rows or [])
+    dense_rows = [] if dense_run else list(dense_rows or [])
     versus = compare.against_dense(list(method_rows or []), dense_rows, metrics)
     if versus["score"] is not None:
         out["delta_score"], out["delta_score_ci95"] = versus["score"]["delta"], versus["score"]["delta_ci95"]
@@ -86,7 +87,7 @@ def compute(result: Mapping, method_rows: Sequence[dict] | None = None, dense_ro
     kv = versus["kv"]
     if kv:
         out["kv_bytes_workload"] = kv["method_bytes_mean"]
-        out["kv_cut_workload"] = 0.0 if is_dense else kv["reduction"]
+        out["kv_cut_workload"] = 0.0 if dense_run else kv["reduction"]
     eff = result.get("efficiency") or {}
     if eff:
         m = eff.get("method") or {}

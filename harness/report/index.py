@@ -11,7 +11,7 @@ from pathlib import Path
 
 from harness import compare, headline, metrics, results
 from harness.metrics import Metrics
-from harness.results import config_key
+from harness.results import config_key, is_dense
 from lazyattn import METHODS, anchors_of
 
 
@@ -43,12 +43,6 @@ def _sort_key(result: dict):
     name = result["method"]["name"]
     rank = list(METHODS).index(name) if name in METHODS else len(METHODS)
     return (result["model"]["name"], rank, result["method"]["sort_key"], label(result))
-
-
-def is_dense(result: dict) -> bool:
-    """Whether ``result`` is a dense point (method ``dense``, or the "Dense (in-run)" row made from a
-    run's own dense variant): the baseline the other results of its protocol are paired with."""
-    return result["method"]["name"] == "dense"
 
 
 def protocol(result: dict) -> dict:
