@@ -93,6 +93,22 @@ def offline_hf(monkeypatch, tmp_path):
 # the test prepares and runs its command when it runs.
 
 
+# The tests that take longest (``--durations``), started first on pytest-xdist's workers: the short ones
+# then fill in behind them, and none of these is left running alone at the end. Only the order changes,
+# and only on workers (in one process the real-process tests stay spread out, their commands overlapping).
+RUN_FIRST = (
+    "tests/test_adding_a_method.py::", "tests/test_lmms_benchmarks.py::test_caption_benchmarks",
+    "tests/test_lmms_benchmarks.py::test_new_benchmarks", "tests/test_tiny_model.py::", "tests/test_sweeps.py::",
+    "tests/test_multiturn.py::test_dense_carry", "tests/test_gpu_check.py::test_cpu_run", "tests/test_gpu_call.py::",
+    "tests/test_cache.py::test_compiled_decode",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    if WORKER:
+        items.sort(key=lambda item: not (item.get_closest_marker("real_process") or item.nodeid.startswith(RUN_FIRST)))
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "real_process(prepare): a real-process test whose command runs beside the "
                                        "in-process tests (tests/conftest.py)")
