@@ -20,7 +20,6 @@ from typing import Any
 from harness import compare, metrics as declared
 from harness.measure import ACHIEVED_MAX, NOISE_FRACTION  # the timing's own verdict's thresholds
 from harness.metrics import Metrics
-from harness.results import is_dense
 
 DENSE_FLOOR = 0.10  # dense below this on a question type, or on a whole task: one dense cannot do
 
@@ -54,6 +53,12 @@ KEYS: dict[str, str] = {
 }
 
 
+def is_dense(result: dict) -> bool:
+    """Whether ``result`` is a dense point (method ``dense``, or the "Dense (in-run)" row made from a
+    run's own dense variant): the baseline the other results of its protocol are paired with."""
+    return result["method"]["name"] == "dense"
+
+
 def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -66,8 +71,8 @@ def compute(result: Mapping, method_rows: Sequence[dict] | None = None, dense_ro
     dense result is its own baseline. Keys that cannot be computed are None."""
     task = task or next(iter(result["tasks"]), None)
     scores = result["tasks"].get(task, {}) if task else {}
-    metrics = declared.of_result(result, task) if task else declared.ACCURACY
     dense_run = is_dense(result)
+    metrics = declared.of_result(result, task) if task else declared.ACCURACY
     if dense_run:
         dense_scores = dense_scores or scores
     per_type = metrics.groups(scores)

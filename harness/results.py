@@ -129,12 +129,6 @@ class SampleLog:
         self.partial.unlink(missing_ok=True)
 
 
-def is_dense(result: dict) -> bool:
-    """Whether ``result`` is a dense point (method ``dense``, or the "Dense (in-run)" row made from a
-    run's own dense variant): the baseline the other results of its protocol are paired with."""
-    return result["method"]["name"] == "dense"
-
-
 def load(path: str | Path) -> dict:
     """A result.json, upgraded to ``SCHEMA_VERSION`` (in memory; the file is not touched), with its
     path as ``_path``. Every reader of result files goes through here, so an old file is upgraded in

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from harness import compare, headline, metrics, results
 from harness.metrics import Metrics
-from harness.results import config_key, is_dense
+from harness.headline import is_dense
+from harness.results import config_key
 from lazyattn import METHODS, anchors_of
 
 
