@@ -27,7 +27,7 @@ throughput ratios, ``prefill_speedup`` is dense's latency over the method's;
 from __future__ import annotations
 
 import statistics
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 import time
 
 import torch
@@ -73,11 +73,11 @@ def _bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def decode_weight_bytes(model: nn.Module, plan: Plan | None = None) -> int:
-    """Weight bytes one decode step reads: every decoder layer less the projections its lazy
-    layers skip (``Plan.skips``: what a layer's slot keeps says what it computes; dense's plan when
-    None), the final norm and the LM head. The vision tower is not run when decoding."""
-    layers = decoder_layers(model)
+def decode_weight_bytes(model: nn.Module, layers: list[nn.Module], plan: Plan | None = None) -> int:
+    """Weight bytes one decode step reads: every decoder layer (``layers``, ``decoder_layers(model)``)
+    less the projections its lazy layers skip (``Plan.skips``: what a layer's slot keeps says what
+    it computes; dense's plan when None), the final norm and the LM head. The vision tower is not
+    run when decoding."""
     plan = plan or Plan()
     total = sum(_bytes(layer) for layer in layers)
     for i, layer in enumerate(layers):
@@ -90,14 +90,11 @@ def decode_weight_bytes(model: nn.Module, plan: Plan | None = None) -> int:
 
 
 @torch.inference_mode()
-def generate_once(model, inputs: dict, new_tokens: int, cache: str = "static", compile: bool = False,
-                  plan: Plan | None = None) -> dict:
+def generate_once(model, inputs: dict, new_tokens: int, cache: str = "static", compile: bool = False) -> dict:
     """One timed prefill + ``new_tokens`` decode forwards of the harness's own decode loop
     (``harness.generate.Generator``, the loop that answers), forced to that length (no early
-    stop). Returns seconds, the peak KV bytes, the peak device memory (None off CUDA), the KV
-    bytes the decode forwards read (``lazyattn.cache.kv_read_bytes``, summed over steps), the
-    decoder weight bytes a step reads, and the lazy layers, by ``plan`` (the installed method's;
-    dense's when None).
+    stop). Returns seconds, the peak KV bytes, the peak device memory (None off CUDA) and the KV
+    bytes the decode forwards read (``lazyattn.cache.kv_read_bytes``, summed over steps).
 
     The prefill forward computes the logits of the last position only; a decode forward feeds
     the greedy token. The mask goes to the model only when the prompt is padded (the efficiency
@@ -106,7 +103,6 @@ def generate_once(model, inputs: dict, new_tokens: int, cache: str = "static", c
     """
     device = inputs["input_ids"].device
     cuda = device.type == "cuda"
-    weight_bytes = decode_weight_bytes(model, plan)  # host-side, before the clock starts
     gen = Generator(model, None, device, min_new_tokens=new_tokens + 1, cache=cache, compile=compile)
     budgets = [new_tokens + 1] * inputs["input_ids"].shape[0]  # the prefill's token, then one per decode forward
     totals = {"kv_read": 0, "peak": 0, "steps": 0, **{f"read_{t}": 0 for t in READ_TERMS}}
@@ -138,8 +134,6 @@ def generate_once(model, inputs: dict, new_tokens: int, cache: str = "static", c
         "peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)) if cuda else None,
         "kv_read_bytes": totals["kv_read"],
         "kv_read_terms": {t: totals[f"read_{t}"] for t in READ_TERMS},
-        "weight_read_bytes": weight_bytes,
-        "lazy_layers": (plan or Plan()).keyless_layers(),  # the layers whose slots hold no keys
         "cache": cache,
         "compiled": compile,
         # compiled decode ran as one static graph, or why not (then its steps ran eagerly)
@@ -161,7 +155,11 @@ def e2e_tokens_per_s(batch_size: int, new_tokens: int, prefill_s: float, decode_
     return batch_size * new_tokens / (prefill_s + decode_s)
 
 
-def summarise(runs: list[dict], batch_size: int, new_tokens: int, peak_bw: float | None = None) -> dict:
+def summarise(runs: list[dict], batch_size: int, new_tokens: int, peak_bw: float | None = None,
+              weight_bytes: int = 0, lazy_layers: Sequence[int] = ()) -> dict:
+    """A variant's repeats as medians and IQRs; with the KV bytes read, its bytes per decode step
+    (``weight_bytes``, ``decode_weight_bytes``, plus the KV read) and the layers whose slots hold no
+    keys (``lazy_layers``, its plan's ``keyless_layers``)."""
     prefill = [1e3 * r["prefill_s"] for r in runs]
     decode = [batch_size * r.get("decode_steps", new_tokens) / r["decode_s"] for r in runs]
     e2e = [e2e_tokens_per_s(batch_size, new_tokens, r["prefill_s"], r["decode_s"]) for r in runs]
@@ -185,7 +183,7 @@ def summarise(runs: list[dict], batch_size: int, new_tokens: int, peak_bw: float
     if "kv_read_bytes" in runs[0]:
         steps = runs[0].get("decode_steps", new_tokens)
         kv_step = runs[0]["kv_read_bytes"] / max(1, steps)
-        weights = runs[0]["weight_read_bytes"]
+        weights = weight_bytes
         step_bytes = weights + kv_step
         bandwidth = statistics.median(step_bytes * steps / r["decode_s"] for r in runs)
         terms = runs[0].get("kv_read_terms") or {}
@@ -197,7 +195,7 @@ def summarise(runs: list[dict], batch_size: int, new_tokens: int, peak_bw: float
             decode_read_terms={"weights": int(weights), **{t: int(terms[t] / max(1, steps)) for t in terms}},
             decode_bandwidth_bytes_per_s=bandwidth,
             bandwidth_utilisation=bandwidth / peak_bw if peak_bw else None,
-            lazy_layers=sorted(runs[0].get("lazy_layers") or []),
+            lazy_layers=sorted(lazy_layers),
         )
     return out
 
@@ -233,7 +231,9 @@ def interleaved(
     applied and its plan saying what its layers compute; each variant's summary over its own inputs'
     batch size."""
     device = next(iter(variants.values()))[0]["input_ids"].device
-    n_layers = len(decoder_layers(model))
+    layers = decoder_layers(model)
+    plans = {name: spec[1].plan(len(layers)) for name, spec in variants.items()}  # what each variant's layers compute
+    weights = {name: decode_weight_bytes(model, layers, plan) for name, plan in plans.items()}  # host-side, once
     repeats = repeats_for(device, repeats)
     peak_bw = peak_bandwidth(device_name(device))
 
@@ -247,8 +247,7 @@ def interleaved(
     def once(name: str, tokens: int) -> dict:
         inputs, method = variants[name][:2]
         with method.apply(model):
-            return generate_once(model, inputs, tokens, settings[name]["cache"], settings[name]["compile"],
-                                 plan=method.plan(n_layers))
+            return generate_once(model, inputs, tokens, settings[name]["cache"], settings[name]["compile"])
 
     for _ in range(warmup):  # a compiled step warms up at the timed length: its graph is shaped by it
         for name in variants:
@@ -257,7 +256,8 @@ def interleaved(
     for name in abba_order(list(variants), repeats):
         runs[name].append(once(name, new_tokens))
     return {
-        name: summarise(runs[name], spec[0]["input_ids"].shape[0], new_tokens, peak_bw)
+        name: summarise(runs[name], spec[0]["input_ids"].shape[0], new_tokens, peak_bw, weights[name],
+                        plans[name].keyless_layers())
         for name, spec in variants.items()
     }
 

@@ -17,6 +17,7 @@ from harness.models import families
 from harness.tasks import shapes
 from lazyattn import engine
 from lazyattn.arch import decoder_layers
+from lazyattn.base import Plan
 
 TEXT = {**families.TINY_TEXT, "backbone": "llama"}
 CLIP = families.TINY_CLIP
@@ -124,16 +125,18 @@ def test_timed_prefill_keeps_the_last_logits_only(tiny, monkeypatch):
     run = measure.generate_once(model, _inputs(tiny, padded=False), 2)
     assert seen[:2] == [1, 1]  # prefill: asked for one position, got one
     assert len(seen) == 2 * 3 and run["decode_steps"] == 2  # one prefill, then one forward per new token
-    assert run["peak_memory_bytes"] is None and run["kv_read_bytes"] > 0 and run["lazy_layers"] == []
-    assert run["cache"] == "static" and run["weight_read_bytes"] > 0
+    assert run["peak_memory_bytes"] is None and run["kv_read_bytes"] > 0 and run["cache"] == "static"
 
 
 def test_abba_order_iqr_and_e2e(tiny, monkeypatch):
     order = []
     times = {"dense": iter([(0.1, 1.0), (0.1, 1.2), (0.1, 0.8)]), "method": iter([(0.05, 0.5), (0.05, 0.6), (0.05, 0.4)])}
 
-    class Recorded(lazyattn.Dense):  # a method that only says when it is applied
+    class Recorded(lazyattn.Dense):  # a method that only says when it is applied, and plans layer 1 lazy (qk)
         name = "recorded"
+
+        def plan(self, n_layers):
+            return Plan(lazy_layers=(1,), anchors={1: 0})
 
         @contextlib.contextmanager
         def apply(self, model):
@@ -143,7 +146,7 @@ def test_abba_order_iqr_and_e2e(tiny, monkeypatch):
 
     monkeypatch.setattr(measure, "_current", "dense", raising=False)
 
-    def fake_once(model, inputs, new_tokens, cache="static", compile=False, plan=None):
+    def fake_once(model, inputs, new_tokens, cache="static", compile=False):
         name = measure._current
         if new_tokens == 10:  # a timed run (the warm-up runs min(new_tokens, 4))
             order.append(name)
@@ -151,8 +154,7 @@ def test_abba_order_iqr_and_e2e(tiny, monkeypatch):
         else:
             prefill, decode = 1.0, 1.0
         return {"prefill_s": prefill, "decode_s": decode, "kv_cache_bytes": 100 if name == "dense" else 60,
-                "peak_memory_bytes": None, "kv_read_bytes": 1000, "weight_read_bytes": 5000,
-                "lazy_layers": [] if name == "dense" else [1]}
+                "peak_memory_bytes": None, "kv_read_bytes": 1000}
 
     monkeypatch.setattr(measure, "generate_once", fake_once)
     inputs = {"input_ids": torch.zeros(2, 5, dtype=torch.long)}
@@ -168,8 +170,18 @@ def test_abba_order_iqr_and_e2e(tiny, monkeypatch):
     assert res["prefill_speedup"] == pytest.approx(2.0)  # dense ms / method ms: higher is better
     assert d["peak_memory_bytes"] is None and res["order"] == "abba"
     assert m["lazy_layers"] == [1] and res["cache"] == "static"
-    # equal bytes per step (the fake runs read the same): the bytes predict no speed-up, and 2x was achieved
-    assert res["predicted_decode_speedup"] == pytest.approx(1.0) and res["decode_speedup_of_predicted"] == pytest.approx(2.0)
+    # the same KV read (the fake runs read the same); the weights each step reads, counted once per variant from
+    # its plan: the lazy layer skips q_proj and k_proj
+    layers = decoder_layers(tiny.model)
+    weights = {v: measure.decode_weight_bytes(tiny.model, layers, p) for v, p in (("d", Plan()), ("m", Plan(lazy_layers=(1,), anchors={1: 0})))}
+    attn = layers[1].self_attn
+    assert weights["d"] - weights["m"] == sum(p.numel() * p.element_size() for proj in (attn.q_proj, attn.k_proj)
+                                              for p in proj.parameters())
+    assert d["decode_weight_bytes"] == weights["d"] and m["decode_weight_bytes"] == weights["m"]
+    kv = 1000 / 10
+    predicted = (weights["d"] + kv) / (weights["m"] + kv)
+    assert res["predicted_decode_speedup"] == pytest.approx(predicted)
+    assert res["decode_speedup_of_predicted"] == pytest.approx(2.0 / predicted)
     assert "host_sync" not in res
 
 
