@@ -155,8 +155,8 @@ def e2e_tokens_per_s(batch_size: int, new_tokens: int, prefill_s: float, decode_
     return batch_size * new_tokens / (prefill_s + decode_s)
 
 
-def summarise(runs: list[dict], batch_size: int, new_tokens: int, peak_bw: float | None = None,
-              weight_bytes: int = 0, lazy_layers: Sequence[int] = ()) -> dict:
+def summarise(runs: list[dict], batch_size: int, new_tokens: int, peak_bw: float | None, *,
+              weight_bytes: int, lazy_layers: Sequence[int]) -> dict:
     """A variant's repeats as medians and IQRs; with the KV bytes read, its bytes per decode step
     (``weight_bytes``, ``decode_weight_bytes``, plus the KV read) and the layers whose slots hold no
     keys (``lazy_layers``, its plan's ``keyless_layers``)."""
@@ -183,16 +183,15 @@ def summarise(runs: list[dict], batch_size: int, new_tokens: int, peak_bw: float
     if "kv_read_bytes" in runs[0]:
         steps = runs[0].get("decode_steps", new_tokens)
         kv_step = runs[0]["kv_read_bytes"] / max(1, steps)
-        weights = weight_bytes
-        step_bytes = weights + kv_step
+        step_bytes = weight_bytes + kv_step
         bandwidth = statistics.median(step_bytes * steps / r["decode_s"] for r in runs)
         terms = runs[0].get("kv_read_terms") or {}
         out.update(
             decode_step_bytes=int(step_bytes),
-            decode_weight_bytes=int(weights),
+            decode_weight_bytes=int(weight_bytes),
             decode_kv_read_bytes=int(kv_step),
             # the step's bytes by term (weights, K, V, scores): what the predicted speed-up is made of
-            decode_read_terms={"weights": int(weights), **{t: int(terms[t] / max(1, steps)) for t in terms}},
+            decode_read_terms={"weights": int(weight_bytes), **{t: int(terms[t] / max(1, steps)) for t in terms}},
             decode_bandwidth_bytes_per_s=bandwidth,
             bandwidth_utilisation=bandwidth / peak_bw if peak_bw else None,
             lazy_layers=sorted(lazy_layers),
@@ -256,8 +255,8 @@ def interleaved(
     for name in abba_order(list(variants), repeats):
         runs[name].append(once(name, new_tokens))
     return {
-        name: summarise(runs[name], spec[0]["input_ids"].shape[0], new_tokens, peak_bw, weights[name],
-                        plans[name].keyless_layers())
+        name: summarise(runs[name], spec[0]["input_ids"].shape[0], new_tokens, peak_bw, weight_bytes=weights[name],
+                        lazy_layers=plans[name].keyless_layers())
         for name, spec in variants.items()
     }
 
